@@ -1,0 +1,354 @@
+"""RepMLP building blocks (RepMLP paper v1, arXiv 2105.01883, Sec. 3).
+
+A block has a train form (global, partition and local perceptrons with BatchNorms) and a deploy form
+(three FC layers). ``reparameterize()`` turns the first into the second in place; the identities it
+uses live in :mod:`repmlp.ops`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+
+
+def _replace_param(like: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
+    """A new Parameter holding ``value`` in the dtype and on the device of ``like``."""
+    return nn.Parameter(value.to(dtype=like.dtype, device=like.device), requires_grad=like.requires_grad)
+
+
+def partition(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N * hp * wp, C, h, w), partitions in (n, row, column) order.
+
+    Written with tensors of rank <= 5 (two copies instead of one 6-D permute) so exported graphs run
+    on runtimes that reject 6-D tensors.
+    """
+    n, c, H, W = x.shape
+    hp, wp = H // h, W // w
+    x = x.reshape(n, c, hp, h, W).transpose(1, 2)  # (n, hp, c, h, W)
+    x = x.reshape(n * hp, c, h, wp, w).permute(0, 3, 1, 2, 4)  # (n*hp, wp, c, h, w)
+    return x.reshape(n * hp * wp, c, h, w)
+
+
+def unpartition(p: torch.Tensor, n: int, hp: int, wp: int) -> torch.Tensor:
+    """Inverse of :func:`partition`: (N * hp * wp, C, h, w) -> (N, C, hp * h, wp * w)."""
+    c, h, w = p.shape[1:]
+    y = p.reshape(n * hp, wp, c, h, w).permute(0, 2, 3, 1, 4)  # (n*hp, c, h, wp, w)
+    y = y.reshape(n, hp, c, h * wp * w).transpose(1, 2)  # (n, c, hp, h*W)
+    return y.reshape(n, c, hp * h, wp * w)
+
+
+class ConvBN(nn.Module):
+    """Conv2d + BatchNorm2d (+ optional ReLU); the deploy form is one Conv2d with bias."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        dilation: int = 1,
+        act: bool = False,
+        deploy: bool = False,
+    ) -> None:
+        super().__init__()
+        padding = dilation * (kernel_size - 1) // 2
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=deploy)
+        self.bn = None if deploy else nn.BatchNorm2d(out_channels)
+        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
+
+    @property
+    def deploy(self) -> bool:
+        return self.bn is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        return self.act(x)
+
+    def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel and bias (float64) of the equivalent single conv."""
+        if self.bn is None:
+            return self.conv.weight.double(), self.conv.bias.double()
+        return ops.fuse_bn(self.conv.weight, self.conv.bias, *ops.bn_affine(self.bn))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the BN into the conv (idempotent)."""
+        if self.bn is None:
+            return
+        weight, bias = self.fused()
+        self.conv.weight = _replace_param(self.conv.weight, weight)
+        self.conv.bias = _replace_param(self.conv.weight, bias)
+        self.bn = None
+
+
+class GroupedLinear(nn.Module):
+    """A grouped FC layer run as one batched matmul over groups.
+
+    ``weight`` has shape (out_features, in_features / groups), like a grouped 1x1 conv with the trailing
+    dims dropped: group i maps inputs [i*in/g, (i+1)*in/g) to outputs [i*out/g, (i+1)*out/g). On CPU a
+    batched matmul runs this several times faster than a grouped 1x1 Conv2d.
+    """
+
+    def __init__(self, in_features: int, out_features: int, groups: int = 1, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.groups = in_features, out_features, groups
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // groups))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1:
+            return F.linear(x, self.weight, self.bias)
+        g = self.groups
+        weight = self.weight.reshape(g, self.out_features // g, -1).transpose(1, 2)
+        x = x.reshape(-1, g, self.in_features // g).transpose(0, 1)  # (g, B, in/g)
+        if self.bias is None:
+            y = torch.bmm(x, weight)
+        else:
+            y = torch.baddbmm(self.bias.reshape(g, 1, -1), x, weight)
+        return y.transpose(0, 1).reshape(-1, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, groups={self.groups}, bias={self.bias is not None}"
+
+
+class GlobalPerceptron(nn.Module):
+    """Global perceptron (paper Sec. 3.2): per-partition channel means -> BN -> fc1 -> ReLU -> fc2,
+    added to every pixel of its partition. The deploy form folds the BN into fc1."""
+
+    def __init__(self, channels: int, hp: int, wp: int, h: int, w: int, reduction: int = 1,
+                 deploy: bool = False) -> None:
+        super().__init__()
+        self.hp, self.wp, self.h, self.w = hp, wp, h, w
+        features = channels * hp * wp
+        self.bn = None if deploy else nn.BatchNorm2d(channels)
+        self.fc1 = nn.Linear(features, features // reduction)
+        self.fc2 = nn.Linear(features // reduction, features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        v = F.avg_pool2d(x, (self.h, self.w))
+        if self.bn is not None:
+            v = self.bn(v)
+        v = self.fc2(F.relu(self.fc1(v.reshape(n, -1))))
+        # rank-4 broadcast of v (n, c, hp, wp) over each h x w partition
+        x = x.reshape(n * c * self.hp, self.h, self.wp, self.w) + v.reshape(n * c * self.hp, 1, self.wp, 1)
+        return x.reshape(n, c, self.hp * self.h, self.wp * self.w)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the BN after the average pool into fc1 (idempotent)."""
+        if self.bn is None:
+            return
+        scale, shift = ops.bn_affine(self.bn)
+        per_feature = self.hp * self.wp  # fc1 inputs are flattened in (c, row, column) order
+        weight, bias = ops.fold_preceding_bn(
+            self.fc1.weight, self.fc1.bias,
+            scale.repeat_interleave(per_feature), shift.repeat_interleave(per_feature))
+        self.fc1.weight = _replace_param(self.fc1.weight, weight)
+        self.fc1.bias = _replace_param(self.fc1.bias, bias)
+        self.bn = None
+
+
+class PartitionPerceptron(nn.Module):
+    """Partition perceptron (paper Sec. 3.2): FC3, a grouped FC over each flattened h x w partition,
+    then BatchNorm1d over the O*h*w outputs. The deploy form is FC3 with a bias."""
+
+    def __init__(self, in_channels: int, out_channels: int, h: int, w: int, groups: int = 1,
+                 deploy: bool = False) -> None:
+        super().__init__()
+        self.fc3 = GroupedLinear(in_channels * h * w, out_channels * h * w, groups, bias=deploy)
+        self.bn = None if deploy else nn.BatchNorm1d(out_channels * h * w)
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        y = self.fc3(p.reshape(p.shape[0], -1))
+        if self.bn is not None:
+            y = self.bn(y)
+        return y
+
+    def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """FC3 weight as (groups, out/g, in/g) and bias, with the BN folded in (float64)."""
+        fc3 = self.fc3
+        weight, bias = fc3.weight, fc3.bias
+        if self.bn is not None:
+            weight, bias = ops.fuse_bn(weight, bias, *ops.bn_affine(self.bn))
+        elif bias is None:
+            bias = torch.zeros(fc3.out_features, dtype=torch.float64, device=weight.device)
+        return weight.double().reshape(fc3.groups, fc3.out_features // fc3.groups, -1), bias.double()
+
+    @torch.no_grad()
+    def load_fused(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Become the deploy form with the given (groups, out/g, in/g) weight and bias."""
+        like = self.fc3.weight
+        self.fc3.weight = _replace_param(like, weight.reshape(like.shape))
+        self.fc3.bias = _replace_param(like, bias)
+        self.bn = None
+
+
+def _kernel_spec(spec: int | Sequence[int]) -> tuple[int, int]:
+    """A local-perceptron branch spec: ``k`` or ``(k, dilation)``."""
+    k, d = (spec, 1) if isinstance(spec, int) else tuple(spec)
+    if k < 1 or k % 2 == 0 or d < 1:
+        raise ValueError(f"reparam_conv_k entries must be odd kernel sizes k >= 1 or (k, dilation >= 1) "
+                         f"pairs, got {spec!r}")
+    return int(k), int(d)
+
+
+class LocalPerceptron(nn.Module):
+    """Local perceptron (paper Sec. 3.2): grouped conv-BN branches applied to each partition with zero
+    padding at partition borders; train form only (merged into FC3 by the block)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernels: Sequence[tuple[int, int]],
+                 groups: int = 1) -> None:
+        super().__init__()
+        self.kernels = list(kernels)
+        self.groups = groups
+        self.branches = nn.ModuleList(
+            ConvBN(in_channels, out_channels, k, groups=groups, dilation=d) for k, d in self.kernels)
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        out = self.branches[0](p)
+        for branch in self.branches[1:]:
+            out = out + branch(p)
+        return out.reshape(p.shape[0], -1)
+
+    def fused(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of all branches as one grouped FC: weight (groups, out/g, in/g) and bias (float64)."""
+        weight, bias = 0, 0
+        for branch, (_, d) in zip(self.branches, self.kernels):
+            kernel, b = branch.fused()
+            weight = weight + ops.conv_to_fc(kernel, h, w, self.groups, d)
+            bias = bias + b.repeat_interleave(h * w)  # one bias per (o, y, x) output
+        return weight, bias
+
+
+class RepMLP(nn.Module):
+    """RepMLP block (paper v1): global + partition + local perceptrons, re-parameterized into FCs.
+
+    Args:
+        in_channels: input channels C.
+        out_channels: output channels O.
+        H: input height the block is built for.
+        W: input width the block is built for.
+        h: partition height (H % h == 0).
+        w: partition width (W % w == 0).
+        reparam_conv_k: local perceptron branches: odd kernel sizes, or (k, dilation) pairs; empty or
+            None for no local perceptron.
+        fc1_fc2_reduction: global perceptron hidden reduction.
+        fc3_groups: groups of FC3 and of the local convs; must divide C and O.
+        deploy: build the deploy form (three FC layers) directly.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        H: int,
+        W: int,
+        h: int,
+        w: int,
+        reparam_conv_k: Sequence[int | Sequence[int]] | None = None,
+        fc1_fc2_reduction: int = 1,
+        fc3_groups: int = 1,
+        deploy: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, value in dict(in_channels=in_channels, out_channels=out_channels, H=H, W=W, h=h, w=w,
+                                fc1_fc2_reduction=fc1_fc2_reduction, fc3_groups=fc3_groups).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"RepMLP: {name} must be a positive int, got {value!r}")
+        if H % h or W % w:
+            raise ValueError(f"RepMLP: input size H x W = {H}x{W} is not divisible by the partition "
+                             f"size h x w = {h}x{w}; choose h dividing {H} and w dividing {W}")
+        if in_channels % fc3_groups or out_channels % fc3_groups:
+            raise ValueError(f"RepMLP: fc3_groups={fc3_groups} must divide in_channels={in_channels} and "
+                             f"out_channels={out_channels}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.H, self.W, self.h, self.w = H, W, h, w
+        self.hp, self.wp = H // h, W // w
+        self.fc3_groups = fc3_groups
+        self.deploy = deploy
+        kernels = [_kernel_spec(k) for k in (reparam_conv_k or ())]
+        self.reparam_conv_k = kernels
+
+        self.global_perceptron = None
+        if self.hp * self.wp > 1:
+            if (in_channels * self.hp * self.wp) % fc1_fc2_reduction:
+                raise ValueError(f"RepMLP: fc1_fc2_reduction={fc1_fc2_reduction} must divide C * hp * wp = "
+                                 f"{in_channels * self.hp * self.wp}")
+            self.global_perceptron = GlobalPerceptron(
+                in_channels, self.hp, self.wp, h, w, fc1_fc2_reduction, deploy)
+        self.partition_perceptron = PartitionPerceptron(in_channels, out_channels, h, w, fc3_groups, deploy)
+        self.local_perceptron = None
+        if kernels and not deploy:
+            self.local_perceptron = LocalPerceptron(in_channels, out_channels, kernels, fc3_groups)
+        self.register_load_state_dict_pre_hook(_remap_official_block_keys)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, self.H, self.W):
+            raise ValueError(
+                f"RepMLP built for inputs (N, {self.in_channels}, {self.H}, {self.W}) with {self.h}x{self.w} "
+                f"partitions, got {tuple(x.shape)}")
+        n = x.shape[0]
+        if self.global_perceptron is not None:
+            x = self.global_perceptron(x)
+        p = partition(x, self.h, self.w)
+        y = self.partition_perceptron(p)
+        if self.local_perceptron is not None:
+            y = y + self.local_perceptron(p)
+        return unpartition(y.reshape(-1, self.out_channels, self.h, self.w), n, self.hp, self.wp)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Turn this block into its deploy form in place (idempotent): fc1 with the pooled-input BN
+        folded in, fc2, and FC3 with a bias carrying every conv branch and both BNs."""
+        if self.global_perceptron is not None:
+            self.global_perceptron.reparameterize()
+        weight, bias = self.partition_perceptron.fused()
+        if self.local_perceptron is not None:
+            local_weight, local_bias = self.local_perceptron.fused(self.h, self.w)
+            weight, bias = weight + local_weight, bias + local_bias
+        self.partition_perceptron.load_fused(weight, bias)
+        self.local_perceptron = None
+        self.deploy = True
+
+
+_OFFICIAL_BLOCK_RENAMES = (
+    ("avg.bn.", "global_perceptron.bn."),
+    ("fc1_fc2.fc1.", "global_perceptron.fc1."),
+    ("fc1_fc2.fc2.", "global_perceptron.fc2."),
+    ("fc3_bn.", "partition_perceptron.bn."),
+    ("fc3.", "partition_perceptron.fc3."),
+)
+
+
+def _remap_official_block_keys(module: RepMLP, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: accept the authors' RepMLP key layout (``fc1_fc2``, ``avg.bn``,
+    ``fc3`` as a 1x1 conv, ``fc3_bn``, ``repconv{k}``) by renaming it to ours in place."""
+    branch_index = {f"repconv{k}.": i for i, (k, d) in enumerate(module.reparam_conv_k) if d == 1}
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        local = key[len(prefix):]
+        new = None
+        for old_prefix, new_prefix in _OFFICIAL_BLOCK_RENAMES:
+            if local.startswith(old_prefix):
+                new = new_prefix + local[len(old_prefix):]
+                break
+        if local.startswith("repconv"):
+            head = local[: local.index(".") + 1]
+            if head in branch_index:
+                new = f"local_perceptron.branches.{branch_index[head]}." + local[len(head):]
+        if new is None:
+            continue
+        value = state_dict.pop(key)
+        if new == "partition_perceptron.fc3.weight" and value.dim() == 4:
+            value = value.flatten(1)  # the authors store FC3 as a grouped 1x1 conv
+        state_dict[prefix + new] = value
