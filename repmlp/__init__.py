@@ -1,1 +1,8 @@
-from .layers import RepMLP
+"""RepMLP structural re-parameterization: blocks, exact deploy conversion, verification, timm zoo."""
+from .checkpoint import load_checkpoint, read_state_dict, save_checkpoint
+from .convert import convert_to_deploy, is_deploy_form
+from .layers import GlobalPerceptron, LocalPerceptron, PartitionPerceptron, RepMLP
+from .models import RepMLPResNet
+from .verify import EquivalenceReport, randomize_bn_stats, verify_equivalence
+
+__version__ = "0.1.0"

@@ -222,13 +222,17 @@ class LocalPerceptron(nn.Module):
         return out.reshape(p.shape[0], -1)
 
     def fused(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum of all branches as one grouped FC: weight (groups, out/g, in/g) and bias (float64)."""
-        weight, bias = 0, 0
-        for branch, (_, d) in zip(self.branches, self.kernels):
-            kernel, b = branch.fused()
-            weight = weight + ops.conv_to_fc(kernel, h, w, self.groups, d)
-            bias = bias + b.repeat_interleave(h * w)  # one bias per (o, y, x) output
-        return weight, bias
+        """Sum of all branches as one grouped FC: weight (groups, out/g, in/g) and bias (float64).
+
+        Branches are summed as kernels first (dilated taps spread out, then centre-padded to the largest
+        size), so one conv -> FC expansion serves them all.
+        """
+        fused = [branch.fused() for branch in self.branches]
+        kernels = [ops.dilate_kernel(k, d) for (k, _), (_, d) in zip(fused, self.kernels)]
+        size = max(k.shape[-1] for k in kernels)
+        kernel = sum(ops.pad_kernel(k, size) for k in kernels)
+        bias = sum(b for _, b in fused)
+        return ops.conv_to_fc(kernel, h, w, self.groups), bias.repeat_interleave(h * w)  # bias per (o, y, x)
 
 
 class RepMLP(nn.Module):
@@ -291,7 +295,7 @@ class RepMLP(nn.Module):
         self.local_perceptron = None
         if kernels and not deploy:
             self.local_perceptron = LocalPerceptron(in_channels, out_channels, kernels, fc3_groups)
-        self.register_load_state_dict_pre_hook(_remap_official_block_keys)
+        self.register_load_state_dict_pre_hook(remap_official_block_keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, self.H, self.W):
@@ -331,7 +335,7 @@ _OFFICIAL_BLOCK_RENAMES = (
 )
 
 
-def _remap_official_block_keys(module: RepMLP, state_dict: dict, prefix: str, *args) -> None:
+def remap_official_block_keys(module: RepMLP, state_dict: dict, prefix: str, *args) -> None:
     """Load-state-dict pre-hook: accept the authors' RepMLP key layout (``fc1_fc2``, ``avg.bn``,
     ``fc3`` as a 1x1 conv, ``fc3_bn``, ``repconv{k}``) by renaming it to ours in place."""
     branch_index = {f"repconv{k}.": i for i, (k, d) in enumerate(module.reparam_conv_k) if d == 1}

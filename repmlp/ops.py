@@ -78,6 +78,21 @@ def pad_kernel(kernel: torch.Tensor, size: int | _Pair) -> torch.Tensor:
     return F.pad(kernel, (dw, dw, dh, dh))
 
 
+def dilate_kernel(kernel: torch.Tensor, dilation: int | _Pair) -> torch.Tensor:
+    """The undilated kernel of a dilated conv: taps spread ``dilation`` apart with zeros between.
+
+    A (kh, kw) kernel with dilation d equals a (d (kh - 1) + 1, d (kw - 1) + 1) kernel with dilation 1
+    that is zero off the dilated grid; size-preserving paddings agree.
+    """
+    dh, dw = _pair(dilation)
+    if (dh, dw) == (1, 1):
+        return kernel
+    o, c, kh, kw = kernel.shape
+    out = kernel.new_zeros(o, c, dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+    out[..., ::dh, ::dw] = kernel
+    return out
+
+
 def _tap_matrix(k: int, n: int, dilation: int, device: torch.device) -> torch.Tensor:
     """S[i, y, y'] = 1 where tap i of a size-preserving conv at output y reads input y'."""
     pad = dilation * (k - 1) // 2

@@ -1,0 +1,2 @@
+"""The zoo; importing it registers every model with timm."""
+from .resnet import RepMLPResNet

@@ -1,0 +1,225 @@
+"""The pure-MLP CIFAR model of the RepMLP paper (v1, Table 1), its Wide ConvNet baseline, and a
+28x28 one-channel variant for Fashion-MNIST.
+
+Layout (paper Sec. 4.1): stem FC(in -> C1); three stages, each ``RepMLP, FC(C, C), RepMLP,
+FC(C -> next C)`` with max-pooling between stages; head avgpool -> FC(C3 -> 512) -> FC(512 -> classes).
+BN follows every conv/FC (the RepMLP ends with its own FC3 BN); ReLU follows every RepMLP and conv-BN.
+FCs are 1x1 :class:`~repmlp.layers.ConvBN` so their BNs fuse in the deploy form. The Wide ConvNet swaps
+each RepMLP for a 3x3 conv-BN-ReLU.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from timm.layers import SelectAdaptivePool2d
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._manipulate import checkpoint_seq
+from torch import nn
+
+from ..layers import ConvBN, RepMLP
+
+__all__ = ["MLPCifarNet", "pretrained_dir"]
+
+
+def pretrained_dir() -> Path:
+    """Directory of the shipped weights: ``$REPMLP_PRETRAINED_DIR`` or ``<repo>/pretrained``."""
+    return Path(os.environ.get("REPMLP_PRETRAINED_DIR", Path(__file__).resolve().parents[2] / "pretrained"))
+
+
+class RepMLPUnit(nn.Sequential):
+    """RepMLP followed by ReLU: the token mixer of the pure-MLP model."""
+
+    def __init__(self, channels: int, size: int, partition: int, fc3_groups: int,
+                 reparam_conv_k: Sequence[int], fc1_fc2_reduction: int, deploy: bool) -> None:
+        super().__init__(
+            RepMLP(channels, channels, size, size, partition, partition, reparam_conv_k=reparam_conv_k,
+                   fc1_fc2_reduction=fc1_fc2_reduction, fc3_groups=fc3_groups, deploy=deploy),
+            nn.ReLU(inplace=True),
+        )
+
+
+class MLPStage(nn.Sequential):
+    """One stage: (max-pool,) mixer, FC(C, C)-BN-ReLU, mixer, FC(C -> out)-BN-ReLU."""
+
+    def __init__(self, channels: int, out_channels: int, size: int, downsample: bool, mixer: str,
+                 partition: int, fc3_groups: int, reparam_conv_k: Sequence[int], fc1_fc2_reduction: int,
+                 deploy: bool) -> None:
+        def token_mixer() -> nn.Module:
+            if mixer == "conv":
+                return ConvBN(channels, channels, 3, act=True, deploy=deploy)
+            return RepMLPUnit(channels, size, partition, fc3_groups, reparam_conv_k, fc1_fc2_reduction, deploy)
+
+        super().__init__(
+            nn.MaxPool2d(2) if downsample else nn.Identity(),
+            token_mixer(),
+            ConvBN(channels, channels, 1, act=True, deploy=deploy),
+            token_mixer(),
+            ConvBN(channels, out_channels, 1, act=True, deploy=deploy),
+        )
+
+
+class MLPCifarNet(nn.Module):
+    """Pure-MLP network of RepMLP blocks for small images (paper v1, Sec. 4.1), or its Wide ConvNet.
+
+    Args:
+        num_classes: classifier outputs; 0 for no classifier.
+        in_chans: input channels.
+        img_size: input height and width; each stage halves it.
+        widths: channels C of the three stages.
+        mixer: ``'repmlp'`` (pure MLP) or ``'conv'`` (Wide ConvNet: 3x3 conv-BN-ReLU).
+        partition: RepMLP partition size h = w; must divide every stage resolution.
+        fc3_groups: RepMLP FC3 groups g.
+        reparam_conv_k: local perceptron kernel sizes.
+        fc1_fc2_reduction: global perceptron hidden reduction.
+        head_hidden_size: width of the FC between pooling and the classifier.
+        drop_rate: dropout before the classifier.
+        global_pool: timm pooling type of the head.
+        deploy: build the deploy form directly.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        img_size: int = 32,
+        widths: Sequence[int] = (16, 32, 64),
+        mixer: str = "repmlp",
+        partition: int = 8,
+        fc3_groups: int = 2,
+        reparam_conv_k: Sequence[int] = (1, 3, 5),
+        fc1_fc2_reduction: int = 1,
+        head_hidden_size: int = 512,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
+        deploy: bool = False,
+    ) -> None:
+        super().__init__()
+        if mixer not in ("repmlp", "conv"):
+            raise ValueError(f"MLPCifarNet: mixer must be 'repmlp' or 'conv', got {mixer!r}")
+        if isinstance(img_size, Sequence):
+            if len(set(img_size)) != 1:
+                raise ValueError(f"MLPCifarNet: square inputs only, got img_size={img_size!r}")
+            img_size = img_size[0]
+        sizes = [img_size // 2**i for i in range(len(widths))]
+        if img_size % 2 ** (len(widths) - 1) or (mixer == "repmlp" and any(s % partition for s in sizes)):
+            raise ValueError(f"MLPCifarNet: img_size={img_size} gives stage resolutions {sizes}; each must be "
+                             f"an integer divisible by partition={partition} (e.g. 32 with 8, 28 with 7)")
+        self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, img_size
+        self.arch_args = dict(  # rebuilds the train form of this architecture (see checkpoint_filter_fn)
+            num_classes=num_classes, in_chans=in_chans, img_size=img_size, widths=tuple(widths), mixer=mixer,
+            partition=partition, fc3_groups=fc3_groups, reparam_conv_k=tuple(reparam_conv_k),
+            fc1_fc2_reduction=fc1_fc2_reduction, head_hidden_size=head_hidden_size, global_pool=global_pool)
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+
+        self.stem = ConvBN(in_chans, widths[0], 1, act=True, deploy=deploy)
+        outs = list(widths[1:]) + [widths[-1]]
+        self.stages = nn.Sequential(*[
+            MLPStage(c, out, size, i > 0, mixer, partition, fc3_groups, reparam_conv_k, fc1_fc2_reduction, deploy)
+            for i, (c, out, size) in enumerate(zip(widths, outs, sizes))])
+        self.feature_info = [dict(num_chs=out, reduction=2**i, module=f"stages.{i}") for i, out in enumerate(outs)]
+        self.num_features = outs[-1]
+        self.head_hidden_size = head_hidden_size
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool)
+        self.pre_logits = ConvBN(self.num_features, head_hidden_size, 1, act=True, deploy=deploy)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise LR decay: stem, then stages (or their layers)."""
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute stage activations in the backward pass to save memory."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier layer."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier (and optionally the pooling) for ``num_classes`` outputs."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool)
+        self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and stages: (N, in_chans, S, S) -> (N, C3, S/4, S/4)."""
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.stages, x)
+        return self.stages(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool, FC(C3 -> 512)-BN-ReLU, classifier; ``pre_logits`` returns the 512 features."""
+        x = self.pre_logits(self.global_pool(x)).flatten(1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MLPCifarNet) -> dict[str, torch.Tensor]:
+    """Load a train-form checkpoint into a deploy-form model by converting it first."""
+    model_keys = set(model.state_dict())
+    if set(state_dict) <= model_keys:
+        return state_dict
+    from .. import convert_to_deploy
+
+    train_model = MLPCifarNet(**model.arch_args)
+    train_model.load_state_dict(state_dict)
+    return convert_to_deploy(train_model).state_dict()
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> MLPCifarNet:
+    model = build_model_with_cfg(
+        MLPCifarNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2)), **kwargs)
+    return model
+
+
+def _cfg(file: str | None = None, **kwargs) -> dict:
+    return {
+        "num_classes": 10, "input_size": (3, 32, 32), "fixed_input_size": True, "pool_size": (8, 8),
+        "crop_pct": 1.0, "interpolation": "bilinear", "mean": (0.4914, 0.4822, 0.4465),
+        "std": (0.2470, 0.2435, 0.2616), "first_conv": "stem.conv", "classifier": "fc",
+        "license": "mit", **({"file": str(pretrained_dir() / file)} if file else {}), **kwargs,
+    }
+
+
+_FMNIST = dict(input_size=(1, 28, 28), pool_size=(7, 7), mean=(0.2860,), std=(0.3530,))
+
+default_cfgs = generate_default_cfgs({
+    "repmlp_cifar_mlp": _cfg(),
+    "repmlp_cifar_wideconv": _cfg(),
+    "repmlp_fmnist_mlp.fmnist": _cfg(file="repmlp_fmnist_mlp.fmnist.safetensors", **_FMNIST),
+})
+
+
+@register_model
+def repmlp_cifar_mlp(pretrained: bool = False, **kwargs) -> MLPCifarNet:
+    """Pure-MLP CIFAR model (paper v1, Table 1): C = 16/32/64 at 32/16/8, RepMLP h = w = 8, g = 2."""
+    args = dict(in_chans=3, img_size=32, widths=(16, 32, 64), partition=8, fc3_groups=2)
+    return _create("repmlp_cifar_mlp", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def repmlp_cifar_wideconv(pretrained: bool = False, **kwargs) -> MLPCifarNet:
+    """Wide ConvNet baseline of the pure-MLP model (paper v1, Table 1): 3x3 convs, C = 32/64/128."""
+    args = dict(in_chans=3, img_size=32, widths=(32, 64, 128), mixer="conv")
+    return _create("repmlp_cifar_wideconv", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def repmlp_fmnist_mlp(pretrained: bool = False, **kwargs) -> MLPCifarNet:
+    """Pure-MLP model for 28x28 one-channel Fashion-MNIST: C = 16/32/64 at 28/14/7, h = w = 7, g = 2."""
+    args = dict(in_chans=1, img_size=28, widths=(16, 32, 64), partition=7, fc3_groups=2)
+    return _create("repmlp_fmnist_mlp", pretrained, **dict(args, **kwargs))

@@ -1,0 +1,285 @@
+"""RepMLP-ResNet-50 (RepMLP paper v1, Sec. 4.2, Tables 2-4 and 7).
+
+ResNet-50 whose stride-1 bottlenecks in c3 and c4 (3 and 5 blocks) are RepMLP Light or Bottleneck
+blocks; the first block of every stage stays a ResNet bottleneck.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import create_classifier, to_2tuple
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._manipulate import checkpoint_seq
+from torch import nn
+
+from ..checkpoint import load_checkpoint
+from ..layers import ConvBN, RepMLP, remap_official_block_keys
+
+__all__ = ["RepMLPResNet"]
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck (stride on the 3x3 conv); the deploy form fuses every conv-BN."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, deploy: bool = False) -> None:
+        super().__init__()
+        mid = out_chs // 4
+        self.shortcut = (ConvBN(in_chs, out_chs, 1, stride, deploy=deploy)
+                         if stride != 1 or in_chs != out_chs else nn.Identity())
+        self.conv1 = ConvBN(in_chs, mid, 1, act=True, deploy=deploy)
+        self.conv2 = ConvBN(mid, mid, 3, stride, act=True, deploy=deploy)
+        self.conv3 = ConvBN(mid, out_chs, 1, deploy=deploy)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv3(self.conv2(self.conv1(x))) + self.shortcut(x))
+
+
+class RepMLPLightBlock(nn.Module):
+    """Light block (paper Fig. 3): 1x1 conv (C -> C/8), RepMLP, ReLU, 1x1 conv (C/8 -> C), identity."""
+
+    def __init__(self, chs: int, size: tuple[int, int], repmlp_kwargs: dict, deploy: bool = False) -> None:
+        super().__init__()
+        mid = chs // 8
+        self.conv1 = ConvBN(chs, mid, 1, act=True, deploy=deploy)
+        self.repmlp = RepMLP(mid, mid, *size, deploy=deploy, **repmlp_kwargs)
+        self.conv3 = ConvBN(mid, chs, 1, deploy=deploy)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv3(self.act(self.repmlp(self.conv1(x)))) + x)
+
+
+class RepMLPBottleneckBlock(nn.Module):
+    """Bottleneck block (paper Fig. 3): 1x1 (C -> C/4), 3x3 (-> C/4r), RepMLP, ReLU, 3x3 (-> C/4),
+    1x1 (-> C), identity."""
+
+    def __init__(self, chs: int, size: tuple[int, int], reduction: int, repmlp_kwargs: dict,
+                 deploy: bool = False) -> None:
+        super().__init__()
+        mid = chs // 4
+        inner = mid // reduction
+        self.conv1 = ConvBN(chs, mid, 1, act=True, deploy=deploy)
+        self.conv2 = ConvBN(mid, inner, 3, act=True, deploy=deploy)
+        self.repmlp = RepMLP(inner, inner, *size, deploy=deploy, **repmlp_kwargs)
+        self.conv4 = ConvBN(inner, mid, 3, act=True, deploy=deploy)
+        self.conv5 = ConvBN(mid, chs, 1, deploy=deploy)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.repmlp(self.conv2(self.conv1(x))))
+        return self.act(self.conv5(self.conv4(y)) + x)
+
+
+class RepMLPResNet(nn.Module):
+    """ResNet-50 with RepMLP blocks in c3 and c4.
+
+    Args:
+        block_type: 'light' or 'bottleneck'.
+        img_size: the fixed input resolution (RepMLP blocks are built for one size).
+        partition: RepMLP partition size h = w.
+        fc3_groups: FC3 groups in c3 and c4.
+        reparam_conv_k: local perceptron kernel sizes.
+        bottleneck_reduction: r of the Bottleneck block in c3 and c4.
+        fc1_fc2_reduction: global perceptron reduction.
+        num_classes: classifier outputs (0 for none).
+        in_chans: input channels.
+        global_pool: timm pooling type.
+        drop_rate: dropout before the classifier.
+        deploy: build the deploy form directly (no BatchNorm, three-FC RepMLP blocks).
+    """
+
+    def __init__(
+        self,
+        block_type: str = "light",
+        img_size: int | tuple[int, int] = 224,
+        partition: int = 7,
+        fc3_groups: Sequence[int] = (8, 8),
+        reparam_conv_k: Sequence[int] = (1, 3, 5),
+        bottleneck_reduction: Sequence[int] = (2, 4),
+        fc1_fc2_reduction: int = 1,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        deploy: bool = False,
+    ) -> None:
+        super().__init__()
+        if block_type not in ("light", "bottleneck"):
+            raise ValueError(f"block_type must be 'light' or 'bottleneck', got {block_type!r}")
+        img_size = to_2tuple(img_size)
+        if any(s % 32 or (s // 16) % partition for s in img_size):
+            raise ValueError(f"img_size={img_size} must be multiples of 32 whose c4 resolution (img_size / 16) is "
+                             f"divisible by partition={partition}, e.g. {32 * partition} or {64 * partition}")
+        self.img_size, self.num_classes, self.drop_rate = img_size, num_classes, drop_rate
+        self.grad_checkpointing = False
+        self.stem = ConvBN(in_chans, 64, 7, stride=2, act=True, deploy=deploy)
+        self.stem_pool = nn.MaxPool2d(3, stride=2, padding=1)
+
+        depths, widths, strides = (3, 4, 6, 3), (256, 512, 1024, 2048), (1, 2, 2, 2)
+        stages, in_chs, (H, W) = [], 64, (img_size[0] // 4, img_size[1] // 4)
+        self.feature_info = []
+        for i, (depth, width, stride) in enumerate(zip(depths, widths, strides)):
+            H, W = H // stride, W // stride
+            blocks = [Bottleneck(in_chs, width, stride, deploy)]
+            for _ in range(1, depth):
+                if i in (1, 2):  # c3 and c4
+                    kw = dict(h=partition, w=partition, reparam_conv_k=reparam_conv_k,
+                              fc1_fc2_reduction=fc1_fc2_reduction, fc3_groups=fc3_groups[i - 1])
+                    blocks.append(RepMLPLightBlock(width, (H, W), kw, deploy) if block_type == "light" else
+                                  RepMLPBottleneckBlock(width, (H, W), bottleneck_reduction[i - 1], kw, deploy))
+                else:
+                    blocks.append(Bottleneck(width, width, 1, deploy))
+            stages.append(nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=width, reduction=img_size[0] // H, module=f"stages.{i}"))
+            in_chs = width
+        self.stages = nn.Sequential(*stages)
+        self.num_features = self.head_hidden_size = in_chs
+        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
+        self.drop = nn.Dropout(drop_rate)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise learning-rate decay."""
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute stage activations in the backward pass to save memory."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier layer."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        """Replace the classifier with one of ``num_classes`` outputs (0 removes it)."""
+        self.num_classes = num_classes
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and the four stages."""
+        if x.dim() != 4 or tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f"{type(self).__name__} is built for {self.img_size[0]}x{self.img_size[1]} inputs "
+                             f"(RepMLP blocks have a fixed size), got input of shape {tuple(x.shape)}")
+        x = self.stem_pool(self.stem(x))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.stages, x)
+        return self.stages(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooling, dropout and classifier (``pre_logits``: stop before the classifier)."""
+        x = self.drop(self.global_pool(x))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @staticmethod
+    def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: RepMLPResNet) -> dict[str, torch.Tensor]:
+        return checkpoint_filter_fn(state_dict, model)
+
+    def load_pretrained(self, path: str) -> None:
+        """timm ``custom_load`` hook: strict load of our or the authors' checkpoint (train or deploy)."""
+        load_checkpoint(self, path, checkpoint_filter_fn)
+
+
+_OFFICIAL_RENAMES = (
+    (r"^stage0\.0\.", "stem."),
+    (r"^stage(\d)\.", lambda m: f"stages.{int(m.group(1)) - 1}."),
+    (r"\.(light|btnk)_(conv\d|repmlp)\.", r".\2."),
+    (r"^linear\.", "fc."),
+)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map the authors' RepMLP-ResNet keys (``stage0``..``stage4``, ``light_*``/``btnk_*``, ``linear``,
+    RepMLP internals) to ours; native checkpoints pass through."""
+    if "stem.conv.weight" in state_dict:
+        return state_dict
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in _OFFICIAL_RENAMES:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    for name, module in model.named_modules():
+        if isinstance(module, RepMLP):
+            remap_official_block_keys(module, out, name + ".")
+    return out
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> RepMLPResNet:
+    return build_model_with_cfg(
+        RepMLPResNet, variant, pretrained,
+        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
+        **kwargs)
+
+
+def _cfg(size: int = 224, **kwargs) -> dict:
+    return {
+        "num_classes": 1000, "input_size": (3, size, size), "pool_size": (size // 32, size // 32),
+        "fixed_input_size": True, "crop_pct": 0.875, "interpolation": "bilinear",
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv", "classifier": "fc", "custom_load": True,
+        "paper_ids": "arXiv:2105.01883", "license": "mit", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "repmlp_res50_light_224": _cfg(),
+    "repmlp_res50_light_g4_224": _cfg(),
+    "repmlp_res50_bottleneck_224": _cfg(),
+    "repmlp_res50_bottleneck_g8g16_320": _cfg(320),
+    "repmlp_res50_bottleneck_g8g8_320": _cfg(320),
+    "repmlp_res50_bottleneck_g4g8_320": _cfg(320),
+})
+
+_K224, _K320 = (1, 3, 5), (1, 3, 5, 7)
+
+
+@register_model
+def repmlp_res50_light_224(pretrained: bool = False, **kwargs) -> RepMLPResNet:
+    """RepMLP-Res50 Light, 224, g=8/8 (paper Table 4, 57.87M deploy params)."""
+    args = dict(block_type="light", fc3_groups=(8, 8), reparam_conv_k=_K224)
+    return _create("repmlp_res50_light_224", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def repmlp_res50_light_g4_224(pretrained: bool = False, **kwargs) -> RepMLPResNet:
+    """RepMLP-Res50 Light, 224, g=4/4: the preset of the authors' released code (86.14M deploy params)."""
+    args = dict(block_type="light", fc3_groups=(4, 4), reparam_conv_k=_K224)
+    return _create("repmlp_res50_light_g4_224", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def repmlp_res50_bottleneck_224(pretrained: bool = False, **kwargs) -> RepMLPResNet:
+    """RepMLP-Res50 Bottleneck, 224, g=8/8 (paper Table 4, 40.87M deploy params)."""
+    args = dict(block_type="bottleneck", fc3_groups=(8, 8), reparam_conv_k=_K224)
+    return _create("repmlp_res50_bottleneck_224", pretrained, **{**args, **kwargs})
+
+
+def _res50_320(variant: str, groups: tuple[int, int], pretrained: bool, kwargs: dict) -> RepMLPResNet:
+    args = dict(block_type="bottleneck", img_size=320, partition=10, fc3_groups=groups, reparam_conv_k=_K320)
+    return _create(variant, pretrained, **{**args, **kwargs})
+
+
+@register_model
+def repmlp_res50_bottleneck_g8g16_320(pretrained: bool = False, **kwargs) -> RepMLPResNet:
+    """RepMLP-Res50 Bottleneck, 320, g=8/16 (paper Table 7, 59.22M deploy params)."""
+    return _res50_320("repmlp_res50_bottleneck_g8g16_320", (8, 16), pretrained, kwargs)
+
+
+@register_model
+def repmlp_res50_bottleneck_g8g8_320(pretrained: bool = False, **kwargs) -> RepMLPResNet:
+    """RepMLP-Res50 Bottleneck, 320, g=8/8 (paper Table 7, 72.02M deploy params)."""
+    return _res50_320("repmlp_res50_bottleneck_g8g8_320", (8, 8), pretrained, kwargs)
+
+
+@register_model
+def repmlp_res50_bottleneck_g4g8_320(pretrained: bool = False, **kwargs) -> RepMLPResNet:
+    """RepMLP-Res50 Bottleneck, 320, g=4/8 (paper Table 7, 87.38M deploy params)."""
+    return _res50_320("repmlp_res50_bottleneck_g4g8_320", (4, 8), pretrained, kwargs)

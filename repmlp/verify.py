@@ -1,0 +1,158 @@
+"""Prove a deploy form computes the same function as its train form."""
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .convert import reparameterizable
+
+#: Max relative error (max |y_ref - y| / max |y_ref|) accepted per dtype of the compared run.
+TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-3}
+
+
+@dataclass
+class ErrorStats:
+    """Per-element error of ``candidate`` against ``reference``."""
+
+    max_abs_err: float
+    max_rel_err: float
+    mean_abs_err: float
+
+    @classmethod
+    def of(cls, reference: torch.Tensor, candidate: torch.Tensor) -> ErrorStats:
+        ref, cand = reference.double(), candidate.double()
+        diff = (ref - cand).abs()
+        scale = ref.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+        return cls(diff.max().item(), (diff.max() / scale).item(), diff.mean().item())
+
+
+@dataclass
+class EquivalenceReport(ErrorStats):
+    """Outcome of :func:`verify_equivalence`."""
+
+    argmax_agreement: float | None
+    tolerance: float
+    dtype: str
+    passed: bool
+    per_block: dict[str, ErrorStats] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"{'PASS' if self.passed else 'FAIL'} ({self.dtype}): max abs err {self.max_abs_err:.3e}, "
+                 f"max rel err {self.max_rel_err:.3e} (tolerance {self.tolerance:.0e}), "
+                 f"mean abs err {self.mean_abs_err:.3e}"
+                 + ("" if self.argmax_agreement is None else f", argmax agreement {self.argmax_agreement:.4%}")]
+        lines += [f"  {name}: max abs {s.max_abs_err:.3e}, max rel {s.max_rel_err:.3e}"
+                  for name, s in self.per_block.items()]
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _default_input_size(model: nn.Module) -> tuple[int, ...]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" not in cfg:
+        raise ValueError("verify_equivalence: pass `inputs` or `input_size`; the model has no "
+                         "pretrained_cfg['input_size'] to take it from")
+    return tuple(cfg["input_size"])
+
+
+def _record_outputs(model: nn.Module, names: list[str], store: dict) -> list:
+    modules = dict(model.named_modules())
+    def hook(name):
+        return lambda _m, _i, out: store.__setitem__(name, out.detach())
+    return [modules[n].register_forward_hook(hook(n)) for n in names if n in modules]
+
+
+@torch.no_grad()
+def verify_equivalence(
+    reference: nn.Module,
+    candidate: nn.Module,
+    inputs: torch.Tensor | None = None,
+    input_size: tuple[int, ...] | None = None,
+    batch_size: int = 2,
+    dtype: torch.dtype | None = None,
+    per_block: bool = False,
+    tolerance: float | None = None,
+    seed: int = 0,
+) -> EquivalenceReport:
+    """Run ``reference`` and ``candidate`` in eval mode on the same inputs and compare per element.
+
+    Args:
+        reference: usually the train form.
+        candidate: usually the deploy form.
+        inputs: inputs to use; default: seeded standard normal of ``(batch_size, *input_size)``.
+        input_size: (C, H, W) for random inputs; default: ``reference.pretrained_cfg['input_size']``.
+        batch_size: batch of random inputs.
+        dtype: run both models on copies in this dtype (e.g. ``torch.float64`` to see the conversion's
+            own error, free of float32 rounding); default: as they are.
+        per_block: also compare the outputs of every re-parameterizable block the two share by name.
+        tolerance: max relative error allowed; default: ``TOLERANCES`` for the dtype of the run.
+        seed: seed of the random inputs.
+
+    Returns:
+        The report; ``passed`` when the max relative error is within tolerance.
+    """
+    if dtype is not None:
+        reference, candidate = copy.deepcopy(reference).to(dtype), copy.deepcopy(candidate).to(dtype)
+    param = next(reference.parameters())
+    run_dtype, device = dtype or param.dtype, param.device
+    if inputs is None:
+        size = tuple(input_size or _default_input_size(reference))
+        gen = torch.Generator().manual_seed(seed)
+        inputs = torch.randn((batch_size, *size), generator=gen, dtype=torch.float64)
+    inputs = inputs.to(device=device, dtype=run_dtype)
+    names = [n for n, _ in reparameterizable(reference) if n] if per_block else []
+    ref_blocks, cand_blocks = {}, {}
+    hooks = _record_outputs(reference, names, ref_blocks) + _record_outputs(candidate, names, cand_blocks)
+    modes = reference.training, candidate.training
+    try:
+        reference.eval(), candidate.eval()
+        with _no_tf32():
+            y_ref, y = reference(inputs), candidate(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        reference.train(modes[0]), candidate.train(modes[1])
+    stats = ErrorStats.of(y_ref, y)
+    agreement = None
+    if y_ref.dim() == 2:
+        agreement = (y_ref.argmax(1) == y.argmax(1)).double().mean().item()
+    tol = TOLERANCES.get(run_dtype, 1e-5) if tolerance is None else tolerance
+    blocks = {n: ErrorStats.of(ref_blocks[n], cand_blocks[n]) for n in names if n in ref_blocks and n in cand_blocks}
+    return EquivalenceReport(
+        stats.max_abs_err, stats.max_rel_err, stats.mean_abs_err, agreement, tol,
+        str(run_dtype).replace("torch.", ""), stats.max_rel_err <= tol, blocks)
+
+
+@torch.no_grad()
+def randomize_bn_stats(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm random affine parameters and running statistics (in place).
+
+    Freshly initialised BNs are identities (mean 0, var 1, gamma 1, beta 0), which would hide errors in
+    BN folding; tests and the convert tool's embedded default use this instead.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            def rand(lo, hi):
+                return (torch.rand(n, generator=gen, dtype=torch.float64) * (hi - lo) + lo).to(m.running_mean)
+            m.running_mean.copy_(rand(-0.5, 0.5))
+            m.running_var.copy_(rand(0.5, 2.0))
+            if m.weight is not None:
+                m.weight.copy_(rand(0.5, 1.5))
+                m.bias.copy_(rand(-0.3, 0.3))
+    return model
