@@ -147,12 +147,9 @@ def randomize_bn_stats(model: nn.Module, seed: int = 0) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            def rand(lo, hi):
-                return (torch.rand(n, generator=gen, dtype=torch.float64) * (hi - lo) + lo).to(m.running_mean)
-            m.running_mean.copy_(rand(-0.5, 0.5))
-            m.running_var.copy_(rand(0.5, 2.0))
+            targets = [(m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0)]
             if m.weight is not None:
-                m.weight.copy_(rand(0.5, 1.5))
-                m.bias.copy_(rand(-0.3, 0.3))
+                targets += [(m.weight, 0.5, 1.5), (m.bias, -0.3, 0.3)]
+            for t, lo, hi in targets:
+                t.copy_(torch.rand(t.shape, generator=gen, dtype=torch.float64) * (hi - lo) + lo)
     return model
