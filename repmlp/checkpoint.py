@@ -160,6 +160,24 @@ def load_checkpoint(
     return model
 
 
+def route_pretrained_file(variant: str, pretrained: bool, kwargs: dict) -> None:
+    """Send ``pretrained=True`` loads through the model's ``load_pretrained`` (our :func:`load_checkpoint`).
+
+    timm resets ``custom_load`` when ``pretrained_cfg_overlay`` names a file, so it is set again here; and
+    a model with no weights file configured is refused (timm would silently keep the random init).
+    """
+    if not pretrained:
+        return
+    import timm
+
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    if not {**timm.models.get_pretrained_cfg(variant).to_dict(), **overlay}.get("file"):
+        raise ValueError(f"{variant}: no weights are shipped for this model; pass a file with "
+                         f"pretrained_cfg_overlay=dict(file=PATH) (ours or the authors' .pth/.safetensors)")
+    overlay.setdefault("custom_load", True)
+    kwargs["pretrained_cfg_overlay"] = overlay
+
+
 def _train_twin(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     import timm
 
@@ -167,5 +185,4 @@ def _train_twin(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if not name:
         raise ValueError(f"{path} holds a train-form checkpoint but the model is in deploy form and not a timm "
                          "model; load it into the train form and call repmlp.convert_to_deploy")
-    kwargs = getattr(model, "model_kwargs", {})
-    return timm.create_model(name, pretrained=False, **{**kwargs, "deploy": False})
+    return timm.create_model(name, num_classes=getattr(model, "num_classes", 1000), deploy=False)

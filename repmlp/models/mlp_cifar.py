@@ -19,6 +19,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
+from ..checkpoint import load_checkpoint, require_weights_file
 from ..layers import ConvBN, RepMLP
 
 __all__ = ["MLPCifarNet", "pretrained_dir"]
@@ -108,10 +109,6 @@ class MLPCifarNet(nn.Module):
             raise ValueError(f"MLPCifarNet: img_size={img_size} gives stage resolutions {sizes}; each must be "
                              f"an integer divisible by partition={partition} (e.g. 32 with 8, 28 with 7)")
         self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, img_size
-        self.arch_args = dict(  # rebuilds the train form of this architecture (see checkpoint_filter_fn)
-            num_classes=num_classes, in_chans=in_chans, img_size=img_size, widths=tuple(widths), mixer=mixer,
-            partition=partition, fc3_groups=fc3_groups, reparam_conv_k=tuple(reparam_conv_k),
-            fc1_fc2_reduction=fc1_fc2_reduction, head_hidden_size=head_hidden_size, global_pool=global_pool)
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
 
@@ -152,6 +149,9 @@ class MLPCifarNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and stages: (N, in_chans, S, S) -> (N, C3, S/4, S/4)."""
+        if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_chans, self.img_size, self.img_size):
+            raise ValueError(f"{type(self).__name__} is built for (N, {self.in_chans}, {self.img_size}, "
+                             f"{self.img_size}) inputs (RepMLP blocks have a fixed size), got {tuple(x.shape)}")
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.stages, x)
@@ -166,24 +166,16 @@ class MLPCifarNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MLPCifarNet) -> dict[str, torch.Tensor]:
-    """Load a train-form checkpoint into a deploy-form model by converting it first."""
-    model_keys = set(model.state_dict())
-    if set(state_dict) <= model_keys:
-        return state_dict
-    from .. import convert_to_deploy
-
-    train_model = MLPCifarNet(**model.arch_args)
-    train_model.load_state_dict(state_dict)
-    return convert_to_deploy(train_model).state_dict()
+    def load_pretrained(self, path: str) -> None:
+        """timm ``custom_load`` hook: strict load of a train- or deploy-form checkpoint."""
+        load_checkpoint(self, path)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> MLPCifarNet:
-    model = build_model_with_cfg(
-        MLPCifarNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2)), **kwargs)
-    return model
+    require_weights_file(variant, pretrained, kwargs)
+    return build_model_with_cfg(
+        MLPCifarNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2)),
+        **kwargs)
 
 
 def _cfg(file: str | None = None, **kwargs) -> dict:
@@ -191,7 +183,8 @@ def _cfg(file: str | None = None, **kwargs) -> dict:
         "num_classes": 10, "input_size": (3, 32, 32), "fixed_input_size": True, "pool_size": (8, 8),
         "crop_pct": 1.0, "interpolation": "bilinear", "mean": (0.4914, 0.4822, 0.4465),
         "std": (0.2470, 0.2435, 0.2616), "first_conv": "stem.conv", "classifier": "fc",
-        "license": "mit", **({"file": str(pretrained_dir() / file)} if file else {}), **kwargs,
+        "custom_load": True, "paper_ids": "arXiv:2105.01883", "license": "mit",
+        **({"file": str(pretrained_dir() / file)} if file else {}), **kwargs,
     }
 
 

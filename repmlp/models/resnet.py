@@ -15,7 +15,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, route_pretrained_file
 from ..layers import ConvBN, RepMLP, remap_official_block_keys
 
 __all__ = ["RepMLPResNet"]
@@ -213,6 +213,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> RepMLPResNet:
+    route_pretrained_file(variant, pretrained, kwargs)
     return build_model_with_cfg(
         RepMLPResNet, variant, pretrained,
         feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),

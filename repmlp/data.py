@@ -1,0 +1,232 @@
+"""Datasets and loaders: ImageNet-style folders, CIFAR-10/100 python batches, Fashion-MNIST IDX files
+and a synthetic set, all feeding timm's transforms.
+
+Each reader checks the on-disk layout and raises a ValueError (missing or malformed data) that names
+the path and the layout it expected.
+"""
+from __future__ import annotations
+
+import gzip
+import pickle
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import ImageDataset, create_transform
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import transforms
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+
+DATASETS = ("imagefolder", "cifar10", "cifar100", "fashion_mnist", "synthetic")
+SPLITS = ("train", "val")
+
+_IMAGEFOLDER_LAYOUT = "<root>/train/<class>/<image> and <root>/val/<class>/<image>"
+_CIFAR_LAYOUT = {
+    "cifar10": "CIFAR-10 python batches: <root>/data_batch_1 .. data_batch_5 and <root>/test_batch "
+               "(or the same inside <root>/cifar-10-batches-py)",
+    "cifar100": "CIFAR-100 python pickles: <root>/train and <root>/test (or inside <root>/cifar-100-python)",
+}
+_FMNIST_LAYOUT = ("Fashion-MNIST IDX files, gzipped or raw: <root>/train-images-idx3-ubyte[.gz], "
+                  "train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz] "
+                  "(Debian: apt-get install dataset-fashion-mnist)")
+
+
+class ArrayImageDataset(Dataset):
+    """Images held in memory as uint8 arrays (N, H, W) or (N, H, W, 3), served as PIL images."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"ArrayImageDataset: {len(images)} images but {len(labels)} labels")
+        self.images, self.labels, self.transform = images, labels.astype(np.int64), transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[object, int]:
+        img = Image.fromarray(self.images[index])
+        return (self.transform(img) if self.transform else img), int(self.labels[index])
+
+
+def _require_dir(path: Path, layout: str) -> Path:
+    if not path.is_dir():
+        raise ValueError(f"dataset directory {path} not found; expected {layout}")
+    return path
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (MNIST format, optionally gzipped) of unsigned bytes into a numpy array."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"cannot read IDX file {path}: {e}") from e
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic 0x0000 08 nd expected, "
+                         f"got {data[:4].hex() or 'empty file'})")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if len(data) != header + int(np.prod(shape)):
+        raise ValueError(f"{path}: IDX header says shape {shape} ({header + int(np.prod(shape))} bytes) "
+                         f"but the file has {len(data)} bytes; the file is truncated or corrupt")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise ValueError(f"Fashion-MNIST file {root / stem}[.gz] not found; expected {_FMNIST_LAYOUT}")
+
+
+def fashion_mnist(root: str | Path | None, split: str, transform: Callable | None = None) -> ArrayImageDataset:
+    """Fashion-MNIST from IDX files: 60,000 train / 10,000 test 28x28 grayscale images, 10 classes."""
+    root = _require_dir(Path(root or FASHION_MNIST_ROOT), _FMNIST_LAYOUT)
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"Fashion-MNIST in {root}: images {images.shape} and labels {labels.shape} do not "
+                         f"match; expected (N, 28, 28) images and (N,) labels")
+    return ArrayImageDataset(images, labels, transform)
+
+
+def _unpickle(path: Path, layout: str) -> dict:
+    if not path.is_file():
+        raise ValueError(f"CIFAR file {path} not found; expected {layout}")
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a malformed file
+        raise ValueError(f"CIFAR file {path} is not a python pickle: {e}; expected {layout}") from e
+    if not isinstance(batch, dict):
+        raise ValueError(f"CIFAR file {path} holds a {type(batch).__name__}, not a dict; expected {layout}")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+
+
+def cifar(name: str, root: str | Path, split: str, transform: Callable | None = None) -> ArrayImageDataset:
+    """CIFAR-10 or CIFAR-100 from the python pickles as distributed (``name`` 'cifar10' or 'cifar100')."""
+    layout = _CIFAR_LAYOUT[name]
+    root = _require_dir(Path(root), layout)
+    sub = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    root = sub if sub.is_dir() else root
+    if name == "cifar10":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        label_key = "labels"
+    else:
+        files, label_key = ["train" if split == "train" else "test"], "fine_labels"
+    images, labels = [], []
+    for file in files:
+        batch = _unpickle(root / file, layout)
+        if "data" not in batch or label_key not in batch:
+            raise ValueError(f"CIFAR file {root / file} lacks the 'data' and '{label_key}' entries; "
+                             f"expected {layout}")
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch[label_key]):
+            raise ValueError(f"CIFAR file {root / file}: 'data' has shape {data.shape} for "
+                             f"{len(batch[label_key])} labels; expected (N, 3072) uint8 rows")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(np.asarray(batch[label_key]))
+    return ArrayImageDataset(np.concatenate(images), np.concatenate(labels), transform)
+
+
+def image_folder(root: str | Path, split: str, transform: Callable | None = None) -> ImageDataset:
+    """ImageNet-style class folders: ``<root>/<split>/<class>/<image>``."""
+    folder = _require_dir(Path(root) / split, _IMAGEFOLDER_LAYOUT)
+    try:
+        dataset = ImageDataset(str(folder), transform=transform)
+    except Exception as e:  # noqa: BLE001 - timm raises RuntimeError/AssertionError for empty folders
+        raise ValueError(f"cannot read image folder {folder}: {e}; expected {_IMAGEFOLDER_LAYOUT}") from e
+    if len(dataset) == 0:
+        raise ValueError(f"image folder {folder} holds no images; expected {_IMAGEFOLDER_LAYOUT}")
+    return dataset
+
+
+def synthetic(split: str, num_samples: int = 256, num_classes: int = 10, img_size: int = 32, in_chans: int = 3,
+              seed: int = 0, transform: Callable | None = None) -> ArrayImageDataset:
+    """Random images whose mean brightness depends on the class, so a model can learn them (smoke tests)."""
+    rng = np.random.default_rng(seed + (0 if split == "train" else 1))
+    labels = rng.integers(0, num_classes, num_samples)
+    shape = (num_samples, img_size, img_size) + ((in_chans,) if in_chans == 3 else ())
+    if in_chans not in (1, 3):
+        raise ValueError(f"synthetic: in_chans must be 1 or 3 (PIL images), got {in_chans}")
+    base = (labels * (200 // max(num_classes - 1, 1))).reshape(-1, *([1] * (len(shape) - 1)))
+    images = np.clip(base + rng.integers(0, 56, shape), 0, 255).astype(np.uint8)
+    return ArrayImageDataset(images, labels, transform)
+
+
+def build_dataset(name: str, split: str, root: str | None = None, transform: Callable | None = None,
+                  **synthetic_args) -> Dataset:
+    """A dataset by name (one of :data:`DATASETS`) and split ('train' or 'val'; 'val' is the test set
+    of CIFAR and Fashion-MNIST)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if name == "synthetic":
+        return synthetic(split, transform=transform, **synthetic_args)
+    if name == "fashion_mnist":
+        return fashion_mnist(root, split, transform)
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs a root directory (data.root)")
+    if name in ("cifar10", "cifar100"):
+        return cifar(name, root, split, transform)
+    if name == "imagefolder":
+        return image_folder(root, split, transform)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+
+
+def build_transform(
+    is_training: bool,
+    input_size: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_pct: float = 1.0,
+    interpolation: str = "bilinear",
+    crop_padding: int = 0,
+    **train_args,
+) -> Callable:
+    """timm's train or eval transform; ``crop_padding`` > 0 prepends a pad-and-random-crop (the CIFAR
+    recipe) and then keeps timm's random-resized crop at full scale so it does not resize.
+
+    ``train_args`` go to :func:`timm.data.create_transform` (hflip, scale, ratio, color_jitter,
+    auto_augment, re_prob, ...) for training and are ignored for evaluation.
+    """
+    common = dict(input_size=tuple(input_size), mean=tuple(mean), std=tuple(std), interpolation=interpolation)
+    if not is_training:
+        return create_transform(is_training=False, crop_pct=crop_pct, **common)
+    if crop_padding:
+        train_args = dict(train_args, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    transform = create_transform(is_training=True, **common, **train_args)
+    if crop_padding:
+        pad_crop = transforms.RandomCrop(tuple(input_size[-2:]), padding=crop_padding)
+        transform = transforms.Compose([pad_crop, *transform.transforms])
+    return transform
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    is_training: bool,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+) -> DataLoader:
+    """A DataLoader over this rank's share of ``dataset``.
+
+    Training shuffles with a :class:`DistributedSampler` (call ``loader.sampler.set_epoch(epoch)``; the
+    order is a function of seed and epoch only, which makes resumed runs exact) and drops the last
+    partial batch (Mixup needs even batches). Evaluation reads every ``world_size``-th sample in order,
+    without padding, so the ranks' counts sum to the dataset size.
+    """
+    if is_training:
+        sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
+    else:
+        sampler = range(rank, len(dataset), world_size)
+    return DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers, drop_last=is_training,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())

@@ -1,0 +1,628 @@
+"""RepMLPNet (Ding et al., "RepMLPNet: Hierarchical Vision MLP with Re-parameterized Locality", CVPR 2022).
+
+Stem (4x4/4 conv-BN-ReLU), four stages of units joined by 2x2/2 conv-BN-ReLU patch embeddings, then
+head BN -> global average pool -> Linear. A unit is ``y = x + RepMLPBlock(BN(x)); z = y + FFN(BN(y))``.
+
+RepMLP Block (paper Sec. 3.2) on a C-channel map with partition size (h, w) and S channel sets
+("sharesets"):
+
+* Global Perceptron: SE-like, GAP -> fc1 -> ReLU -> fc2 -> sigmoid; **scales** the block output per channel.
+* Channel Perceptron: FC3, one (h*w x h*w) token-mixing matrix per channel set, then BN(S). Channel c
+  uses matrix ``c mod S`` (the authors' layout: the map viewed as (N*C/S, S, h*w)).
+* Local Perceptron: depthwise (groups=S) conv-BN branches over the same S-channel view; merged into FC3
+  by Locality Injection.
+
+Partition layout. The presets use one partition per stage (h, w = stage resolution). A map of size
+(hp*h, wp*w) is cut into hp x wp partitions (:func:`repmlp.layers.partition`, partitions in
+(n, row, column) order); within each partition channel c uses set ``c mod S``, the local perceptron pads
+with zeros at partition borders, and BN(S) pools over all partitions. The global perceptron pools over the
+whole map, so every partition of a channel shares one scale. With hp = wp = 1 this is exactly the
+authors' block (theirs is inconsistent for more partitions); any input whose stage sizes are multiples of
+the stage's (h, w) runs, other sizes raise a ValueError.
+
+Deploy form (beyond the authors' locality injection, which keeps every other BN): local perceptron and
+BN(S) merged into FC3 (run as a batched matmul); stem, embedding and FFN conv-BNs fused; the BN before
+the FFN folded into its first 1x1 conv; the head BN folded into the classifier. The BN before the RepMLP
+block stays as a :class:`ChannelAffine` (it cannot fold into FC3 matrices shared across channels).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import create_classifier, to_2tuple
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._manipulate import checkpoint_seq
+from torch import nn
+
+from .. import ops
+from ..checkpoint import load_checkpoint, state_dict_form
+from ..convert import convert_to_deploy, is_deploy_form
+from ..layers import ConvBN, LocalPerceptron, _replace_param, partition, unpartition
+
+__all__ = ["RepMLPNet", "RepMLPBlock", "authors_inference_form", "benchmark_forms"]
+
+_Size = tuple[int, int]
+
+
+class ChannelAffine(nn.Module):
+    """Per-channel ``y = weight * x + bias`` on (N, C, ...) maps: an eval-mode BN with nothing left to fold."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (-1,) + (1,) * (x.dim() - 2)
+        return torch.addcmul(self.bias.view(shape), x, self.weight.view(shape))
+
+    @classmethod
+    def from_bn(cls, bn: nn.modules.batchnorm._BatchNorm) -> ChannelAffine:
+        """The eval-mode affine of ``bn``, in its dtype and on its device."""
+        affine = cls(bn.num_features)
+        scale, shift = ops.bn_affine(bn)
+        affine.weight, affine.bias = _replace_param(bn.running_var, scale), _replace_param(bn.running_var, shift)
+        return affine
+
+
+class PatchEmbedding(ConvBN):
+    """Non-overlapping k x k / k conv-BN-ReLU (stem and between stages); refuses sizes it would crop."""
+
+    def __init__(self, in_chs: int, out_chs: int, patch: int, deploy: bool = False) -> None:
+        super().__init__(in_chs, out_chs, patch, stride=patch, act=True, deploy=deploy)
+        self.conv.padding = (0, 0)
+        self.patch = patch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] % self.patch or x.shape[-1] % self.patch:
+            raise ValueError(f"patch embedding {self.patch}x{self.patch}/{self.patch} needs a map size divisible by "
+                             f"{self.patch}, got {x.shape[-2]}x{x.shape[-1]}")
+        return super().forward(x)
+
+
+def shared_fc(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """FC3 shared over channel sets: ``y[b, s] = weight[s] @ v[b, s] (+ bias[s])`` for v (B, S, L) as one bmm."""
+    if weight.shape[0] == 1:
+        return F.linear(v, weight[0], None if bias is None else bias[0])
+    v, weight_t = v.transpose(0, 1), weight.transpose(1, 2)  # (S, B, L): one matmul per set
+    y = torch.bmm(v, weight_t) if bias is None else torch.baddbmm(bias.unsqueeze(1), v, weight_t)
+    return y.transpose(0, 1)
+
+
+class GlobalPerceptron(nn.Module):
+    """SE-like global perceptron: GAP -> fc1 -> ReLU -> fc2 -> sigmoid, one scale per channel (N, C, 1, 1)."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.fc2(F.relu(self.fc1(x.mean((2, 3)))))
+        return torch.sigmoid(v)[:, :, None, None]
+
+
+class ChannelPerceptron(nn.Module):
+    """FC3 with one (h*w x h*w) matrix per channel set, then BN(S); the deploy form is FC3 with a bias."""
+
+    def __init__(self, sharesets: int, h: int, w: int, deploy: bool = False) -> None:
+        super().__init__()
+        tokens = h * w
+        bound = 1 / math.sqrt(tokens)  # nn.Linear's default init for fan-in h*w
+        self.weight = nn.Parameter(torch.empty(sharesets, tokens, tokens).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(sharesets, tokens)) if deploy else None
+        # BatchNorm1d over (B, S, h*w) has the statistics of the authors' BatchNorm2d(S) over (B, S, h, w)
+        self.bn = None if deploy else nn.BatchNorm1d(sharesets)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        y = shared_fc(v, self.weight, self.bias)
+        return y if self.bn is None else self.bn(y)
+
+    def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight (S, hw, hw) and bias (S, hw) with BN(S) folded in (float64)."""
+        if self.bn is None:
+            return self.weight.double(), self.bias.double()
+        weight, shift = ops.fuse_bn(self.weight, None, *ops.bn_affine(self.bn))
+        return weight, shift[:, None].expand(-1, self.weight.shape[1])
+
+    @torch.no_grad()
+    def load_fused(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Become the deploy form with the given (S, hw, hw) weight and (S, hw) bias."""
+        self.weight, self.bias = _replace_param(self.weight, weight), _replace_param(self.weight, bias)
+        self.bn = None
+
+
+class RepMLPBlock(nn.Module):
+    """RepMLP Block of RepMLPNet: global, channel and local perceptrons (layout in the module docstring).
+
+    Args:
+        channels: channels C (a multiple of ``sharesets``).
+        h: partition height.
+        w: partition width.
+        sharesets: channel sets S sharing one FC3 matrix.
+        reparam_conv_k: local perceptron kernel sizes (odd); empty for none.
+        gp_reduction: global perceptron hidden reduction.
+        deploy: build the locality-injected form (FC3 with bias) directly.
+    """
+
+    def __init__(self, channels: int, h: int, w: int, sharesets: int, reparam_conv_k: Sequence[int] = (1, 3),
+                 gp_reduction: int = 4, deploy: bool = False) -> None:
+        super().__init__()
+        if channels % sharesets:
+            raise ValueError(f"RepMLPBlock: sharesets={sharesets} must divide channels={channels}")
+        self.channels, self.h, self.w, self.sharesets = channels, h, w, sharesets
+        self.reparam_conv_k = [(int(k), 1) for k in reparam_conv_k]
+        self.global_perceptron = GlobalPerceptron(channels, channels // gp_reduction)
+        self.channel_perceptron = ChannelPerceptron(sharesets, h, w, deploy)
+        self.local_perceptron = None
+        if self.reparam_conv_k and not deploy:
+            self.local_perceptron = LocalPerceptron(sharesets, sharesets, self.reparam_conv_k, groups=sharesets)
+
+    @property
+    def deploy(self) -> bool:
+        return self.channel_perceptron.bn is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, H, W = x.shape
+        h, w, s = self.h, self.w, self.sharesets
+        if c != self.channels or H % h or W % w:
+            raise ValueError(f"RepMLPBlock with {self.channels} channels and {h}x{w} partitions got a map of shape "
+                             f"{tuple(x.shape)}: its size must be a multiple of {h}x{w}")
+        hp, wp = H // h, W // w
+        p = x if hp * wp == 1 else partition(x, h, w)  # (N*hp*wp, C, h, w)
+        v = p.reshape(-1, s, h * w)  # channel c of a partition uses set c mod S
+        y = self.channel_perceptron(v)
+        if self.local_perceptron is not None:
+            y = y + self.local_perceptron(v.reshape(-1, s, h, w)).reshape(y.shape)
+        y = y.reshape(-1, c, h, w)
+        if hp * wp > 1:
+            y = unpartition(y, n, hp, wp)
+        return y * self.global_perceptron(x)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Locality Injection (idempotent): local perceptron and BN(S) merged into FC3 with a bias."""
+        if self.deploy:
+            return
+        weight, bias = self.channel_perceptron.fused()
+        if self.local_perceptron is not None:
+            local_weight, local_bias = self.local_perceptron.fused(self.h, self.w)  # (S, hw, hw), (S*hw,)
+            weight, bias = weight + local_weight, bias + local_bias.reshape(bias.shape)
+        self.channel_perceptron.load_fused(weight, bias)
+        self.local_perceptron = None
+
+
+class FFNBlock(nn.Module):
+    """FFN: 1x1 conv-BN (C -> hidden) -> GELU -> 1x1 conv-BN (hidden -> C)."""
+
+    def __init__(self, channels: int, hidden: int, deploy: bool = False) -> None:
+        super().__init__()
+        self.fc1 = ConvBN(channels, hidden, 1, deploy=deploy)
+        self.act = nn.GELU()
+        self.fc2 = ConvBN(hidden, channels, 1, deploy=deploy)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class RepMLPNetUnit(nn.Module):
+    """``y = x + RepMLPBlock(BN(x)); z = y + FFN(BN(y))``; the deploy form folds the second BN into the FFN."""
+
+    def __init__(self, channels: int, size: _Size, sharesets: int, reparam_conv_k: Sequence[int],
+                 gp_reduction: int, ffn_expand: int, deploy: bool = False) -> None:
+        super().__init__()
+        self.norm1 = ChannelAffine(channels) if deploy else nn.BatchNorm2d(channels)
+        self.repmlp = RepMLPBlock(channels, *size, sharesets, reparam_conv_k, gp_reduction, deploy)
+        self.norm2 = None if deploy else nn.BatchNorm2d(channels)
+        self.ffn = FFNBlock(channels, channels * ffn_expand, deploy)
+
+    @property
+    def deploy(self) -> bool:
+        return self.norm2 is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.repmlp(self.norm1(x))
+        return x + self.ffn(x if self.norm2 is None else self.norm2(x))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """BN before the block -> ChannelAffine; BN before the FFN and FFN fc1's BN -> fc1 (idempotent)."""
+        if self.deploy:
+            return
+        self.norm1 = ChannelAffine.from_bn(self.norm1)
+        fc1 = self.ffn.fc1
+        weight, bias = fc1.fused()
+        weight, bias = ops.fold_preceding_bn(weight.flatten(1), bias, *ops.bn_affine(self.norm2))
+        fc1.conv.weight = _replace_param(fc1.conv.weight, weight.reshape(fc1.conv.weight.shape))
+        fc1.conv.bias = _replace_param(fc1.conv.weight, bias)
+        fc1.bn, self.norm2 = None, None
+
+
+class RepMLPNetStage(nn.Module):
+    """Patch embedding (except stage 0) and units at one resolution."""
+
+    def __init__(self, in_chs: int, chs: int, depth: int, size: _Size, sharesets: int, reparam_conv_k: Sequence[int],
+                 gp_reduction: int, ffn_expand: int, downsample: bool, deploy: bool = False) -> None:
+        super().__init__()
+        self.downsample = PatchEmbedding(in_chs, chs, 2, deploy) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*[
+            RepMLPNetUnit(chs, size, sharesets, reparam_conv_k, gp_reduction, ffn_expand, deploy)
+            for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.downsample(x))
+
+
+class RepMLPNet(nn.Module):
+    """RepMLPNet.
+
+    Args:
+        img_size: resolution the model is built for; sets the default partition sizes.
+        channels: channels per stage.
+        depths: units per stage.
+        sharesets: channel sets S per stage.
+        partitions: (h, w) (or h = w) per stage; default: each stage's resolution at ``img_size``.
+        reparam_conv_k: local perceptron kernel sizes.
+        gp_reduction: global perceptron hidden reduction.
+        ffn_expand: FFN hidden expansion.
+        patch_size: stem patch size.
+        num_classes: classifier outputs (0 for none).
+        in_chans: input channels.
+        global_pool: timm pooling type.
+        drop_rate: dropout before the classifier.
+        deploy: build the deploy form directly.
+    """
+
+    def __init__(
+        self,
+        img_size: int | _Size = 224,
+        channels: Sequence[int] = (64, 128, 256, 512),
+        depths: Sequence[int] = (2, 2, 6, 2),
+        sharesets: Sequence[int] = (1, 4, 16, 128),
+        partitions: Sequence[int | _Size] | None = None,
+        reparam_conv_k: Sequence[int] = (1, 3),
+        gp_reduction: int = 4,
+        ffn_expand: int = 4,
+        patch_size: int = 4,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        deploy: bool = False,
+    ) -> None:
+        super().__init__()
+        img_size = to_2tuple(img_size)
+        self.arch_args = dict(img_size=img_size, channels=tuple(channels), depths=tuple(depths),
+                              sharesets=tuple(sharesets), partitions=partitions, reparam_conv_k=tuple(reparam_conv_k),
+                              gp_reduction=gp_reduction, ffn_expand=ffn_expand, patch_size=patch_size,
+                              in_chans=in_chans, drop_rate=drop_rate)
+        self.reductions = [patch_size * 2 ** i for i in range(len(channels))]
+        if partitions is None:
+            if any(s % self.reductions[-1] for s in img_size):
+                raise ValueError(f"img_size={img_size} must be a multiple of {self.reductions[-1]}")
+            partitions = [(img_size[0] // r, img_size[1] // r) for r in self.reductions]
+        self.partitions = [to_2tuple(p) for p in partitions]
+        self.num_classes, self.drop_rate, self.grad_checkpointing = num_classes, drop_rate, False
+
+        self.stem = PatchEmbedding(in_chans, channels[0], patch_size, deploy)
+        stages, self.feature_info, in_chs = [], [], channels[0]
+        for i, (chs, depth) in enumerate(zip(channels, depths)):
+            stages.append(RepMLPNetStage(in_chs, chs, depth, self.partitions[i], sharesets[i], reparam_conv_k,
+                                         gp_reduction, ffn_expand, downsample=i > 0, deploy=deploy))
+            self.feature_info.append(dict(num_chs=chs, reduction=self.reductions[i], module=f"stages.{i}"))
+            in_chs = chs
+        self.stages = nn.Sequential(*stages)
+        self.num_features = self.head_hidden_size = in_chs
+        self.head_norm = ChannelAffine(in_chs) if deploy else nn.BatchNorm2d(in_chs)
+        self.global_pool, self.head = create_classifier(in_chs, num_classes, pool_type=global_pool)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head_norm_folded = deploy and self._head_foldable()
+
+    @property
+    def deploy(self) -> bool:
+        return isinstance(self.head_norm, ChannelAffine)
+
+    def _head_foldable(self) -> bool:
+        # BN -> average pool -> Linear is one affine map; other pools do not commute with a negative scale
+        return isinstance(self.head, nn.Linear) and self.global_pool.pool_type == "avg"
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise learning-rate decay."""
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.downsample", (0,)),
+            (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+            (r"^head_norm", (99999,)),
+        ])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute stage activations in the backward pass to save memory."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier layer."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        """Replace the classifier with one of ``num_classes`` outputs (0 removes it)."""
+        self.num_classes = num_classes
+        self.global_pool, self.head = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.head_norm_folded = False
+
+    def stage_sizes(self, size: _Size) -> list[_Size]:
+        """Map size of each stage for an input of spatial ``size``."""
+        return [(size[0] // r, size[1] // r) for r in self.reductions]
+
+    def check_input_size(self, size: _Size) -> None:
+        """Raise a ValueError unless every stage size is a multiple of its partition size."""
+        stage_sizes = self.stage_sizes(size)
+        if (any(s % self.reductions[-1] for s in size)
+                or any(H % h or W % w for (H, W), (h, w) in zip(stage_sizes, self.partitions))):
+            raise ValueError(f"{type(self).__name__}: input {size[0]}x{size[1]} gives stage sizes {stage_sizes}, which "
+                             f"must be multiples of the partition sizes {self.partitions} (input a multiple of "
+                             f"{self.reductions[-1]})")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and the four stages."""
+        self.check_input_size(tuple(x.shape[-2:]))
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.stages, x)
+        return self.stages(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Head BN, pooling, dropout and classifier (``pre_logits``: stop before the classifier)."""
+        if self.head_norm_folded and not pre_logits:
+            return self.head(self.head_drop(self.global_pool(x)))
+        x = self.head_drop(self.global_pool(self.head_norm(x)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Head BN -> ChannelAffine (kept for ``pre_logits``) folded into the classifier (idempotent)."""
+        if self.deploy:
+            return
+        self.head_norm = ChannelAffine.from_bn(self.head_norm)
+        if self._head_foldable():
+            weight, bias = ops.fold_preceding_bn(self.head.weight, self.head.bias,
+                                                 self.head_norm.weight.double(), self.head_norm.bias.double())
+            self.head.weight, self.head.bias = _replace_param(self.head.weight, weight), _replace_param(
+                self.head.bias, bias)
+            self.head_norm_folded = True
+
+    def train_form_twin(self) -> RepMLPNet:
+        """A freshly initialised train-form model of the same architecture and classifier."""
+        pool = self.global_pool.pool_type
+        return RepMLPNet(**self.arch_args, num_classes=self.num_classes, global_pool=pool, deploy=False)
+
+    @staticmethod
+    def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: RepMLPNet) -> dict[str, torch.Tensor]:
+        return checkpoint_filter_fn(state_dict, model)
+
+    def load_pretrained(self, path: str) -> None:
+        """timm ``custom_load`` hook: strict load of our or the authors' checkpoint (train or deploy)."""
+        load_checkpoint(self, path, _to_native, train_model_factory=self.train_form_twin)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+_OFFICIAL_RENAMES = (
+    (r"^conv_embedding\.", "stem."),
+    (r"^embeds\.(\d+)\.", lambda m: f"stages.{int(m.group(1)) + 1}.downsample."),
+    (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
+    (r"\.prebn1\.", ".norm1."),
+    (r"\.prebn2\.", ".norm2."),
+    (r"\.repmlp_block\.gp\.", ".repmlp.global_perceptron."),
+    (r"\.repmlp_block\.fc3_bn\.", ".repmlp.channel_perceptron.bn."),
+    (r"\.repmlp_block\.fc3\.", ".repmlp.channel_perceptron."),
+    (r"\.ffn_block\.ffn_(fc\d)\.", r".ffn.\1."),
+)
+
+
+def _map_official_keys(state_dict: dict[str, torch.Tensor], model: RepMLPNet) -> dict[str, torch.Tensor]:
+    """The authors' keys and shapes (1x1-conv FCs, FC3 as a grouped conv, ``repconv{k}``) -> ours."""
+    branch = {k: i for i, k in enumerate(model.arch_args["reparam_conv_k"])}
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in _OFFICIAL_RENAMES:
+            key = re.sub(pattern, repl, key)
+        key = re.sub(r"\.repmlp_block\.repconv(\d+)\.",
+                     lambda m: f".repmlp.local_perceptron.branches.{branch.get(int(m.group(1)), m.group(1))}.", key)
+        if ".global_perceptron.fc" in key and value.dim() == 4:
+            value = value.flatten(1)
+        elif key.endswith("channel_perceptron.weight"):  # (S*hw, hw, 1, 1), S groups
+            value = value.reshape(-1, value.shape[1], value.shape[1])
+        elif key.endswith("channel_perceptron.bias"):
+            stage = int(key.split(".")[1])
+            value = value.reshape(-1, math.prod(model.partitions[stage]))
+        out[key] = value
+    return out
+
+
+def _convert_state(state_dict: dict[str, torch.Tensor], model: RepMLPNet, locality_injected: bool) -> dict:
+    """Our deploy-form state of a train-form (or authors' locality-injected) state dict, via a twin."""
+    twin = model.train_form_twin()
+    if locality_injected:  # give the twin the authors' inference structure: FC3 with bias, other BNs kept
+        for module in twin.modules():
+            if isinstance(module, RepMLPBlock):
+                module.reparameterize()
+    twin.load_state_dict(state_dict, strict=True)
+    return convert_to_deploy(twin, inplace=True).state_dict()
+
+
+def _to_native(state_dict: dict[str, torch.Tensor], model: RepMLPNet) -> dict[str, torch.Tensor]:
+    """Our train- or deploy-form state from ours or the authors' (train or locality-injected) layout."""
+    if "stem.conv.weight" not in state_dict:
+        state_dict = _map_official_keys(state_dict, model)
+    locality_injected = (state_dict_form(state_dict) == "train"
+                         and not any(".local_perceptron." in k or ".channel_perceptron.bn." in k for k in state_dict))
+    return _convert_state(state_dict, model, True) if locality_injected else state_dict
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: RepMLPNet) -> dict[str, torch.Tensor]:
+    """timm filter: a state dict in ``model``'s form from ours or the authors' checkpoints, train or deploy.
+
+    Train-form states offered to a deploy-form model are converted; deploy-form states cannot be loaded
+    into a train-form model (the branches are gone) and raise a ValueError.
+    """
+    state_dict = _to_native(state_dict, model)
+    file_form, model_form = state_dict_form(state_dict), "deploy" if is_deploy_form(model) else "train"
+    if file_form == "train" and model_form == "deploy":
+        return _convert_state(state_dict, model, False)
+    if file_form == "deploy" and model_form == "train":
+        raise ValueError("a deploy-form (re-parameterized) checkpoint loads only into a deploy-form model: build it "
+                         "with deploy=True")
+    return state_dict
+
+
+# ------------------------------------------------------------------------------------- the authors' form
+
+class AuthorsInferenceBlock(nn.Module):
+    """The authors' locality-injected RepMLP block, op for op: FC3 as a grouped 1x1 conv over S*h*w channels.
+
+    Reference for speed comparisons only (see :func:`authors_inference_form`).
+    """
+
+    def __init__(self, block: RepMLPBlock) -> None:
+        super().__init__()
+        block = copy.deepcopy(block)
+        block.reparameterize()
+        s, h, w = block.sharesets, block.h, block.w
+        self.sharesets, self.h, self.w, self.global_perceptron = s, h, w, block.global_perceptron
+        self.fc3 = nn.Conv2d(s * h * w, s * h * w, 1, groups=s)
+        weight, bias = block.channel_perceptron.weight, block.channel_perceptron.bias
+        self.fc3.weight = nn.Parameter(weight.detach().reshape(-1, h * w, 1, 1).clone())
+        self.fc3.bias = nn.Parameter(bias.detach().reshape(-1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, H, W = x.shape
+        s, h, w = self.sharesets, self.h, self.w
+        hp, wp = H // h, W // w
+        scale = self.global_perceptron(x)
+        p = x.reshape(-1, c, hp, h, wp, w).permute(0, 2, 4, 1, 3, 5)
+        y = self.fc3(p.reshape(-1, s * h * w, 1, 1))
+        y = y.reshape(-1, hp, wp, s, h, w).permute(0, 3, 1, 4, 2, 5).reshape(n, c, H, W)
+        return y * scale
+
+
+def authors_inference_form(model: RepMLPNet) -> RepMLPNet:
+    """The authors' inference form of a train-form model: FC3 locality-injected as a grouped 1x1 conv, every
+    other BN kept. Computes the same function; exists to measure speed against."""
+    model = copy.deepcopy(model).eval()
+    for unit in model.modules():
+        if isinstance(unit, RepMLPNetUnit):
+            unit.repmlp = AuthorsInferenceBlock(unit.repmlp)
+    return model
+
+
+@torch.no_grad()
+def benchmark_forms(variants: Sequence[str] = ("repmlpnet_t224", "repmlpnet_b256"), batch_size: int = 4,
+                    rounds: int = 7, threads: int = 2) -> dict[str, dict[str, float]]:
+    """Median ms per batch of our train form, the authors' inference form and our deploy form, timed in
+    interleaved rounds at each variant's native size; prints one line per variant."""
+    import timm
+
+    from ..verify import randomize_bn_stats
+
+    torch.set_num_threads(threads)
+    results = {}
+    for name in variants:
+        train = randomize_bn_stats(timm.create_model(name)).eval()
+        forms = dict(train=train, authors=authors_inference_form(train), deploy=convert_to_deploy(train))
+        x = torch.randn(batch_size, *train.pretrained_cfg["input_size"])
+        times = {k: [] for k in forms}
+        for r in range(rounds + 1):
+            for key, model in forms.items():
+                start = time.perf_counter()
+                model(x)
+                if r:  # round 0 warms up
+                    times[key].append(1e3 * (time.perf_counter() - start))
+        ms = results[name] = {k: statistics.median(v) for k, v in times.items()}
+        print(f"{name} batch {batch_size}: train {ms['train']:.0f} ms, authors' inference {ms['authors']:.0f} ms, "
+              f"deploy {ms['deploy']:.0f} ms; deploy speedup x{ms['train'] / ms['deploy']:.2f} vs train, "
+              f"x{ms['authors'] / ms['deploy']:.2f} vs authors'")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> RepMLPNet:
+    return build_model_with_cfg(
+        RepMLPNet, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
+        **kwargs)
+
+
+def _cfg(size: int = 224, **kwargs) -> dict:
+    return {
+        "num_classes": 1000, "input_size": (3, size, size), "pool_size": (size // 32, size // 32),
+        "fixed_input_size": True, "crop_pct": 1.0, "interpolation": "bilinear",
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv", "classifier": "head", "custom_load": True,
+        "paper_ids": "arXiv:2112.11081", "license": "mit", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "repmlpnet_t224": _cfg(224),
+    "repmlpnet_b224": _cfg(224),
+    "repmlpnet_t256": _cfg(256),
+    "repmlpnet_b256": _cfg(256),
+    "repmlpnet_d256": _cfg(256),
+    "repmlpnet_l256": _cfg(256),
+})
+
+_T = dict(channels=(64, 128, 256, 512), depths=(2, 2, 6, 2), sharesets=(1, 4, 16, 128))
+_B = dict(channels=(96, 192, 384, 768), depths=(2, 2, 12, 2), sharesets=(1, 4, 32, 128))
+_D = dict(channels=(80, 160, 320, 640), depths=(2, 2, 18, 2), sharesets=(1, 4, 16, 128))
+_L = dict(channels=(96, 192, 384, 768), depths=(2, 2, 18, 2), sharesets=(1, 4, 32, 256))
+
+
+@register_model
+def repmlpnet_t224(pretrained: bool = False, **kwargs) -> RepMLPNet:
+    """RepMLPNet-T224 (38.29M train-form params)."""
+    return _create("repmlpnet_t224", pretrained, **{**_T, "img_size": 224, **kwargs})
+
+
+@register_model
+def repmlpnet_b224(pretrained: bool = False, **kwargs) -> RepMLPNet:
+    """RepMLPNet-B224 (68.24M train-form params)."""
+    return _create("repmlpnet_b224", pretrained, **{**_B, "img_size": 224, **kwargs})
+
+
+@register_model
+def repmlpnet_t256(pretrained: bool = False, **kwargs) -> RepMLPNet:
+    """RepMLPNet-T256 (58.69M train-form params)."""
+    return _create("repmlpnet_t256", pretrained, **{**_T, "img_size": 256, **kwargs})
+
+
+@register_model
+def repmlpnet_b256(pretrained: bool = False, **kwargs) -> RepMLPNet:
+    """RepMLPNet-B256 (96.45M train-form params)."""
+    return _create("repmlpnet_b256", pretrained, **{**_B, "img_size": 256, **kwargs})
+
+
+@register_model
+def repmlpnet_d256(pretrained: bool = False, **kwargs) -> RepMLPNet:
+    """RepMLPNet-D256 (86.89M train-form params)."""
+    return _create("repmlpnet_d256", pretrained, **{**_D, "img_size": 256, **kwargs})
+
+
+@register_model
+def repmlpnet_l256(pretrained: bool = False, **kwargs) -> RepMLPNet:
+    """RepMLPNet-L256 (117.64M train-form params)."""
+    return _create("repmlpnet_l256", pretrained, **{**_L, "img_size": 256, **kwargs})

@@ -1,0 +1,126 @@
+"""Training configuration: YAML files over defaults, with ``section.key=value`` overrides.
+
+Every value a recipe can set has a default here, so a config file only states what differs and an
+override naming an unknown key is an error rather than a silent no-op.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {
+        "name": "repmlp_cifar_mlp",  # timm model name
+        "kwargs": {},  # extra timm.create_model arguments (e.g. widths, drop_rate)
+        "pretrained": False,
+    },
+    "data": {
+        "dataset": "synthetic",  # imagefolder | cifar10 | cifar100 | fashion_mnist | synthetic
+        "root": None,
+        "num_workers": 2,
+        # None: taken from the model's pretrained_cfg
+        "input_size": None, "mean": None, "std": None, "crop_pct": None, "interpolation": None,
+        "crop_padding": 0,  # > 0: pad-and-random-crop (the CIFAR recipe) instead of random-resized crop
+        "train_transform": {},  # timm.data.create_transform training arguments (hflip, scale, auto_augment, ...)
+        "synthetic": {"num_samples": 256, "num_classes": 10, "img_size": 32, "in_chans": 3},
+    },
+    "optimizer": {
+        "opt": "sgd",  # timm optimizer name ('sgd' is Nesterov momentum)
+        "lr": 0.1,  # for the global batch (batch_size x world size)
+        "weight_decay": 1e-4,
+        "momentum": 0.9,
+        "filter_bias_and_bn": True,  # no weight decay on 1-D parameters
+        "clip_grad": None,
+        "clip_mode": "norm",
+        "kwargs": {},
+    },
+    "scheduler": {
+        "sched": "cosine",
+        "min_lr": 0.0,
+        "warmup_epochs": 0,
+        "warmup_lr": 1e-5,
+        "step_on_epochs": False,  # False: update the LR every step
+        "kwargs": {},
+    },
+    "augmentation": {
+        "mixup": 0.0, "cutmix": 0.0, "cutmix_minmax": None, "mixup_prob": 1.0, "mixup_switch_prob": 0.5,
+        "mixup_mode": "batch", "label_smoothing": 0.0,
+    },
+    "ema": {"enabled": False, "decay": 0.9998, "warmup": False},
+    "train": {
+        "epochs": 10,
+        "batch_size": 128,  # per process
+        "eval_batch_size": 256,
+        "precision": "fp32",  # fp32 | bf16 | fp16 (fp16 on GPU only)
+        "channels_last": False,
+        "grad_checkpointing": False,
+        "sync_bn": False,
+        "seed": 0,
+        "threads": None,  # torch CPU threads per process; None: torch's default
+        "device": "auto",  # auto | cpu | cuda
+        "output_dir": "runs/default",
+        "progress": True,
+        "export_ema": True,  # convert and ship the EMA weights when EMA is enabled
+    },
+}
+
+
+def _parse_value(text: str) -> Any:
+    """YAML scalar or flow value: ``0.1``, ``true``, ``null``, ``[1, 3]``, ``{a: 1}``; anything else stays a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_value(cfg: dict, dotted_key: str, value: Any) -> None:
+    """Set ``cfg['a']['b'] = value`` for ``dotted_key`` 'a.b'; the section and key must exist, except below
+    free-form mappings (``kwargs``, ``train_transform``)."""
+    *path, leaf = dotted_key.split(".")
+    node, walked = cfg, []
+    for part in path:
+        walked.append(part)
+        if not isinstance(node, dict) or part not in node:
+            raise ValueError(f"unknown config key {'.'.join(walked)!r} (in {dotted_key!r}); valid here: "
+                             f"{sorted(node) if isinstance(node, dict) else 'none'}")
+        node = node[part]
+    free_form = bool(path) and path[-1] in ("kwargs", "train_transform", "synthetic")
+    if not isinstance(node, dict) or (leaf not in node and not free_form):
+        raise ValueError(f"unknown config key {dotted_key!r}; valid keys: "
+                         f"{sorted('.'.join(path + [k]) for k in node) if isinstance(node, dict) else 'none'}")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
+    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides (``train.epochs=2``).
+
+    Raises:
+        ValueError: an unknown key, an override without '=', or a file that is not a YAML mapping.
+    """
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} not found; see configs/*.yaml")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a YAML mapping of sections {sorted(DEFAULTS)}")
+        for section, values in data.items():
+            if section not in cfg or not isinstance(values, dict):
+                raise ValueError(f"{path}: unknown section {section!r} or not a mapping; sections: {sorted(DEFAULTS)}")
+            for key, value in values.items():
+                if isinstance(value, dict) and isinstance(cfg[section].get(key), dict):
+                    for sub, sub_value in value.items():  # nested mappings update the defaults
+                        set_value(cfg, f"{section}.{key}.{sub}", sub_value)
+                else:
+                    set_value(cfg, f"{section}.{key}", value)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.epochs=2")
+        set_value(cfg, key.strip(), _parse_value(text))
+    return cfg

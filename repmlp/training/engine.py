@@ -1,0 +1,179 @@
+"""One training epoch and evaluation, rank-aware (metrics are summed over ranks)."""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from timm.utils import accuracy, dispatch_clip_grad, unwrap_model
+from torch import nn
+from tqdm import tqdm
+
+from ..verify import ErrorStats
+from .distributed import DistEnv, all_reduce_sum, any_rank
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for train.precision ('fp32' -> None)."""
+    if precision not in AMP_DTYPES:
+        raise ValueError(f"train.precision must be one of {sorted(AMP_DTYPES)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision='fp16' needs a GPU; on CPU use 'bf16' or 'fp32'")
+    return AMP_DTYPES[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y
+
+
+@dataclass
+class TrainStep:
+    """What one optimisation step needs besides the batch."""
+
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    scheduler: object | None = None  # a timm scheduler (step_update per optimizer step)
+    mixup: Callable | None = None
+    ema: nn.Module | None = None
+    scaler: torch.amp.GradScaler | None = None
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    clip_grad: float | None = None
+    clip_mode: str = "norm"
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    top1: float
+    images: int
+    seconds: float
+    steps: int  # steps done in this epoch, counting those before a resume
+    num_updates: int
+    interrupted: bool
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    step: TrainStep,
+    env: DistEnv,
+    epoch: int,
+    num_updates: int,
+    start_step: int = 0,
+    should_stop: Callable[[], bool] = lambda: False,
+    progress: bool = True,
+) -> EpochResult:
+    """Train for the rest of one epoch (from ``start_step`` when resuming mid-epoch).
+
+    Stops early, on every rank together, after the step at which ``should_stop()`` turns true on any rank.
+    """
+    model.train()
+    loss_sum, correct, seen, steps = 0.0, 0.0, 0, start_step
+    bar = tqdm(total=start_step + len(loader), initial=start_step, desc=f"epoch {epoch}", dynamic_ncols=True,
+               disable=not (progress and env.is_main), mininterval=1.0)
+    start = time.perf_counter()
+    interrupted = False
+    for x, y in loader:
+        x, y = _to_device(x, y, env.device, step.channels_last)
+        target = y
+        if step.mixup is not None:
+            x, target = step.mixup(x, y)
+        with autocast(env.device, step.amp_dtype):
+            out = model(x)
+            loss = step.loss_fn(out, target)
+        step.optimizer.zero_grad(set_to_none=True)
+        _backward_and_step(loss, model, step)
+        num_updates += 1
+        steps += 1
+        if step.scheduler is not None:
+            step.scheduler.step_update(num_updates=num_updates)
+        if step.ema is not None:
+            step.ema.update(unwrap_model(model), step=num_updates)
+
+        n = y.shape[0]
+        loss_sum += loss.item() * n
+        correct += (out.argmax(1) == y).sum().item()
+        seen += n
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.2f}",
+                        img_s=f"{seen * env.world_size / elapsed:.0f}",
+                        lr=f"{step.optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+        bar.update()
+        if any_rank(should_stop(), env):
+            interrupted = True
+            break
+    bar.close()
+    seconds = time.perf_counter() - start
+    loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, float(seen)], env)
+    seen = max(seen, 1.0)
+    return EpochResult(loss_sum / seen, 100 * correct / seen, int(seen), seconds, steps, num_updates, interrupted)
+
+
+def _backward_and_step(loss: torch.Tensor, model: nn.Module, step: TrainStep) -> None:
+    if step.scaler is not None:
+        step.scaler.scale(loss).backward()
+        if step.clip_grad:
+            step.scaler.unscale_(step.optimizer)
+            dispatch_clip_grad(model.parameters(), step.clip_grad, mode=step.clip_mode)
+        step.scaler.step(step.optimizer)
+        step.scaler.update()
+        return
+    loss.backward()
+    if step.clip_grad:
+        dispatch_clip_grad(model.parameters(), step.clip_grad, mode=step.clip_mode)
+    step.optimizer.step()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, env: DistEnv,
+             dtype: torch.dtype | None = None, channels_last: bool = False) -> dict[str, float]:
+    """Cross-entropy loss, top-1 and top-5 accuracy (%) over the whole dataset (all ranks' shares)."""
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    loss_sum, correct1, correct5, seen = 0.0, 0.0, 0.0, 0
+    for x, y in loader:
+        x, y = _to_device(x, y, env.device, channels_last)
+        with autocast(env.device, dtype):
+            out = model(x)
+        out = out.float()
+        k = min(5, out.shape[1])
+        top1, top5 = accuracy(out, y, topk=(1, k))
+        loss_sum += loss_fn(out, y).item()
+        correct1 += top1.item() * y.shape[0] / 100
+        correct5 += top5.item() * y.shape[0] / 100
+        seen += y.shape[0]
+    loss_sum, correct1, correct5, seen = all_reduce_sum([loss_sum, correct1, correct5, float(seen)], env)
+    seen = max(seen, 1.0)
+    return {"loss": loss_sum / seen, "top1": 100 * correct1 / seen, "top5": 100 * correct5 / seen, "count": int(seen)}
+
+
+@torch.no_grad()
+def compare_forms(train_form: nn.Module, deploy_form: nn.Module, loader: torch.utils.data.DataLoader,
+                  device: torch.device) -> dict[str, float]:
+    """Run both forms over a whole dataset (one process): top-1 of each, argmax agreement and the largest
+    per-element logit errors of the deploy form against the train form."""
+    train_form.eval(), deploy_form.eval()
+    agree = correct_train = correct_deploy = seen = 0
+    max_abs = max_rel = 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        ref, cand = train_form(x), deploy_form(x)
+        stats = ErrorStats.of(ref, cand)
+        max_abs, max_rel = max(max_abs, stats.max_abs_err), max(max_rel, stats.max_rel_err)
+        agree += (ref.argmax(1) == cand.argmax(1)).sum().item()
+        correct_train += (ref.argmax(1) == y).sum().item()
+        correct_deploy += (cand.argmax(1) == y).sum().item()
+        seen += y.shape[0]
+    seen = max(seen, 1)
+    return {"argmax_agreement": agree / seen, "max_abs_err": max_abs, "max_rel_err": max_rel,
+            "train_top1": 100 * correct_train / seen, "deploy_top1": 100 * correct_deploy / seen, "count": seen}

@@ -1,0 +1,27 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official"
+if not REFERENCE.is_dir():
+    REFERENCE = Path(os.environ.get("REPMLP_REFERENCE", "/work/shared/reference/official"))
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+def rel_err(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """Max relative error per element: max |ref - cand| / max |ref|."""
+    ref, cand = reference.double(), candidate.double()
+    return ((ref - cand).abs().max() / ref.abs().max()).item()
+
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}

@@ -1,0 +1,163 @@
+"""The RepMLP block: train form == deploy form per element, the authors' fixtures, bad input."""
+import copy
+import json
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+import torch.nn.functional as F
+from conftest import REFERENCE, TOL, rel_err
+
+from repmlp import RepMLP, convert_to_deploy
+from repmlp.layers import GroupedLinear, partition, unpartition
+from repmlp.verify import randomize_bn_stats
+
+# (C, O, H, W, h, w, kernels, reduction, groups)
+BLOCK_CASES = [
+    (8, 8, 12, 10, 6, 5, (1, 3, 5), 2, 4),  # the fixture's config: h != w
+    (8, 16, 12, 12, 6, 6, (1, 3, 5), 1, 4),  # in != out (the authors' conversion is wrong here)
+    (12, 6, 8, 12, 4, 3, (3,), 1, 3),  # in > out, 3 groups
+    (4, 4, 6, 6, 3, 3, (1, 5, 7), 1, 2),  # kernels larger than the partition
+    (6, 6, 7, 7, 7, 7, (1, 3), 1, 1),  # a single partition: no global perceptron
+    (4, 8, 8, 8, 4, 4, (1, (3, 2), (3, 3)), 2, 1),  # dilated branches
+    (4, 4, 8, 6, 4, 3, (), 1, 2),  # no local perceptron
+]
+
+
+def _block(case, dtype=torch.float32, seed=0):
+    c, o, H, W, h, w, k, r, g = case
+    torch.manual_seed(seed)
+    block = RepMLP(c, o, H, W, h, w, reparam_conv_k=k, fc1_fc2_reduction=r, fc3_groups=g)
+    return randomize_bn_stats(block, seed).to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_train_and_deploy_forms_agree(case, dtype):
+    block = _block(case, dtype)
+    x = torch.randn(3, case[0], case[2], case[3], dtype=dtype)
+    deploy = convert_to_deploy(block)
+    assert rel_err(block(x), deploy(x)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES[:3])
+def test_reparameterize_is_idempotent_and_drops_training_modules(case):
+    block = _block(case)
+    x = torch.randn(2, case[0], case[2], case[3])
+    block.reparameterize()
+    y = block(x)
+    state = {k: v.clone() for k, v in block.state_dict().items()}
+    block.reparameterize()
+    assert torch.equal(block(x), y)
+    assert all(torch.equal(state[k], v) for k, v in block.state_dict().items())
+    assert block.local_perceptron is None and block.partition_perceptron.bn is None
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in block.modules())
+    built = RepMLP(*case[:6], reparam_conv_k=case[6], fc1_fc2_reduction=case[7], fc3_groups=case[8], deploy=True)
+    assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in state.items()}
+
+
+def test_timm_reparameterize_model_uses_the_block():
+    block = _block(BLOCK_CASES[0])
+    model = torch.nn.Sequential(block, torch.nn.ReLU())
+    fused = timm.utils.reparameterize_model(model)
+    x = torch.randn(2, 8, 12, 10)
+    assert fused[0].deploy and fused[0].local_perceptron is None
+    assert rel_err(model(x), fused(x)) <= 1e-5
+
+
+def test_convert_leaves_input_untouched_and_uses_running_stats():
+    block = _block(BLOCK_CASES[0]).train()
+    before = copy.deepcopy(block.state_dict())
+    deploy = convert_to_deploy(block)
+    assert block.training and not deploy.training
+    assert all(torch.equal(before[k], v) for k, v in block.state_dict().items())
+    assert all(p.grad_fn is None for p in deploy.parameters())
+    x = torch.randn(2, 8, 12, 10)
+    assert rel_err(block.eval()(x), deploy(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 6e-2)])
+def test_half_precision_conversion(dtype, tol):
+    """Half models convert in float64: each deploy weight is the exact value rounded once to the dtype."""
+    block32 = _block(BLOCK_CASES[1])
+    half = copy.deepcopy(block32).to(dtype)
+    exact = convert_to_deploy(copy.deepcopy(half).double())  # the same (rounded) train weights, converted in float64
+    deploy_half = convert_to_deploy(half)
+    for (name, ref), got in zip(exact.state_dict().items(), deploy_half.state_dict().values()):
+        assert got.dtype == dtype, name
+        ulp = torch.finfo(dtype).eps * ref.abs() + torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+        assert ((got.double() - ref).abs() <= ulp).all(), name
+    x = torch.randn(2, 8, 12, 12)  # against the fp32 train form
+    assert rel_err(block32(x), deploy_half(x.to(dtype))) <= tol
+
+
+# --- the authors' fixtures -------------------------------------------------------------------------
+
+
+def _fixture(name):
+    cfg = json.loads((REFERENCE / f"{name}_config.json").read_text())
+    io = safetensors.torch.load_file(str(REFERENCE / f"{name}_io.safetensors"))
+    return cfg, io, safetensors.torch.load_file(str(REFERENCE / f"{name}_train.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["v1_block", "v1_block_in8_out16"])
+def test_official_train_state_dict_loads_as_is_and_converts(name):
+    cfg, io, state = _fixture(name)
+    block = RepMLP(**cfg).eval()
+    block.load_state_dict(state)
+    assert rel_err(io["y_train"], block(io["x"])) <= 1e-6
+    block.reparameterize()
+    assert rel_err(io["y_train"], block(io["x"])) <= 1e-6
+
+
+def test_official_deploy_state_dict_loads_into_deploy_form():
+    cfg, io, _ = _fixture("v1_block")
+    block = RepMLP(**cfg, deploy=True).eval()
+    block.load_state_dict(safetensors.torch.load_file(str(REFERENCE / "v1_block_deploy.safetensors")))
+    assert rel_err(io["y_deploy"], block(io["x"])) <= 1e-6
+
+
+# --- building blocks -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("groups,bias", [(1, True), (4, False), (4, True)])
+def test_grouped_linear_equals_grouped_1x1_conv(groups, bias):
+    fc = GroupedLinear(32, 48, groups, bias=bias)
+    x = torch.randn(5, 32)
+    ref = F.conv2d(x[..., None, None], fc.weight[..., None, None], fc.bias, groups=groups).flatten(1)
+    assert rel_err(ref, fc(x)) <= 1e-6
+
+
+def test_partition_round_trip_and_order():
+    x = torch.arange(2 * 3 * 6 * 10).reshape(2, 3, 6, 10).float()
+    p = partition(x, 3, 5)
+    assert p.shape == (8, 3, 3, 5)
+    assert torch.equal(p[1], x[0, :, 0:3, 5:10]) and torch.equal(p[6], x[1, :, 3:6, 0:5])
+    assert torch.equal(unpartition(p, 2, 2, 2), x)
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(H=12, h=5), "not divisible"),
+    (dict(W=10, w=4), "not divisible"),
+    (dict(reparam_conv_k=(2,)), "odd"),
+    (dict(reparam_conv_k=(3, (4, 1))), "odd"),
+    (dict(fc3_groups=3), "fc3_groups=3"),
+    (dict(out_channels=6, fc3_groups=4), "fc3_groups=4"),
+    (dict(fc1_fc2_reduction=5), "fc1_fc2_reduction"),
+    (dict(h=0), "positive"),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    args = dict(in_channels=8, out_channels=8, H=12, W=10, h=6, w=5, reparam_conv_k=(1, 3), fc3_groups=2)
+    with pytest.raises(ValueError, match=match):
+        RepMLP(**{**args, **kwargs})
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 12, 12), (2, 4, 12, 10), (8, 12, 10)])
+def test_bad_input_shape(shape):
+    block = RepMLP(8, 8, 12, 10, 6, 5, reparam_conv_k=(1, 3))
+    with pytest.raises(ValueError, match=r"built for inputs \(N, 8, 12, 10\)"):
+        block(torch.randn(shape))
