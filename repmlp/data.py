@@ -38,10 +38,12 @@ _FMNIST_LAYOUT = ("Fashion-MNIST IDX files, gzipped or raw: <root>/train-images-
 class ArrayImageDataset(Dataset):
     """Images held in memory as uint8 arrays (N, H, W) or (N, H, W, 3), served as PIL images."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None,
+                 num_classes: int | None = None) -> None:
         if len(images) != len(labels):
             raise ValueError(f"ArrayImageDataset: {len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.transform = images, labels.astype(np.int64), transform
+        self.num_classes = num_classes or int(self.labels.max()) + 1
 
     def __len__(self) -> int:
         return len(self.images)
@@ -151,14 +153,21 @@ def image_folder(root: str | Path, split: str, transform: Callable | None = None
 def synthetic(split: str, num_samples: int = 256, num_classes: int = 10, img_size: int = 32, in_chans: int = 3,
               seed: int = 0, transform: Callable | None = None) -> ArrayImageDataset:
     """Random images whose mean brightness depends on the class, so a model can learn them (smoke tests)."""
+    if in_chans not in (1, 3):
+        raise ValueError(f"synthetic: in_chans must be 1 or 3 (PIL images), got {in_chans}")
     rng = np.random.default_rng(seed + (0 if split == "train" else 1))
     labels = rng.integers(0, num_classes, num_samples)
     shape = (num_samples, img_size, img_size) + ((in_chans,) if in_chans == 3 else ())
-    if in_chans not in (1, 3):
-        raise ValueError(f"synthetic: in_chans must be 1 or 3 (PIL images), got {in_chans}")
     base = (labels * (200 // max(num_classes - 1, 1))).reshape(-1, *([1] * (len(shape) - 1)))
     images = np.clip(base + rng.integers(0, 56, shape), 0, 255).astype(np.uint8)
-    return ArrayImageDataset(images, labels, transform)
+    return ArrayImageDataset(images, labels, transform, num_classes)
+
+
+def num_classes_of(dataset: Dataset) -> int:
+    """Number of classes of a dataset made by :func:`build_dataset`."""
+    if isinstance(dataset, ImageDataset):
+        return len(dataset.reader.class_to_idx)
+    return dataset.num_classes
 
 
 def build_dataset(name: str, split: str, root: str | None = None, transform: Callable | None = None,
@@ -208,6 +217,19 @@ def build_transform(
     return transform
 
 
+class EpochSampler(DistributedSampler):
+    """A :class:`DistributedSampler` that can start an epoch part-way: it skips its first ``skip`` indices
+    (a run resumed mid-epoch sees exactly the samples the interrupted one had not reached)."""
+
+    skip: int = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
@@ -219,13 +241,13 @@ def build_loader(
 ) -> DataLoader:
     """A DataLoader over this rank's share of ``dataset``.
 
-    Training shuffles with a :class:`DistributedSampler` (call ``loader.sampler.set_epoch(epoch)``; the
+    Training shuffles with an :class:`EpochSampler` (call ``loader.sampler.set_epoch(epoch)``; the
     order is a function of seed and epoch only, which makes resumed runs exact) and drops the last
     partial batch (Mixup needs even batches). Evaluation reads every ``world_size``-th sample in order,
     without padding, so the ranks' counts sum to the dataset size.
     """
     if is_training:
-        sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
+        sampler = EpochSampler(dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
     else:
         sampler = range(rank, len(dataset), world_size)
     return DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers, drop_last=is_training,

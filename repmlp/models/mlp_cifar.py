@@ -19,7 +19,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
-from ..checkpoint import load_checkpoint, require_weights_file
+from ..checkpoint import load_checkpoint, route_pretrained_file
 from ..layers import ConvBN, RepMLP
 
 __all__ = ["MLPCifarNet", "pretrained_dir"]
@@ -172,7 +172,7 @@ class MLPCifarNet(nn.Module):
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> MLPCifarNet:
-    require_weights_file(variant, pretrained, kwargs)
+    route_pretrained_file(variant, pretrained, kwargs)
     return build_model_with_cfg(
         MLPCifarNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2)),
         **kwargs)

@@ -43,7 +43,7 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from .. import ops
-from ..checkpoint import load_checkpoint, state_dict_form
+from ..checkpoint import load_checkpoint, route_pretrained_file, state_dict_form
 from ..convert import convert_to_deploy, is_deploy_form
 from ..layers import ConvBN, LocalPerceptron, _replace_param, partition, unpartition
 
@@ -67,9 +67,10 @@ class ChannelAffine(nn.Module):
     @classmethod
     def from_bn(cls, bn: nn.modules.batchnorm._BatchNorm) -> ChannelAffine:
         """The eval-mode affine of ``bn``, in its dtype and on its device."""
-        affine = cls(bn.num_features)
+        affine = cls(bn.num_features).to(bn.running_var)
         scale, shift = ops.bn_affine(bn)
-        affine.weight, affine.bias = _replace_param(bn.running_var, scale), _replace_param(bn.running_var, shift)
+        with torch.no_grad():
+            affine.weight.copy_(scale), affine.bias.copy_(shift)
         return affine
 
 
@@ -88,13 +89,24 @@ class PatchEmbedding(ConvBN):
         return super().forward(x)
 
 
-def shared_fc(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """FC3 shared over channel sets: ``y[b, s] = weight[s] @ v[b, s] (+ bias[s])`` for v (B, S, L) as one bmm."""
-    if weight.shape[0] == 1:
-        return F.linear(v, weight[0], None if bias is None else bias[0])
-    v, weight_t = v.transpose(0, 1), weight.transpose(1, 2)  # (S, B, L): one matmul per set
-    y = torch.bmm(v, weight_t) if bias is None else torch.baddbmm(bias.unsqueeze(1), v, weight_t)
-    return y.transpose(0, 1)
+class SharedFC(nn.Module):
+    """FC3 shared over channel sets: ``y[b, s] = weight[s] @ v[b, s] + bias[s]`` for v of shape (B, S, h*w).
+
+    Runs as one batched matmul over the S sets (a grouped 1x1 conv is several times slower on CPU).
+    """
+
+    def __init__(self, sharesets: int, tokens: int, bias: bool = False) -> None:
+        super().__init__()
+        bound = 1 / math.sqrt(tokens)  # nn.Linear's default init for fan-in h*w
+        self.weight = nn.Parameter(torch.empty(sharesets, tokens, tokens).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(sharesets, tokens)) if bias else None
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        if self.weight.shape[0] == 1:
+            return F.linear(v, self.weight[0], None if self.bias is None else self.bias[0])
+        v, weight_t = v.transpose(0, 1), self.weight.transpose(1, 2)  # (S, B, hw): one matmul per set
+        y = torch.bmm(v, weight_t) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), v, weight_t)
+        return y.transpose(0, 1)
 
 
 class GlobalPerceptron(nn.Module):
@@ -111,32 +123,31 @@ class GlobalPerceptron(nn.Module):
 
 
 class ChannelPerceptron(nn.Module):
-    """FC3 with one (h*w x h*w) matrix per channel set, then BN(S); the deploy form is FC3 with a bias."""
+    """FC3 shared over channel sets, then BN(S); the deploy form is FC3 with a bias."""
 
     def __init__(self, sharesets: int, h: int, w: int, deploy: bool = False) -> None:
         super().__init__()
-        tokens = h * w
-        bound = 1 / math.sqrt(tokens)  # nn.Linear's default init for fan-in h*w
-        self.weight = nn.Parameter(torch.empty(sharesets, tokens, tokens).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.zeros(sharesets, tokens)) if deploy else None
+        self.fc3 = SharedFC(sharesets, h * w, bias=deploy)
         # BatchNorm1d over (B, S, h*w) has the statistics of the authors' BatchNorm2d(S) over (B, S, h, w)
         self.bn = None if deploy else nn.BatchNorm1d(sharesets)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        y = shared_fc(v, self.weight, self.bias)
+        y = self.fc3(v)
         return y if self.bn is None else self.bn(y)
 
     def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weight (S, hw, hw) and bias (S, hw) with BN(S) folded in (float64)."""
+        """FC3 weight (S, hw, hw) and bias (S, hw) with BN(S) folded in (float64)."""
+        weight, bias = self.fc3.weight, self.fc3.bias
         if self.bn is None:
-            return self.weight.double(), self.bias.double()
-        weight, shift = ops.fuse_bn(self.weight, None, *ops.bn_affine(self.bn))
-        return weight, shift[:, None].expand(-1, self.weight.shape[1])
+            return weight.double(), bias.double()
+        weight, shift = ops.fuse_bn(weight, None, *ops.bn_affine(self.bn))
+        return weight, shift[:, None].expand(-1, weight.shape[1])
 
     @torch.no_grad()
     def load_fused(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         """Become the deploy form with the given (S, hw, hw) weight and (S, hw) bias."""
-        self.weight, self.bias = _replace_param(self.weight, weight), _replace_param(self.weight, bias)
+        like = self.fc3.weight
+        self.fc3.weight, self.fc3.bias = _replace_param(like, weight), _replace_param(like, bias)
         self.bn = None
 
 
@@ -427,7 +438,7 @@ _OFFICIAL_RENAMES = (
     (r"\.prebn2\.", ".norm2."),
     (r"\.repmlp_block\.gp\.", ".repmlp.global_perceptron."),
     (r"\.repmlp_block\.fc3_bn\.", ".repmlp.channel_perceptron.bn."),
-    (r"\.repmlp_block\.fc3\.", ".repmlp.channel_perceptron."),
+    (r"\.repmlp_block\.fc3\.", ".repmlp.channel_perceptron.fc3."),
     (r"\.ffn_block\.ffn_(fc\d)\.", r".ffn.\1."),
 )
 
@@ -443,9 +454,9 @@ def _map_official_keys(state_dict: dict[str, torch.Tensor], model: RepMLPNet) ->
                      lambda m: f".repmlp.local_perceptron.branches.{branch.get(int(m.group(1)), m.group(1))}.", key)
         if ".global_perceptron.fc" in key and value.dim() == 4:
             value = value.flatten(1)
-        elif key.endswith("channel_perceptron.weight"):  # (S*hw, hw, 1, 1), S groups
+        elif key.endswith("channel_perceptron.fc3.weight"):  # (S*hw, hw, 1, 1), S groups
             value = value.reshape(-1, value.shape[1], value.shape[1])
-        elif key.endswith("channel_perceptron.bias"):
+        elif key.endswith("channel_perceptron.fc3.bias"):
             stage = int(key.split(".")[1])
             value = value.reshape(-1, math.prod(model.partitions[stage]))
         out[key] = value
@@ -503,7 +514,7 @@ class AuthorsInferenceBlock(nn.Module):
         s, h, w = block.sharesets, block.h, block.w
         self.sharesets, self.h, self.w, self.global_perceptron = s, h, w, block.global_perceptron
         self.fc3 = nn.Conv2d(s * h * w, s * h * w, 1, groups=s)
-        weight, bias = block.channel_perceptron.weight, block.channel_perceptron.bias
+        weight, bias = block.channel_perceptron.fc3.weight, block.channel_perceptron.fc3.bias
         self.fc3.weight = nn.Parameter(weight.detach().reshape(-1, h * w, 1, 1).clone())
         self.fc3.bias = nn.Parameter(bias.detach().reshape(-1).clone())
 
@@ -560,6 +571,7 @@ def benchmark_forms(variants: Sequence[str] = ("repmlpnet_t224", "repmlpnet_b256
 # ---------------------------------------------------------------------------------------------- registry
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> RepMLPNet:
+    route_pretrained_file(variant, pretrained, kwargs)
     return build_model_with_cfg(
         RepMLPNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
