@@ -69,6 +69,11 @@ def _default_input_size(model: nn.Module) -> tuple[int, ...]:
     return tuple(cfg["input_size"])
 
 
+def _outermost(names: list[str]) -> list[str]:
+    """Drop names nested inside another listed module (a block's own parts)."""
+    return [n for n in names if not any(n.startswith(m + ".") for m in names)]
+
+
 def _record_outputs(model: nn.Module, names: list[str], store: dict) -> list:
     modules = dict(model.named_modules())
     def hook(name):
@@ -98,7 +103,8 @@ def verify_equivalence(
         batch_size: batch of random inputs.
         dtype: run both models on copies in this dtype (e.g. ``torch.float64`` to see the conversion's
             own error, free of float32 rounding); default: as they are.
-        per_block: also compare the outputs of every re-parameterizable block the two share by name.
+        per_block: also compare the outputs of every outermost re-parameterizable block (RepMLP block,
+            conv-BN, ...) the two models share by name.
         tolerance: max relative error allowed; default: ``TOLERANCES`` for the dtype of the run.
         seed: seed of the random inputs.
 
@@ -114,7 +120,7 @@ def verify_equivalence(
         gen = torch.Generator().manual_seed(seed)
         inputs = torch.randn((batch_size, *size), generator=gen, dtype=torch.float64)
     inputs = inputs.to(device=device, dtype=run_dtype)
-    names = [n for n, _ in reparameterizable(reference) if n] if per_block else []
+    names = _outermost([n for n, _ in reparameterizable(reference) if n]) if per_block else []
     ref_blocks, cand_blocks = {}, {}
     hooks = _record_outputs(reference, names, ref_blocks) + _record_outputs(candidate, names, cand_blocks)
     modes = reference.training, candidate.training
