@@ -42,6 +42,20 @@ def test_conversion_is_exact_and_matches_the_paper(name):
     assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in deploy.state_dict().items()}
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_timm_api_of_every_model(name):
+    model = timm.create_model(name, deploy=True, num_classes=7).eval()
+    size = model.pretrained_cfg["input_size"]
+    x = torch.randn(1, *size)
+    feats = model.forward_features(x)
+    assert feats.shape == (1, 2048, size[1] // 32, size[2] // 32)
+    assert model.forward_head(feats, pre_logits=True).shape == (1, 2048)
+    assert model.forward_head(feats).shape == (1, 7)
+    features = timm.create_model(name, deploy=True, features_only=True).eval()
+    assert [f.shape[1] for f in features(x)] == [256, 512, 1024, 2048]
+    assert features.feature_info.reduction() == [4, 8, 16, 32]
+
+
 def test_conversion_is_exact_in_float64():
     model = randomize_bn_stats(timm.create_model("repmlp_res50_light_224"), seed=2).double().eval()
     deploy = repmlp.convert_to_deploy(model)
