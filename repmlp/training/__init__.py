@@ -1,6 +1,6 @@
 """Training on real data: configs, the training run (single process or torchrun), evaluation."""
 from .config import DEFAULTS, load_config
 from .engine import compare_forms, evaluate
-from .loop import train
+from .loop import build_eval_data, model_from_checkpoint, train
 
-__all__ = ["DEFAULTS", "compare_forms", "evaluate", "load_config", "train"]
+__all__ = ["DEFAULTS", "build_eval_data", "compare_forms", "evaluate", "load_config", "model_from_checkpoint", "train"]

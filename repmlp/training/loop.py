@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import load_checkpoint, read_metadata, read_state_dict, save_checkpoint, state_dict_form
 from ..convert import convert_to_deploy
 from ..data import build_dataset, build_loader, build_transform, num_classes_of
 from .distributed import DistEnv, barrier, cleanup_distributed, init_distributed, weight_divergence
@@ -75,11 +75,35 @@ def build_model(cfg: dict, num_classes: int, deploy: bool = False) -> nn.Module:
                              **m["kwargs"])
 
 
+def model_from_checkpoint(path: str | Path, model_name: str | None = None, form: str | None = None) -> nn.Module:
+    """Build the model a safetensors checkpoint of :func:`train` describes (name, classes, kwargs in its
+    metadata) in the requested form (default: the file's) and load it; a train-form file loads into a
+    deploy-form model by conversion."""
+    meta = read_metadata(path)
+    name = model_name or meta.get("model")
+    if not name:
+        raise ValueError(f"{path} does not name its model (no 'model' metadata); pass the timm model name")
+    form = form or meta.get("form") or state_dict_form(read_state_dict(path))
+    if form not in ("train", "deploy"):
+        raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
+    kwargs = json.loads(meta.get("model_kwargs", "{}"))
+    if "num_classes" in meta:
+        kwargs["num_classes"] = int(meta["num_classes"])
+    model = timm.create_model(name, deploy=form == "deploy", **kwargs)
+    return load_checkpoint(model, path, train_model_factory=lambda: timm.create_model(name, **kwargs))
+
+
+def data_config(cfg: dict, model: nn.Module) -> dict:
+    """Input size, mean, std, crop_pct and interpolation: the model's pretrained_cfg, overridden by data.*."""
+    d = cfg["data"]
+    keys = ("input_size", "mean", "std", "crop_pct", "interpolation")
+    return resolve_data_config({k: d[k] for k in keys if d[k] is not None}, model=model)
+
+
 def build_data(cfg: dict, model: nn.Module, env: DistEnv) -> tuple[DataLoader, DataLoader]:
     """Train and validation loaders with timm transforms resolved from the model's pretrained_cfg."""
     d, t = cfg["data"], cfg["train"]
-    data_cfg = resolve_data_config({k: d[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation")
-                                    if d[k] is not None}, model=model)
+    data_cfg = data_config(cfg, model)
     common = dict(input_size=data_cfg["input_size"], mean=data_cfg["mean"], std=data_cfg["std"],
                   interpolation=data_cfg["interpolation"])
     train_set, val_set = _datasets(cfg, data_cfg["input_size"])
@@ -91,14 +115,24 @@ def build_data(cfg: dict, model: nn.Module, env: DistEnv) -> tuple[DataLoader, D
     return train_loader, val_loader
 
 
-def _datasets(cfg: dict, input_size: tuple[int, ...] | None = None):
+def build_eval_data(cfg: dict, model: nn.Module, split: str = "val") -> DataLoader:
+    """One process's loader over a whole split with the model's evaluation transform."""
+    d, data_cfg = cfg["data"], data_config(cfg, model)
+    transform = build_transform(False, data_cfg["input_size"], data_cfg["mean"], data_cfg["std"],
+                                data_cfg["crop_pct"], data_cfg["interpolation"])
+    dataset = _datasets(cfg, data_cfg["input_size"], splits=(split,))[0]
+    dataset.transform = transform
+    return build_loader(dataset, cfg["train"]["eval_batch_size"], False, d["num_workers"])
+
+
+def _datasets(cfg: dict, input_size: tuple[int, ...] | None = None, splits: tuple[str, ...] = ("train", "val")):
     d = cfg["data"]
     extra = {}
     if d["dataset"] == "synthetic":
         extra = dict(d["synthetic"])
         if input_size is not None:
             extra.update(in_chans=input_size[0], img_size=input_size[-1])
-    return tuple(build_dataset(d["dataset"], split, d["root"], **extra) for split in ("train", "val"))
+    return tuple(build_dataset(d["dataset"], split, d["root"], **extra) for split in splits)
 
 
 def build_loss(cfg: dict, num_classes: int) -> tuple[nn.Module, Mixup | None]:
