@@ -1,0 +1,255 @@
+"""RepMLPNet zoo: parameter counts, exact conversion, partition layouts, resolution contract, timm API,
+the authors' fixtures and checkpoint layouts."""
+import copy
+import json
+
+import pytest
+import timm
+import torch
+from conftest import REFERENCE, TOL, rel_err
+from safetensors.torch import load_file
+
+import repmlp
+from repmlp.layers import partition, unpartition
+from repmlp.models.repmlpnet import RepMLPBlock, authors_inference_form
+from repmlp.verify import randomize_bn_stats
+
+torch.set_num_threads(2)
+
+# train-form parameter counts of the authors' README (reference §1.4)
+TRAIN_PARAMS = {
+    "repmlpnet_t224": 38.29e6, "repmlpnet_b224": 68.24e6, "repmlpnet_t256": 58.69e6,
+    "repmlpnet_b256": 96.45e6, "repmlpnet_d256": 86.89e6, "repmlpnet_l256": 117.64e6,
+}
+MODELS = sorted(TRAIN_PARAMS)
+
+
+def _tiny_kwargs() -> dict:
+    """The fixtures' small RepMLPNet (``repmlpnet_tiny_config.json``) as our model's arguments."""
+    cfg = json.loads((REFERENCE / "repmlpnet_tiny_config.json").read_text())
+    return dict(img_size=64, channels=cfg["channels"], depths=cfg["num_blocks"], sharesets=cfg["sharesets_nums"],
+                reparam_conv_k=cfg["reparam_conv_k"], gp_reduction=cfg["globalperceptron_reduce"],
+                patch_size=cfg["patch_size"][0], num_classes=cfg["num_class"], in_chans=cfg["in_channels"])
+
+
+TINY = _tiny_kwargs()
+
+
+def _params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def _bn_count(model):
+    return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _tiny(seed=0, **kwargs):
+    return randomize_bn_stats(timm.create_model("repmlpnet_t224", **{**TINY, **kwargs}), seed=seed).eval()
+
+
+def test_every_model_is_registered():
+    assert sorted(timm.list_models("repmlpnet_*")) == MODELS
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_conversion_is_exact_with_the_authors_param_counts(name):
+    model = randomize_bn_stats(timm.create_model(name), seed=1).eval()
+    assert abs(_params(model) - TRAIN_PARAMS[name]) < 0.005e6
+    x = torch.randn(1, *model.pretrained_cfg["input_size"])
+    with torch.no_grad():
+        y_train = model(x)
+        deploy = repmlp.convert_to_deploy(model, inplace=True)  # in place: these models are large
+        y_deploy = deploy(x)
+    assert _bn_count(deploy) == 0 and repmlp.is_deploy_form(deploy)
+    assert rel_err(y_train, y_deploy) <= TOL[torch.float32]
+    built = timm.create_model(name, deploy=True)
+    assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in deploy.state_dict().items()}
+
+
+# partitions per stage (h = w or (h, w)) and input size; None: one partition per stage at img_size
+LAYOUTS = [(None, (64, 64)), (None, (128, 64)), ((8, 4, 2, 1), (64, 64)), (((8, 4), (4, 2), (2, 1), (1, 1)), (64, 96))]
+
+
+@pytest.mark.parametrize("partitions,size", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conversion_is_exact_for_partitioned_layouts(partitions, size, dtype):
+    model = _tiny(seed=2, partitions=partitions).to(dtype)
+    deploy = repmlp.convert_to_deploy(model)  # converted in the dtype it is compared in
+    report = repmlp.verify_equivalence(model, deploy, input_size=(3, *size))
+    assert report.max_rel_err <= TOL[dtype], str(report)
+
+
+def test_partitioned_block_applies_fc3_and_local_perceptron_per_partition():
+    """hp, wp > 1: each partition is mixed alone (zero padding at its borders), channel c with set c mod S,
+    and scaled by the global perceptron of the whole map."""
+    torch.manual_seed(3)
+    block = randomize_bn_stats(RepMLPBlock(8, 3, 4, sharesets=2, reparam_conv_k=(1, 3)), seed=3).double().eval()
+    x = torch.randn(2, 8, 6, 12, dtype=torch.float64)
+    one = copy.deepcopy(block)  # a block whose partition is the whole 3x4 patch
+    parts = partition(x, 3, 4)
+    expected = unpartition(torch.cat([one(p[None]) / one.global_perceptron(p[None]) for p in parts]), 2, 2, 3)
+    expected = expected * block.global_perceptron(x)
+    assert rel_err(expected, block(x)) <= TOL[torch.float64]
+    residual = torch.randn_like(x)
+    assert rel_err(expected + residual, block(x, residual=residual)) <= TOL[torch.float64]
+
+
+@pytest.mark.parametrize("size", [(3, 64, 60), (3, 48, 64), (3, 96, 96), (3, 66, 64)])
+def test_input_sizes_that_do_not_partition_are_refused(size):
+    model = _tiny()
+    with pytest.raises(ValueError, match=rf"input {size[1]}x{size[2]} gives stage sizes"):
+        model(torch.randn(1, *size))
+    features = timm.create_model("repmlpnet_t224", features_only=True, **TINY)
+    with pytest.raises(ValueError, match="multiple of|divisible by"):
+        features(torch.randn(1, *size))
+
+
+def test_the_error_names_the_partition_sizes():
+    model = timm.create_model("repmlpnet_t224", deploy=True)
+    with pytest.raises(ValueError, match=r"partition sizes \[\(56, 56\), \(28, 28\), \(14, 14\), \(7, 7\)\]"):
+        model(torch.randn(1, 3, 256, 256))
+
+
+@pytest.mark.parametrize("deploy", [False, True])
+def test_features_only(deploy):
+    model = timm.create_model("repmlpnet_t224", features_only=True, deploy=deploy, **TINY).eval()
+    feats = model(torch.randn(1, 3, 64, 128))
+    assert [f.shape[1:] for f in feats] == [(16, 16, 32), (32, 8, 16), (64, 4, 8), (128, 2, 4)]
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    assert model.feature_info.channels() == [16, 32, 64, 128]
+
+
+def test_features_and_pre_logits_are_exact_in_the_deploy_form():
+    model = _tiny(seed=4)
+    deploy = repmlp.convert_to_deploy(model)
+    x = torch.randn(2, 3, 64, 64)
+    f, g = model.forward_features(x), deploy.forward_features(x)
+    assert rel_err(f, g) <= 1e-5
+    assert rel_err(model.forward_head(f, pre_logits=True), deploy.forward_head(g, pre_logits=True)) <= 1e-5
+    train_feats = randomize_bn_stats(timm.create_model("repmlpnet_t224", features_only=True, **TINY)).eval()
+    deploy_feats = repmlp.convert_to_deploy(train_feats)
+    for a, b in zip(train_feats(x), deploy_feats(x)):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_timm_model_api():
+    model = _tiny(seed=5)
+    x = torch.randn(1, 3, 64, 64)
+    feats = model.forward_features(x)
+    assert feats.shape == (1, 128, 2, 2) and model(x).shape == (1, 10)
+    assert model.get_classifier().out_features == 10
+    deploy = repmlp.convert_to_deploy(model)
+    deploy.reset_classifier(5)
+    assert deploy(x).shape == (1, 5)
+    deploy.reset_classifier(0)
+    assert rel_err(model.forward_head(feats, pre_logits=True), deploy(x)) <= 1e-5
+    assert model.group_matcher()["stem"] == r"^stem"
+    cfg = timm.models.get_pretrained_cfg("repmlpnet_b256").to_dict()
+    assert cfg["input_size"] == (3, 256, 256) and cfg["fixed_input_size"] and cfg["crop_pct"] == 1.0
+    assert cfg["interpolation"] == "bilinear" and cfg["first_conv"] == "stem.conv" and cfg["classifier"] == "head"
+    assert cfg["custom_load"] and {"mean", "std"} <= set(cfg)
+
+
+def test_grad_checkpointing_trains():
+    model = timm.create_model("repmlpnet_t224", **TINY).train()
+    model.set_grad_checkpointing()
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    unit = model.stages[2].blocks[1]
+    assert unit.repmlp.channel_perceptron.fc3.weight.grad is not None
+    assert unit.repmlp.local_perceptron.branches[1].conv.weight.grad is not None
+
+
+def test_authors_inference_form_is_the_same_function():
+    model = _tiny(seed=6)
+    x = torch.randn(2, 3, 64, 64)
+    assert rel_err(model(x), authors_inference_form(model)(x)) <= 1e-5
+
+
+# --- the authors' fixtures and checkpoints ---------------------------------------------------------------
+
+
+def _save(state, path, wrap):
+    saved = {"plain": state, "model": {"model": state}, "state_dict": {"state_dict": state, "epoch": 3},
+             "module": {f"module.{k}": v for k, v in state.items()}}[wrap]
+    torch.save(saved, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("form", ["train", "deploy"])
+@pytest.mark.parametrize("wrap", ["plain", "model", "state_dict", "module"])
+def test_fixture_parity_through_timm(tmp_path, form, wrap):
+    """The authors' train and locality-injected state dicts reproduce their outputs in our deploy form; the
+    train one also in our train form."""
+    io = load_file(REFERENCE / "repmlpnet_tiny_io.safetensors")
+    state = load_file(REFERENCE / f"repmlpnet_tiny_{form}.safetensors")
+    path = _save(state, tmp_path / "official.pth", wrap)
+    for deploy in (True, False) if form == "train" else (True,):
+        model = timm.create_model("repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=path),
+                                  deploy=deploy, **TINY).eval()
+        assert repmlp.is_deploy_form(model) == deploy and (_bn_count(model) == 0) == deploy
+        y = model(io["x"])
+        assert rel_err(io["y_train"], y) <= 1e-5
+        assert rel_err(io[f"y_{form}"], y) <= 1e-5
+
+
+def test_fixture_parity_from_safetensors_and_in_float64():
+    io = load_file(REFERENCE / "repmlpnet_tiny_io.safetensors")
+    file = str(REFERENCE / "repmlpnet_tiny_train.safetensors")
+    model = timm.create_model("repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=file), **TINY)
+    model = model.double().eval()
+    deploy = repmlp.convert_to_deploy(model)
+    x = io["x"].double()
+    assert rel_err(model(x), deploy(x)) <= TOL[torch.float64]
+    assert rel_err(io["y_train"], deploy(x)) <= 1e-5
+
+
+def test_locality_injected_checkpoint_is_refused_by_the_train_form():
+    file = str(REFERENCE / "repmlpnet_tiny_deploy.safetensors")
+    with pytest.raises(ValueError, match="deploy-form"):
+        timm.create_model("repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=file), **TINY)
+
+
+def test_our_train_checkpoint_into_deploy_model_is_converted(tmp_path):
+    train = _tiny(seed=7)
+    path = tmp_path / "train.safetensors"
+    repmlp.save_checkpoint(train, path)
+    deploy = timm.create_model("repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                               deploy=True, **TINY).eval()
+    assert repmlp.verify_equivalence(train, deploy, input_size=(3, 64, 64)).passed
+    path = tmp_path / "deploy.safetensors"
+    repmlp.save_checkpoint(deploy, path)
+    again = timm.create_model("repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                              deploy=True, **TINY)
+    assert all(torch.equal(a, b) for a, b in zip(deploy.state_dict().values(), again.state_dict().values()))
+
+
+def official_state_dict(keys_file, seed=0):
+    """A state dict with exactly the authors' keys and shapes, random values (positive variances)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for line in (REFERENCE / keys_file).read_text().splitlines():
+        key, shape = line.split("\t")
+        shape = [int(s) for s in shape.strip("[]").split(",") if s.strip()]
+        state[key] = torch.rand(shape, generator=gen) * 0.1 + (0.5 if key.endswith("running_var") else 0)
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(7)
+    return state
+
+
+def test_official_t224_layouts_load(tmp_path):
+    state = official_state_dict("keys_RepMLPNet-T224_train.txt")
+    path = _save(state, tmp_path / "train.pth", "module")
+    model = timm.create_model("repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    unit = model.stages[3].blocks[1]
+    assert torch.equal(unit.repmlp.channel_perceptron.fc3.weight.flatten(),
+                       state["stages.3.1.repmlp_block.fc3.weight"].flatten())
+    assert torch.equal(unit.repmlp.local_perceptron.branches[1].conv.weight,
+                       state["stages.3.1.repmlp_block.repconv3.conv.weight"])
+    assert torch.equal(model.stages[3].downsample.conv.weight, state["embeds.2.conv.weight"])
+    state = official_state_dict("keys_RepMLPNet-T224_deploy.txt")
+    path = _save(state, tmp_path / "deploy.pth", "model")
+    deploy = timm.create_model("repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=path),
+                               deploy=True)
+    assert _bn_count(deploy) == 0
+    assert torch.equal(deploy.stages[3].blocks[1].repmlp.channel_perceptron.fc3.bias.flatten(),
+                       state["stages.3.1.repmlp_block.fc3.bias"])
