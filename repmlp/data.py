@@ -96,7 +96,7 @@ def fashion_mnist(root: str | Path | None, split: str, transform: Callable | Non
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(f"Fashion-MNIST in {root}: images {images.shape} and labels {labels.shape} do not "
                          f"match; expected (N, 28, 28) images and (N,) labels")
-    return ArrayImageDataset(images, labels, transform)
+    return ArrayImageDataset(images, labels, transform, num_classes=10)
 
 
 def _unpickle(path: Path, layout: str) -> dict:
@@ -135,7 +135,8 @@ def cifar(name: str, root: str | Path, split: str, transform: Callable | None = 
                              f"{len(batch[label_key])} labels; expected (N, 3072) uint8 rows")
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels.append(np.asarray(batch[label_key]))
-    return ArrayImageDataset(np.concatenate(images), np.concatenate(labels), transform)
+    num_classes = 10 if name == "cifar10" else 100
+    return ArrayImageDataset(np.concatenate(images), np.concatenate(labels), transform, num_classes)
 
 
 def image_folder(root: str | Path, split: str, transform: Callable | None = None) -> ImageDataset:

@@ -68,8 +68,9 @@ class MLPCifarNet(nn.Module):
     Args:
         num_classes: classifier outputs; 0 for no classifier.
         in_chans: input channels.
-        img_size: input height and width; each stage halves it.
-        widths: channels C of the three stages.
+        img_size: input height and width; each stage after the first halves it.
+        widths: channels C of the stages (the paper: three).
+        stem_stride: the stem FC reads non-overlapping ``stem_stride`` x ``stem_stride`` patches (1: pixels).
         mixer: ``'repmlp'`` (pure MLP) or ``'conv'`` (Wide ConvNet: 3x3 conv-BN-ReLU).
         partition: RepMLP partition size h = w; must divide every stage resolution.
         fc3_groups: RepMLP FC3 groups g.
@@ -87,6 +88,7 @@ class MLPCifarNet(nn.Module):
         in_chans: int = 3,
         img_size: int = 32,
         widths: Sequence[int] = (16, 32, 64),
+        stem_stride: int = 1,
         mixer: str = "repmlp",
         partition: int = 8,
         fc3_groups: int = 2,
@@ -104,20 +106,23 @@ class MLPCifarNet(nn.Module):
             if len(set(img_size)) != 1:
                 raise ValueError(f"MLPCifarNet: square inputs only, got img_size={img_size!r}")
             img_size = img_size[0]
-        sizes = [img_size // 2**i for i in range(len(widths))]
-        if img_size % 2 ** (len(widths) - 1) or (mixer == "repmlp" and any(s % partition for s in sizes)):
-            raise ValueError(f"MLPCifarNet: img_size={img_size} gives stage resolutions {sizes}; each must be "
-                             f"an integer divisible by partition={partition} (e.g. 32 with 8, 28 with 7)")
+        sizes = [img_size / stem_stride / 2**i for i in range(len(widths))]
+        if any(s % 1 or (mixer == "repmlp" and s % partition) for s in sizes):
+            raise ValueError(f"MLPCifarNet: img_size={img_size} with stem_stride={stem_stride} gives stage resolutions "
+                             f"{sizes}; each must be an integer divisible by partition={partition} "
+                             f"(e.g. 32 with 8, 28 with 7)")
+        sizes = [int(s) for s in sizes]
         self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, img_size
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
 
-        self.stem = ConvBN(in_chans, widths[0], 1, act=True, deploy=deploy)
+        self.stem = ConvBN(in_chans, widths[0], stem_stride, stride=stem_stride, act=True, deploy=deploy)
         outs = list(widths[1:]) + [widths[-1]]
         self.stages = nn.Sequential(*[
             MLPStage(c, out, size, i > 0, mixer, partition, fc3_groups, reparam_conv_k, fc1_fc2_reduction, deploy)
             for i, (c, out, size) in enumerate(zip(widths, outs, sizes))])
-        self.feature_info = [dict(num_chs=out, reduction=2**i, module=f"stages.{i}") for i, out in enumerate(outs)]
+        self.feature_info = [dict(num_chs=out, reduction=stem_stride * 2**i, module=f"stages.{i}")
+                             for i, out in enumerate(outs)]
         self.num_features = outs[-1]
         self.head_hidden_size = head_hidden_size
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool)
@@ -213,6 +218,8 @@ def repmlp_cifar_wideconv(pretrained: bool = False, **kwargs) -> MLPCifarNet:
 
 @register_model
 def repmlp_fmnist_mlp(pretrained: bool = False, **kwargs) -> MLPCifarNet:
-    """Pure-MLP model for 28x28 one-channel Fashion-MNIST: C = 16/32/64 at 28/14/7, h = w = 7, g = 2."""
-    args = dict(in_chans=1, img_size=28, widths=(16, 32, 64), partition=7, fc3_groups=2)
+    """Pure-MLP model for 28x28 one-channel Fashion-MNIST, sized to train on a 2-core CPU: a 2x2-patch stem FC,
+    two stages of the paper's layout at 14x14 and 7x7 with C = 24/48, RepMLP h = w = 7, g = 4, k = 1, 3."""
+    args = dict(in_chans=1, img_size=28, widths=(24, 48), stem_stride=2, partition=7, fc3_groups=4,
+                reparam_conv_k=(1, 3))
     return _create("repmlp_fmnist_mlp", pretrained, **dict(args, **kwargs))

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ..verify import ErrorStats
 from .distributed import DistEnv, all_reduce_sum, any_rank
+from .state import set_rng_states
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -72,10 +73,14 @@ def train_one_epoch(
     start_step: int = 0,
     should_stop: Callable[[], bool] = lambda: False,
     progress: bool = True,
+    rng: dict | None = None,
 ) -> EpochResult:
     """Train for the rest of one epoch (from ``start_step`` when resuming mid-epoch).
 
     Stops early, on every rank together, after the step at which ``should_stop()`` turns true on any rank.
+    ``rng`` (generator states saved at an interruption) is restored once the data iterator exists, since
+    creating it draws a seed: with ``num_workers=0`` a run resumed mid-epoch then repeats the interrupted
+    run's augmentations exactly.
     """
     model.train()
     loss_sum, correct, seen, steps = 0.0, 0.0, 0, start_step
@@ -83,7 +88,10 @@ def train_one_epoch(
                disable=not (progress and env.is_main), mininterval=1.0)
     start = time.perf_counter()
     interrupted = False
-    for x, y in loader:
+    batches = iter(loader)
+    if rng is not None:
+        set_rng_states(rng)
+    for x, y in batches:
         x, y = _to_device(x, y, env.device, step.channels_last)
         target = y
         if step.mixup is not None:

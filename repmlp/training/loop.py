@@ -28,7 +28,7 @@ from ..data import build_dataset, build_loader, build_transform, num_classes_of
 from .distributed import DistEnv, barrier, cleanup_distributed, init_distributed, weight_divergence
 from .engine import TrainStep, amp_dtype, compare_forms, evaluate, train_one_epoch
 from .metrics_log import MetricsLog
-from .state import STATE_FILE, load_training_state, rng_states, save_training_state, set_rng_states
+from .state import STATE_FILE, load_training_state, rng_states, save_training_state
 
 #: Minimum argmax agreement between train and deploy form on the validation set.
 MIN_AGREEMENT = 0.9995
@@ -197,13 +197,13 @@ def _train(cfg: dict, env: DistEnv, resume: bool | str) -> dict[str, Any]:
                      o["clip_mode"])
 
     log = MetricsLog(out_dir)
-    start_epoch, start_step, num_updates, elapsed = 0, 0, 0, 0.0
+    start_epoch, start_step, num_updates, elapsed, resume_rng = 0, 0, 0, 0.0, None
     state_path = out_dir / STATE_FILE if resume is True else Path(resume) if resume else None
     if state_path is not None:
         state = load_training_state(state_path, model, optimizer, scheduler, ema, scaler)
         start_epoch, start_step = state["epoch"], state["step_in_epoch"]
         num_updates, elapsed = state["num_updates"], state.get("elapsed", 0.0)
-        set_rng_states(state["rng"][env.rank] if isinstance(state["rng"], list) else state["rng"])
+        resume_rng = state["rng"][env.rank] if isinstance(state["rng"], list) else state["rng"]
         if env.is_main:
             log.truncate(start_epoch)
             print(f"resumed from {state_path}: epoch {start_epoch}, step {start_step}", flush=True)
@@ -220,7 +220,7 @@ def _train(cfg: dict, env: DistEnv, resume: bool | str) -> dict[str, Any]:
             train_loader.sampler.set_epoch(epoch)
             train_loader.sampler.skip = start_step * t["batch_size"]
             result = train_one_epoch(ddp_model, train_loader, step, env, epoch, num_updates, start_step, stop,
-                                     t["progress"])
+                                     t["progress"], resume_rng if start_step else None)
             num_updates, start_step = result.num_updates, 0
             elapsed += result.seconds
             train_loader.sampler.skip = 0

@@ -1,0 +1,154 @@
+"""tools/train.py and tools/eval.py end to end on synthetic data: configs, a full run with the deploy check,
+two-process torchrun (gloo), and kill / resume reproducing an uninterrupted run."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from repmlp.training import load_config, train
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+# a tiny Fashion-MNIST-shaped model on synthetic 28x28 images: 3 epochs of 12 steps
+TINY = [
+    "model.name=repmlp_fmnist_mlp", "model.kwargs={widths: [4, 8], head_hidden_size: 16}",
+    "data.dataset=synthetic", "data.num_workers=0", "data.crop_padding=2", "data.train_transform={color_jitter: null}",
+    "data.synthetic={num_samples: 96, num_classes: 4}", "optimizer.lr=0.05", "scheduler.warmup_epochs=1",
+    "train.epochs=3", "train.batch_size=8", "train.eval_batch_size=32", "train.threads=1", "train.progress=false",
+]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _args(out: Path, *extra: str) -> list[str]:
+    overrides = [arg for item in TINY + list(extra) for arg in ("--set", item)]
+    return [str(ROOT / "tools" / "train.py"), "--output", str(out), *overrides]
+
+
+def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, *_args(out, *extra)], env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _resume_in_process(out: Path) -> dict:
+    threads = torch.get_num_threads()
+    try:
+        return train(load_config(None, TINY + [f"train.output_dir={out}"]), resume=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _start(out: Path) -> subprocess.Popen:
+    return subprocess.Popen([PYTHON, *_args(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_epochs(out: Path, proc: subprocess.Popen, epochs: int) -> None:
+    log = out / "metrics.jsonl"
+    while not (log.is_file() and len(log.read_text().splitlines()) >= epochs):
+        assert proc.poll() is None, f"run ended before it could be interrupted:\n{proc.stdout.read()}"
+        time.sleep(0.01)
+
+
+def _max_abs_diff(a: Path, b: Path) -> float:
+    sa, sb = load_file(str(a)), load_file(str(b))
+    assert sa.keys() == sb.keys()
+    return max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """One uninterrupted run that the interrupted ones must reproduce."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = _run(out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_config_overrides_and_errors(tmp_path):
+    cfg = load_config(ROOT / "configs" / "fmnist_repmlp.yaml", ["train.epochs=2", "optimizer.lr=0.5",
+                                                                  "model.kwargs={drop_rate: 0.1}"])
+    assert cfg["train"]["epochs"] == 2 and cfg["optimizer"]["lr"] == 0.5 and cfg["model"]["kwargs"]["drop_rate"] == 0.1
+    assert cfg["data"]["dataset"] == "fashion_mnist" and cfg["train"]["threads"] == 1
+    with pytest.raises(ValueError, match="unknown config key 'train.epoch'"):
+        load_config(None, ["train.epoch=2"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(None, ["train.epochs"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: {epochs: 1}\n")
+    with pytest.raises(ValueError, match="unknown section 'trainer'"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_load(config):
+    import timm
+
+    cfg = load_config(ROOT / "configs" / config)
+    assert cfg["model"]["name"] in timm.list_models()
+
+
+def test_full_run_writes_metrics_plot_and_equivalent_forms(reference_run, capsys):
+    records = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert {"train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "img_per_s"} <= set(records[0])
+    assert (reference_run / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    final = json.loads((reference_run / "final.json").read_text())
+    check = final["equivalence"]
+    assert check["passed"] and check["argmax_agreement"] >= 0.9995 and check["max_rel_err"] <= 1e-5
+    assert check["train_top1"] == check["deploy_top1"]
+    evaluate = _tool("eval")
+    for form in ("train", "deploy"):
+        capsys.readouterr()
+        assert evaluate.main(["--checkpoint", str(reference_run / f"model_{form}.safetensors"),
+                              "--config", str(reference_run / "config.json")]) == 0
+        metrics = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert metrics["form"] == form and metrics["count"] == 96
+        assert metrics["top1"] == pytest.approx(check[f"{form}_top1"])
+
+
+def test_killed_run_resumes_to_the_same_weights(reference_run, tmp_path):
+    proc = _start(tmp_path)
+    _wait_for_epochs(tmp_path, proc, 1)
+    proc.kill()  # SIGKILL: no chance to save anything beyond the last epoch's checkpoint
+    proc.wait()
+    assert _resume_in_process(tmp_path)["equivalence"]["passed"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert _max_abs_diff(reference_run / "model_train.safetensors", tmp_path / "model_train.safetensors") <= 1e-6
+
+
+def test_sigterm_mid_epoch_saves_and_resumes_exactly(reference_run, tmp_path):
+    proc = _start(tmp_path)
+    _wait_for_epochs(tmp_path, proc, 1)
+    proc.send_signal(signal.SIGTERM)  # lands during the second epoch's steps
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted by signal" in output, output[-2000:]
+    state = torch.load(tmp_path / "last.pth", weights_only=False)
+    assert state["epoch"] >= 1 and state["step_in_epoch"] > 0
+    assert _resume_in_process(tmp_path)["equivalence"]["passed"]
+    assert _max_abs_diff(reference_run / "model_train.safetensors", tmp_path / "model_train.safetensors") <= 1e-6
+
+
+def test_torchrun_two_processes_keep_identical_weights(tmp_path):
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *_args(tmp_path)]
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert "2 process(es)" in final["hardware"]
+    assert final["divergence"] == 0.0  # max abs difference of every weight and buffer, rank 1 vs rank 0
+    assert final["equivalence"]["passed"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and records[-1]["val_top1"] >= 0  # rank 0 alone logs each epoch once
