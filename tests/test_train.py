@@ -119,6 +119,21 @@ def test_full_run_writes_metrics_plot_and_equivalent_forms(reference_run, capsys
         assert metrics["top1"] == pytest.approx(check[f"{form}_top1"])
 
 
+def test_training_options_run_on_cpu(tmp_path):
+    """bf16 autocast, channels_last, gradient checkpointing, EMA, mixup/cutmix and gradient clipping together."""
+    options = ["train.epochs=1", "train.precision=bf16", "train.channels_last=true", "train.grad_checkpointing=true",
+               "ema.enabled=true", "ema.decay=0.9", "augmentation.mixup=0.2", "augmentation.cutmix=1.0",
+               "augmentation.label_smoothing=0.1", "optimizer.opt=adamw", "optimizer.lr=1e-3",
+               "optimizer.clip_grad=5.0", f"train.output_dir={tmp_path}"]
+    threads = torch.get_num_threads()
+    try:
+        summary = train(load_config(None, TINY + options))
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["equivalence"]["passed"]
+    assert "ema_val_top1" in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+
+
 def test_killed_run_resumes_to_the_same_weights(reference_run, tmp_path):
     proc = _start(tmp_path)
     _wait_for_epochs(tmp_path, proc, 1)

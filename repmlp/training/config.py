@@ -6,6 +6,7 @@ override naming an unknown key is an error rather than a silent no-op.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -69,10 +70,22 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; recipes write learning rates that way, so read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+"
+               r"(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
 def _parse_value(text: str) -> Any:
-    """YAML scalar or flow value: ``0.1``, ``true``, ``null``, ``[1, 3]``, ``{a: 1}``; anything else stays a string."""
+    """YAML scalar or flow value: ``0.1``, ``1e-3``, ``true``, ``null``, ``[1, 3]``, ``{a: 1}``; anything else stays
+    a string."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError:
         return text
 
@@ -106,7 +119,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {path} not found; see configs/*.yaml")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_Loader) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a YAML mapping of sections {sorted(DEFAULTS)}")
         for section, values in data.items():

@@ -175,6 +175,9 @@ def _train(cfg: dict, env: DistEnv, resume: bool | str) -> dict[str, Any]:
     if t["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     if t["sync_bn"] and env.distributed:
+        if env.device.type != "cuda":
+            raise ValueError("train.sync_bn=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
+                             "set train.sync_bn=false for CPU runs")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(env.device)
     if t["channels_last"]:
