@@ -253,3 +253,13 @@ def test_official_t224_layouts_load(tmp_path):
     assert _bn_count(deploy) == 0
     assert torch.equal(deploy.stages[3].blocks[1].repmlp.channel_perceptron.fc3.bias.flatten(),
                        state["stages.3.1.repmlp_block.fc3.bias"])
+
+
+def test_pretrained_without_a_file_is_an_error():
+    with pytest.raises(ValueError, match="pretrained_cfg_overlay"):
+        timm.create_model("repmlpnet_t224", pretrained=True)
+
+
+def test_stage_arguments_must_agree():
+    with pytest.raises(ValueError, match="one entry per stage"):
+        timm.create_model("repmlpnet_t224", depths=(2, 2, 6))

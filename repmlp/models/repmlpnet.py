@@ -329,6 +329,9 @@ class RepMLPNet(nn.Module):
     ) -> None:
         super().__init__()
         img_size = to_2tuple(img_size)
+        if not len(channels) == len(depths) == len(sharesets) == len(partitions or channels):
+            raise ValueError(f"channels, depths, sharesets and partitions need one entry per stage, got {channels}, "
+                             f"{depths}, {sharesets}, {partitions}")
         self.arch_args = dict(img_size=img_size, channels=tuple(channels), depths=tuple(depths),
                               sharesets=tuple(sharesets), partitions=partitions, reparam_conv_k=tuple(reparam_conv_k),
                               gp_reduction=gp_reduction, ffn_expand=ffn_expand, patch_size=patch_size,
