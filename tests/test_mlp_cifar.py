@@ -48,7 +48,7 @@ def test_timm_model_api(name, input_size, features):
     model = timm.create_model(name, num_classes=7).eval()
     x = torch.randn(2, *input_size)
     feats = model.forward_features(x)
-    assert feats.shape == (2, features, input_size[1] // 4, input_size[2] // 4)
+    assert feats.shape == (2, features, *model.pretrained_cfg["pool_size"])
     assert model.forward_head(feats, pre_logits=True).shape == (2, 512)
     assert model(x).shape == (2, 7) and model.get_classifier().out_features == 7
     model.reset_classifier(3)
@@ -67,7 +67,8 @@ def test_grad_checkpointing_and_features_only():
     model(torch.randn(2, 1, 28, 28)).sum().backward()
     assert model.stages[0][1][0].partition_perceptron.fc3.weight.grad is not None
     features = timm.create_model("repmlp_fmnist_mlp", features_only=True).eval()
-    assert [f.shape[1:] for f in features(torch.randn(1, 1, 28, 28))] == [(24, 28, 28), (48, 14, 14), (48, 7, 7)]
+    assert [f.shape[1:] for f in features(torch.randn(1, 1, 28, 28))] == [(48, 14, 14), (48, 7, 7)]
+    assert features.feature_info.reduction() == [2, 4]
 
 
 def test_wrong_input_size_names_the_expected_one():

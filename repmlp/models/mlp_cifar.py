@@ -178,9 +178,9 @@ class MLPCifarNet(nn.Module):
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> MLPCifarNet:
     route_pretrained_file(variant, pretrained, kwargs)
+    stages = tuple(range(len(kwargs["widths"])))
     return build_model_with_cfg(
-        MLPCifarNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2)),
-        **kwargs)
+        MLPCifarNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=stages), **kwargs)
 
 
 def _cfg(file: str | None = None, **kwargs) -> dict:

@@ -1,6 +1,7 @@
 """Training on real data: configs, the training run (single process or torchrun), evaluation."""
+from .builders import build_eval_data, model_from_checkpoint
 from .config import DEFAULTS, load_config
 from .engine import compare_forms, evaluate
-from .loop import build_eval_data, model_from_checkpoint, train
+from .loop import train
 
 __all__ = ["DEFAULTS", "build_eval_data", "compare_forms", "evaluate", "load_config", "model_from_checkpoint", "train"]

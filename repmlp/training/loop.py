@@ -7,24 +7,23 @@ import os
 import platform
 import random
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
-from timm.data import Mixup, resolve_data_config
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, unwrap_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import load_checkpoint, read_metadata, read_state_dict, save_checkpoint, state_dict_form
+from ..checkpoint import save_checkpoint
 from ..convert import convert_to_deploy
-from ..data import build_dataset, build_loader, build_transform, num_classes_of
+from ..data import build_loader, num_classes_of
+from .builders import build_data, build_datasets, build_loss, build_model
 from .distributed import DistEnv, barrier, cleanup_distributed, init_distributed, weight_divergence
 from .engine import TrainStep, amp_dtype, compare_forms, evaluate, train_one_epoch
 from .metrics_log import MetricsLog
@@ -35,7 +34,7 @@ MIN_AGREEMENT = 0.9995
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checkpoints and exits at the next step."""
+    """Set by SIGINT/SIGTERM; the loop checkpoints and exits after the current step."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -56,95 +55,38 @@ class StopFlag:
         self.signal = signum
 
 
+@dataclass
+class Run:
+    """Everything one training process holds."""
+
+    cfg: dict
+    env: DistEnv
+    model: nn.Module  # unwrapped
+    ddp_model: nn.Module  # what the steps call: DistributedDataParallel(model) or model
+    train_loader: DataLoader
+    val_loader: DataLoader
+    step: TrainStep
+    num_epochs: int
+    num_classes: int
+    elapsed: float = 0.0  # seconds spent in training steps, over all resumed parts
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg["train"]["output_dir"])
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def hardware(env: DistEnv, threads: int) -> str:
+def hardware(env: DistEnv) -> str:
+    """The machine a run used, in words."""
     if env.device.type == "cuda":
         return f"{env.world_size} x {torch.cuda.get_device_name(env.device)}"
     return (f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
-            f"{env.world_size} process(es) x {threads} thread(s)")
-
-
-def build_model(cfg: dict, num_classes: int, deploy: bool = False) -> nn.Module:
-    m = cfg["model"]
-    return timm.create_model(m["name"], pretrained=m["pretrained"], num_classes=num_classes, deploy=deploy,
-                             **m["kwargs"])
-
-
-def model_from_checkpoint(path: str | Path, model_name: str | None = None, form: str | None = None) -> nn.Module:
-    """Build the model a safetensors checkpoint of :func:`train` describes (name, classes, kwargs in its
-    metadata) in the requested form (default: the file's) and load it; a train-form file loads into a
-    deploy-form model by conversion."""
-    meta = read_metadata(path)
-    name = model_name or meta.get("model")
-    if not name:
-        raise ValueError(f"{path} does not name its model (no 'model' metadata); pass the timm model name")
-    form = form or meta.get("form") or state_dict_form(read_state_dict(path))
-    if form not in ("train", "deploy"):
-        raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
-    kwargs = json.loads(meta.get("model_kwargs", "{}"))
-    if "num_classes" in meta:
-        kwargs["num_classes"] = int(meta["num_classes"])
-    model = timm.create_model(name, deploy=form == "deploy", **kwargs)
-    return load_checkpoint(model, path, train_model_factory=lambda: timm.create_model(name, **kwargs))
-
-
-def data_config(cfg: dict, model: nn.Module) -> dict:
-    """Input size, mean, std, crop_pct and interpolation: the model's pretrained_cfg, overridden by data.*."""
-    d = cfg["data"]
-    keys = ("input_size", "mean", "std", "crop_pct", "interpolation")
-    return resolve_data_config({k: d[k] for k in keys if d[k] is not None}, model=model)
-
-
-def build_data(cfg: dict, model: nn.Module, env: DistEnv) -> tuple[DataLoader, DataLoader]:
-    """Train and validation loaders with timm transforms resolved from the model's pretrained_cfg."""
-    d, t = cfg["data"], cfg["train"]
-    data_cfg = data_config(cfg, model)
-    common = dict(input_size=data_cfg["input_size"], mean=data_cfg["mean"], std=data_cfg["std"],
-                  interpolation=data_cfg["interpolation"])
-    train_set, val_set = _datasets(cfg, data_cfg["input_size"])
-    train_set.transform = build_transform(True, crop_padding=d["crop_padding"], **common, **d["train_transform"])
-    val_set.transform = build_transform(False, crop_pct=data_cfg["crop_pct"], **common)
-    train_loader = build_loader(train_set, t["batch_size"], True, d["num_workers"], env.rank, env.world_size,
-                                t["seed"])
-    val_loader = build_loader(val_set, t["eval_batch_size"], False, d["num_workers"], env.rank, env.world_size)
-    return train_loader, val_loader
-
-
-def build_eval_data(cfg: dict, model: nn.Module, split: str = "val") -> DataLoader:
-    """One process's loader over a whole split with the model's evaluation transform."""
-    d, data_cfg = cfg["data"], data_config(cfg, model)
-    transform = build_transform(False, data_cfg["input_size"], data_cfg["mean"], data_cfg["std"],
-                                data_cfg["crop_pct"], data_cfg["interpolation"])
-    dataset = _datasets(cfg, data_cfg["input_size"], splits=(split,))[0]
-    dataset.transform = transform
-    return build_loader(dataset, cfg["train"]["eval_batch_size"], False, d["num_workers"])
-
-
-def _datasets(cfg: dict, input_size: tuple[int, ...] | None = None, splits: tuple[str, ...] = ("train", "val")):
-    d = cfg["data"]
-    extra = {}
-    if d["dataset"] == "synthetic":
-        extra = dict(d["synthetic"])
-        if input_size is not None:
-            extra.update(in_chans=input_size[0], img_size=input_size[-1])
-    return tuple(build_dataset(d["dataset"], split, d["root"], **extra) for split in splits)
-
-
-def build_loss(cfg: dict, num_classes: int) -> tuple[nn.Module, Mixup | None]:
-    a = cfg["augmentation"]
-    if a["mixup"] > 0 or a["cutmix"] > 0 or a["cutmix_minmax"] is not None:
-        mixup = Mixup(mixup_alpha=a["mixup"], cutmix_alpha=a["cutmix"], cutmix_minmax=a["cutmix_minmax"],
-                      prob=a["mixup_prob"], switch_prob=a["mixup_switch_prob"], mode=a["mixup_mode"],
-                      label_smoothing=a["label_smoothing"], num_classes=num_classes)
-        return SoftTargetCrossEntropy(), mixup
-    if a["label_smoothing"] > 0:
-        return LabelSmoothingCrossEntropy(a["label_smoothing"]), None
-    return nn.CrossEntropyLoss(), None
+            f"{env.world_size} process(es) x {torch.get_num_threads()} thread(s)")
 
 
 def train(cfg: dict, resume: bool | str = False) -> dict[str, Any]:
@@ -154,22 +96,24 @@ def train(cfg: dict, resume: bool | str = False) -> dict[str, Any]:
         cfg: a config from :func:`repmlp.training.load_config`.
         resume: False, True (``<output_dir>/last.pth``) or a training-state path.
     """
-    t = cfg["train"]
-    env = init_distributed(t["device"])
+    env = init_distributed(cfg["train"]["device"])
     try:
-        return _train(cfg, env, resume)
+        run = build_run(cfg, env)
+        start = restore(run, resume) if resume else _start_fresh(run)
+        interrupted = fit(run, *start)
+        return interrupted or finish(run)
     finally:
         cleanup_distributed()
 
 
-def _train(cfg: dict, env: DistEnv, resume: bool | str) -> dict[str, Any]:
-    t, o = cfg["train"], cfg["optimizer"]
-    out_dir = Path(t["output_dir"])
+def build_run(cfg: dict, env: DistEnv) -> Run:
+    """Model (on its device, optionally SyncBN / channels_last / checkpointing), loaders, optimizer,
+    per-step LR schedule, EMA, AMP scaler, loss and Mixup."""
+    t, o, s = cfg["train"], cfg["optimizer"], cfg["scheduler"]
     if t["threads"]:
         torch.set_num_threads(int(t["threads"]))
     seed_everything(t["seed"])
-    train_set, _ = _datasets(cfg)
-    num_classes = num_classes_of(train_set)
+    num_classes = num_classes_of(build_datasets(cfg, splits=("train",))[0])
     model = build_model(cfg, num_classes)
     train_loader, val_loader = build_data(cfg, model, env)
     if t["grad_checkpointing"]:
@@ -179,14 +123,10 @@ def _train(cfg: dict, env: DistEnv, resume: bool | str) -> dict[str, Any]:
             raise ValueError("train.sync_bn=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
                              "set train.sync_bn=false for CPU runs")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(env.device)
-    if t["channels_last"]:
-        model.to(memory_format=torch.channels_last)
-
+    model.to(env.device, memory_format=torch.channels_last if t["channels_last"] else torch.preserve_format)
     dtype = amp_dtype(t["precision"], env.device)
     optimizer = create_optimizer_v2(model, opt=o["opt"], lr=o["lr"], weight_decay=o["weight_decay"],
                                     momentum=o["momentum"], filter_bias_and_bn=o["filter_bias_and_bn"], **o["kwargs"])
-    s = cfg["scheduler"]
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=s["sched"], num_epochs=t["epochs"], min_lr=s["min_lr"], warmup_epochs=s["warmup_epochs"],
         warmup_lr=s["warmup_lr"], step_on_epochs=s["step_on_epochs"], updates_per_epoch=len(train_loader),
@@ -195,85 +135,107 @@ def _train(cfg: dict, env: DistEnv, resume: bool | str) -> dict[str, Any]:
     ema = ModelEmaV3(model, decay=e["decay"], use_warmup=e["warmup"]) if e["enabled"] else None
     scaler = torch.amp.GradScaler(env.device.type) if dtype == torch.float16 else None
     loss_fn, mixup = build_loss(cfg, num_classes)
-    ddp_model = DistributedDataParallel(model) if env.distributed else model
     step = TrainStep(optimizer, loss_fn, scheduler, mixup, ema, scaler, dtype, t["channels_last"], o["clip_grad"],
                      o["clip_mode"])
+    ddp_model = DistributedDataParallel(model) if env.distributed else model
+    return Run(cfg, env, model, ddp_model, train_loader, val_loader, step, num_epochs, num_classes)
 
-    log = MetricsLog(out_dir)
-    start_epoch, start_step, num_updates, elapsed, resume_rng = 0, 0, 0, 0.0, None
-    state_path = out_dir / STATE_FILE if resume is True else Path(resume) if resume else None
-    if state_path is not None:
-        state = load_training_state(state_path, model, optimizer, scheduler, ema, scaler)
-        start_epoch, start_step = state["epoch"], state["step_in_epoch"]
-        num_updates, elapsed = state["num_updates"], state.get("elapsed", 0.0)
-        resume_rng = state["rng"][env.rank] if isinstance(state["rng"], list) else state["rng"]
-        if env.is_main:
-            log.truncate(start_epoch)
-            print(f"resumed from {state_path}: epoch {start_epoch}, step {start_step}", flush=True)
-    elif env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
 
-    stop = StopFlag()
+def _start_fresh(run: Run) -> tuple[int, int, int, None]:
+    if run.env.is_main:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        (run.out_dir / "config.json").write_text(json.dumps(run.cfg, indent=2))
+    return 0, 0, 0, None
+
+
+def restore(run: Run, resume: bool | str) -> tuple[int, int, int, dict]:
+    """Load the training state; returns (epoch, step in epoch, optimizer updates, RNG states)."""
+    path = run.out_dir / STATE_FILE if resume is True else Path(resume)
+    s = run.step
+    state = load_training_state(path, run.model, s.optimizer, s.scheduler, s.ema, s.scaler)
+    rng = state["rng"][run.env.rank] if isinstance(state["rng"], list) else state["rng"]
+    run.elapsed = state.get("elapsed", 0.0)
+    if run.env.is_main:
+        MetricsLog(run.out_dir).truncate(state["epoch"])
+        print(f"resumed from {path}: epoch {state['epoch']}, step {state['step_in_epoch']}", flush=True)
+    return state["epoch"], state["step_in_epoch"], state["num_updates"], rng
+
+
+def fit(run: Run, start_epoch: int, start_step: int, num_updates: int, rng: dict | None) -> dict[str, Any] | None:
+    """Train from (epoch, start_step) to the end, checkpointing every epoch; on SIGINT/SIGTERM save the
+    position and return what was interrupted (None when training completed)."""
+    t, env = run.cfg["train"], run.env
+    log, stop = MetricsLog(run.out_dir), StopFlag()
     stop.install()
     try:
-        for epoch in range(start_epoch, num_epochs):
+        for epoch in range(start_epoch, run.num_epochs):
             if start_step == 0:
                 seed_everything(t["seed"] + 1000 * epoch + env.rank)  # each epoch is a function of (seed, epoch)
-            train_loader.sampler.set_epoch(epoch)
-            train_loader.sampler.skip = start_step * t["batch_size"]
-            result = train_one_epoch(ddp_model, train_loader, step, env, epoch, num_updates, start_step, stop,
-                                     t["progress"], resume_rng if start_step else None)
-            num_updates, start_step = result.num_updates, 0
-            elapsed += result.seconds
-            train_loader.sampler.skip = 0
+            sampler = run.train_loader.sampler
+            sampler.set_epoch(epoch)
+            sampler.skip = start_step * t["batch_size"]
+            result = train_one_epoch(run.ddp_model, run.train_loader, run.step, env, epoch, num_updates,
+                                     start_step, stop, t["progress"], rng if start_step else None)
+            num_updates, start_step, sampler.skip = result.num_updates, 0, 0
+            run.elapsed += result.seconds
             if result.interrupted:
-                _save_state(out_dir, model, step, epoch, result.steps, num_updates, elapsed, env)
+                _save_state(run, epoch, result.steps, num_updates)
                 if env.is_main:
                     print(f"interrupted by signal {stop.signal} at epoch {epoch} step {result.steps}; state saved "
-                          f"to {out_dir / STATE_FILE}; continue with --resume", flush=True)
+                          f"to {run.out_dir / STATE_FILE}; continue with --resume", flush=True)
                 return {"interrupted": True, "epoch": epoch, "step": result.steps}
-            scheduler.step(epoch + 1)
-            metrics = evaluate(ddp_model, val_loader, env, dtype, t["channels_last"])
-            record = {"epoch": epoch, "train_loss": result.loss, "train_top1": result.top1,
-                      "val_loss": metrics["loss"], "val_top1": metrics["top1"], "val_top5": metrics["top5"],
-                      "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": result.seconds,
-                      "img_per_s": result.images / max(result.seconds, 1e-9)}
-            if ema is not None:
-                record["ema_val_top1"] = evaluate(ema.module, val_loader, env, dtype, t["channels_last"])["top1"]
-            _save_state(out_dir, model, step, epoch + 1, 0, num_updates, elapsed, env)
+            run.step.scheduler.step(epoch + 1)
+            record = _epoch_record(run, epoch, result)
+            _save_state(run, epoch + 1, 0, num_updates)
             if env.is_main:
                 log.append(record)
                 print(json.dumps(record), flush=True)
     finally:
         stop.restore()
+    return None
 
-    export = ema.module if ema is not None and t["export_ema"] else model
-    summary = {"divergence": weight_divergence(model, env), "train_seconds": elapsed,
-               "hardware": hardware(env, torch.get_num_threads())}
-    if env.is_main:
-        summary.update(finalize(export, cfg, val_loader.dataset, num_classes, out_dir))
-        (out_dir / "final.json").write_text(json.dumps(summary, indent=2))
+
+def _epoch_record(run: Run, epoch: int, result: Any) -> dict[str, Any]:
+    t, s = run.cfg["train"], run.step
+    metrics = evaluate(run.ddp_model, run.val_loader, run.env, s.amp_dtype, t["channels_last"])
+    record = {"epoch": epoch, "train_loss": result.loss, "train_top1": result.top1, "val_loss": metrics["loss"],
+              "val_top1": metrics["top1"], "val_top5": metrics["top5"], "lr": s.optimizer.param_groups[0]["lr"],
+              "epoch_seconds": result.seconds, "img_per_s": result.images / max(result.seconds, 1e-9)}
+    if s.ema is not None:
+        ema_metrics = evaluate(s.ema.module, run.val_loader, run.env, s.amp_dtype, t["channels_last"])
+        record["ema_val_top1"] = ema_metrics["top1"]
+    return record
+
+
+def _save_state(run: Run, epoch: int, step_in_epoch: int, num_updates: int) -> None:
+    """Rank 0 writes the training state; every rank's RNG state goes in it (ranks draw different numbers)."""
+    rng = rng_states()
+    if run.env.distributed:
+        gathered = [None] * run.env.world_size
+        torch.distributed.all_gather_object(gathered, rng)
+        rng = gathered
+    if run.env.is_main:
+        s = run.step
+        save_training_state(run.out_dir / STATE_FILE, run.model, s.optimizer, s.scheduler, s.ema, s.scaler,
+                            epoch, step_in_epoch, num_updates, extra={"elapsed": run.elapsed, "rng": rng})
+    barrier(run.env)
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """Check the replicas agree, then (rank 0) export both forms; writes and returns ``final.json``'s summary."""
+    export_ema = run.step.ema is not None and run.cfg["train"]["export_ema"]
+    summary = {"divergence": weight_divergence(run.model, run.env), "train_seconds": run.elapsed,
+               "hardware": hardware(run.env), "exported": "ema" if export_ema else "model"}
+    if run.env.is_main:
+        model = run.step.ema.module if export_ema else run.model
+        summary.update(export(model, run.cfg, run.val_loader.dataset, run.num_classes, run.out_dir))
+        (run.out_dir / "final.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary), flush=True)
-    barrier(env)
+    barrier(run.env)
     return summary
 
 
-def _save_state(out_dir: Path, model: nn.Module, step: TrainStep, epoch: int, step_in_epoch: int,
-                num_updates: int, elapsed: float, env: DistEnv) -> None:
-    """Rank 0 writes the training state; every rank's RNG state goes in it (ranks draw different numbers)."""
-    rng = rng_states()
-    if env.distributed:
-        gathered = [None] * env.world_size
-        torch.distributed.all_gather_object(gathered, rng)
-        rng = gathered
-    if env.is_main:
-        save_training_state(out_dir / STATE_FILE, model, step.optimizer, step.scheduler, step.ema, step.scaler,
-                            epoch, step_in_epoch, num_updates, extra={"elapsed": elapsed, "rng": rng})
-    barrier(env)
-
-
-def finalize(model: nn.Module, cfg: dict, val_set: Any, num_classes: int, out_dir: Path) -> dict[str, Any]:
+def export(model: nn.Module, cfg: dict, val_set: Dataset, num_classes: int, out_dir: Path) -> dict[str, Any]:
     """Convert to the deploy form, compare both forms on the whole validation set, save both forms."""
     model = unwrap_model(model).float().eval()
     if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
@@ -284,12 +246,12 @@ def finalize(model: nn.Module, cfg: dict, val_set: Any, num_classes: int, out_di
     val_loader = build_loader(val_set, cfg["train"]["eval_batch_size"], False, cfg["data"]["num_workers"])
     check = compare_forms(model, deploy, val_loader, next(model.parameters()).device)
     check["passed"] = check["argmax_agreement"] >= MIN_AGREEMENT
-    name = cfg["model"]["name"]
     meta = {"dataset": cfg["data"]["dataset"], "num_classes": str(num_classes),
             "model_kwargs": json.dumps(cfg["model"]["kwargs"]), "config": json.dumps(cfg)}
     files = {"train": out_dir / "model_train.safetensors", "deploy": out_dir / "model_deploy.safetensors"}
-    save_checkpoint(model, files["train"], name, "train", {**meta, "top1": f"{check['train_top1']:.2f}"})
-    save_checkpoint(deploy, files["deploy"], name, "deploy", {**meta, "top1": f"{check['deploy_top1']:.2f}"})
+    for form, form_model in (("train", model), ("deploy", deploy)):
+        save_checkpoint(form_model, files[form], cfg["model"]["name"], form,
+                        {**meta, "top1": f"{check[f'{form}_top1']:.2f}"})
     if not check["passed"]:
         print(f"WARNING: deploy form agrees with the train form on only {check['argmax_agreement']:.4%} of the "
               f"validation set (< {MIN_AGREEMENT:.2%})", flush=True)

@@ -1,0 +1,98 @@
+"""Objects a training run is made of, built from a config: model, datasets and loaders with timm
+transforms, loss and Mixup; and a trained model rebuilt from its checkpoint."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import timm
+from timm.data import Mixup, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..checkpoint import load_checkpoint, read_metadata, read_state_dict, state_dict_form
+from ..data import build_dataset, build_loader, build_transform
+from .distributed import DistEnv
+
+
+def build_model(cfg: dict, num_classes: int, deploy: bool = False) -> nn.Module:
+    """``timm.create_model`` with the config's name, pretrained flag and kwargs."""
+    m = cfg["model"]
+    return timm.create_model(m["name"], pretrained=m["pretrained"], num_classes=num_classes, deploy=deploy,
+                             **m["kwargs"])
+
+
+def model_from_checkpoint(path: str | Path, model_name: str | None = None, form: str | None = None) -> nn.Module:
+    """Build the model a safetensors checkpoint of :func:`train` describes (name, classes, kwargs in its
+    metadata) in the requested form (default: the file's) and load it; a train-form file loads into a
+    deploy-form model by conversion."""
+    meta = read_metadata(path)
+    name = model_name or meta.get("model")
+    if not name:
+        raise ValueError(f"{path} does not name its model (no 'model' metadata); pass the timm model name")
+    form = form or meta.get("form") or state_dict_form(read_state_dict(path))
+    if form not in ("train", "deploy"):
+        raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
+    kwargs = json.loads(meta.get("model_kwargs", "{}"))
+    if "num_classes" in meta:
+        kwargs["num_classes"] = int(meta["num_classes"])
+    model = timm.create_model(name, deploy=form == "deploy", **kwargs)
+    return load_checkpoint(model, path, train_model_factory=lambda: timm.create_model(name, **kwargs))
+
+
+def data_config(cfg: dict, model: nn.Module) -> dict:
+    """Input size, mean, std, crop_pct and interpolation: the model's pretrained_cfg, overridden by data.*."""
+    d = cfg["data"]
+    keys = ("input_size", "mean", "std", "crop_pct", "interpolation")
+    return resolve_data_config({k: d[k] for k in keys if d[k] is not None}, model=model)
+
+
+def build_data(cfg: dict, model: nn.Module, env: DistEnv) -> tuple[DataLoader, DataLoader]:
+    """Train and validation loaders with timm transforms resolved from the model's pretrained_cfg."""
+    d, t = cfg["data"], cfg["train"]
+    data_cfg = data_config(cfg, model)
+    common = dict(input_size=data_cfg["input_size"], mean=data_cfg["mean"], std=data_cfg["std"],
+                  interpolation=data_cfg["interpolation"])
+    train_set, val_set = build_datasets(cfg, data_cfg["input_size"])
+    train_set.transform = build_transform(True, crop_padding=d["crop_padding"], **common, **d["train_transform"])
+    val_set.transform = build_transform(False, crop_pct=data_cfg["crop_pct"], **common)
+    train_loader = build_loader(train_set, t["batch_size"], True, d["num_workers"], env.rank, env.world_size,
+                                t["seed"])
+    val_loader = build_loader(val_set, t["eval_batch_size"], False, d["num_workers"], env.rank, env.world_size)
+    return train_loader, val_loader
+
+
+def build_eval_data(cfg: dict, model: nn.Module, split: str = "val") -> DataLoader:
+    """One process's loader over a whole split with the model's evaluation transform."""
+    d, data_cfg = cfg["data"], data_config(cfg, model)
+    transform = build_transform(False, data_cfg["input_size"], data_cfg["mean"], data_cfg["std"],
+                                data_cfg["crop_pct"], data_cfg["interpolation"])
+    dataset = build_datasets(cfg, data_cfg["input_size"], splits=(split,))[0]
+    dataset.transform = transform
+    return build_loader(dataset, cfg["train"]["eval_batch_size"], False, d["num_workers"])
+
+
+def build_datasets(cfg: dict, input_size: tuple[int, ...] | None = None,
+                   splits: tuple[str, ...] = ("train", "val")) -> tuple[Dataset, ...]:
+    """The configured dataset's splits, without transforms (synthetic images take ``input_size``)."""
+    d = cfg["data"]
+    extra = {}
+    if d["dataset"] == "synthetic":
+        extra = dict(d["synthetic"])
+        if input_size is not None:
+            extra.update(in_chans=input_size[0], img_size=input_size[-1])
+    return tuple(build_dataset(d["dataset"], split, d["root"], **extra) for split in splits)
+
+
+def build_loss(cfg: dict, num_classes: int) -> tuple[nn.Module, Mixup | None]:
+    """Loss and optional timm Mixup/CutMix (which then carries the label smoothing)."""
+    a = cfg["augmentation"]
+    if a["mixup"] > 0 or a["cutmix"] > 0 or a["cutmix_minmax"] is not None:
+        mixup = Mixup(mixup_alpha=a["mixup"], cutmix_alpha=a["cutmix"], cutmix_minmax=a["cutmix_minmax"],
+                      prob=a["mixup_prob"], switch_prob=a["mixup_switch_prob"], mode=a["mixup_mode"],
+                      label_smoothing=a["label_smoothing"], num_classes=num_classes)
+        return SoftTargetCrossEntropy(), mixup
+    if a["label_smoothing"] > 0:
+        return LabelSmoothingCrossEntropy(a["label_smoothing"]), None
+    return nn.CrossEntropyLoss(), None
