@@ -1,4 +1,5 @@
 """Pure-MLP CIFAR model, Wide ConvNet and the Fashion-MNIST variant: exact conversion and the timm API."""
+import hashlib
 import json
 from pathlib import Path
 
@@ -98,6 +99,7 @@ def test_shipped_weights_load_offline_in_both_forms():
     for entry in entries:
         path = pretrained_dir() / entry["file"]
         assert path.stat().st_size <= 25 * 2**20 and entry["top1"] >= 92.0
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
     train = timm.create_model(SHIPPED, pretrained=True).eval()
     deploy = timm.create_model(SHIPPED, pretrained=True, deploy=True).eval()
     assert repmlp.is_deploy_form(deploy)
