@@ -1,4 +1,5 @@
 """Command-line tools run end to end."""
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -19,24 +20,41 @@ def test_convert_deploy_from_a_train_checkpoint(tmp_path):
     import timm
     from repmlp.verify import randomize_bn_stats
 
-    model = randomize_bn_stats(timm.create_model("repmlp_res50_bottleneck_224"), seed=5)
+    model = randomize_bn_stats(timm.create_model("repmlp_fmnist_mlp"), seed=5)
     weights, out = tmp_path / "train.safetensors", tmp_path / "deploy.safetensors"
     repmlp.save_checkpoint(model, weights)
-    res = _run("tools/convert_deploy.py", "--model", "repmlp_res50_bottleneck_224", "--weights", str(weights),
-               "--output", str(out), "--no-float64", "--batch-size", "1")
+    res = _run("tools/convert_deploy.py", "--model", "repmlp_fmnist_mlp", "--weights", str(weights),
+               "--output", str(out), "--batch-size", "3")
     assert res.returncode == 0, res.stderr
-    assert "PASS (float32)" in res.stdout and "params" in res.stdout and "MACs" in res.stdout
-    assert read_metadata(out) == {"model": "repmlp_res50_bottleneck_224", "form": "deploy", "format": "pt",
+    assert "PASS (float32)" in res.stdout and "PASS (float64)" in res.stdout
+    assert "params" in res.stdout and "MACs" in res.stdout
+    assert read_metadata(out) == {"model": "repmlp_fmnist_mlp", "form": "deploy", "format": "pt",
                                   "source": f"weights {weights}"}
-    deploy = timm.create_model("repmlp_res50_bottleneck_224", deploy=True, pretrained=True,
+    deploy = timm.create_model("repmlp_fmnist_mlp", deploy=True, pretrained=True,
                                pretrained_cfg_overlay=dict(file=str(out)))
-    assert repmlp.verify_equivalence(model.eval(), deploy.eval(), batch_size=1).passed
+    assert repmlp.verify_equivalence(model.eval(), deploy.eval(), batch_size=4).passed
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--model", "repmlp_res50_light_224", "--weights", "missing.pth"], "missing.pth"),
-    (["--weights", "x.pth"], "--weights needs --model"),
-])
-def test_convert_deploy_bad_arguments(args, message):
-    res = _run("tools/convert_deploy.py", *args)
-    assert res.returncode != 0 and message in res.stderr
+def test_convert_deploy_default_is_the_shipped_model(tmp_path):
+    res = _run("tools/convert_deploy.py", "--output", str(tmp_path / "d.safetensors"), "--no-float64")
+    assert res.returncode == 0, res.stderr
+    assert "shipped weights repmlp_fmnist_mlp.fmnist" in res.stdout and "PASS (float32)" in res.stdout
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_convert_deploy_bad_arguments(tmp_path, capsys):
+    tool = _tool("convert_deploy")
+    assert tool.main(["--model", "repmlp_fmnist_mlp", "--weights", "missing.pth"]) == 2
+    assert "missing.pth" in capsys.readouterr().err
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(b"\x10\x00\x00")
+    assert tool.main(["--model", "repmlp_fmnist_mlp", "--weights", str(truncated)]) == 2
+    assert f"cannot read weights file {truncated}" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--weights needs --model"):
+        tool.main(["--weights", "x.pth"])

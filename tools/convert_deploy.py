@@ -60,7 +60,11 @@ def load_train_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str, st
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model, name, source = load_train_model(args)
+    try:
+        model, name, source = load_train_model(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     model.eval()
     if repmlp.is_deploy_form(model):
         raise SystemExit(f"{name}: the model is already in deploy form; nothing to convert")
