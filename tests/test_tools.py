@@ -18,6 +18,7 @@ def _run(*args, cwd=ROOT):
 
 def test_convert_deploy_from_a_train_checkpoint(tmp_path):
     import timm
+
     from repmlp.verify import randomize_bn_stats
 
     model = randomize_bn_stats(timm.create_model("repmlp_fmnist_mlp"), seed=5)
