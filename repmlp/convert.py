@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from torch import nn
@@ -21,14 +22,49 @@ def convert_to_deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     Args:
         model: the train-form model; left untouched unless ``inplace``.
-        inplace: convert ``model`` itself instead of a deep copy.
+        inplace: convert ``model`` itself instead of a copy.
 
     Returns:
         The converted model in eval mode, its parameters new leaf tensors with no autograd history.
     """
-    model = model if inplace else copy.deepcopy(model)
-    _reparameterize_tree(model)
-    return model.eval()
+    if inplace:
+        _reparameterize_tree(model)
+        return model.eval()
+    shared = _shareable_tensors(model)
+    versions = {id(t): t._version for t in shared}
+    deploy = copy.deepcopy(model, memo={id(t): t for t in shared})
+    _reparameterize_tree(deploy)
+    if any(t._version != versions[id(t)] for t in shared):
+        raise RuntimeError("convert_to_deploy: a reparameterize() wrote into a tensor of the train-form model; "
+                           "it must build new tensors (see repmlp.convert)")
+    _unshare(deploy, {id(t) for t in shared})
+    return deploy.eval()
+
+
+def _shareable_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers the copy may share with ``model`` while it is converted.
+
+    Every ``reparameterize()`` in this package builds new tensors and never writes into existing ones, so the
+    copy for conversion needs no tensor data: the big train-form weights (FC3, conv-BN pairs) are read once
+    and replaced, and only what survives unchanged is cloned afterwards. Models holding foreign
+    re-parameterizable modules, or inference tensors (no version counter to check), get a plain deep copy.
+    """
+    if any(not type(m).__module__.startswith(__package__ + ".") for _, m in reparameterizable(model)):
+        return []
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    return [] if any(t.is_inference() for t in tensors) else tensors
+
+
+def _unshare(model: nn.Module, shared: set[int]) -> None:
+    """Replace the tensors of ``model`` whose ids are in ``shared`` by copies (tied tensors stay tied)."""
+    clones: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is not None and id(tensor) in shared:
+                    if id(tensor) not in clones:
+                        clones[id(tensor)] = copy.deepcopy(tensor)
+                    store[name] = clones[id(tensor)]
 
 
 def _reparameterize_tree(module: nn.Module) -> None:

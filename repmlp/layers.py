@@ -21,6 +21,18 @@ def _replace_param(like: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(value.to(dtype=like.dtype, device=like.device), requires_grad=like.requires_grad)
 
 
+#: Size of the float64 row blocks the conversion works in. Bounded temporaries are reused by the allocator
+#: instead of faulting in fresh float64 copies of 40 MB FC3 weights; blocks are large enough that the number
+#: of ops (each a thread fork/join, costly on an oversubscribed machine) stays small.
+_BLOCK_BYTES = 1 << 23
+
+
+def _row_blocks(rows: int, row_numel: int) -> list[tuple[int, int]]:
+    """(start, stop) ranges covering ``rows`` rows of ``row_numel`` entries, ~``_BLOCK_BYTES`` in float64 each."""
+    step = max(1, _BLOCK_BYTES // (8 * row_numel))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 def partition(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(N, C, H, W) -> (N * hp * wp, C, h, w), partitions in (n, row, column) order.
 
@@ -73,20 +85,28 @@ class ConvBN(nn.Module):
             x = self.bn(x)
         return self.act(x)
 
-    def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kernel and bias (float64) of the equivalent single conv."""
+    def fused(self, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel and bias (float64) of the equivalent single conv, for output channels [start, stop)."""
         if self.bn is None:
-            return self.conv.weight.double(), self.conv.bias.double()
-        return ops.fuse_bn(self.conv.weight, self.conv.bias, *ops.bn_affine(self.bn))
+            return self.conv.weight[start:stop].double(), self.conv.bias[start:stop].double()
+        return self._fused_rows(slice(start, stop), ops.bn_affine(self.bn))
+
+    def _fused_rows(self, rows: slice, affine: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        conv, (scale, shift) = self.conv, affine
+        return ops.fuse_bn(conv.weight[rows], None if conv.bias is None else conv.bias[rows], scale[rows], shift[rows])
 
     @torch.no_grad()
     def reparameterize(self) -> None:
         """Fold the BN into the conv (idempotent)."""
         if self.bn is None:
             return
-        weight, bias = self.fused()
-        self.conv.weight = _replace_param(self.conv.weight, weight)
-        self.conv.bias = _replace_param(self.conv.weight, bias)
+        like, affine = self.conv.weight, ops.bn_affine(self.bn)
+        weight = torch.empty_like(like)
+        bias = torch.empty(like.shape[0], dtype=torch.float64, device=like.device)
+        for start, stop in _row_blocks(like.shape[0], like[0].numel()):
+            weight[start:stop], bias[start:stop] = self._fused_rows(slice(start, stop), affine)
+        self.conv.weight = _replace_param(like, weight)
+        self.conv.bias = _replace_param(like, bias)
         self.bn = None
 
 
@@ -136,13 +156,17 @@ class GlobalPerceptron(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[:2]
-        v = F.avg_pool2d(x, (self.h, self.w))
-        if self.bn is not None:
-            v = self.bn(v)
-        v = self.fc2(F.relu(self.fc1(v.reshape(n, -1))))
+        v = self.values(x)
         # rank-4 broadcast of v (n, c, hp, wp) over each h x w partition
         x = x.reshape(n * c * self.hp, self.h, self.wp, self.w) + v.reshape(n * c * self.hp, 1, self.wp, 1)
         return x.reshape(n, c, self.hp * self.h, self.wp * self.w)
+
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """The values added per channel and partition, (N, C * hp * wp) in (c, row, column) order."""
+        v = F.avg_pool2d(x, (self.h, self.w))
+        if self.bn is not None:
+            v = self.bn(v)
+        return self.fc2(F.relu(self.fc1(v.reshape(x.shape[0], -1))))
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -178,12 +202,23 @@ class PartitionPerceptron(nn.Module):
     def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
         """FC3 weight as (groups, out/g, in/g) and bias, with the BN folded in (float64)."""
         fc3 = self.fc3
-        weight, bias = fc3.weight, fc3.bias
-        if self.bn is not None:
-            weight, bias = ops.fuse_bn(weight, bias, *ops.bn_affine(self.bn))
-        elif bias is None:
-            bias = torch.zeros(fc3.out_features, dtype=torch.float64, device=weight.device)
-        return weight.double().reshape(fc3.groups, fc3.out_features // fc3.groups, -1), bias.double()
+        weight, bias = self.fused_rows()
+        return weight.reshape(fc3.groups, fc3.out_features // fc3.groups, -1), bias
+
+    def fused_rows(self, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [start, stop) of the FC3 weight (out, in/g) and bias with the BN folded in (float64)."""
+        return self._fused_rows(slice(start, stop), None if self.bn is None else ops.bn_affine(self.bn))
+
+    def _fused_rows(self, rows: slice, affine: tuple[torch.Tensor, torch.Tensor] | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = self.fc3.weight[rows]
+        bias = None if self.fc3.bias is None else self.fc3.bias[rows]
+        if affine is not None:
+            scale, shift = affine
+            return ops.fuse_bn(weight, bias, scale[rows], shift[rows])
+        if bias is None:
+            bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+        return weight.to(torch.float64, copy=True), bias.to(torch.float64, copy=True)
 
     @torch.no_grad()
     def load_fused(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -222,7 +257,12 @@ class LocalPerceptron(nn.Module):
         return out.reshape(p.shape[0], -1)
 
     def fused(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum of all branches as one grouped FC: weight (groups, out/g, in/g) and bias (float64).
+        """Sum of all branches as one grouped FC: weight (groups, out/g, in/g) and bias (float64)."""
+        kernel, bias = self.fused_kernel()
+        return ops.conv_to_fc(kernel, h, w, self.groups), bias.repeat_interleave(h * w)  # bias per (o, y, x)
+
+    def fused_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of all branches as one grouped conv: kernel (out, in/g, k, k) and bias (float64).
 
         Branches are summed as kernels first (dilated taps spread out, then centre-padded to the largest
         size), so one conv -> FC expansion serves them all.
@@ -230,9 +270,7 @@ class LocalPerceptron(nn.Module):
         fused = [branch.fused() for branch in self.branches]
         kernels = [ops.dilate_kernel(k, d) for (k, _), (_, d) in zip(fused, self.kernels)]
         size = max(k.shape[-1] for k in kernels)
-        kernel = sum(ops.pad_kernel(k, size) for k in kernels)
-        bias = sum(b for _, b in fused)
-        return ops.conv_to_fc(kernel, h, w, self.groups), bias.repeat_interleave(h * w)  # bias per (o, y, x)
+        return sum(ops.pad_kernel(k, size) for k in kernels), sum(b for _, b in fused)
 
 
 class RepMLP(nn.Module):
@@ -302,10 +340,13 @@ class RepMLP(nn.Module):
             raise ValueError(
                 f"RepMLP built for inputs (N, {self.in_channels}, {self.H}, {self.W}) with {self.h}x{self.w} "
                 f"partitions, got {tuple(x.shape)}")
-        n = x.shape[0]
-        if self.global_perceptron is not None:
-            x = self.global_perceptron(x)
+        n, c = x.shape[:2]
         p = partition(x, self.h, self.w)
+        if self.global_perceptron is not None:
+            # added to the partitions rather than to x: one contiguous broadcast over h*w, in place (partition()
+            # copies whenever there is more than one partition)
+            v = self.global_perceptron.values(x).reshape(n, c, self.hp * self.wp).transpose(1, 2)
+            p = p.add_(v.reshape(-1, c, 1, 1))
         y = self.partition_perceptron(p)
         if self.local_perceptron is not None:
             y = y + self.local_perceptron(p)
@@ -317,10 +358,20 @@ class RepMLP(nn.Module):
         folded in, fc2, and FC3 with a bias carrying every conv branch and both BNs."""
         if self.global_perceptron is not None:
             self.global_perceptron.reparameterize()
-        weight, bias = self.partition_perceptron.fused()
-        if self.local_perceptron is not None:
-            local_weight, local_bias = self.local_perceptron.fused(self.h, self.w)
-            weight, bias = weight + local_weight, bias + local_bias
+        if self.deploy:
+            return
+        pp, hw = self.partition_perceptron, self.h * self.w
+        like, affine = pp.fc3.weight, None if pp.bn is None else ops.bn_affine(pp.bn)
+        kernel, local_bias = (None, None) if self.local_perceptron is None else self.local_perceptron.fused_kernel()
+        weight = torch.empty_like(like)
+        bias = torch.empty(like.shape[0], dtype=torch.float64, device=like.device)
+        for start, stop in _row_blocks(self.out_channels, hw * like.shape[1]):  # blocks of output channels
+            rows = slice(start * hw, stop * hw)
+            block, block_bias = pp._fused_rows(rows, affine)
+            if kernel is not None:
+                ops.add_conv_to_fc(block, kernel[start:stop], self.h, self.w, out=block)
+                block_bias = block_bias + local_bias[start:stop].repeat_interleave(hw)  # bias per (o, y, x)
+            weight[rows], bias[rows] = block, block_bias
         self.partition_perceptron.load_fused(weight, bias)
         self.local_perceptron = None
         self.deploy = True

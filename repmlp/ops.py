@@ -93,12 +93,31 @@ def dilate_kernel(kernel: torch.Tensor, dilation: int | _Pair) -> torch.Tensor:
     return out
 
 
-def _tap_matrix(k: int, n: int, dilation: int, device: torch.device) -> torch.Tensor:
-    """S[i, y, y'] = 1 where tap i of a size-preserving conv at output y reads input y'."""
-    pad = dilation * (k - 1) // 2
-    taps = torch.arange(k, device=device)[:, None] * dilation - pad
-    src = torch.arange(n, device=device)[None, :] + taps  # (k, n): input read by tap i at output y
-    return (src[..., None] == torch.arange(n, device=device)).double()
+def _add_conv_windows_(out: torch.Tensor, kernel: torch.Tensor, h: int, w: int, dilation: _Pair) -> torch.Tensor:
+    """``out += conv_to_fc(kernel)`` for a contiguous float64 ``out`` of shape (O*h*w, C*h*w), in place.
+
+    Row (o, y, x) of the conv's matrix is, per input channel, the h x w window at (h-1-y, w-1-x) of the kernel
+    zero-padded to (2h-1) x (2w-1). With the padded kernel pre-shifted once per x, all windows are one strided
+    view; a flip over y lays them out as the matrix, in a few large ops.
+    """
+    kernel = dilate_kernel(kernel.double(), dilation)
+    o, c, kh, kw = kernel.shape
+    ph, pw = h - 1 - (kh - 1) // 2, w - 1 - (kw - 1) // 2  # negative pads crop kernels larger than 2h-1
+    padded = F.pad(kernel, (pw, pw, ph, ph))  # (o, c, 2h-1, 2w-1)
+    # shifted[o, x, c, a, X] = padded[o, c, a, X + w - 1 - x]
+    shifted = padded.unfold(3, w, 1).flip(3).permute(0, 3, 1, 2, 4).contiguous()
+    s_o, s_x, s_c = shifted.stride()[:3]
+    windows = shifted.as_strided((o, h, w, c, h * w), (s_o, w, s_x, s_c, 1))  # [o, h-1-y, x, c, (Y, X)]
+    out.view(o, h, w, c, h * w).add_(windows.flip(1))
+    return out
+
+
+def _check_conv(kernel: torch.Tensor, groups: int) -> None:
+    out_ch, _, kh, kw = kernel.shape
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"size-preserving padding needs odd kernel sizes, got {kh}x{kw}")
+    if out_ch % groups:
+        raise ValueError(f"groups={groups} does not divide the {out_ch} output channels")
 
 
 def conv_to_fc(
@@ -123,13 +142,46 @@ def conv_to_fc(
         float64 tensor of shape (g, O/g * h * w, C/g * h * w): one block per group, rows in (o, y, x)
         order and columns in (c, y, x) order within the group.
     """
-    out_ch, cin_g, kh, kw = kernel.shape
-    dh, dw = _pair(dilation)
-    if kh % 2 == 0 or kw % 2 == 0:
-        raise ValueError(f"size-preserving padding needs odd kernel sizes, got {kh}x{kw}")
-    if out_ch % groups:
-        raise ValueError(f"groups={groups} does not divide the {out_ch} output channels")
-    sh = _tap_matrix(kh, h, dh, kernel.device)  # (kh, h, h)
-    sw = _tap_matrix(kw, w, dw, kernel.device)  # (kw, w, w)
-    m = torch.einsum("ocij,iyY,jxX->oyxcYX", kernel.double(), sh, sw)
+    _check_conv(kernel, groups)
+    out_ch, cin_g = kernel.shape[:2]
+    m = torch.zeros(out_ch * h * w, cin_g * h * w, dtype=torch.float64, device=kernel.device)
+    _add_conv_windows_(m, kernel, h, w, _pair(dilation))
     return m.reshape(groups, out_ch // groups * h * w, cin_g * h * w)
+
+
+def add_conv_to_fc(
+    weight: torch.Tensor,
+    kernel: torch.Tensor,
+    h: int,
+    w: int,
+    dilation: int | _Pair = 1,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``W + conv_to_fc(K)`` for an FC weight ``W`` of shape (O*h*w, C*h*w) and a kernel of shape (O, C, kh, kw).
+
+    The local perceptron merged into FC3 (paper Sec. 3.3), for one group or any block of output channels
+    (rows) of a grouped FC3, without building the conv's matrix: entries are added in float64, each once.
+
+    Args:
+        weight: FC weight, rows in (o, y, x) and columns in (c, y, x) order.
+        kernel: conv kernel, odd sizes, size-preserving padding.
+        h: partition height.
+        w: partition width.
+        dilation: conv dilation.
+        out: contiguous float64 tensor to write the result into (may be ``weight`` itself).
+
+    Returns:
+        float64 tensor of the shape of ``weight``.
+    """
+    _check_conv(kernel, 1)
+    o, c = kernel.shape[:2]
+    if tuple(weight.shape) != (o * h * w, c * h * w):
+        raise ValueError(f"an FC weight of shape {(o * h * w, c * h * w)} is needed for a {tuple(kernel.shape)} "
+                         f"kernel on {h}x{w} partitions, got {tuple(weight.shape)}")
+    if out is None:
+        out = weight.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
+    elif out.dtype != torch.float64 or not out.is_contiguous() or out.shape != weight.shape:
+        raise ValueError("add_conv_to_fc: `out` must be a contiguous float64 tensor of the shape of `weight`")
+    elif out is not weight:
+        out.copy_(weight)
+    return _add_conv_windows_(out, kernel, h, w, _pair(dilation))
