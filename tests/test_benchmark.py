@@ -1,0 +1,107 @@
+"""The benchmark end to end on a small model, the authors' deploy form it compares against, torch.compile."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import rel_err
+from torch import nn
+
+from repmlp import RepMLP, convert_to_deploy
+from repmlp.benchmark import AuthorsRepMLP, authors_deploy_form, fc3_weight_bytes, model_input_size
+from repmlp.layers import ConvBN
+from repmlp.verify import randomize_bn_stats
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_model() -> nn.Module:
+    """Conv stem, two RepMLP blocks (4 and 1 partitions, h != w, C != O) and a classifier, for 3x16x16 inputs."""
+    model = nn.Sequential(
+        ConvBN(3, 8, 3, act=True),
+        RepMLP(8, 8, 16, 16, 8, 4, reparam_conv_k=(1, 3), fc3_groups=2),
+        nn.ReLU(),
+        RepMLP(8, 16, 16, 16, 16, 16, reparam_conv_k=(3,), fc3_groups=4),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    model.pretrained_cfg = {"input_size": (3, 16, 16)}
+    return model
+
+
+def tiny_baseline() -> nn.Module:
+    """A small conv net to compare against."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 10))
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_tool_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = _tool("benchmark").main([
+        "--models", "test_benchmark:tiny_model", "--baselines", "test_benchmark:tiny_baseline",
+        "--batch-sizes", "1", "3", "--rounds", "2", "--warmup", "1", "--convert-rounds", "1",
+        "--json", str(out), "--png", str(tmp_path / "bench.png")])
+    assert code == 0
+    report = json.loads(out.read_text())
+    rows = {(r["model"].split(":")[-1], r["form"], r["batch_size"]): r for r in report["results"]}
+    assert set(rows) == {(m, f, b) for m, f in [("tiny_model", "train"), ("tiny_model", "deploy"),
+                                                  ("tiny_model", "authors"), ("tiny_baseline", "baseline")]
+                         for b in (1, 3)}
+    for (model, _form, bs), r in rows.items():
+        assert r["ms"] > 0 and r["images_per_s"] == pytest.approx(1e3 * bs / r["ms"])
+        assert r["macs"] > 0 and 0 < r["matmul_fraction"] and r["peak_bytes"] > 0
+        if model == "tiny_model":
+            assert r["max_rel_err"] <= 1e-5 and len(r["fc3_bytes_per_block"]) == 2
+    assert rows[("tiny_model", "train", 1)]["macs"] > rows[("tiny_model", "deploy", 1)]["macs"]  # local convs gone
+    assert rows[("tiny_model", "authors", 1)]["macs"] == rows[("tiny_model", "deploy", 1)]["macs"]
+    assert {(r["versus"].split(":")[-1], r["batch_size"]) for r in report["ratios"]} == {
+        (v, b) for v in ("train", "authors", "tiny_baseline") for b in (1, 3)}
+    assert all(g > 0 for g in report["machine"]["matmul_gflops"].values())
+    assert report["conversion"]["test_benchmark:tiny_model"]["with_copy_s"] > 0
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert "deploy vs train" in capsys.readouterr().out
+
+
+# (C, O, H, W, h, w, groups): several partitions with a global perceptron, h != w, C != O, one partition
+AUTHORS_CASES = [(8, 8, 12, 10, 6, 5, 4), (8, 16, 12, 12, 6, 6, 4), (6, 6, 7, 7, 7, 7, 1)]
+
+
+@pytest.mark.parametrize("c,o,H,W,h,w,g", AUTHORS_CASES)
+def test_authors_form_computes_the_same_function_with_shared_weights(c, o, H, W, h, w, g):
+    block = randomize_bn_stats(RepMLP(c, o, H, W, h, w, reparam_conv_k=(1, 3), fc3_groups=g)).eval()
+    deploy = convert_to_deploy(nn.Sequential(block, nn.ReLU()))
+    authors = authors_deploy_form(deploy)
+    assert isinstance(authors[0], AuthorsRepMLP)
+    fc3 = deploy[0].partition_perceptron.fc3.weight
+    assert authors[0].block.partition_perceptron.fc3.weight.data_ptr() == fc3.data_ptr()
+    x = torch.randn(3, c, H, W)
+    with torch.no_grad():
+        assert rel_err(deploy(x), authors(x)) <= 1e-6
+        assert rel_err(block(x).relu(), authors(x)) <= 1e-5
+    assert fc3_weight_bytes(authors) == {"0.block.partition_perceptron.fc3": fc3.numel() * 4}
+
+
+def test_authors_form_needs_the_deploy_form():
+    with pytest.raises(ValueError, match="deploy-form"):
+        authors_deploy_form(tiny_model())
+
+
+def test_input_size_follows_the_model():
+    import timm
+
+    assert model_input_size(tiny_model()) == (3, 16, 16)
+    assert model_input_size(timm.create_model("repmlp_res50_light_224", img_size=64, partition=4)) == (3, 64, 64)
+
+
+def test_compiled_deploy_form_gives_the_same_outputs():
+    block = RepMLP(8, 8, 16, 16, 8, 4, reparam_conv_k=(1, 3), fc3_groups=2)  # one block: inductor compiles slowly
+    deploy = convert_to_deploy(randomize_bn_stats(nn.Sequential(block, nn.ReLU())).eval())
+    x = torch.randn(2, 8, 16, 16)
+    with torch.no_grad():
+        assert rel_err(deploy(x), torch.compile(deploy)(x)) <= 1e-5

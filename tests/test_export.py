@@ -1,0 +1,80 @@
+"""ONNX export of deploy forms: onnxruntime agrees with PyTorch, every tensor has rank <= 5, train forms refused."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from repmlp import RepMLP, convert_to_deploy
+from repmlp.benchmark import authors_deploy_form
+from repmlp.verify import randomize_bn_stats
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+from repmlp.export import check_ranks, export_onnx  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _deploy(model):
+    return convert_to_deploy(randomize_bn_stats(model, seed=1).eval())
+
+
+def _block():
+    return nn.Sequential(RepMLP(8, 16, 12, 10, 6, 5, reparam_conv_k=(1, 3), fc3_groups=4), nn.ReLU())
+
+
+@pytest.mark.slow
+def test_resnet_variant_round_trip(tmp_path):
+    # the Light RepMLP-ResNet at a reduced size (64x64 input, 4x4 partitions), 10 classes
+    model = timm.create_model("repmlp_res50_light_224", img_size=64, partition=4, num_classes=10)
+    report = export_onnx(_deploy(model), tmp_path / "light.onnx", batch_size=2)
+    assert report.input_shape == (2, 3, 64, 64)
+    assert report.max_rank <= 5 and report.max_rel_err <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not timm.list_models("repmlpnet*"), reason="no RepMLPNet variants registered")
+def test_repmlpnet_variant_round_trip(tmp_path):
+    model = timm.create_model(timm.list_models("repmlpnet*")[0], img_size=64, num_classes=10)
+    report = export_onnx(_deploy(model), tmp_path / "repmlpnet.onnx")
+    assert report.input_shape == (1, 3, 64, 64)
+    assert report.max_rank <= 5 and report.max_rel_err <= 1e-4
+
+
+def test_train_form_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="training-only modules"):
+        export_onnx(randomize_bn_stats(_block()).eval(), tmp_path / "train.onnx", input_size=(8, 12, 10))
+    assert not (tmp_path / "train.onnx").exists()
+
+
+def test_six_dimensional_partitioning_is_rejected(tmp_path):
+    # the authors' way of partitioning: a 6-D reshape/permute
+    with pytest.raises(ValueError, match="rank > 5"):
+        export_onnx(authors_deploy_form(_deploy(_block())), tmp_path / "authors.onnx", input_size=(8, 12, 10))
+
+
+def _graph(shape):
+    node = onnx.helper.make_node("Identity", ["x"], ["y"])
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    return onnx.helper.make_model(onnx.helper.make_graph([node], "g", [x], [y]))
+
+
+def test_check_ranks():
+    assert check_ranks(_graph([1, 2, 3, 4, 5])) == 5
+    with pytest.raises(ValueError, match="rank > 5"):
+        check_ranks(_graph([1, 2, 3, 4, 5, 6]))
+
+
+def test_export_tool(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("export_onnx", ROOT / "tools" / "export_onnx.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "tiny.onnx"
+    assert tool.main(["--model", "test_benchmark:tiny_model", "--output", str(out), "--batch-size", "2"]) == 0
+    assert out.stat().st_size > 0 and "rank <= 5" in capsys.readouterr().out
+    torch.testing.assert_close(torch.tensor(onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[0].dim_value),
+                               torch.tensor(2))

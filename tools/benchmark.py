@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Inference speed of RepMLP models: train form, deploy form, the authors' deploy form (emulated) and baselines.
+
+Candidates are timed in interleaved rounds (medians) with a dense matmul in the same rounds; prints a table and the
+deploy-form speed-ups, optionally writes JSON and a PNG chart. Weights are random (BN statistics randomised): speed
+does not depend on them, and every deploy and authors' form is checked against its train form.
+
+Example (the speed goals of issue 5, CPU):
+    python tools/benchmark.py --batch-sizes 1 8 --rounds 15 --json output/bench_cpu.json --png output/bench_cpu.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from repmlp.benchmark import DTYPES, FORMS, BenchmarkConfig, format_table, plot, run_benchmark  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, dict[str, str | None]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = BenchmarkConfig()
+    p.add_argument("--models", nargs="+", default=list(d.models),
+                   help="timm names or package.module:factory of models with RepMLP blocks (timed in --forms)")
+    p.add_argument("--baselines", nargs="*", default=list(d.baselines),
+                   help="models timed as they are: timm names or package.module:factory (default: resnet50)")
+    p.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS, help="forms of --models to time")
+    p.add_argument("--model-kwargs", type=json.loads, default={},
+                   help='JSON kwargs for every --models factory, e.g. \'{"img_size": 64, "partition": 4}\'')
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="input size (default: each model's own)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=list(d.batch_sizes))
+    p.add_argument("--device", default=d.device, help="cpu or cuda[:i]")
+    p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
+    p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile every candidate (outputs are checked)")
+    p.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune")
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (default 2)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed calls per candidate after the first")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="timed, interleaved rounds")
+    p.add_argument("--matmul-size", type=int, help="n of the reference n^3 matmul (default 1024 CPU, 8192 CUDA)")
+    p.add_argument("--no-macs", dest="macs", action="store_false", help="skip fvcore MAC counts")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory measurement")
+    p.add_argument("--convert-rounds", type=int, default=d.convert_rounds,
+                   help="time the train -> deploy conversion this many times per model (0: skip)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--png", help="write a bar chart of images/s here")
+    args = p.parse_args(argv)
+    outputs = {"json": args.json, "png": args.png}
+    del args.json, args.png
+    if args.input_size:
+        args.input_size = tuple(args.input_size)
+    return BenchmarkConfig(**vars(args)), outputs
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, outputs = parse_args(argv)
+    report = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr))
+    print(format_table(report))
+    if outputs["json"]:
+        Path(outputs["json"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(outputs["json"]).write_text(json.dumps(report, indent=1))
+        print(f"wrote {outputs['json']}")
+    if outputs["png"]:
+        Path(outputs["png"]).parent.mkdir(parents=True, exist_ok=True)
+        plot(report, outputs["png"])
+        print(f"wrote {outputs['png']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
