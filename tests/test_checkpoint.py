@@ -26,6 +26,9 @@ def test_round_trip_records_name_and_form(tmp_path):
     repmlp.save_checkpoint(repmlp.convert_to_deploy(block), deploy_path)
     assert read_metadata(deploy_path)["form"] == "deploy"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_train_checkpoint_into_deploy_block_is_converted(tmp_path):
