@@ -25,3 +25,17 @@ def rel_err(reference: torch.Tensor, candidate: torch.Tensor) -> float:
 
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def official_state_dict(keys_file, seed=0):
+    """A state dict with exactly the authors' keys and shapes, random values (positive variances)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for line in (REFERENCE / keys_file).read_text().splitlines():
+        key, shape = line.split("\t")
+        shape = [int(s) for s in shape.strip("[]").split(",") if s.strip()]
+        value = torch.rand(shape, generator=gen) * 0.1
+        state[key] = value + 0.5 if key.endswith("running_var") else value
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(7)
+    return state

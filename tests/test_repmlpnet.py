@@ -6,7 +6,7 @@ import json
 import pytest
 import timm
 import torch
-from conftest import REFERENCE, TOL, rel_err
+from conftest import REFERENCE, TOL, official_state_dict, rel_err
 from safetensors.torch import load_file
 
 import repmlp
@@ -221,19 +221,6 @@ def test_our_train_checkpoint_into_deploy_model_is_converted(tmp_path):
     again = timm.create_model("repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
                               deploy=True, **TINY)
     assert all(torch.equal(a, b) for a, b in zip(deploy.state_dict().values(), again.state_dict().values()))
-
-
-def official_state_dict(keys_file, seed=0):
-    """A state dict with exactly the authors' keys and shapes, random values (positive variances)."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for line in (REFERENCE / keys_file).read_text().splitlines():
-        key, shape = line.split("\t")
-        shape = [int(s) for s in shape.strip("[]").split(",") if s.strip()]
-        state[key] = torch.rand(shape, generator=gen) * 0.1 + (0.5 if key.endswith("running_var") else 0)
-        if key.endswith("num_batches_tracked"):
-            state[key] = torch.tensor(7)
-    return state
 
 
 def test_official_t224_layouts_load(tmp_path):

@@ -4,7 +4,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import REFERENCE, TOL, rel_err
+from conftest import TOL, official_state_dict, rel_err
 
 import repmlp
 from repmlp.verify import randomize_bn_stats
@@ -109,20 +109,6 @@ def test_img_size_that_cannot_partition():
 
 
 # --- the authors' checkpoints (layouts from reference/official/keys_*.txt) --------------------------
-
-
-def official_state_dict(keys_file, seed=0):
-    """A state dict with exactly the authors' keys and shapes, random values (positive variances)."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for line in (REFERENCE / keys_file).read_text().splitlines():
-        key, shape = line.split("\t")
-        shape = [int(s) for s in shape.strip("[]").split(",") if s.strip()]
-        value = torch.rand(shape, generator=gen) * 0.1
-        state[key] = value + 0.5 if key.endswith("running_var") else value
-        if key.endswith("num_batches_tracked"):
-            state[key] = torch.tensor(7)
-    return state
 
 
 OFFICIAL = [("repmlp_res50_light_g4_224", "RepMLP-Res50-light-224", "light"),
