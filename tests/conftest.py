@@ -7,9 +7,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official"
-if not REFERENCE.is_dir():
-    REFERENCE = Path(os.environ.get("REPMLP_REFERENCE", "/work/shared/reference/official"))
+REFERENCE = Path(__file__).resolve().parent / "fixtures" / "official"  # the authors' outputs, as data
 
 
 @pytest.fixture(autouse=True)
