@@ -33,23 +33,34 @@ def _row_blocks(rows: int, row_numel: int) -> list[tuple[int, int]]:
     return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
-def partition(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(N, C, H, W) -> (N * hp * wp, C, h, w), partitions in (n, row, column) order.
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
-    Written with tensors of rank <= 5 (two copies instead of one 6-D permute) so exported graphs run
-    on runtimes that reject 6-D tensors.
+
+def partition(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N * hp * wp, C, h, w), partitions in (n, row, column) order; always a new tensor.
+
+    Written with tensors of rank <= 5 so exported graphs run on runtimes that reject 6-D tensors: one copy
+    for a channels_last input, two otherwise (instead of one 6-D permute).
     """
     n, c, H, W = x.shape
     hp, wp = H // h, W // w
-    x = x.reshape(n, c, hp, h, W).transpose(1, 2)  # (n, hp, c, h, W)
-    x = x.reshape(n * hp, c, h, wp, w).permute(0, 3, 1, 2, 4)  # (n*hp, wp, c, h, w)
-    return x.reshape(n * hp * wp, c, h, w)
+    if _is_channels_last(x):
+        x = x.permute(0, 2, 3, 1).reshape(n * hp, h, wp, w, c).permute(0, 2, 4, 1, 3)  # (n*hp, wp, c, h, w)
+    else:
+        x = x.reshape(n, c, hp, h, W).transpose(1, 2)  # (n, hp, c, h, W)
+        x = x.reshape(n * hp, c, h, wp, w).permute(0, 3, 1, 2, 4)  # (n*hp, wp, c, h, w)
+    return x.clone(memory_format=torch.contiguous_format).view(n * hp * wp, c, h, w)
 
 
-def unpartition(p: torch.Tensor, n: int, hp: int, wp: int) -> torch.Tensor:
-    """Inverse of :func:`partition`: (N * hp * wp, C, h, w) -> (N, C, hp * h, wp * w)."""
+def unpartition(p: torch.Tensor, n: int, hp: int, wp: int, channels_last: bool = False) -> torch.Tensor:
+    """Inverse of :func:`partition`: (N * hp * wp, C, h, w) -> (N, C, hp * h, wp * w), optionally channels_last."""
     c, h, w = p.shape[1:]
-    y = p.reshape(n * hp, wp, c, h, w).permute(0, 2, 3, 1, 4)  # (n*hp, c, h, wp, w)
+    y = p.reshape(n * hp, wp, c, h, w)
+    if channels_last:  # one copy into (n, H, W, c) memory order
+        y = y.permute(0, 3, 1, 4, 2).reshape(n, hp * h, wp * w, c)
+        return y.permute(0, 3, 1, 2)
+    y = y.permute(0, 2, 3, 1, 4)  # (n*hp, c, h, wp, w)
     y = y.reshape(n, hp, c, h * wp * w).transpose(1, 2)  # (n, c, hp, h*W)
     return y.reshape(n, c, hp * h, wp * w)
 
@@ -202,23 +213,12 @@ class PartitionPerceptron(nn.Module):
     def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
         """FC3 weight as (groups, out/g, in/g) and bias, with the BN folded in (float64)."""
         fc3 = self.fc3
-        weight, bias = self.fused_rows()
-        return weight.reshape(fc3.groups, fc3.out_features // fc3.groups, -1), bias
-
-    def fused_rows(self, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows [start, stop) of the FC3 weight (out, in/g) and bias with the BN folded in (float64)."""
-        return self._fused_rows(slice(start, stop), None if self.bn is None else ops.bn_affine(self.bn))
-
-    def _fused_rows(self, rows: slice, affine: tuple[torch.Tensor, torch.Tensor] | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = self.fc3.weight[rows]
-        bias = None if self.fc3.bias is None else self.fc3.bias[rows]
-        if affine is not None:
-            scale, shift = affine
-            return ops.fuse_bn(weight, bias, scale[rows], shift[rows])
-        if bias is None:
-            bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
-        return weight.to(torch.float64, copy=True), bias.to(torch.float64, copy=True)
+        weight, bias = fc3.weight, fc3.bias
+        if self.bn is not None:
+            weight, bias = ops.fuse_bn(weight, bias, *ops.bn_affine(self.bn))
+        elif bias is None:
+            bias = torch.zeros(fc3.out_features, dtype=torch.float64, device=weight.device)
+        return weight.double().reshape(fc3.groups, fc3.out_features // fc3.groups, -1), bias.double()
 
     @torch.no_grad()
     def load_fused(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -343,14 +343,14 @@ class RepMLP(nn.Module):
         n, c = x.shape[:2]
         p = partition(x, self.h, self.w)
         if self.global_perceptron is not None:
-            # added to the partitions rather than to x: one contiguous broadcast over h*w, in place (partition()
-            # copies whenever there is more than one partition)
+            # added to the partitions (a new tensor) rather than to x: one contiguous broadcast over h*w, in place
             v = self.global_perceptron.values(x).reshape(n, c, self.hp * self.wp).transpose(1, 2)
             p = p.add_(v.reshape(-1, c, 1, 1))
         y = self.partition_perceptron(p)
         if self.local_perceptron is not None:
             y = y + self.local_perceptron(p)
-        return unpartition(y.reshape(-1, self.out_channels, self.h, self.w), n, self.hp, self.wp)
+        y = y.reshape(-1, self.out_channels, self.h, self.w)
+        return unpartition(y, n, self.hp, self.wp, channels_last=_is_channels_last(x))
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -360,19 +360,20 @@ class RepMLP(nn.Module):
             self.global_perceptron.reparameterize()
         if self.deploy:
             return
-        pp, hw = self.partition_perceptron, self.h * self.w
-        like, affine = pp.fc3.weight, None if pp.bn is None else ops.bn_affine(pp.bn)
-        kernel, local_bias = (None, None) if self.local_perceptron is None else self.local_perceptron.fused_kernel()
-        weight = torch.empty_like(like)
-        bias = torch.empty(like.shape[0], dtype=torch.float64, device=like.device)
-        for start, stop in _row_blocks(self.out_channels, hw * like.shape[1]):  # blocks of output channels
-            rows = slice(start * hw, stop * hw)
-            block, block_bias = pp._fused_rows(rows, affine)
-            if kernel is not None:
-                ops.add_conv_to_fc(block, kernel[start:stop], self.h, self.w, out=block)
-                block_bias = block_bias + local_bias[start:stop].repeat_interleave(hw)  # bias per (o, y, x)
-            weight[rows], bias[rows] = block, block_bias
-        self.partition_perceptron.load_fused(weight, bias)
+        pp, lp, hw = self.partition_perceptron, self.local_perceptron, self.h * self.w
+        if lp is None:
+            pp.load_fused(*pp.fused())
+        else:  # FC3 rows block by block, each with the matching rows of the local perceptron's kernel
+            fc3 = pp.fc3.weight
+            ones = torch.ones(fc3.shape[0], dtype=torch.float64, device=fc3.device)
+            scale, shift = ops.bn_affine(pp.bn) if pp.bn is not None else (ones, ones - 1)
+            kernel, local_bias = lp.fused_kernel()
+            weight = torch.empty_like(fc3)
+            for start, stop in _row_blocks(self.out_channels, hw * fc3.shape[1]):
+                rows = slice(start * hw, stop * hw)
+                ops.add_conv_to_fc(fc3[rows], kernel[start:stop], self.h, self.w, scale=scale[rows], out=weight[rows])
+            bias = ops.fuse_bn_bias(pp.fc3.bias, scale, shift) + local_bias.repeat_interleave(hw)  # per (o, y, x)
+            pp.load_fused(weight, bias)
         self.local_perceptron = None
         self.deploy = True
 

@@ -43,8 +43,12 @@ def fuse_bn(
     shape (out, ...) for any trailing dims.
     """
     w = weight.double() * scale.reshape(-1, *([1] * (weight.dim() - 1)))
-    b = shift if bias is None else scale * bias.double() + shift
-    return w, b
+    return w, fuse_bn_bias(bias, scale, shift)
+
+
+def fuse_bn_bias(bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The bias half of :func:`fuse_bn`: ``scale * b + shift`` (``shift`` without a bias)."""
+    return shift if bias is None else scale * bias.double() + shift
 
 
 def fold_preceding_bn(
@@ -93,12 +97,12 @@ def dilate_kernel(kernel: torch.Tensor, dilation: int | _Pair) -> torch.Tensor:
     return out
 
 
-def _add_conv_windows_(out: torch.Tensor, kernel: torch.Tensor, h: int, w: int, dilation: _Pair) -> torch.Tensor:
-    """``out += conv_to_fc(kernel)`` for a contiguous float64 ``out`` of shape (O*h*w, C*h*w), in place.
+def _conv_matrix(kernel: torch.Tensor, h: int, w: int, dilation: _Pair) -> torch.Tensor:
+    """The conv's FC matrix as a contiguous float64 (O, h, w, C, h*w) tensor (see :func:`conv_to_fc`).
 
-    Row (o, y, x) of the conv's matrix is, per input channel, the h x w window at (h-1-y, w-1-x) of the kernel
-    zero-padded to (2h-1) x (2w-1). With the padded kernel pre-shifted once per x, all windows are one strided
-    view; a flip over y lays them out as the matrix, in a few large ops.
+    Row (o, y, x) is, per input channel, the h x w window at (h-1-y, w-1-x) of the kernel zero-padded to
+    (2h-1) x (2w-1). With the padded kernel pre-shifted once per x, all windows are one strided view with
+    rows in reversed y, so one stacking copy lays out the whole matrix.
     """
     kernel = dilate_kernel(kernel.double(), dilation)
     o, c, kh, kw = kernel.shape
@@ -108,8 +112,7 @@ def _add_conv_windows_(out: torch.Tensor, kernel: torch.Tensor, h: int, w: int, 
     shifted = padded.unfold(3, w, 1).flip(3).permute(0, 3, 1, 2, 4).contiguous()
     s_o, s_x, s_c = shifted.stride()[:3]
     windows = shifted.as_strided((o, h, w, c, h * w), (s_o, w, s_x, s_c, 1))  # [o, h-1-y, x, c, (Y, X)]
-    out.view(o, h, w, c, h * w).add_(windows.flip(1))
-    return out
+    return torch.stack([windows[:, h - 1 - y] for y in range(h)], dim=1)  # one contiguous copy, unlike flip
 
 
 def _check_conv(kernel: torch.Tensor, groups: int) -> None:
@@ -144,8 +147,7 @@ def conv_to_fc(
     """
     _check_conv(kernel, groups)
     out_ch, cin_g = kernel.shape[:2]
-    m = torch.zeros(out_ch * h * w, cin_g * h * w, dtype=torch.float64, device=kernel.device)
-    _add_conv_windows_(m, kernel, h, w, _pair(dilation))
+    m = _conv_matrix(kernel, h, w, _pair(dilation))
     return m.reshape(groups, out_ch // groups * h * w, cin_g * h * w)
 
 
@@ -155,33 +157,33 @@ def add_conv_to_fc(
     h: int,
     w: int,
     dilation: int | _Pair = 1,
+    scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``W + conv_to_fc(K)`` for an FC weight ``W`` of shape (O*h*w, C*h*w) and a kernel of shape (O, C, kh, kw).
+    """``scale[:, None] * W + conv_to_fc(K)``: an FC (times the scale of a BN after it) plus a conv's FC matrix.
 
-    The local perceptron merged into FC3 (paper Sec. 3.3), for one group or any block of output channels
-    (rows) of a grouped FC3, without building the conv's matrix: entries are added in float64, each once.
+    The local perceptron merged into FC3 (paper Sec. 3.3) for one group, or for any block of output channels
+    (rows) of a grouped FC3 with the matching rows of its kernel. Evaluated in float64 and rounded once into
+    ``out``, so a float32 FC3 is folded without float64 copies of its full size.
 
     Args:
-        weight: FC weight, rows in (o, y, x) and columns in (c, y, x) order.
-        kernel: conv kernel, odd sizes, size-preserving padding.
+        weight: FC weight (O*h*w, C*h*w), rows in (o, y, x) and columns in (c, y, x) order.
+        kernel: conv kernel (O, C, kh, kw), odd sizes, size-preserving padding.
         h: partition height.
         w: partition width.
         dilation: conv dilation.
-        out: contiguous float64 tensor to write the result into (may be ``weight`` itself).
+        scale: per-row scale of ``weight`` (O*h*w,), e.g. of a following BN (:func:`bn_affine`); default 1.
+        out: tensor of the shape of ``weight`` to write the result into, any floating dtype.
 
     Returns:
-        float64 tensor of the shape of ``weight``.
+        ``out``, or a new float64 tensor.
     """
     _check_conv(kernel, 1)
     o, c = kernel.shape[:2]
     if tuple(weight.shape) != (o * h * w, c * h * w):
         raise ValueError(f"an FC weight of shape {(o * h * w, c * h * w)} is needed for a {tuple(kernel.shape)} "
                          f"kernel on {h}x{w} partitions, got {tuple(weight.shape)}")
-    if out is None:
-        out = weight.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
-    elif out.dtype != torch.float64 or not out.is_contiguous() or out.shape != weight.shape:
-        raise ValueError("add_conv_to_fc: `out` must be a contiguous float64 tensor of the shape of `weight`")
-    elif out is not weight:
-        out.copy_(weight)
-    return _add_conv_windows_(out, kernel, h, w, _pair(dilation))
+    m = _conv_matrix(kernel, h, w, _pair(dilation)).view(weight.shape)
+    if scale is None:
+        return torch.add(m, weight, out=out)
+    return torch.addcmul(m, weight, scale.double()[:, None], out=out)
