@@ -184,7 +184,7 @@ class BenchmarkConfig:
     batch_sizes: Sequence[int] = (1, 8)
     device: str = "cpu"
     dtype: str = "fp32"
-    channels_last: bool = False
+    channels_last: Sequence[str] = ()  # forms whose inputs are channels_last ("train", "deploy", "authors", "baseline")
     compile: bool = False
     compile_mode: str | None = None
     threads: int | None = 2
@@ -245,9 +245,9 @@ def time_conversion(train: nn.Module, rounds: int) -> dict[str, float]:
 
 
 def _prepare(c: Candidate, cfg: BenchmarkConfig, device: torch.device) -> nn.Module:
+    # Weights keep their format (forms share them): a channels_last input alone makes oneDNN / cuDNN run every
+    # conv in NHWC, and our RepMLP blocks partition NHWC maps with one copy each way.
     module = c.module.to(device=device, dtype=DTYPES[cfg.dtype])
-    if cfg.channels_last:
-        module = module.to(memory_format=torch.channels_last)
     return torch.compile(module, mode=cfg.compile_mode) if cfg.compile else module
 
 
@@ -263,11 +263,11 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> d
     modules = [_prepare(c, cfg, device) for c in cands]
     matmul_n = cfg.matmul_size or (1024 if device.type == "cpu" else 8192)
     matmul = matmul_time(device, dtype, matmul_n)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    formats = [torch.channels_last if c.form in cfg.channels_last else torch.contiguous_format for c in cands]
     results, machine = [], {"matmul_n": matmul_n, "matmul_gflops": {}}
     for bs in cfg.batch_sizes:
-        inputs = [torch.randn(bs, *c.input_size, device=device).to(dtype).contiguous(memory_format=memory_format)
-                  for c in cands]
+        inputs = [torch.randn(bs, *c.input_size, device=device).to(dtype).contiguous(memory_format=f)
+                  for c, f in zip(cands, formats)]
         compile_s, compiled_err = [], []
         for c, m, x in zip(cands, modules, inputs):
             start = time.perf_counter()
@@ -294,7 +294,8 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> d
             gflops = None if c.macs is None else 2 * c.macs * bs / sec / 1e9
             weights = sum(p.numel() * p.element_size() for p in itertools.chain(m.parameters(), m.buffers()))
             results.append(dict(
-                model=c.model, form=c.form, batch_size=bs, ms=1e3 * sec, ms_min=1e3 * min(t),
+                model=c.model, form=c.form, batch_size=bs, channels_last=c.form in cfg.channels_last,
+                ms=1e3 * sec, ms_min=1e3 * min(t),
                 images_per_s=bs / sec, params=c.params, macs=c.macs, gflops=gflops,
                 matmul_fraction=None if gflops is None else gflops / peak_gflops,
                 fc3_bytes=sum(c.fc3_bytes.values()), fc3_bytes_per_block=c.fc3_bytes,
@@ -342,17 +343,18 @@ def speed_ratios(results: list[dict]) -> list[dict]:
 
 def format_table(report: dict) -> str:
     """The results as a fixed-width table, then the speed-ups."""
-    head = (f"{'model':32} {'form':8} {'batch':>5} {'ms':>9} {'img/s':>8} {'params':>8} {'GMACs':>7} {'GFLOP/s':>8} "
-            f"{'%mm':>5} {'FC3 MB':>7} {'peak MB':>8} {'rel err':>8}")
+    head = (f"{'model':30} {'form':8} {'fmt':4} {'batch':>5} {'ms':>8} {'img/s':>7} {'params':>8} {'GMACs':>6} "
+            f"{'GFLOP/s':>7} {'%mm':>4} {'FC3 MB':>6} {'peak MB':>7} {'rel err':>7}")
     lines = [head, "-" * len(head)]
     for r in report["results"]:
         def fmt(value, spec, scale=1.0):
             return "-" if value is None else format(value * scale, spec)
+        layout = "NHWC" if r["channels_last"] else "NCHW"
         lines.append(
-            f"{r['model'][:32]:32} {r['form']:8} {r['batch_size']:>5} {r['ms']:>9.1f} {r['images_per_s']:>8.1f} "
-            f"{r['params'] / 1e6:>7.2f}M {fmt(r['macs'], '>7.3f', 1e-9)} {fmt(r['gflops'], '>8.1f')} "
-            f"{fmt(r['matmul_fraction'], '>5.0%')} {r['fc3_bytes'] / 2 ** 20:>7.1f} "
-            f"{fmt(r['peak_bytes'], '>8.0f', 2 ** -20)} {fmt(r['max_rel_err'], '>8.1e')}")
+            f"{r['model'][:30]:30} {r['form']:8} {layout:4} {r['batch_size']:>5} {r['ms']:>8.1f} "
+            f"{r['images_per_s']:>7.1f} {r['params'] / 1e6:>7.2f}M {fmt(r['macs'], '>6.3f', 1e-9)} "
+            f"{fmt(r['gflops'], '>7.1f')} {fmt(r['matmul_fraction'], '>4.0%')} {r['fc3_bytes'] / 2 ** 20:>6.1f} "
+            f"{fmt(r['peak_bytes'], '>7.0f', 2 ** -20)} {fmt(r['max_rel_err'], '>7.0e')}")
     mm = report["machine"]["matmul_gflops"]
     lines.append(f"dense {report['machine']['matmul_n']}^3 matmul, same rounds: "
                  + ", ".join(f"batch {bs}: {g:.1f} GFLOP/s" for bs, g in mm.items()))
@@ -383,7 +385,8 @@ def plot(report: dict, path: str | Path) -> None:
         ax.set_ylabel("images / s")
     cfg = report["config"]
     fig.suptitle(f"{report['machine']['device']}, {cfg['dtype']}, threads {report['machine']['threads']}"
-                 + (", channels_last" if cfg["channels_last"] else "") + (", compiled" if cfg["compile"] else ""))
+                 + (f", channels_last: {'/'.join(cfg['channels_last'])}" if cfg["channels_last"] else "")
+                 + (", compiled" if cfg["compile"] else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

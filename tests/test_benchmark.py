@@ -46,16 +46,17 @@ def test_benchmark_tool_end_to_end(tmp_path, capsys):
     code = _tool("benchmark").main([
         "--models", "test_benchmark:tiny_model", "--baselines", "test_benchmark:tiny_baseline",
         "--batch-sizes", "1", "3", "--rounds", "2", "--warmup", "1", "--convert-rounds", "1",
-        "--json", str(out), "--png", str(tmp_path / "bench.png")])
+        "--channels-last", "deploy", "--json", str(out), "--png", str(tmp_path / "bench.png")])
     assert code == 0
     report = json.loads(out.read_text())
     rows = {(r["model"].split(":")[-1], r["form"], r["batch_size"]): r for r in report["results"]}
     assert set(rows) == {(m, f, b) for m, f in [("tiny_model", "train"), ("tiny_model", "deploy"),
                                                   ("tiny_model", "authors"), ("tiny_baseline", "baseline")]
                          for b in (1, 3)}
-    for (model, _form, bs), r in rows.items():
+    for (model, form, bs), r in rows.items():
         assert r["ms"] > 0 and r["images_per_s"] == pytest.approx(1e3 * bs / r["ms"])
         assert r["macs"] > 0 and 0 < r["matmul_fraction"] and r["peak_bytes"] > 0
+        assert r["channels_last"] == (form == "deploy")
         if model == "tiny_model":
             assert r["max_rel_err"] <= 1e-5 and len(r["fc3_bytes_per_block"]) == 2
     assert rows[("tiny_model", "train", 1)]["macs"] > rows[("tiny_model", "deploy", 1)]["macs"]  # local convs gone

@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, dict[str
     p.add_argument("--batch-sizes", type=int, nargs="+", default=list(d.batch_sizes))
     p.add_argument("--device", default=d.device, help="cpu or cuda[:i]")
     p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
-    p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last memory format")
+    p.add_argument("--channels-last", nargs="*", choices=(*FORMS, "baseline"),
+                   help="run these forms on channels_last inputs (no value: all forms and baselines)")
     p.add_argument("--compile", action="store_true", help="torch.compile every candidate (outputs are checked)")
     p.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune")
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (default 2)")
@@ -58,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, dict[str
     del args.json, args.png
     if args.input_size:
         args.input_size = tuple(args.input_size)
+    if args.channels_last is None:
+        args.channels_last = ()
+    elif not args.channels_last:
+        args.channels_last = (*FORMS, "baseline")
     return BenchmarkConfig(**vars(args)), outputs
 
 
