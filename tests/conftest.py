@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -8,6 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parent / "fixtures" / "official"  # the authors' outputs, as data
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
 @pytest.fixture(autouse=True)
@@ -37,3 +39,11 @@ def official_state_dict(keys_file, seed=0):
         if key.endswith("num_batches_tracked"):
             state[key] = torch.tensor(7)
     return state
+
+
+def load_tool(name):
+    """A script of tools/ as a module, to call its ``main(argv)`` in-process."""
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,11 +1,10 @@
 """The benchmark end to end on a small model, the authors' deploy form it compares against, torch.compile."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import load_tool, rel_err
 from torch import nn
 
 from repmlp import RepMLP, convert_to_deploy
@@ -34,16 +33,9 @@ def tiny_baseline() -> nn.Module:
                          nn.Linear(8, 10))
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_tool_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = _tool("benchmark").main([
+    code = load_tool("benchmark").main([
         "--models", "test_benchmark:tiny_model", "--baselines", "test_benchmark:tiny_baseline",
         "--batch-sizes", "1", "3", "--rounds", "2", "--warmup", "1", "--convert-rounds", "1",
         "--channels-last", "deploy", "--json", str(out), "--png", str(tmp_path / "bench.png")])

@@ -1,10 +1,8 @@
 """ONNX export of deploy forms: onnxruntime agrees with PyTorch, every tensor has rank <= 5, train forms refused."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import timm
 import torch
+from conftest import load_tool
 from torch import nn
 
 from repmlp import RepMLP, convert_to_deploy
@@ -14,8 +12,6 @@ from repmlp.verify import randomize_bn_stats
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 from repmlp.export import check_ranks, export_onnx  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _deploy(model):
@@ -70,9 +66,7 @@ def test_check_ranks():
 
 
 def test_export_tool(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("export_onnx", ROOT / "tools" / "export_onnx.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("export_onnx")
     out = tmp_path / "tiny.onnx"
     assert tool.main(["--model", "test_benchmark:tiny_model", "--output", str(out), "--batch-size", "2"]) == 0
     assert out.stat().st_size > 0 and "rank <= 5" in capsys.readouterr().out

@@ -1,10 +1,10 @@
 """Command-line tools run end to end."""
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
 import repmlp
 from repmlp.checkpoint import read_metadata
@@ -42,15 +42,8 @@ def test_convert_deploy_default_is_the_shipped_model(tmp_path):
     assert "shipped weights repmlp_fmnist_mlp.fmnist" in res.stdout and "PASS (float32)" in res.stdout
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_convert_deploy_bad_arguments(tmp_path, capsys):
-    tool = _tool("convert_deploy")
+    tool = load_tool("convert_deploy")
     assert tool.main(["--model", "repmlp_fmnist_mlp", "--weights", "missing.pth"]) == 2
     assert "missing.pth" in capsys.readouterr().err
     truncated = tmp_path / "t.safetensors"
