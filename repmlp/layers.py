@@ -96,11 +96,11 @@ class ConvBN(nn.Module):
             x = self.bn(x)
         return self.act(x)
 
-    def fused(self, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kernel and bias (float64) of the equivalent single conv, for output channels [start, stop)."""
+    def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel and bias (float64) of the equivalent single conv."""
         if self.bn is None:
-            return self.conv.weight[start:stop].double(), self.conv.bias[start:stop].double()
-        return self._fused_rows(slice(start, stop), ops.bn_affine(self.bn))
+            return self.conv.weight.double(), self.conv.bias.double()
+        return self._fused_rows(slice(None), ops.bn_affine(self.bn))
 
     def _fused_rows(self, rows: slice, affine: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         conv, (scale, shift) = self.conv, affine
