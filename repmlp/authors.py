@@ -6,8 +6,9 @@ form ("locality injection": FC3 with a bias, every other BN kept) is a partly re
 :func:`repmlp.load_checkpoint` matches structurally, so nothing here converts weights.
 
 The emulations run our weights op for op the way the authors' inference code runs them (6-D partition
-permutes, FC3 as a grouped 1x1 conv over C*h*w channels). They compute the same function as our deploy forms
-and exist to be raced against in :mod:`repmlp.benchmark`; their code itself is not used.
+permutes, FC3 as a grouped 1x1 conv over C*h*w channels), and convert the way their conversion does
+(:func:`authors_convert`). They compute the same function as our deploy forms and exist to be raced against in
+:mod:`repmlp.benchmark`; their code itself is not used.
 """
 
 from __future__ import annotations
@@ -224,3 +225,70 @@ def authors_form(train: nn.Module, deploy: nn.Module) -> nn.Module | None:
     if any(isinstance(m, RepMLPBlock) for m in train.modules()):
         return authors_inference_form(train)
     return None
+
+
+def _authors_fuse_bn(weight: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Their float32 conv-BN fold."""
+    std = (bn.running_var + bn.eps).sqrt()
+    t = (bn.weight / std).reshape(-1, *([1] * (weight.dim() - 1)))
+    return weight * t, bn.bias - bn.running_mean * bn.weight / std
+
+
+def _authors_switch_conv_bn(module: nn.Module) -> None:
+    """Their ``ConvBN.switch_to_deploy``: the fold written into a freshly initialised Conv2d with bias."""
+    conv = module.conv
+    kernel, bias = _authors_fuse_bn(conv.weight, module.bn)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True)
+    fused.weight.data, fused.bias.data = kernel, bias
+    module.conv, module.bn = fused, None
+
+
+def _authors_switch_repmlp(block: nn.Module) -> None:
+    """Their ``RepMLPBlock.switch_to_deploy``: each local conv's FC matrix by convolving an identity matrix, summed
+    with the BN-folded FC3 into a freshly initialised grouped 1x1 Conv2d; the pooled-input BN folded into fc1."""
+    pp, lp, gp = block.partition_perceptron, block.local_perceptron, block.global_perceptron
+    if any(d != 1 for _, d in block.reparam_conv_k) or block.in_channels != block.out_channels:
+        raise ValueError("the authors' conversion has no dilated branches and needs in_channels == out_channels")
+    c, o, h, w, g = block.in_channels, block.out_channels, block.h, block.w, block.fc3_groups
+    fc_weight, fc_bias = _authors_fuse_bn(pp.fc3.weight.reshape(o * h * w, -1, 1, 1), pp.bn)
+    if lp is not None:
+        branches = {k: _authors_fuse_bn(b.conv.weight, b.bn) for (k, _), b in zip(block.reparam_conv_k, lp.branches)}
+        largest = max(branches)
+        total_kernel, total_bias = branches[largest]
+        for k, (kernel, bias) in branches.items():
+            if k != largest:
+                total_kernel = total_kernel + F.pad(kernel, [(largest - k) // 2] * 4)
+                total_bias = total_bias + bias
+        eye = torch.eye(c * h * w // g).repeat(1, g).reshape(c * h * w // g, c, h, w)
+        fc_k = F.conv2d(eye, total_kernel, padding=largest // 2, groups=g)
+        fc_k = fc_k.reshape(o * h * w // g, c * h * w).t()
+        fc_weight, fc_bias = fc_k.reshape_as(fc_weight) + fc_weight, total_bias.repeat_interleave(h * w) + fc_bias
+    if gp is not None:
+        std = (gp.bn.running_var + gp.bn.eps).sqrt()
+        scale = gp.bn.weight / std
+        avg_bias = gp.bn.bias - gp.bn.running_mean * scale
+        times = gp.fc1.in_features // len(avg_bias)
+        gp.fc1.bias.data = gp.fc1.bias + gp.fc1.weight.matmul(avg_bias.repeat_interleave(times).view(-1, 1)).squeeze()
+        gp.fc1.weight.data = gp.fc1.weight * scale.repeat_interleave(times).view(1, -1)
+        gp.bn = None
+    fc3 = nn.Conv2d(c * h * w, o * h * w, 1, groups=g, bias=True)
+    fc3.weight.data, fc3.bias.data = fc_weight, fc_bias
+    # into our deploy-form block (FC3 as (out, in/g), as their 1x1 conv flattened)
+    pp.fc3.weight, pp.fc3.bias = nn.Parameter(fc3.weight.flatten(1)), fc3.bias
+    pp.bn, block.local_perceptron = None, None
+
+
+@torch.no_grad()
+def authors_convert(train: nn.Module) -> nn.Module:
+    """The authors' whole-model conversion (their ``repmlp_model_convert``), emulated op for op in float32 on a
+    RepMLP-ResNet of ours: a deep copy, then every RepMLP block and every conv-BN switched to its deploy form as
+    their code does it. Returns our deploy form; exists to time :func:`repmlp.convert_to_deploy` against."""
+    from .layers import ConvBN, RepMLP
+
+    model = copy.deepcopy(train)
+    for module in [m for m in model.modules() if isinstance(m, RepMLP)]:
+        _authors_switch_repmlp(module)
+    for module in [m for m in model.modules() if isinstance(m, ConvBN) and m.bn is not None]:
+        _authors_switch_conv_bn(module)
+    return model.eval()

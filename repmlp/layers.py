@@ -14,24 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from ._alloc import empty_like_huge
 from .authors import block_keys_to_ours
 
 
 def param_like(like: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
     """A new Parameter holding ``value`` in the dtype and on the device of ``like``."""
     return nn.Parameter(value.to(dtype=like.dtype, device=like.device), requires_grad=like.requires_grad)
-
-
-#: Size of the float64 row blocks the conversion works in. Bounded temporaries are reused by the allocator
-#: instead of faulting in fresh float64 copies of 40 MB FC3 weights; blocks are large enough that the number
-#: of ops (each a thread fork/join, costly on an oversubscribed machine) stays small.
-_BLOCK_BYTES = 1 << 23
-
-
-def _row_blocks(rows: int, row_numel: int) -> list[tuple[int, int]]:
-    """(start, stop) ranges covering ``rows`` rows of ``row_numel`` entries, ~``_BLOCK_BYTES`` in float64 each."""
-    step = max(1, _BLOCK_BYTES // (8 * row_numel))
-    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -101,22 +90,15 @@ class ConvBN(nn.Module):
         """Kernel and bias (float64) of the equivalent single conv."""
         if self.bn is None:
             return self.conv.weight.double(), self.conv.bias.double()
-        return self._fused_rows(slice(None), ops.bn_affine(self.bn))
-
-    def _fused_rows(self, rows: slice, affine: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        conv, (scale, shift) = self.conv, affine
-        return ops.fuse_bn(conv.weight[rows], None if conv.bias is None else conv.bias[rows], scale[rows], shift[rows])
+        return ops.fuse_bn(self.conv.weight, self.conv.bias, *ops.bn_affine(self.bn))
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Fold the BN into the conv (idempotent)."""
+        """Fold the BN into the conv (idempotent); the kernel keeps its memory format."""
         if self.bn is None:
             return
-        like, affine = self.conv.weight, ops.bn_affine(self.bn)
-        weight = torch.empty_like(like)
-        bias = torch.empty(like.shape[0], dtype=torch.float64, device=like.device)
-        for start, stop in _row_blocks(like.shape[0], like[0].numel()):
-            weight[start:stop], bias[start:stop] = self._fused_rows(slice(start, stop), affine)
+        like = self.conv.weight
+        weight, bias = ops.fuse_bn(like, self.conv.bias, *ops.bn_affine(self.bn), out=empty_like_huge(like))
         self.conv.weight = param_like(like, weight)
         self.conv.bias = param_like(like, bias)
         self.bn = None
@@ -211,16 +193,6 @@ class PartitionPerceptron(nn.Module):
         if self.bn is not None:
             y = self.bn(y)
         return y
-
-    def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """FC3 weight as (groups, out/g, in/g) and bias, with the BN folded in (float64)."""
-        fc3 = self.fc3
-        weight, bias = fc3.weight, fc3.bias
-        if self.bn is not None:
-            weight, bias = ops.fuse_bn(weight, bias, *ops.bn_affine(self.bn))
-        elif bias is None:
-            bias = torch.zeros(fc3.out_features, dtype=torch.float64, device=weight.device)
-        return weight.double().reshape(fc3.groups, fc3.out_features // fc3.groups, -1), bias.double()
 
     @torch.no_grad()
     def load_fused(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -366,20 +338,17 @@ class RepMLP(nn.Module):
             self.global_perceptron.reparameterize()
         if self.deploy:
             return
-        pp, lp, hw = self.partition_perceptron, self.local_perceptron, self.h * self.w
+        pp, lp, fc3 = self.partition_perceptron, self.local_perceptron, self.partition_perceptron.fc3
+        ones = torch.ones(fc3.out_features, dtype=torch.float64, device=fc3.weight.device)
+        scale, shift = ops.bn_affine(pp.bn) if pp.bn is not None else (ones, ones - 1)
+        weight = empty_like_huge(fc3.weight)  # a grouped FC3's rows pair with its kernel's rows as one FC would
         if lp is None:
-            pp.load_fused(*pp.fused())
-        else:  # FC3 rows block by block, each with the matching rows of the local perceptron's kernel
-            fc3 = pp.fc3.weight
-            ones = torch.ones(fc3.shape[0], dtype=torch.float64, device=fc3.device)
-            scale, shift = ops.bn_affine(pp.bn) if pp.bn is not None else (ones, ones - 1)
+            weight, bias = ops.fuse_bn(fc3.weight, fc3.bias, scale, shift, out=weight)
+        else:
             kernel, local_bias = lp.fused_kernel()
-            weight = torch.empty_like(fc3)
-            for start, stop in _row_blocks(self.out_channels, hw * fc3.shape[1]):
-                rows = slice(start * hw, stop * hw)
-                ops.add_conv_to_fc(fc3[rows], kernel[start:stop], self.h, self.w, scale=scale[rows], out=weight[rows])
-            bias = ops.fuse_bn_bias(pp.fc3.bias, scale, shift) + local_bias.repeat_interleave(hw)  # per (o, y, x)
-            pp.load_fused(weight, bias)
+            ops.add_conv_to_fc(fc3.weight, kernel, self.h, self.w, scale=scale, out=weight)
+            bias = ops.fuse_bn_bias(fc3.bias, scale, shift) + local_bias.repeat_interleave(self.h * self.w)
+        pp.load_fused(weight, bias)
         self.local_perceptron = None
 
 

@@ -1,9 +1,14 @@
 """Re-parameterization identities as pure tensor functions.
 
-Every function computes in float64 and returns float64 tensors; callers cast the result back to the
-dtype and device of the parameter it replaces, so half-precision models convert as exactly as fp32 ones.
+Every function computes in float64. Most return float64 tensors, and callers cast the result back to the dtype
+and device of the parameter it replaces, so half-precision models convert as exactly as fp32 ones. The two that
+produce the largest weights (:func:`fuse_bn` and :func:`add_conv_to_fc`) can instead write into an ``out`` tensor
+of any dtype: they work through it in blocks of rows held in a small float64 scratch, each block rounded once into
+``out``, so a 40 MB FC3 weight is folded without full-size float64 copies.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,19 +36,50 @@ def bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.
     return scale, shift
 
 
+#: Bytes of the float64 scratch block that in-place folds work in: small enough to stay in a core's cache between
+#: the ops that fill it, large enough that the number of ops (each a thread fork/join) stays small.
+_SCRATCH_BYTES = 1 << 22
+
+
+def _in_float64_blocks(out: torch.Tensor, rows_per_unit: int, fill: Callable[[torch.Tensor, slice], None]) -> None:
+    """Write ``out`` block by block of rows: ``fill(block, rows)`` puts the float64 values of ``out[rows]`` into
+    ``block``, which is then rounded once into ``out``. Blocks are whole multiples of ``rows_per_unit`` rows."""
+    units = out.shape[0] // rows_per_unit
+    unit_bytes = 8 * out[:rows_per_unit].numel()
+    step = rows_per_unit * max(1, min(units, _SCRATCH_BYTES // unit_bytes))
+    scratch = None if out.dtype == torch.float64 else out.new_empty((step, *out.shape[1:]), dtype=torch.float64)
+    for start in range(0, out.shape[0], step):
+        rows = slice(start, min(start + step, out.shape[0]))
+        if scratch is None:
+            fill(out[rows], rows)
+        else:
+            block = scratch[: rows.stop - rows.start]
+            fill(block, rows)
+            out[rows] = block
+
+
 def fuse_bn(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     scale: torch.Tensor,
     shift: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold a BN that *follows* a conv or FC into it.
 
     ``scale * (W x + b) + shift = (scale[:, None] * W) x + (scale * b + shift)``, with ``W`` of
-    shape (out, ...) for any trailing dims.
+    shape (out, ...) for any trailing dims. With ``out`` (any dtype and memory format), the weight is
+    written there, rounded once; the bias is a new float64 tensor either way.
     """
-    w = weight.double() * scale.reshape(-1, *([1] * (weight.dim() - 1)))
-    return w, fuse_bn_bias(bias, scale, shift)
+    scale = scale.reshape(-1, *([1] * (weight.dim() - 1))).double()
+    if out is None:
+        return weight.double() * scale, fuse_bn_bias(bias, scale.flatten(), shift)
+
+    def fill(block: torch.Tensor, rows: slice) -> None:
+        block.copy_(weight[rows]).mul_(scale[rows])
+
+    _in_float64_blocks(out, 1, fill)
+    return out, fuse_bn_bias(bias, scale.flatten(), shift)
 
 
 def fuse_bn_bias(bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -97,22 +133,29 @@ def dilate_kernel(kernel: torch.Tensor, dilation: int | _Pair) -> torch.Tensor:
     return out
 
 
-def _conv_matrix(kernel: torch.Tensor, h: int, w: int, dilation: _Pair) -> torch.Tensor:
-    """The conv's FC matrix as a contiguous float64 (O, h, w, C, h*w) tensor (see :func:`conv_to_fc`).
+def _conv_windows(kernel: torch.Tensor, h: int, w: int, dilation: _Pair) -> torch.Tensor:
+    """The rows of the conv's FC matrix as a strided (O, h, w, C, h*w) view, ``y`` reversed (see :func:`conv_to_fc`).
 
     Row (o, y, x) is, per input channel, the h x w window at (h-1-y, w-1-x) of the kernel zero-padded to
-    (2h-1) x (2w-1). With the padded kernel pre-shifted once per x, all windows are one strided view with
-    rows in reversed y, so one stacking copy lays out the whole matrix.
+    (2h-1) x (2w-1). With the padded kernel pre-shifted once per x (a tensor 2h-1 times the kernel's padded
+    size, small next to the matrix), all windows are one strided view, indexed [o, h-1-y, x, c, (Y, X)].
     """
-    kernel = dilate_kernel(kernel.double(), dilation)
+    kernel = dilate_kernel(kernel, dilation)
     o, c, kh, kw = kernel.shape
     ph, pw = h - 1 - (kh - 1) // 2, w - 1 - (kw - 1) // 2  # negative pads crop kernels larger than 2h-1
     padded = F.pad(kernel, (pw, pw, ph, ph))  # (o, c, 2h-1, 2w-1)
     # shifted[o, x, c, a, X] = padded[o, c, a, X + w - 1 - x]
     shifted = padded.unfold(3, w, 1).flip(3).permute(0, 3, 1, 2, 4).contiguous()
     s_o, s_x, s_c = shifted.stride()[:3]
-    windows = shifted.as_strided((o, h, w, c, h * w), (s_o, w, s_x, s_c, 1))  # [o, h-1-y, x, c, (Y, X)]
-    return torch.stack([windows[:, h - 1 - y] for y in range(h)], dim=1)  # one contiguous copy, unlike flip
+    return shifted.as_strided((o, h, w, c, h * w), (s_o, w, s_x, s_c, 1))
+
+
+def _add_conv_windows_(fc: torch.Tensor, windows: torch.Tensor) -> None:
+    """``fc += conv_to_fc(kernel)`` in place, given the kernel's :func:`_conv_windows`: one add per row y."""
+    h = windows.shape[1]
+    rows = fc.view(windows.shape)
+    for y in range(h):
+        rows[:, y].add_(windows[:, h - 1 - y])
 
 
 def _check_conv(kernel: torch.Tensor, groups: int) -> None:
@@ -147,8 +190,9 @@ def conv_to_fc(
     """
     _check_conv(kernel, groups)
     out_ch, cin_g = kernel.shape[:2]
-    m = _conv_matrix(kernel, h, w, _pair(dilation))
-    return m.reshape(groups, out_ch // groups * h * w, cin_g * h * w)
+    m = kernel.new_zeros(out_ch * h * w, cin_g * h * w, dtype=torch.float64)
+    _add_conv_windows_(m, _conv_windows(kernel.double(), h, w, _pair(dilation)))
+    return m.view(groups, out_ch // groups * h * w, cin_g * h * w)
 
 
 def add_conv_to_fc(
@@ -163,8 +207,9 @@ def add_conv_to_fc(
     """``scale[:, None] * W + conv_to_fc(K)``: an FC (times the scale of a BN after it) plus a conv's FC matrix.
 
     The local perceptron merged into FC3 (paper Sec. 3.3) for one group, or for any block of output channels
-    (rows) of a grouped FC3 with the matching rows of its kernel. Evaluated in float64 and rounded once into
-    ``out``, so a float32 FC3 is folded without float64 copies of its full size.
+    (rows) of a grouped FC3 with the matching rows of its kernel. Evaluated in float64 blocks of rows, each
+    rounded once into ``out``: every entry is ``W * scale`` plus at most one kernel value (the taps of a row land
+    on distinct inputs), so the result is the float64 one rounded once, without float64 copies of its full size.
 
     Args:
         weight: FC weight (O*h*w, C*h*w), rows in (o, y, x) and columns in (c, y, x) order.
@@ -183,7 +228,16 @@ def add_conv_to_fc(
     if tuple(weight.shape) != (o * h * w, c * h * w):
         raise ValueError(f"an FC weight of shape {(o * h * w, c * h * w)} is needed for a {tuple(kernel.shape)} "
                          f"kernel on {h}x{w} partitions, got {tuple(weight.shape)}")
-    m = _conv_matrix(kernel, h, w, _pair(dilation)).view(weight.shape)
-    if scale is None:
-        return torch.add(m, weight, out=out)
-    return torch.addcmul(m, weight, scale.double()[:, None], out=out)
+    windows = _conv_windows(kernel.double(), h, w, _pair(dilation))
+    scale = None if scale is None else scale.double()[:, None]
+
+    def fill(block: torch.Tensor, rows: slice) -> None:
+        block.copy_(weight[rows])
+        if scale is not None:
+            block.mul_(scale[rows])
+        _add_conv_windows_(block, windows[rows.start // (h * w) : rows.stop // (h * w)])
+
+    if out is None:
+        out = torch.empty(weight.shape, dtype=torch.float64, device=weight.device)
+    _in_float64_blocks(out, h * w, fill)
+    return out
