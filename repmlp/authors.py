@@ -238,8 +238,16 @@ def _authors_switch_conv_bn(module: nn.Module) -> None:
     """Their ``ConvBN.switch_to_deploy``: the fold written into a freshly initialised Conv2d with bias."""
     conv = module.conv
     kernel, bias = _authors_fuse_bn(conv.weight, module.bn)
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, bias=True)
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=True,
+    )
     fused.weight.data, fused.bias.data = kernel, bias
     module.conv, module.bn = fused, None
 

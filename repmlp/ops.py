@@ -6,6 +6,7 @@ produce the largest weights (:func:`fuse_bn` and :func:`add_conv_to_fc`) can ins
 of any dtype: they work through it in blocks of rows held in a small float64 scratch, each block rounded once into
 ``out``, so a 40 MB FC3 weight is folded without full-size float64 copies.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -226,8 +227,10 @@ def add_conv_to_fc(
     _check_conv(kernel, 1)
     o, c = kernel.shape[:2]
     if tuple(weight.shape) != (o * h * w, c * h * w):
-        raise ValueError(f"an FC weight of shape {(o * h * w, c * h * w)} is needed for a {tuple(kernel.shape)} "
-                         f"kernel on {h}x{w} partitions, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"an FC weight of shape {(o * h * w, c * h * w)} is needed for a {tuple(kernel.shape)} "
+            f"kernel on {h}x{w} partitions, got {tuple(weight.shape)}"
+        )
     windows = _conv_windows(kernel.double(), h, w, _pair(dilation))
     scale = None if scale is None else scale.double()[:, None]
 
