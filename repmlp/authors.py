@@ -292,6 +292,7 @@ def authors_convert(train: nn.Module) -> nn.Module:
     """The authors' whole-model conversion (their ``repmlp_model_convert``), emulated op for op in float32 on a
     RepMLP-ResNet of ours: a deep copy, then every RepMLP block and every conv-BN switched to its deploy form as
     their code does it. Returns our deploy form; exists to time :func:`repmlp.convert_to_deploy` against."""
+    from .convert import is_deploy_form
     from .layers import ConvBN, RepMLP
 
     model = copy.deepcopy(train)
@@ -299,4 +300,7 @@ def authors_convert(train: nn.Module) -> nn.Module:
         _authors_switch_repmlp(module)
     for module in [m for m in model.modules() if isinstance(m, ConvBN) and m.bn is not None]:
         _authors_switch_conv_bn(module)
+    if not is_deploy_form(model):
+        raise ValueError("the authors' conversion is emulated for RepMLP v1 blocks and conv-BNs only; this model has "
+                         "other training-time modules (RepMLPNet's is their locality injection)")
     return model.eval()

@@ -1,20 +1,29 @@
-"""Inference benchmark: train form, deploy form, the authors' deploy form and baselines, side by side.
+"""Inference benchmark: train form, deploy form, the authors' deploy form and baselines, in each runtime.
 
-Protocol: every candidate is warmed up, then timed in interleaved rounds (one forward of each candidate per
-round, the order rotated every round) so that load changes on a shared machine hit all candidates alike; a
-dense square matmul is timed in the same rounds and gives the machine's FLOP/s under the same conditions.
-Reported per candidate and batch size: median ms per batch, images/s, parameters and multiply-accumulates
-(fvcore, :mod:`repmlp.flops`), achieved FLOP/s (2 x MACs / time) and its fraction of the matmul's, FC3 weight
-bytes per block, peak memory and the max relative error against the train form.
+Protocol: every (form, runtime) pair is built, checked against eager PyTorch (:mod:`repmlp.runtime`) and warmed up,
+then timed in interleaved rounds (one call of each per round, the order rotated every round) so that load changes on
+a shared machine hit all candidates alike; a dense square matmul is timed in the same rounds and gives the machine's
+FLOP/s under the same conditions. Speed-ups are taken per round (the two calls of a round ran seconds apart) and
+reported as the median with their spread; rounds are added, up to ``max_rounds``, until every speed-up's
+interquartile range is within ``spread`` of its median, and the spread reached is stated either way.
 
-The authors' deploy form is an **emulation**: our deploy-form weights run op for op the way the authors'
-inference code runs them (:mod:`repmlp.authors`). Their code itself is not used.
+Reported per candidate, runtime and batch size: median (p50) and p90 latency, images/s, process CPU time per call
+(less sensitive to other processes than wall time), parameters and multiply-accumulates (fvcore,
+:mod:`repmlp.flops`), achieved FLOP/s and its fraction of the matmul's, FC3 weight bytes, peak memory (eager), the
+max relative error against the train form and against eager PyTorch, and the build (export/compile) time. The report
+records thread count, OpenMP wait policy and load average: with 2 threads on a loaded machine libgomp's default
+(spinning) wait policy made runs up to 12x slower here; run with ``OMP_WAIT_POLICY=PASSIVE``.
+
+The authors' deploy form and conversion are **emulations** (:mod:`repmlp.authors`): our weights run op for op the
+way the authors' code runs and converts them. Their code itself is not used.
 """
+
 from __future__ import annotations
 
 import copy
 import itertools
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -24,10 +33,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .authors import authors_form
+from .authors import authors_convert, authors_form
 from .convert import convert_to_deploy
 from .flops import count_macs, count_params
 from .models import load_model, model_input_size
+from .runtime import RUNTIMES, RuntimeModel, check_against_eager, in_runtime
 from .verify import ErrorStats, randomize_bn_stats
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -36,8 +46,11 @@ FORMS = ("train", "deploy", "authors")
 
 def fc3_weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the FC3 weight of every block (modules named ``fc3``), by module name."""
-    return {name: m.weight.numel() * m.weight.element_size() for name, m in model.named_modules()
-            if name.rsplit(".", 1)[-1] == "fc3" and isinstance(getattr(m, "weight", None), torch.Tensor)}
+    return {
+        name: m.weight.numel() * m.weight.element_size()
+        for name, m in model.named_modules()
+        if name.rsplit(".", 1)[-1] == "fc3" and isinstance(getattr(m, "weight", None), torch.Tensor)
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -74,6 +87,16 @@ def peak_forward_bytes(module: nn.Module, x: torch.Tensor) -> int:
     return max(itertools.accumulate(nbytes for _, nbytes in events), default=0)
 
 
+def machine_state() -> dict:
+    """What else decides a timing on a shared machine: threads, OpenMP wait policy, load average."""
+    return dict(
+        threads=torch.get_num_threads(),
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"),
+        loadavg=[round(v, 2) for v in os.getloadavg()],
+        cpus=os.cpu_count(),
+    )
+
+
 @dataclass
 class Candidate:
     """One model in one form, ready to time."""
@@ -99,17 +122,18 @@ class BenchmarkConfig:
     models: Sequence[str] = ("repmlp_res50_light_g4_224", "repmlp_res50_light_224", "repmlp_res50_bottleneck_224")
     baselines: Sequence[str] = ("resnet50",)
     forms: Sequence[str] = FORMS
+    runtimes: Sequence[str] = ("eager",)
     model_kwargs: dict = field(default_factory=dict)
     input_size: tuple[int, int, int] | None = None
-    batch_sizes: Sequence[int] = (1, 8)
+    batch_sizes: Sequence[int] = (1, 8, 32)
     device: str = "cpu"
     dtype: str = "fp32"
-    channels_last: Sequence[str] = ()  # forms whose inputs are channels_last ("train", "deploy", "authors", "baseline")
-    compile: bool = False
-    compile_mode: str | None = None
+    channels_last: Sequence[str] = ()  # forms given channels_last inputs ("train", "deploy", "authors", "baseline")
     threads: int | None = 2
     warmup: int = 2
     rounds: int = 10
+    max_rounds: int | None = None  # default: 3 x rounds
+    spread: float = 0.1  # target (p75 - p25) / median of every per-round speed-up
     matmul_size: int | None = None
     macs: bool = True
     memory: bool = True
@@ -148,83 +172,209 @@ def build_candidates(cfg: BenchmarkConfig) -> tuple[list[Candidate], dict[str, d
     return cands, conversions
 
 
-def time_conversion(train: nn.Module, rounds: int) -> dict[str, float]:
-    """Median seconds of :func:`convert_to_deploy` with its copy and in place (on a deep copy made untimed)."""
-    with_copy, inplace = [], []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        deploy = convert_to_deploy(train)
-        with_copy.append(time.perf_counter() - start)
-        del deploy
-        victim = copy.deepcopy(train)
-        start = time.perf_counter()
-        convert_to_deploy(victim, inplace=True)
-        inplace.append(time.perf_counter() - start)
-        del victim
-    return {"with_copy_s": statistics.median(with_copy), "inplace_s": statistics.median(inplace), "rounds": rounds}
+def _spread(ratios: list[float]) -> dict:
+    """Median, interquartile range and extremes of per-round ratios."""
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return dict(median=statistics.median(ratios), p25=q1, p75=q3, min=min(ratios), max=max(ratios), rounds=len(ratios))
 
 
-def _prepare(c: Candidate, cfg: BenchmarkConfig, device: torch.device) -> nn.Module:
-    # Weights keep their format (forms share them): a channels_last input alone makes oneDNN / cuDNN run every
-    # conv in NHWC, and our RepMLP blocks partition NHWC maps with one copy each way.
-    module = c.module.to(device=device, dtype=DTYPES[cfg.dtype])
-    return torch.compile(module, mode=cfg.compile_mode) if cfg.compile else module
+def time_conversion(train: nn.Module, rounds: int) -> dict:
+    """Median seconds of :func:`convert_to_deploy` with its copy and in place (on a deep copy made untimed), and of the
+    authors' conversion (emulated, :func:`repmlp.authors.authors_convert`) where it applies, interleaved; the
+    speed-up over the authors' per round."""
+    times: dict[str, list[float]] = {"with_copy": [], "inplace": [], "authors": []}
+    can_race = True
+    for r in range(rounds):
+        order = ["with_copy", "inplace", "authors"] if can_race else ["with_copy", "inplace"]
+        for kind in order[r % len(order) :] + order[: r % len(order)]:
+            victim = copy.deepcopy(train) if kind == "inplace" else train
+            start = time.perf_counter()
+            try:
+                out = {
+                    "with_copy": convert_to_deploy,
+                    "authors": authors_convert,
+                    "inplace": lambda m: convert_to_deploy(m, inplace=True),
+                }[kind](victim)
+            except ValueError:  # the authors' conversion does not apply to this architecture
+                can_race = False
+                continue
+            times[kind].append(time.perf_counter() - start)
+            del out, victim
+    report = {f"{kind}_s": statistics.median(t) for kind, t in times.items() if t}
+    report["rounds"] = rounds
+    if times["authors"] and len(times["authors"]) == len(times["with_copy"]):
+        report["speedup_vs_authors"] = _spread([a / o for a, o in zip(times["authors"], times["with_copy"])])
+    return report
+
+
+@dataclass
+class _Entry:
+    """A candidate in a runtime at one batch size, with its timings."""
+
+    cand: Candidate
+    module: nn.Module  # the candidate's module on the device, in the benchmark's dtype
+    runtime: str
+    call: RuntimeModel
+    x: torch.Tensor
+    times: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+
+def _pairs(entries: list[_Entry]) -> list[tuple[str, _Entry, _Entry]]:
+    """(versus, deploy entry, reference entry): the deploy form in each runtime against the train form, the authors'
+    form and each baseline in the same runtime, and against its own eager run."""
+    by = {(e.cand.model, e.cand.form, e.runtime): e for e in entries}
+    baselines = sorted({e.cand.model for e in entries if e.cand.form == "baseline"})
+    pairs = []
+    for (model, form, runtime), e in by.items():
+        if form != "deploy":
+            continue
+        refs = {"train": by.get((model, "train", runtime)), "authors": by.get((model, "authors", runtime))}
+        refs.update({b: by.get((b, "baseline", runtime)) for b in baselines})
+        if runtime != "eager":
+            refs["deploy eager"] = by.get((model, "deploy", "eager"))
+        pairs += [(versus, e, ref) for versus, ref in refs.items() if ref is not None]
+    return pairs
+
+
+def _round_ratios(pair: tuple[str, _Entry, _Entry]) -> list[float]:
+    _, deploy, ref = pair
+    return [r / d for r, d in zip(ref.times, deploy.times)]
+
+
+def _widest_spread(pairs: list) -> float:
+    widest = 0.0
+    for pair in pairs:
+        s = _spread(_round_ratios(pair))
+        widest = max(widest, (s["p75"] - s["p25"]) / s["median"])
+    return widest
+
+
+def _time_rounds(
+    entries: list[_Entry], matmul: Callable[[], None], cfg: BenchmarkConfig, device: torch.device
+) -> tuple[list[float], int]:
+    """Interleaved rounds until ``cfg.rounds`` are done and every speed-up's spread is within ``cfg.spread`` (or
+    ``max_rounds`` are done); returns the matmul's times and the rounds run."""
+    pairs, mm = _pairs(entries), []
+    order = list(range(len(entries))) + [-1]  # -1: the matmul
+    max_rounds = cfg.max_rounds or 3 * cfg.rounds
+    r = 0
+    while r < cfg.rounds or (r < max_rounds and pairs and _widest_spread(pairs) > cfg.spread):
+        for i in order[r % len(order) :] + order[: r % len(order)]:
+            call = matmul if i < 0 else (lambda e=entries[i]: e.call(e.x))
+            _sync(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            call()
+            _sync(device)
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            if i < 0:
+                mm.append(elapsed)
+            else:
+                entries[i].times.append(elapsed)
+                entries[i].cpu.append(cpu)
+        r += 1
+    return mm, r
+
+
+def _percentile(values: list[float], p: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[p - 1] if len(values) > 1 else values[0]
 
 
 @torch.inference_mode()
 def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> dict:
-    """Build, check and time every candidate; returns a JSON-serialisable report."""
+    """Build, check and time every candidate in every runtime; returns a JSON-serialisable report."""
+    for runtime in cfg.runtimes:
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtimes must be among {RUNTIMES}, got {runtime!r}")
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     if device.type == "cpu" and cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    machine = {"start": machine_state()}
     cands, conversions = build_candidates(cfg)
-    modules = [_prepare(c, cfg, device) for c in cands]
+    modules = [c.module.to(device=device, dtype=dtype) for c in cands]
     matmul_n = cfg.matmul_size or (1024 if device.type == "cpu" else 8192)
     matmul = matmul_time(device, dtype, matmul_n)
+    machine.update(matmul_n=matmul_n, matmul_gflops={}, rounds={}, widest_spread={}, after={})
     formats = [torch.channels_last if c.form in cfg.channels_last else torch.contiguous_format for c in cands]
-    results, machine = [], {"matmul_n": matmul_n, "matmul_gflops": {}}
+    onnx_sessions: dict[int, RuntimeModel] = {}  # one session per candidate serves every batch size
+    results, ratios = [], []
     for bs in cfg.batch_sizes:
-        inputs = [torch.randn(bs, *c.input_size, device=device).to(dtype).contiguous(memory_format=f)
-                  for c, f in zip(cands, formats)]
-        compile_s, compiled_err = [], []
-        for c, m, x in zip(cands, modules, inputs):
-            start = time.perf_counter()
-            y = m(x)
-            _sync(device)
-            compile_s.append(time.perf_counter() - start)
-            compiled_err.append(ErrorStats.of(c.module(x), y).max_rel_err if cfg.compile else None)
-            for _ in range(cfg.warmup):
-                m(x)
-        times, mm = [[] for _ in cands], []
-        order = list(range(len(cands))) + [-1]  # -1: the matmul
-        for r in range(cfg.rounds):
-            for i in order[r % len(order):] + order[:r % len(order)]:
-                call = matmul if i < 0 else (lambda m=modules[i], x=inputs[i]: m(x))
-                _sync(device)
-                start = time.perf_counter()
-                call()
-                _sync(device)
-                (mm if i < 0 else times[i]).append(time.perf_counter() - start)
-        peak_gflops = 2 * matmul_n ** 3 / statistics.median(mm) / 1e9
-        machine["matmul_gflops"][bs] = peak_gflops
-        for c, m, x, t, cs, ce in zip(cands, modules, inputs, times, compile_s, compiled_err):
-            sec = statistics.median(t)
+        entries = []
+        for i, (c, m, f) in enumerate(zip(cands, modules, formats)):
+            x = torch.randn(bs, *c.input_size, device=device).to(dtype).contiguous(memory_format=f)
+            for runtime in cfg.runtimes:
+                if runtime == "onnxruntime" and i in onnx_sessions:
+                    call = onnx_sessions[i]
+                    call.max_rel_err = check_against_eager(m, call, x)
+                else:
+                    call = in_runtime(m, runtime, x)
+                    if runtime == "onnxruntime":
+                        onnx_sessions[i] = call
+                for _ in range(cfg.warmup):
+                    call(x)
+                entries.append(_Entry(c, m, runtime, call, x))
+        mm, rounds = _time_rounds(entries, matmul, cfg, device)
+        peak_gflops = 2 * matmul_n**3 / statistics.median(mm) / 1e9
+        machine["matmul_gflops"][bs], machine["rounds"][bs] = peak_gflops, rounds
+        machine["after"][bs] = machine_state()
+        pairs = _pairs(entries)
+        machine["widest_spread"][bs] = _widest_spread(pairs) if pairs else None
+        for e in entries:
+            m, c = e.call, e.cand
+            sec = statistics.median(e.times)
             gflops = None if c.macs is None else 2 * c.macs * bs / sec / 1e9
-            weights = sum(p.numel() * p.element_size() for p in itertools.chain(m.parameters(), m.buffers()))
-            results.append(dict(
-                model=c.model, form=c.form, batch_size=bs, channels_last=c.form in cfg.channels_last,
-                ms=1e3 * sec, ms_min=1e3 * min(t),
-                images_per_s=bs / sec, params=c.params, macs=c.macs, gflops=gflops,
-                matmul_fraction=None if gflops is None else gflops / peak_gflops,
-                fc3_bytes=sum(c.fc3_bytes.values()), fc3_bytes_per_block=c.fc3_bytes,
-                peak_bytes=weights + peak_forward_bytes(m, x) if cfg.memory else None,
-                max_rel_err=c.max_rel_err, compiled_max_rel_err=ce, first_call_s=cs))
-        log(f"batch {bs}: {cfg.rounds} rounds done, dense {matmul_n}^3 matmul {peak_gflops:.1f} GFLOP/s")
+            weights = sum(
+                p.numel() * p.element_size() for p in itertools.chain(e.module.parameters(), e.module.buffers())
+            )
+            peak = weights + peak_forward_bytes(e.module, e.x) if cfg.memory and e.runtime == "eager" else None
+            results.append(
+                dict(
+                    model=c.model,
+                    form=c.form,
+                    runtime=e.runtime,
+                    batch_size=bs,
+                    channels_last=c.form in cfg.channels_last,
+                    ms=1e3 * sec,
+                    ms_p90=1e3 * _percentile(e.times, 90),
+                    ms_min=1e3 * min(e.times),
+                    cpu_ms=1e3 * statistics.median(e.cpu),
+                    images_per_s=bs / sec,
+                    params=c.params,
+                    macs=c.macs,
+                    gflops=gflops,
+                    matmul_fraction=None if gflops is None else gflops / peak_gflops,
+                    fc3_bytes=sum(c.fc3_bytes.values()),
+                    fc3_bytes_per_block=c.fc3_bytes,
+                    peak_bytes=peak,
+                    max_rel_err=c.max_rel_err,
+                    runtime_max_rel_err=m.max_rel_err,
+                    build_s=m.build_s,
+                )
+            )
+        for versus, deploy, ref in pairs:
+            per_round = _spread(_round_ratios((versus, deploy, ref)))
+            ratios.append(
+                dict(
+                    model=deploy.cand.model,
+                    runtime=deploy.runtime,
+                    batch_size=bs,
+                    versus=versus,
+                    speedup=statistics.median(ref.times) / statistics.median(deploy.times),
+                    per_round=per_round,
+                )
+            )
+        log(
+            f"batch {bs}: {rounds} rounds done, dense {matmul_n}^3 matmul {peak_gflops:.1f} GFLOP/s, "
+            f"load average {machine['after'][bs]['loadavg']}"
+        )
     machine.update(torch=torch.__version__, device=_device_name(device), threads=torch.get_num_threads())
-    return dict(config=_jsonable(asdict(cfg)), machine=machine, conversion=conversions, results=results,
-                ratios=speed_ratios(results))
+    if "onnxruntime" in cfg.runtimes:
+        import onnxruntime
+
+        machine["onnxruntime"] = onnxruntime.__version__
+    return dict(config=_jsonable(asdict(cfg)), machine=machine, conversion=conversions, results=results, ratios=ratios)
 
 
 def _device_name(device: torch.device) -> str:
@@ -244,69 +394,86 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def speed_ratios(results: list[dict]) -> list[dict]:
-    """Deploy-form speed-ups (ratio of images/s) over the train form, the authors' form and each baseline."""
-    by = {(r["model"], r["form"], r["batch_size"]): r for r in results}
-    baselines = sorted({r["model"] for r in results if r["form"] == "baseline"})
-    out = []
-    for (model, form, bs), r in by.items():
-        if form != "deploy":
-            continue
-        refs = {"train": by.get((model, "train", bs)), "authors": by.get((model, "authors", bs))}
-        refs.update({b: by.get((b, "baseline", bs)) for b in baselines})
-        for ref_name, ref in refs.items():
-            if ref is not None:
-                out.append(dict(model=model, batch_size=bs, versus=ref_name,
-                                speedup=r["images_per_s"] / ref["images_per_s"]))
-    return out
-
-
 def format_table(report: dict) -> str:
-    """The results as a fixed-width table, then the speed-ups."""
-    head = (f"{'model':30} {'form':8} {'fmt':4} {'batch':>5} {'ms':>8} {'img/s':>7} {'params':>8} {'GMACs':>6} "
-            f"{'GFLOP/s':>7} {'%mm':>4} {'FC3 MB':>6} {'peak MB':>7} {'rel err':>7}")
+    """The results as a fixed-width table, then the speed-ups with their per-round spread, conversions, machine."""
+    head = (
+        f"{'model':28} {'form':8} {'runtime':11} {'fmt':4} {'batch':>5} {'p50 ms':>8} {'p90 ms':>8} "
+        f"{'img/s':>7} {'params':>8} {'GMACs':>6} {'GFLOP/s':>7} {'%mm':>4} {'FC3 MB':>6} {'peak MB':>7} "
+        f"{'rel err':>7} {'vs eager':>8} {'build s':>7}"
+    )
     lines = [head, "-" * len(head)]
+
+    def fmt(value, spec, scale=1.0):
+        return "-" if value is None else format(value * scale, spec)
+
     for r in report["results"]:
-        def fmt(value, spec, scale=1.0):
-            return "-" if value is None else format(value * scale, spec)
         layout = "NHWC" if r["channels_last"] else "NCHW"
         lines.append(
-            f"{r['model'][:30]:30} {r['form']:8} {layout:4} {r['batch_size']:>5} {r['ms']:>8.1f} "
-            f"{r['images_per_s']:>7.1f} {r['params'] / 1e6:>7.2f}M {fmt(r['macs'], '>6.3f', 1e-9)} "
-            f"{fmt(r['gflops'], '>7.1f')} {fmt(r['matmul_fraction'], '>4.0%')} {r['fc3_bytes'] / 2 ** 20:>6.1f} "
-            f"{fmt(r['peak_bytes'], '>7.0f', 2 ** -20)} {fmt(r['max_rel_err'], '>7.0e')}")
-    mm = report["machine"]["matmul_gflops"]
-    lines.append(f"dense {report['machine']['matmul_n']}^3 matmul, same rounds: "
-                 + ", ".join(f"batch {bs}: {g:.1f} GFLOP/s" for bs, g in mm.items()))
+            f"{r['model'][:28]:28} {r['form']:8} {r['runtime']:11} {layout:4} {r['batch_size']:>5} {r['ms']:>8.1f} "
+            f"{r['ms_p90']:>8.1f} {r['images_per_s']:>7.1f} {r['params'] / 1e6:>7.2f}M {fmt(r['macs'], '>6.3f', 1e-9)} "
+            f"{fmt(r['gflops'], '>7.1f')} {fmt(r['matmul_fraction'], '>4.0%')} {r['fc3_bytes'] / 2**20:>6.1f} "
+            f"{fmt(r['peak_bytes'], '>7.0f', 2**-20)} {fmt(r['max_rel_err'], '>7.0e')} "
+            f"{fmt(r['runtime_max_rel_err'], '>8.0e')} {r['build_s']:>7.1f}"
+        )
+    machine = report["machine"]
+    lines.append(
+        f"dense {machine['matmul_n']}^3 matmul, same rounds: "
+        + ", ".join(f"batch {bs}: {g:.1f} GFLOP/s" for bs, g in machine["matmul_gflops"].items())
+    )
     for r in report["ratios"]:
-        lines.append(f"{r['model']} deploy vs {r['versus']} (batch {r['batch_size']}): x{r['speedup']:.2f}")
+        s = r["per_round"]
+        lines.append(
+            f"{r['model']} deploy vs {r['versus']} [{r['runtime']}] (batch {r['batch_size']}): "
+            f"x{r['speedup']:.2f}; per round median x{s['median']:.2f}, p25-p75 {s['p25']:.2f}-{s['p75']:.2f}, "
+            f"min-max {s['min']:.2f}-{s['max']:.2f}, {s['rounds']} rounds"
+        )
     for name, conv in report["conversion"].items():
         if conv:
-            lines.append(f"{name} conversion: {conv['with_copy_s']:.3f} s with copy, "
-                         f"{conv['inplace_s']:.3f} s in place (median of {conv['rounds']})")
+            line = (
+                f"{name} conversion: {conv['with_copy_s']:.3f} s with copy, {conv['inplace_s']:.3f} s in place "
+                f"(median of {conv['rounds']})"
+            )
+            if "speedup_vs_authors" in conv:
+                s = conv["speedup_vs_authors"]
+                line += (
+                    f"; the authors' (emulated) {conv['authors_s']:.3f} s: x{s['median']:.2f} per round "
+                    f"(min-max {s['min']:.2f}-{s['max']:.2f})"
+                )
+            lines.append(line)
+    start = machine["start"]
+    lines.append(
+        f"{machine['device']}, torch {machine['torch']}, {start['threads']} threads, "
+        f"OMP_WAIT_POLICY={start['omp_wait_policy']}, load average {start['loadavg']} at start, "
+        + ", ".join(f"{s['loadavg']} after batch {bs}" for bs, s in machine["after"].items())
+    )
     return "\n".join(lines)
 
 
 def plot(report: dict, path: str | Path) -> None:
-    """Bar chart of images/s per candidate, one group of bars per batch size."""
+    """Bar chart of images/s per candidate and runtime, one group of bars per batch size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(dict.fromkeys(f"{r['model']}\n[{r['form']}]" for r in report["results"]))
+    def label(r: dict) -> str:
+        return f"{r['model']}\n[{r['form']}, {r['runtime']}]"
+
+    labels = list(dict.fromkeys(label(r) for r in report["results"]))
     sizes = list(dict.fromkeys(r["batch_size"] for r in report["results"]))
     fig, axes = plt.subplots(1, len(sizes), figsize=(4 + 1.2 * len(labels), 4.5), squeeze=False)
     for ax, bs in zip(axes[0], sizes):
-        rows = {f"{r['model']}\n[{r['form']}]": r["images_per_s"] for r in report["results"] if r["batch_size"] == bs}
-        ax.bar(range(len(labels)), [rows.get(label, 0) for label in labels])
+        rows = {label(r): r["images_per_s"] for r in report["results"] if r["batch_size"] == bs}
+        ax.bar(range(len(labels)), [rows.get(name, 0) for name in labels])
         ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"batch {bs}")
         ax.set_ylabel("images / s")
-    cfg = report["config"]
-    fig.suptitle(f"{report['machine']['device']}, {cfg['dtype']}, threads {report['machine']['threads']}"
-                 + (f", channels_last: {'/'.join(cfg['channels_last'])}" if cfg["channels_last"] else "")
-                 + (", compiled" if cfg["compile"] else ""))
+    cfg, start = report["config"], report["machine"]["start"]
+    fig.suptitle(
+        f"{report['machine']['device']}, {cfg['dtype']}, threads {start['threads']}, "
+        f"OMP_WAIT_POLICY={start['omp_wait_policy']}"
+        + (f", channels_last inputs: {'/'.join(cfg['channels_last'])}" if cfg["channels_last"] else "")
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -7,6 +7,7 @@ shape inference) keeps to that. Needs the ``onnx`` extra (onnx, onnxruntime).
 """
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import warnings
@@ -71,6 +72,24 @@ def check_ranks(model, max_rank: int = MAX_RANK) -> int:
 
 
 @torch.no_grad()
+def write_onnx(
+    model: nn.Module, x: torch.Tensor, f: str | os.PathLike | io.BytesIO, opset: int = 17, dynamic_batch: bool = False
+) -> None:
+    """``torch.onnx.export`` of ``model`` traced on ``x`` (input ``input``, output ``output``), optionally with a
+    dynamic batch dimension."""
+    axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+    # The TorchScript-based exporter (deprecated in favour of the dynamo one, which needs onnxscript): shape checks
+    # in forward() become constants of the fixed size, as intended.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model, (x,), f, dynamo=False, input_names=["input"], output_names=["output"], opset_version=opset,
+            dynamic_axes=axes,
+        )
+
+
+@torch.no_grad()
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -105,13 +124,7 @@ def export_onnx(
     shape = (batch_size, *(input_size or model_input_size(model)))
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     y = model(x)
-    # The TorchScript-based exporter (deprecated in favour of the dynamo one, which needs onnxscript): shape checks
-    # in forward() become constants of the fixed size, as intended.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["input"], output_names=["output"],
-                          opset_version=opset)
+    write_onnx(model, x, str(path), opset)
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
     max_rank = check_ranks(proto)

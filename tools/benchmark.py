@@ -1,13 +1,20 @@
 #!/usr/bin/env python
-"""Inference speed of RepMLP models: train form, deploy form, the authors' deploy form (emulated) and baselines.
+"""Inference speed of RepMLP models: train form, deploy form, the authors' deploy form (emulated) and baselines, in
+eager PyTorch, torch.compile and onnxruntime.
 
-Candidates are timed in interleaved rounds (medians) with a dense matmul in the same rounds; prints a table and the
-deploy-form speed-ups, optionally writes JSON and a PNG chart. Weights are random (BN statistics randomised): speed
-does not depend on them, and every deploy and authors' form is checked against its train form.
+Candidates are checked against eager PyTorch in every runtime, then timed in interleaved rounds (medians; p50/p90
+latency) with a dense matmul in the same rounds; speed-ups are stated with their per-round spread, and rounds are
+added (up to --max-rounds) until that spread is within --spread. Prints a table, the speed-ups, the conversion race
+against the authors' conversion (emulated) and the machine's state (threads, OMP_WAIT_POLICY, load average);
+optionally writes JSON and a PNG chart. Weights are random (BN statistics randomised): speed does not depend on them,
+and every deploy and authors' form is checked against its train form. Inputs are NCHW unless --channels-last.
 
-Example (the speed goals of issue 5, CPU):
-    python tools/benchmark.py --batch-sizes 1 8 --rounds 15 --json output/bench_cpu.json --png output/bench_cpu.png
+Run with OMP_WAIT_POLICY=PASSIVE on a shared machine (libgomp's default spin-waiting made 2-thread runs up to 12x
+slower under load). Example (README's CPU tables):
+    OMP_WAIT_POLICY=PASSIVE python tools/benchmark.py --batch-sizes 1 8 32 --runtime eager compile onnxruntime \
+        --json output/bench_cpu.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,35 +28,74 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
 
 from repmlp.benchmark import DTYPES, FORMS, BenchmarkConfig, format_table, plot, run_benchmark  # noqa: E402
+from repmlp.runtime import RUNTIMES  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, dict[str, str | None]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = BenchmarkConfig()
-    p.add_argument("--models", nargs="+", default=list(d.models),
-                   help="timm names or package.module:factory of models with RepMLP blocks (timed in --forms)")
-    p.add_argument("--baselines", nargs="*", default=list(d.baselines),
-                   help="models timed as they are: timm names or package.module:factory (default: resnet50)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=list(d.models),
+        help="timm names or package.module:factory of models with RepMLP blocks (timed in --forms)",
+    )
+    p.add_argument(
+        "--baselines",
+        nargs="*",
+        default=list(d.baselines),
+        help="models timed as they are: timm names or package.module:factory (default: resnet50)",
+    )
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS, help="forms of --models to time")
-    p.add_argument("--model-kwargs", type=json.loads, default={},
-                   help='JSON kwargs for every --models factory, e.g. \'{"img_size": 64, "partition": 4}\'')
-    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
-                   help="input size (default: each model's own)")
+    p.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help='JSON kwargs for every --models factory, e.g. \'{"img_size": 64, "partition": 4}\'',
+    )
+    p.add_argument(
+        "--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="input size (default: each model's own)"
+    )
     p.add_argument("--batch-sizes", type=int, nargs="+", default=list(d.batch_sizes))
     p.add_argument("--device", default=d.device, help="cpu or cuda[:i]")
     p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
-    p.add_argument("--channels-last", nargs="*", choices=(*FORMS, "baseline"),
-                   help="run these forms on channels_last inputs (no value: all forms and baselines)")
-    p.add_argument("--compile", action="store_true", help="torch.compile every candidate (outputs are checked)")
-    p.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune")
+    p.add_argument(
+        "--channels-last",
+        nargs="*",
+        choices=(*FORMS, "baseline"),
+        help="run these forms on channels_last inputs (no value: all forms and baselines)",
+    )
+    p.add_argument(
+        "--runtime",
+        dest="runtimes",
+        nargs="+",
+        default=list(d.runtimes),
+        choices=RUNTIMES,
+        help="runtimes to run every candidate in (outputs checked against eager PyTorch first)",
+    )
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (default 2)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed calls per candidate after the first")
-    p.add_argument("--rounds", type=int, default=d.rounds, help="timed, interleaved rounds")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="timed, interleaved rounds (at least)")
+    p.add_argument(
+        "--max-rounds",
+        type=int,
+        help="rounds at most while a speed-up's spread is wider than --spread (default 3 x --rounds)",
+    )
+    p.add_argument(
+        "--spread",
+        type=float,
+        default=d.spread,
+        help="target interquartile range of every per-round speed-up, relative to its median",
+    )
     p.add_argument("--matmul-size", type=int, help="n of the reference n^3 matmul (default 1024 CPU, 8192 CUDA)")
     p.add_argument("--no-macs", dest="macs", action="store_false", help="skip fvcore MAC counts")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory measurement")
-    p.add_argument("--convert-rounds", type=int, default=d.convert_rounds,
-                   help="time the train -> deploy conversion this many times per model (0: skip)")
+    p.add_argument(
+        "--convert-rounds",
+        type=int,
+        default=d.convert_rounds,
+        help="time the train -> deploy conversion this many times per model (0: skip)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--png", help="write a bar chart of images/s here")

@@ -5,12 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from timm.layers import register_notrace_function
 from timm.models import checkpoint_seq
 from torch import nn
 
 from ..checkpoint import load_checkpoint
 from ..convert import is_deploy_form
 from ..shipped import resolve_weights
+
+
+@register_notrace_function  # a layout choice, not part of the traced graph's arithmetic
+def like_input_layout(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y`` laid out as ``x``: contiguous for a contiguous (NCHW) ``x``, as it is otherwise."""
+    return y.contiguous() if x.is_contiguous() else y
 
 
 class RepMLPModel(nn.Module):
@@ -24,6 +31,11 @@ class RepMLPModel(nn.Module):
 
     #: Maps a foreign (the authors') state dict to our keys; a pure rename (see :mod:`repmlp.authors`).
     checkpoint_filter_fn: Callable[[dict, nn.Module], dict] | None = None
+
+    #: Run NHWC inside: inputs are turned channels_last and conv kernels are stored so (:meth:`_store_run_layout`),
+    #: which is where oneDNN's convs and pooling and our partition copies are fastest; outputs are returned in the
+    #: caller's layout. A family where it does not pay sets False.
+    channels_last: bool = True
 
     def __init__(self, init_args: dict) -> None:
         super().__init__()
@@ -65,20 +77,32 @@ class RepMLPModel(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming both sizes unless ``x`` is an input the model is built for."""
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem and stages."""
+    def _store_run_layout(self) -> None:
+        """Store 4-D weights in the layout the model runs in (the last step of every constructor; loading and
+        conversion keep it: ``load_state_dict`` copies into the stored tensors, folds write like them)."""
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def _run_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and stages on ``x`` turned into the run layout; the map stays in it."""
         self.check_input(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.stages, x)
         return self.stages(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and stages; the map is returned in the input's layout (NCHW for an NCHW input)."""
+        return like_input_layout(self._run_stages(x), x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """The head (``pre_logits``: the pooled features before the classifier)."""
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        return self.forward_head(self._run_stages(x))
 
     def load_pretrained(self, path: str) -> None:
         """timm ``custom_load`` hook (``pretrained=True``): :func:`repmlp.load_checkpoint` of ours or the

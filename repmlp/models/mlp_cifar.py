@@ -140,6 +140,7 @@ class MLPCifarNet(RepMLPModel):
         self.num_features = outs[-1]
         self.head_hidden_size = head_hidden_size
         self.head = MlpHead(self.num_features, head_hidden_size, num_classes, global_pool, drop_rate, deploy)
+        self._store_run_layout()
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_chans, self.img_size, self.img_size):
