@@ -16,8 +16,12 @@ from ..shipped import resolve_weights
 
 @register_notrace_function  # a layout choice, not part of the traced graph's arithmetic
 def like_input_layout(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``y`` laid out as ``x``: contiguous for a contiguous (NCHW) ``x``, as it is otherwise."""
-    return y.contiguous() if x.is_contiguous() else y
+    """``y`` laid out as ``x``: contiguous (NCHW) or channels_last, as it is for any other ``x``."""
+    if x.is_contiguous():
+        return y.contiguous()
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return y.contiguous(memory_format=torch.channels_last)
+    return y
 
 
 class RepMLPModel(nn.Module):
@@ -86,8 +90,7 @@ class RepMLPModel(nn.Module):
     def _run_stages(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and stages on ``x`` turned into the run layout; the map stays in it."""
         self.check_input(x)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.stages, x)

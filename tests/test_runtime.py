@@ -1,0 +1,104 @@
+"""Runtimes and layouts: every runtime, on NCHW and channels_last inputs, gives eager PyTorch's NCHW outputs for every
+family; the run layout is kept by construction, conversion and loading; outputs follow the caller's layout."""
+
+import pytest
+import timm
+import torch
+from conftest import rel_err
+from test_repmlpnet import TINY
+
+from repmlp import convert_to_deploy, load_checkpoint, save_checkpoint
+from repmlp.models import model_input_size
+from repmlp.runtime import RUNTIMES, in_runtime
+from repmlp.verify import randomize_bn_stats
+
+# small members of each family (the suite's sizes); RepMLPNet runs NCHW inside, the others NHWC
+FAMILIES = {
+    "repmlp_res50_light_224": dict(img_size=64, partition=4),
+    "repmlpnet_t224": TINY,
+    "repmlp_fmnist_mlp": {},
+}
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+def _forms(name: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    train = randomize_bn_stats(timm.create_model(name, **FAMILIES[name])).eval()
+    x = torch.randn(2, *model_input_size(train), generator=torch.Generator().manual_seed(0))
+    return train, convert_to_deploy(train), x
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    return request.param, *_forms(request.param)
+
+
+@pytest.mark.parametrize("runtime", [r for r in RUNTIMES if r != "compile"])
+def test_runtime_and_layout_give_eager_nchw_outputs(family, runtime):
+    name, train, deploy, x = family
+    with torch.inference_mode():
+        expected = {"train": train(x), "deploy": deploy(x)}
+    assert rel_err(expected["train"], expected["deploy"]) <= 1e-5
+    for form, model in (("train", train), ("deploy", deploy)):
+        for layout in LAYOUTS.values():
+            xin = x.contiguous(memory_format=layout)
+            run = in_runtime(model, runtime, xin)
+            assert run.max_rel_err <= 1e-5
+            assert rel_err(expected[form], run(xin)) <= 1e-5, (name, form, runtime, layout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,layout", [(name, "nchw") for name in sorted(FAMILIES)] + [("repmlp_res50_light_224", "nhwc")]
+)  # inductor compiles slowly: one NHWC case
+def test_compiled_deploy_forms_give_eager_nchw_outputs(name, layout):
+    """torch.compile (inductor, frozen weights) of each family's deploy form."""
+    _, deploy, x = _forms(name)
+    with torch.inference_mode():
+        expected = deploy(x)
+    xin = x.contiguous(memory_format=LAYOUTS[layout])
+    assert rel_err(expected, in_runtime(deploy, "compile", xin)(xin)) <= 1e-5
+
+
+def test_runtime_refuses_unknown_names_and_wrong_outputs(family):
+    _, _, deploy, x = family
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        in_runtime(deploy, "tensorrt", x)
+    with pytest.raises(RuntimeError, match="differ from eager"):
+        in_runtime(deploy, "eager", x, tolerance=-1.0)
+
+
+def _conv_kernels(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Conv kernels whose two layouts differ (k > 1 and more than one input channel)."""
+    return [
+        m.weight
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1 and m.weight.shape[1] > 1
+    ]
+
+
+def test_weights_are_stored_in_the_run_layout(family, tmp_path):
+    """Kernels (k > 1) are channels_last in train, converted, deploy-built and loaded models of NHWC families."""
+    name, train, deploy, _ = family
+    built = timm.create_model(name, deploy=True, **FAMILIES[name])
+    path = tmp_path / "deploy.safetensors"
+    save_checkpoint(deploy, path)
+    load_checkpoint(built, path)
+    cl = train.channels_last
+    assert cl == (name != "repmlpnet_t224")
+    assert _conv_kernels(train)
+    for model in (train, deploy, built):
+        kernels = _conv_kernels(model)
+        assert all(k.is_contiguous(memory_format=torch.channels_last) == cl != k.is_contiguous() for k in kernels)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_outputs_keep_the_callers_layout(family, layout):
+    """forward_features returns the caller's layout (NCHW for NCHW); logits are (N, classes) either way."""
+    _, _, deploy, x = family
+    xin = x.contiguous(memory_format=LAYOUTS[layout])
+    with torch.inference_mode():
+        features, logits = deploy.forward_features(xin), deploy(xin)
+        reference = deploy.forward_features(x)
+    expected = torch.contiguous_format if xin.is_contiguous() else LAYOUTS[layout]  # 1-channel inputs: both
+    assert features.is_contiguous(memory_format=expected) and torch.equal(features, reference)
+    assert logits.shape == (x.shape[0], deploy.num_classes) and logits.is_contiguous()
