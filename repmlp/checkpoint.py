@@ -179,14 +179,14 @@ def prepare_state_dict(
     if set(state) == set(expected):
         return state
     twin, reparameterized = _matching_twin(model, state, train_model_factory)
-    if twin is None:
-        return state  # the strict load lists what does not match
-    if reparameterized and not is_deploy_form(model):
+    if not is_deploy_form(model) and (reparameterized if twin else state_dict_form(state) == "deploy"):
         raise ValueError(
             f"{source} holds a deploy-form (re-parameterized) checkpoint; its conv and BN branches cannot be "
             "recovered, so it loads only into a deploy-form model: build it with deploy=True "
             "(e.g. timm.create_model(name, deploy=True))."
         )
+    if twin is None:
+        return state  # the strict load lists what does not match
     _strict_load(twin, state, f"{source} (as a train-form twin)")
     return convert_to_deploy(twin, inplace=True).state_dict()
 
