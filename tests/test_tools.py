@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import load_tool
 
@@ -53,3 +54,27 @@ def test_convert_deploy_bad_arguments(tmp_path, capsys):
     torch.save({"w": torch.zeros(1)}, authors)
     assert tool.main(["--weights", str(authors)]) == 2
     assert "does not record its model" in capsys.readouterr().err
+
+
+def test_tools_rebuild_the_model_from_a_runs_files_alone(tiny_run, tmp_path, capsys):
+    """--weights FILE alone, train or deploy form: model, classes, arguments, form and dataset come from the file."""
+    import json
+
+    pytest.importorskip("onnxruntime")
+    evaluate, convert, export = load_tool("eval"), load_tool("convert_deploy"), load_tool("export_onnx")
+    expected = json.loads((tiny_run / "final.json").read_text())["equivalence"]
+    converted = tmp_path / "converted.safetensors"
+    assert convert.main(["--weights", str(tiny_run / "model_train.safetensors"), "--output", str(converted)]) == 0
+    files = [("train", tiny_run / "model_train.safetensors"), ("deploy", tiny_run / "model_deploy.safetensors"),
+             ("deploy", converted)]
+    for form, path in files:
+        capsys.readouterr()
+        assert evaluate.main(["--checkpoint", str(path), "--no-progress"]) == 0
+        metrics = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert (metrics["form"], metrics["dataset"], metrics["count"]) == (form, "synthetic", 32)
+        assert metrics["top1"] == pytest.approx(expected[f"{form}_top1"])
+        onnx_file = tmp_path / f"{path.stem}.onnx"
+        assert export.main(["--weights", str(path), "--output", str(onnx_file)]) == 0
+        assert onnx_file.stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(  # no temporary file left behind
+        ["converted.safetensors", "converted.onnx", "model_train.onnx", "model_deploy.onnx"])

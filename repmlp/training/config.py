@@ -109,6 +109,7 @@ def set_value(cfg: dict, dotted_key: str, value: Any) -> None:
     node[leaf] = value
 
 
+_MINIMUM = {"train.epochs": 1, "train.batch_size": 1, "train.eval_batch_size": 1}
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
           dict: "a mapping", type(None): "null"}
 
@@ -140,6 +141,8 @@ def _check_type(dotted_key: str, value: Any) -> None:
         for key, sub_value in value.items():
             _check_type(f"{dotted_key}.{key}", sub_value)
     if _fits(default, value):
+        if dotted_key in _MINIMUM and value < _MINIMUM[dotted_key]:
+            raise ValueError(f"config value {dotted_key}={value!r} must be at least {_MINIMUM[dotted_key]}")
         return
     hint = ""
     if isinstance(value, str) and _fits(default, _parse_value(value.strip("'\""))):

@@ -73,7 +73,7 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], storages: set[int], wher
                 for k, v in obj.items()
             ]
         }
-    raise TypeError(f"training state: cannot store a {type(obj).__name__} (at {where}) without pickle")
+    raise TypeError(f"training state: cannot store a {type(obj).__name__!r} (at {where}) without pickle")
 
 
 def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
