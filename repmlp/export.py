@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .benchmark import model_input_size
 from .checkpoint import atomic_write
 from .convert import is_deploy_form
+from .models import model_input_size
 from .verify import ErrorStats
 
 MAX_RANK = 5

@@ -11,9 +11,9 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..benchmark import load_model
 from ..checkpoint import load_checkpoint, read_metadata, read_state_dict, state_dict_form
 from ..data import build_dataset, build_loader, build_transform
+from ..models import load_model
 from .distributed import DistEnv
 
 
