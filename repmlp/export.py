@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checkpoint import atomic_write
 from .convert import is_deploy_form
 from .models import model_input_size
 from .verify import ErrorStats
@@ -93,7 +94,8 @@ def export_onnx(
 
     Returns:
         The report. Raises ValueError for a model with training-only modules left or a tensor of rank > 5,
-        RuntimeError when onnxruntime disagrees with PyTorch.
+        RuntimeError when onnxruntime disagrees with PyTorch; then nothing is written (the file is exported
+        under a temporary name, checked, then renamed).
     """
     import onnx
     import onnxruntime
@@ -107,18 +109,23 @@ def export_onnx(
     y = model(x)
     # The TorchScript-based exporter (deprecated in favour of the dynamo one, which needs onnxscript): shape checks
     # in forward() become constants of the fixed size, as intended.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["input"], output_names=["output"],
-                          opset_version=opset)
-    proto = onnx.load(str(path))
-    onnx.checker.check_model(proto)
-    max_rank = check_ranks(proto)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    y_ort = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
-    err = ErrorStats.of(y, y_ort).max_rel_err
-    if err > tolerance:
-        raise RuntimeError(f"export_onnx: onnxruntime output differs from PyTorch's: max rel err {err:.2e} > "
-                           f"{tolerance:.0e} ({path})")
-    return ExportReport(str(path), shape, opset, len(tensor_ranks(proto)), max_rank, err)
+    checked = {}
+
+    def write_and_check(tmp: str) -> None:  # a file that fails a check never reaches ``path``
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (x,), tmp, dynamo=False, input_names=["input"], output_names=["output"],
+                              opset_version=opset)
+        proto = onnx.load(tmp)
+        onnx.checker.check_model(proto)
+        checked["max_rank"], checked["tensors"] = check_ranks(proto), len(tensor_ranks(proto))
+        session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        y_ort = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+        checked["err"] = ErrorStats.of(y, y_ort).max_rel_err
+        if checked["err"] > tolerance:
+            raise RuntimeError(f"export_onnx: onnxruntime output differs from PyTorch's: max rel err "
+                               f"{checked['err']:.2e} > {tolerance:.0e} ({path} not written)")
+
+    atomic_write(path, write_and_check)
+    return ExportReport(str(path), shape, opset, checked["tensors"], checked["max_rank"], checked["err"])

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from repmlp.training import load_config, train
+from repmlp.training.state import STATE_FILE, read_state
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -151,7 +152,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(reference_run, tmp_path):
     proc.send_signal(signal.SIGTERM)  # lands during the second epoch's steps
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted by signal" in output, output[-2000:]
-    state = torch.load(tmp_path / "last.pth", weights_only=False)
+    state = read_state(tmp_path / STATE_FILE)
     assert state["epoch"] >= 1 and state["step_in_epoch"] > 0
     assert _resume_in_process(tmp_path)["equivalence"]["passed"]
     assert _max_abs_diff(reference_run / "model_train.safetensors", tmp_path / "model_train.safetensors") <= 1e-6
