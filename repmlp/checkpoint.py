@@ -1,6 +1,7 @@
 """Weights on disk: safetensors with metadata, foreign checkpoints, strict loading with clear errors."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -67,8 +68,17 @@ def save_checkpoint(
     if form not in ("train", "deploy"):
         raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"model": model_name, "form": form, "format": "pt", **(metadata or {})}
+    meta = {"model": model_name, "form": form, "format": "pt", **_constructor_metadata(model), **(metadata or {})}
     atomic_write(path, lambda tmp: safetensors.torch.save_file(state, tmp, metadata=meta))
+
+
+def _constructor_metadata(model: nn.Module) -> dict[str, str]:
+    """num_classes and constructor arguments of a zoo model, so that the file alone rebuilds it."""
+    args = dict(getattr(model, "init_args", None) or {})
+    if not args:
+        return {}
+    kwargs = {k: v for k, v in args.items() if k not in ("deploy", "num_classes")}
+    return {"num_classes": str(args.get("num_classes", 0)), "model_kwargs": json.dumps(kwargs)}
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
