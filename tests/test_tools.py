@@ -1,4 +1,5 @@
 """Command-line tools run end to end."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,10 @@ def test_convert_deploy_from_a_train_checkpoint(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "PASS (float32)" in res.stdout and "PASS (float64)" in res.stdout
     assert "params" in res.stdout and "MACs" in res.stdout
-    assert read_metadata(out) == {"model": "repmlp_fmnist_mlp", "form": "deploy", "format": "pt", "num_classes": "10",
-                                  "model_kwargs": "{}", "source": f"weights {weights}"}
+    meta = read_metadata(out)
+    assert json.loads(meta.pop("model_kwargs"))["widths"] == [24, 48]  # the constructor arguments, recorded
+    assert meta == {"model": "repmlp_fmnist_mlp", "form": "deploy", "format": "pt", "num_classes": "10",
+                    "source": f"weights {weights}"}
     deploy = timm.create_model("repmlp_fmnist_mlp", deploy=True, pretrained=True,
                                pretrained_cfg_overlay=dict(file=str(out)))
     assert repmlp.verify_equivalence(model.eval(), deploy.eval(), batch_size=4).passed
