@@ -5,6 +5,7 @@ Runtimes such as ncnn and several NPU toolchains reject tensors of rank 6, which
 every tensor of the graph (inputs, outputs, initializers, constants and every intermediate value after ONNX
 shape inference) keeps to that. Needs the ``onnx`` extra (onnx, onnxruntime).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -35,8 +36,10 @@ class ExportReport:
     max_rel_err: float
 
     def __str__(self) -> str:
-        return (f"{self.path}: input {self.input_shape}, opset {self.opset}, {self.tensors} tensors of rank <= "
-                f"{self.max_rank}, onnxruntime vs PyTorch max rel err {self.max_rel_err:.2e}")
+        return (
+            f"{self.path}: input {self.input_shape}, opset {self.opset}, {self.tensors} tensors of rank <= "
+            f"{self.max_rank}, onnxruntime vs PyTorch max rel err {self.max_rel_err:.2e}"
+        )
 
 
 def tensor_ranks(model) -> dict[str, int | None]:
@@ -64,8 +67,10 @@ def check_ranks(model, max_rank: int = MAX_RANK) -> int:
     too_high = {name: rank for name, rank in ranks.items() if rank is not None and rank > max_rank}
     unknown = [name for name, rank in ranks.items() if rank is None]
     if too_high:
-        raise ValueError(f"ONNX graph has {len(too_high)} tensors of rank > {max_rank}, e.g. "
-                         f"{dict(itertools.islice(too_high.items(), 5))}")
+        raise ValueError(
+            f"ONNX graph has {len(too_high)} tensors of rank > {max_rank}, e.g. "
+            f"{dict(itertools.islice(too_high.items(), 5))}"
+        )
     if unknown:
         raise ValueError(f"ONNX shape inference left the rank of {len(unknown)} tensors unknown, e.g. {unknown[:5]}")
     return max(ranks.values(), default=0)
@@ -101,8 +106,10 @@ def export_onnx(
     import onnxruntime
 
     if not is_deploy_form(model):
-        raise ValueError("export_onnx: the model still has training-only modules (BatchNorm or blocks not "
-                         "re-parameterized); convert it with repmlp.convert_to_deploy first")
+        raise ValueError(
+            "export_onnx: the model still has training-only modules (BatchNorm or blocks not "
+            "re-parameterized); convert it with repmlp.convert_to_deploy first"
+        )
     model = model.eval()
     shape = (batch_size, *(input_size or model_input_size(model)))
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
@@ -115,8 +122,9 @@ def export_onnx(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(model, (x,), tmp, dynamo=False, input_names=["input"], output_names=["output"],
-                              opset_version=opset)
+            torch.onnx.export(
+                model, (x,), tmp, dynamo=False, input_names=["input"], output_names=["output"], opset_version=opset
+            )
         proto = onnx.load(tmp)
         onnx.checker.check_model(proto)
         checked["max_rank"], checked["tensors"] = check_ranks(proto), len(tensor_ranks(proto))
@@ -124,8 +132,10 @@ def export_onnx(
         y_ort = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
         checked["err"] = ErrorStats.of(y, y_ort).max_rel_err
         if checked["err"] > tolerance:
-            raise RuntimeError(f"export_onnx: onnxruntime output differs from PyTorch's: max rel err "
-                               f"{checked['err']:.2e} > {tolerance:.0e} ({path} not written)")
+            raise RuntimeError(
+                f"export_onnx: onnxruntime output differs from PyTorch's: max rel err "
+                f"{checked['err']:.2e} > {tolerance:.0e} ({path} not written)"
+            )
 
     atomic_write(path, write_and_check)
     return ExportReport(str(path), shape, opset, checked["tensors"], checked["max_rank"], checked["err"])

@@ -52,10 +52,18 @@ def load_tool(name):
 # A tiny Fashion-MNIST-shaped model trained for one epoch on synthetic 28x28 images (4 steps): a run directory as
 # tools/train.py leaves it, for the tests of what the tools do with the files of a run.
 TINY_RUN = [
-    "model.name=repmlp_fmnist_mlp", "model.kwargs={widths: [4, 8], head_hidden_size: 16}", "data.dataset=synthetic",
-    "data.num_workers=0", "data.synthetic={num_samples: 32, num_classes: 4}",
-    "data.train_transform={color_jitter: null}", "optimizer.lr=0.05", "train.epochs=1", "train.batch_size=8",
-    "train.eval_batch_size=32", "train.threads=1", "train.progress=false",
+    "model.name=repmlp_fmnist_mlp",
+    "model.kwargs={widths: [4, 8], head_hidden_size: 16}",
+    "data.dataset=synthetic",
+    "data.num_workers=0",
+    "data.synthetic={num_samples: 32, num_classes: 4}",
+    "data.train_transform={color_jitter: null}",
+    "optimizer.lr=0.05",
+    "train.epochs=1",
+    "train.batch_size=8",
+    "train.eval_batch_size=32",
+    "train.threads=1",
+    "train.progress=false",
 ]
 
 

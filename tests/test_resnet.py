@@ -1,4 +1,5 @@
 """RepMLP-ResNet-50 zoo: parameter counts, exact conversion, timm API, the authors' checkpoints."""
+
 import copy
 
 import pytest
@@ -72,10 +73,9 @@ def test_img_size_that_cannot_partition():
 # --- the authors' checkpoints (layouts from reference/official/keys_*.txt) --------------------------
 
 
-
-
 def test_convert_any_module_tree():
     """A user's model holding our blocks (a detector neck, say) converts too."""
+
     class Neck(torch.nn.Module):
         def __init__(self):
             super().__init__()

@@ -1,4 +1,5 @@
 """Command-line tools run end to end."""
+
 import json
 import subprocess
 import sys
@@ -32,10 +33,16 @@ def test_convert_deploy_from_a_train_checkpoint(tmp_path):
     assert "params" in res.stdout and "MACs" in res.stdout
     meta = read_metadata(out)
     assert json.loads(meta.pop("model_kwargs"))["widths"] == [24, 48]  # the constructor arguments, recorded
-    assert meta == {"model": "repmlp_fmnist_mlp", "form": "deploy", "format": "pt", "num_classes": "10",
-                    "source": f"weights {weights}"}
-    deploy = timm.create_model("repmlp_fmnist_mlp", deploy=True, pretrained=True,
-                               pretrained_cfg_overlay=dict(file=str(out)))
+    assert meta == {
+        "model": "repmlp_fmnist_mlp",
+        "form": "deploy",
+        "format": "pt",
+        "num_classes": "10",
+        "source": f"weights {weights}",
+    }
+    deploy = timm.create_model(
+        "repmlp_fmnist_mlp", deploy=True, pretrained=True, pretrained_cfg_overlay=dict(file=str(out))
+    )
     assert repmlp.verify_equivalence(model.eval(), deploy.eval(), batch_size=4).passed
 
 
@@ -68,8 +75,11 @@ def test_tools_rebuild_the_model_from_a_runs_files_alone(tiny_run, tmp_path, cap
     expected = json.loads((tiny_run / "final.json").read_text())["equivalence"]
     converted = tmp_path / "converted.safetensors"
     assert convert.main(["--weights", str(tiny_run / "model_train.safetensors"), "--output", str(converted)]) == 0
-    files = [("train", tiny_run / "model_train.safetensors"), ("deploy", tiny_run / "model_deploy.safetensors"),
-             ("deploy", converted)]
+    files = [
+        ("train", tiny_run / "model_train.safetensors"),
+        ("deploy", tiny_run / "model_deploy.safetensors"),
+        ("deploy", converted),
+    ]
     for form, path in files:
         capsys.readouterr()
         assert evaluate.main(["--checkpoint", str(path), "--no-progress"]) == 0
@@ -80,4 +90,5 @@ def test_tools_rebuild_the_model_from_a_runs_files_alone(tiny_run, tmp_path, cap
         assert export.main(["--weights", str(path), "--output", str(onnx_file)]) == 0
         assert onnx_file.stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(  # no temporary file left behind
-        ["converted.safetensors", "converted.onnx", "model_train.onnx", "model_deploy.onnx"])
+        ["converted.safetensors", "converted.onnx", "model_train.onnx", "model_deploy.onnx"]
+    )

@@ -166,8 +166,10 @@ def test_the_authors_checkpoints(tmp_path, name, keys, stem):
         assert repmlp.verify_equivalence(train, deploy, batch_size=1).passed
 
 
-FINE_TUNE = CASES + [pytest.param("repmlp_fmnist_mlp", dict(deploy=True), id="repmlp_fmnist_mlp-deploy"),
-                     pytest.param("repmlpnet_t224", dict(small("repmlpnet_t224"), deploy=True), id="repmlpnet-deploy")]
+FINE_TUNE = CASES + [
+    pytest.param("repmlp_fmnist_mlp", dict(deploy=True), id="repmlp_fmnist_mlp-deploy"),
+    pytest.param("repmlpnet_t224", dict(small("repmlpnet_t224"), deploy=True), id="repmlpnet-deploy"),
+]
 
 
 @pytest.mark.parametrize("name,kwargs", FINE_TUNE)
@@ -183,15 +185,22 @@ def test_fine_tuning_loads(tmp_path, caplog, name, kwargs):
     x = inputs(train)
     for num_classes in (train.num_classes + 3, 0):
         with caplog.at_level("WARNING", logger="repmlp"):
-            model = timm.create_model(name, pretrained=True, deploy=deploy, pretrained_cfg_overlay=overlay,
-                                      num_classes=num_classes, **kwargs).eval()
+            model = timm.create_model(
+                name, pretrained=True, deploy=deploy, pretrained_cfg_overlay=overlay, num_classes=num_classes, **kwargs
+            ).eval()
         assert "classifier" in caplog.text and "skipped" in caplog.text
         assert model(x).shape == (2, num_classes or model.head_hidden_size)
-        assert rel_err(reference.forward_head(reference.forward_features(x), pre_logits=True),
-                       model.forward_head(model.forward_features(x), pre_logits=True)) <= 1e-5
+        assert (
+            rel_err(
+                reference.forward_head(reference.forward_features(x), pre_logits=True),
+                model.forward_head(model.forward_features(x), pre_logits=True),
+            )
+            <= 1e-5
+        )
     chans = x.shape[1] + 2
-    model = timm.create_model(name, pretrained=True, deploy=deploy, pretrained_cfg_overlay=overlay, in_chans=chans,
-                              **kwargs).eval()
+    model = timm.create_model(
+        name, pretrained=True, deploy=deploy, pretrained_cfg_overlay=overlay, in_chans=chans, **kwargs
+    ).eval()
     assert model.stem.conv.weight.shape[1] == chans
     if x.shape[1] == 1:  # one channel spread evenly over the new ones: the same function on repeated input
         assert rel_err(reference(x), model(x.repeat(1, chans, 1, 1))) <= 1e-5

@@ -8,6 +8,7 @@ does not depend on them, and every deploy and authors' form is checked against i
 Example (the speed goals of issue 5, CPU):
     python tools/benchmark.py --batch-sizes 1 8 --rounds 15 --json output/bench_cpu.json --png output/bench_cpu.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,13 @@ from repmlp.guards import check_output_file  # noqa: E402
 
 def count(minimum: int):
     """An argparse type: an integer >= ``minimum``."""
+
     def parse(text: str) -> int:
         value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
         return value
+
     parse.__name__ = f"integer >= {minimum}"  # argparse names the type in its messages
     return parse
 
@@ -40,20 +43,37 @@ def count(minimum: int):
 def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, dict[str, str | None]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = BenchmarkConfig()
-    p.add_argument("--models", nargs="+", default=list(d.models),
-                   help="timm names or package.module:factory of models with RepMLP blocks (timed in --forms)")
-    p.add_argument("--baselines", nargs="*", default=list(d.baselines),
-                   help="models timed as they are: timm names or package.module:factory (default: resnet50)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=list(d.models),
+        help="timm names or package.module:factory of models with RepMLP blocks (timed in --forms)",
+    )
+    p.add_argument(
+        "--baselines",
+        nargs="*",
+        default=list(d.baselines),
+        help="models timed as they are: timm names or package.module:factory (default: resnet50)",
+    )
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS, help="forms of --models to time")
-    p.add_argument("--model-kwargs", type=json.loads, default={},
-                   help='JSON kwargs for every --models factory, e.g. \'{"img_size": 64, "partition": 4}\'')
-    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
-                   help="input size (default: each model's own)")
+    p.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help='JSON kwargs for every --models factory, e.g. \'{"img_size": 64, "partition": 4}\'',
+    )
+    p.add_argument(
+        "--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="input size (default: each model's own)"
+    )
     p.add_argument("--batch-sizes", type=count(1), nargs="+", default=list(d.batch_sizes))
     p.add_argument("--device", default=d.device, help="cpu or cuda[:i]")
     p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
-    p.add_argument("--channels-last", nargs="*", choices=(*FORMS, "baseline"),
-                   help="run these forms on channels_last inputs (no value: all forms and baselines)")
+    p.add_argument(
+        "--channels-last",
+        nargs="*",
+        choices=(*FORMS, "baseline"),
+        help="run these forms on channels_last inputs (no value: all forms and baselines)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile every candidate (outputs are checked)")
     p.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune")
     p.add_argument("--threads", type=count(1), default=d.threads, help="CPU threads (default 2)")
@@ -62,8 +82,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, dict[str
     p.add_argument("--matmul-size", type=count(1), help="n of the reference n^3 matmul (default 1024 CPU, 8192 CUDA)")
     p.add_argument("--no-macs", dest="macs", action="store_false", help="skip fvcore MAC counts")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory measurement")
-    p.add_argument("--convert-rounds", type=count(0), default=d.convert_rounds,
-                   help="time the train -> deploy conversion this many times per model (0: skip)")
+    p.add_argument(
+        "--convert-rounds",
+        type=count(0),
+        default=d.convert_rounds,
+        help="time the train -> deploy conversion this many times per model (0: skip)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--png", help="write a bar chart of images/s here")

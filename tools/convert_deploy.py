@@ -4,6 +4,7 @@
 With no arguments: the model shipped in pretrained/ (see pretrained/manifest.json); if none is shipped,
 a seeded random model with randomised BatchNorm statistics, labelled as such.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,12 +33,22 @@ RANDOM_DEFAULT = "repmlp_res50_light_224"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="timm model name (default: the checkpoint's metadata; without --weights: the "
-                                   f"shipped model, else a random {RANDOM_DEFAULT})")
-    p.add_argument("--weights", help="train-form checkpoint: ours (.safetensors; model, classes and arguments read "
-                                     "from its metadata) or the authors' (.pth; needs --model)")
-    p.add_argument("--model-kwargs", type=json.loads, default={},
-                   help='JSON constructor arguments, e.g. \'{"num_classes": 10}\' (default: the checkpoint\'s)')
+    p.add_argument(
+        "--model",
+        help="timm model name (default: the checkpoint's metadata; without --weights: the "
+        f"shipped model, else a random {RANDOM_DEFAULT})",
+    )
+    p.add_argument(
+        "--weights",
+        help="train-form checkpoint: ours (.safetensors; model, classes and arguments read "
+        "from its metadata) or the authors' (.pth; needs --model)",
+    )
+    p.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON constructor arguments, e.g. '{\"num_classes\": 10}' (default: the checkpoint's)",
+    )
     p.add_argument("--output", help="deploy-form .safetensors to write (default: output/<model>_deploy.safetensors)")
     p.add_argument("--batch-size", type=int, default=2, help="random inputs for the check (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random model and inputs")
@@ -102,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_float64:  # the conversion's own error, on a float64 copy (the model itself is not cast)
         reports.append(repmlp.verify_conversion(model, torch.float64, inputs=inputs))
 
-    rows = [("params", count_params(model), count_params(deploy)),
-            ("MACs", count_macs(model, input_size), count_macs(deploy, input_size))]
+    rows = [
+        ("params", count_params(model), count_params(deploy)),
+        ("MACs", count_macs(model, input_size), count_macs(deploy, input_size)),
+    ]
     print(f"{'':8}{'train form':>16}{'deploy form':>16}")
     for label, before, after in rows:
         print(f"{label:8}{before / 1e6:>15.3f}M{after / 1e6:>15.3f}M")

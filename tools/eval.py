@@ -9,6 +9,7 @@ Examples:
     python tools/eval.py --checkpoint runs/fmnist/model_train.safetensors --form deploy
     python tools/eval.py --model repmlp_fmnist_mlp.fmnist --pretrained
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,20 +33,30 @@ from repmlp.training.distributed import DistEnv  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", "--weights", dest="checkpoint",
-                        help="train- or deploy-form file written by this package (or the authors', with --model)")
+    source.add_argument(
+        "--checkpoint",
+        "--weights",
+        dest="checkpoint",
+        help="train- or deploy-form file written by this package (or the authors', with --model)",
+    )
     source.add_argument("--pretrained", action="store_true", help="the shipped weights of --model NAME.TAG")
     parser.add_argument("--model", help="timm model name (default: the checkpoint's metadata)")
-    parser.add_argument("--model-kwargs", type=json.loads, default={},
-                        help="JSON constructor arguments (default: the checkpoint's)")
+    parser.add_argument(
+        "--model-kwargs", type=json.loads, default={}, help="JSON constructor arguments (default: the checkpoint's)"
+    )
     parser.add_argument("--form", choices=("train", "deploy"), help="model form (default: the checkpoint's)")
-    parser.add_argument("--config", help="take the data section from a training config (YAML, or a run's "
-                        "config.json; default: the one recorded in the checkpoint)")
+    parser.add_argument(
+        "--config",
+        help="take the data section from a training config (YAML, or a run's "
+        "config.json; default: the one recorded in the checkpoint)",
+    )
     parser.add_argument("--dataset", choices=DATASETS, help="dataset (default: the checkpoint's)")
-    parser.add_argument("--data-root", help="dataset directory (default: the recorded one; Fashion-MNIST: the "
-                        "Debian path)")
-    parser.add_argument("--split", choices=("train", "val"), default="val", help="'val' is the test set of "
-                        "CIFAR and Fashion-MNIST")
+    parser.add_argument(
+        "--data-root", help="dataset directory (default: the recorded one; Fashion-MNIST: the Debian path)"
+    )
+    parser.add_argument(
+        "--split", choices=("train", "val"), default="val", help="'val' is the test set of CIFAR and Fashion-MNIST"
+    )
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
@@ -66,8 +77,10 @@ def eval_config(args: argparse.Namespace, meta: dict[str, str]) -> dict:
     given = args.dataset or (cfg["data"]["dataset"] if args.config else None)
     dataset = agree_with_record("dataset", given, meta.get("dataset"), args.checkpoint or args.model)
     if dataset is None:
-        raise ValueError(f"{args.checkpoint or args.model} does not record its dataset; name it with --dataset "
-                         f"({', '.join(DATASETS)}) or --config")
+        raise ValueError(
+            f"{args.checkpoint or args.model} does not record its dataset; name it with --dataset "
+            f"({', '.join(DATASETS)}) or --config"
+        )
     if dataset != cfg["data"]["dataset"]:
         cfg["data"]["dataset"], cfg["data"]["root"] = dataset, None
     if args.data_root:
@@ -92,10 +105,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     metrics = evaluate(model, loader, DistEnv(), progress=args.progress)
-    print(json.dumps({"model": model.pretrained_cfg.get("architecture", args.model),
-                      "checkpoint": args.checkpoint or model.pretrained_cfg.get("file"),
-                      "form": "deploy" if is_deploy_form(model) else "train", "dataset": cfg["data"]["dataset"],
-                      "split": args.split, **metrics}))
+    print(
+        json.dumps(
+            {
+                "model": model.pretrained_cfg.get("architecture", args.model),
+                "checkpoint": args.checkpoint or model.pretrained_cfg.get("file"),
+                "form": "deploy" if is_deploy_form(model) else "train",
+                "dataset": cfg["data"]["dataset"],
+                "split": args.split,
+                **metrics,
+            }
+        )
+    )
     return 0
 
 

@@ -5,6 +5,7 @@ Converts a train-form model (random weights with randomised BN statistics unless
 form, exports it with torch.onnx, refuses graphs with a tensor of rank > 5, runs the file in onnxruntime and
 compares with PyTorch (max relative error <= 1e-4). Needs the onnx extra: pip install -e .[onnx]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,22 @@ RANDOM_DEFAULT = "repmlp_res50_light_224"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="timm name or package.module:factory (default: the checkpoint's metadata; "
-                                   f"without --weights: a random {RANDOM_DEFAULT})")
-    p.add_argument("--weights", help="checkpoint to load, train or deploy form: ours (model, classes, arguments and "
-                                     "form read from its metadata) or the authors' (needs --model)")
-    p.add_argument("--model-kwargs", type=json.loads, default={},
-                   help="JSON kwargs for the model factory (default: the checkpoint's)")
+    p.add_argument(
+        "--model",
+        help="timm name or package.module:factory (default: the checkpoint's metadata; "
+        f"without --weights: a random {RANDOM_DEFAULT})",
+    )
+    p.add_argument(
+        "--weights",
+        help="checkpoint to load, train or deploy form: ours (model, classes, arguments and "
+        "form read from its metadata) or the authors' (needs --model)",
+    )
+    p.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON kwargs for the model factory (default: the checkpoint's)",
+    )
     p.add_argument("--output", help="the .onnx file (default: output/<model>_deploy.onnx)")
     p.add_argument("--batch-size", type=int, default=1, help="batch of the exported (static) input shape")
     p.add_argument("--opset", type=int, default=17)
@@ -69,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         model = repmlp.convert_to_deploy(model, inplace=True)
         print(f"convert {time.perf_counter() - start:.3f} s")
     start = time.perf_counter()
-    report = export_onnx(model, output, batch_size=args.batch_size, opset=args.opset, tolerance=args.tolerance,
-                         seed=args.seed)
+    report = export_onnx(
+        model, output, batch_size=args.batch_size, opset=args.opset, tolerance=args.tolerance, seed=args.seed
+    )
     print(f"export  {time.perf_counter() - start:.1f} s")
     print(f"check   {report}")
     return 0
