@@ -301,6 +301,8 @@ def authors_convert(train: nn.Module) -> nn.Module:
     for module in [m for m in model.modules() if isinstance(m, ConvBN) and m.bn is not None]:
         _authors_switch_conv_bn(module)
     if not is_deploy_form(model):
-        raise ValueError("the authors' conversion is emulated for RepMLP v1 blocks and conv-BNs only; this model has "
-                         "other training-time modules (RepMLPNet's is their locality injection)")
+        raise ValueError(
+            "the authors' conversion is emulated for RepMLP v1 blocks and conv-BNs only; this model has "
+            "other training-time modules (RepMLPNet's is their locality injection)"
+        )
     return model.eval()
