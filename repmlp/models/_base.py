@@ -87,25 +87,23 @@ class RepMLPModel(nn.Module):
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
 
-    def _run_stages(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem and stages on ``x`` turned into the run layout; the map stays in it."""
-        self.check_input(x)
-        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.stages, x)
-        return self.stages(x)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem and stages; the map is returned in the input's layout (NCHW for an NCHW input)."""
-        return like_input_layout(self._run_stages(x), x)
+        """Stem and stages, run in the model's layout; the map is returned in the input's (NCHW for NCHW)."""
+        self.check_input(x)
+        y = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        y = self.stem(y)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            y = checkpoint_seq(self.stages, y)
+        else:
+            y = self.stages(y)
+        return like_input_layout(y, x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """The head (``pre_logits``: the pooled features before the classifier)."""
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self._run_stages(x))
+        return self.forward_head(self.forward_features(x))
 
     def load_pretrained(self, path: str) -> None:
         """timm ``custom_load`` hook (``pretrained=True``): :func:`repmlp.load_checkpoint` of ours or the
