@@ -204,7 +204,19 @@ def authors_deploy_form(deploy: nn.Module) -> nn.Module:
 
     if not is_deploy_form(deploy):
         raise ValueError("authors_deploy_form needs a deploy-form model (repmlp.convert_to_deploy)")
-    return _replace_modules(_share_tensors_copy(deploy), RepMLP, AuthorsRepMLP)
+    return _replace_modules(_run_nchw(_share_tensors_copy(deploy)), RepMLP, AuthorsRepMLP)
+
+
+def _run_nchw(model: nn.Module) -> nn.Module:
+    """As their code runs: NCHW, so 4-D weights become contiguous copies (the FC weights stay shared) and a zoo
+    model is told not to turn its inputs channels_last."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.dim() == 4 and not p.is_contiguous():
+                module._parameters[name] = nn.Parameter(p.detach().contiguous(), p.requires_grad)
+    if hasattr(model, "channels_last"):
+        model.channels_last = False
+    return model
 
 
 def authors_inference_form(train: nn.Module) -> nn.Module:

@@ -147,3 +147,19 @@ def test_compiled_deploy_form_gives_the_same_outputs():
     x = torch.randn(2, 8, 16, 16)
     with torch.no_grad():
         assert rel_err(deploy(x), torch.compile(deploy)(x)) <= 1e-5
+
+
+def test_authors_form_runs_nchw_as_their_code_does():
+    """Their code keeps NCHW: the emulation gets contiguous conv weights (FC3 still shared) and no NHWC input."""
+    import timm
+
+    train = randomize_bn_stats(timm.create_model("repmlp_res50_light_224", img_size=64, partition=4)).eval()
+    deploy = convert_to_deploy(train)
+    authors = authors_deploy_form(deploy)
+    convs = [m.weight for m in authors.modules() if isinstance(m, nn.Conv2d)]
+    assert not authors.channels_last and deploy.channels_last and all(w.is_contiguous() for w in convs)
+    block, ours = authors.stages[1][1].repmlp.block, deploy.stages[1][1].repmlp
+    assert block.partition_perceptron.fc3.weight is ours.partition_perceptron.fc3.weight
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(deploy(x), authors(x)) <= 1e-5
