@@ -138,6 +138,7 @@ class BenchmarkConfig:
     macs: bool = True
     memory: bool = True
     convert_rounds: int = 3
+    conversion_only: bool = False  # time the conversions (and the authors'), no forward passes
     seed: int = 0
 
 
@@ -149,6 +150,8 @@ def build_candidates(cfg: BenchmarkConfig) -> tuple[list[Candidate], dict[str, d
         train = randomize_bn_stats(load_model(name, **cfg.model_kwargs), cfg.seed).eval()
         size = tuple(cfg.input_size or model_input_size(train))
         conversions[name] = time_conversion(train, cfg.convert_rounds) if cfg.convert_rounds else {}
+        if cfg.conversion_only:
+            continue
         deploy = convert_to_deploy(train)
         forms = {"train": train, "deploy": deploy}
         if "authors" in cfg.forms:
@@ -160,7 +163,7 @@ def build_candidates(cfg: BenchmarkConfig) -> tuple[list[Candidate], dict[str, d
                 if forms.get(form) is not None:
                     err = 0.0 if form == "train" else ErrorStats.of(y_train, forms[form](x)).max_rel_err
                     cands.append(Candidate(name, form, forms[form], size, err))
-    for spec in cfg.baselines:
+    for spec in () if cfg.conversion_only else cfg.baselines:
         torch.manual_seed(cfg.seed)
         module = load_model(spec).eval()
         cands.append(Candidate(spec, "baseline", module, tuple(cfg.input_size or model_input_size(module))))
@@ -300,7 +303,7 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> d
     formats = [torch.channels_last if c.form in cfg.channels_last else torch.contiguous_format for c in cands]
     onnx_sessions: dict[int, RuntimeModel] = {}  # one session per candidate serves every batch size
     results, ratios = [], []
-    for bs in cfg.batch_sizes:
+    for bs in () if cfg.conversion_only else cfg.batch_sizes:
         entries = []
         for i, (c, m, f) in enumerate(zip(cands, modules, formats)):
             x = torch.randn(bs, *c.input_size, device=device).to(dtype).contiguous(memory_format=f)
@@ -416,10 +419,11 @@ def format_table(report: dict) -> str:
             f"{fmt(r['runtime_max_rel_err'], '>8.0e')} {r['build_s']:>7.1f}"
         )
     machine = report["machine"]
-    lines.append(
-        f"dense {machine['matmul_n']}^3 matmul, same rounds: "
-        + ", ".join(f"batch {bs}: {g:.1f} GFLOP/s" for bs, g in machine["matmul_gflops"].items())
-    )
+    if machine["matmul_gflops"]:
+        lines.append(
+            f"dense {machine['matmul_n']}^3 matmul, same rounds: "
+            + ", ".join(f"batch {bs}: {g:.1f} GFLOP/s" for bs, g in machine["matmul_gflops"].items())
+        )
     for r in report["ratios"]:
         s = r["per_round"]
         lines.append(

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from ._alloc import empty_like_huge
 from .authors import block_keys_to_ours
 
 
@@ -98,7 +97,7 @@ class ConvBN(nn.Module):
         if self.bn is None:
             return
         like = self.conv.weight
-        weight, bias = ops.fuse_bn(like, self.conv.bias, *ops.bn_affine(self.bn), out=empty_like_huge(like))
+        weight, bias = ops.fuse_bn(like, self.conv.bias, *ops.bn_affine(self.bn), out=torch.empty_like(like))
         self.conv.weight = param_like(like, weight)
         self.conv.bias = param_like(like, bias)
         self.bn = None
@@ -381,7 +380,7 @@ class RepMLP(nn.Module):
         pp, lp, fc3 = self.partition_perceptron, self.local_perceptron, self.partition_perceptron.fc3
         ones = torch.ones(fc3.out_features, dtype=torch.float64, device=fc3.weight.device)
         scale, shift = ops.bn_affine(pp.bn) if pp.bn is not None else (ones, ones - 1)
-        weight = empty_like_huge(fc3.weight)  # a grouped FC3's rows pair with its kernel's rows as one FC would
+        weight = torch.empty_like(fc3.weight)  # a grouped FC3's rows pair with its kernel's rows as one FC would
         if lp is None:
             weight, bias = ops.fuse_bn(fc3.weight, fc3.bias, scale, shift, out=weight)
         else:

@@ -141,12 +141,13 @@ def _conv_windows(kernel: torch.Tensor, h: int, w: int, dilation: _Pair) -> torc
     (2h-1) x (2w-1). With the padded kernel pre-shifted once per x (a tensor 2h-1 times the kernel's padded
     size, small next to the matrix), all windows are one strided view, indexed [o, h-1-y, x, c, (Y, X)].
     """
-    kernel = dilate_kernel(kernel, dilation)
+    kernel = dilate_kernel(kernel, dilation).contiguous()  # kernels may come channels_last
     o, c, kh, kw = kernel.shape
     ph, pw = h - 1 - (kh - 1) // 2, w - 1 - (kw - 1) // 2  # negative pads crop kernels larger than 2h-1
     padded = F.pad(kernel, (pw, pw, ph, ph))  # (o, c, 2h-1, 2w-1)
-    # shifted[o, x, c, a, X] = padded[o, c, a, X + w - 1 - x]
-    shifted = padded.unfold(3, w, 1).flip(3).permute(0, 3, 1, 2, 4).contiguous()
+    # shifted[o, x, c, a, X] = padded[o, c, a, X + w - 1 - x], written by one stacking copy (contiguous, as the
+    # strided view below needs)
+    shifted = torch.stack([padded[..., w - 1 - x : 2 * w - 1 - x] for x in range(w)], dim=1).contiguous()
     s_o, s_x, s_c = shifted.stride()[:3]
     return shifted.as_strided((o, h, w, c, h * w), (s_o, w, s_x, s_c, 1))
 
@@ -231,14 +232,14 @@ def add_conv_to_fc(
             f"an FC weight of shape {(o * h * w, c * h * w)} is needed for a {tuple(kernel.shape)} "
             f"kernel on {h}x{w} partitions, got {tuple(weight.shape)}"
         )
-    windows = _conv_windows(kernel.double(), h, w, _pair(dilation))
+    kernel, dilation = kernel.double(), _pair(dilation)
     scale = None if scale is None else scale.double()[:, None]
 
-    def fill(block: torch.Tensor, rows: slice) -> None:
+    def fill(block: torch.Tensor, rows: slice) -> None:  # windows of the block's kernel rows: built in cache
         block.copy_(weight[rows])
         if scale is not None:
             block.mul_(scale[rows])
-        _add_conv_windows_(block, windows[rows.start // (h * w) : rows.stop // (h * w)])
+        _add_conv_windows_(block, _conv_windows(kernel[rows.start // (h * w) : rows.stop // (h * w)], h, w, dilation))
 
     if out is None:
         out = torch.empty(weight.shape, dtype=torch.float64, device=weight.device)

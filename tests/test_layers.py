@@ -78,6 +78,35 @@ def test_convert_leaves_input_untouched_and_uses_running_stats():
     assert rel_err(block.eval()(x), deploy(x)) <= 1e-5
 
 
+class _OwnCopy(torch.nn.Identity):
+    """A module with its own copy protocol: the converter must copy the tree with copy.deepcopy."""
+
+    def __deepcopy__(self, memo):
+        new = _OwnCopy()
+        new.copied = True
+        return new
+
+
+@pytest.mark.parametrize("own_copy", [False, True])
+def test_converted_copy_is_a_deep_copy(own_copy):
+    """The copy keeps a tied module tied, carries hooks over to the copied modules, and shares nothing mutable."""
+    block = _block(BLOCK_CASES[0])
+    relu = torch.nn.ReLU()
+    model = torch.nn.Sequential(block, relu, _OwnCopy() if own_copy else torch.nn.Identity(), relu)
+    model.config = {"widths": [8]}
+    seen = []
+    model[1].register_forward_hook(lambda module, args, out: seen.append(module))
+    deploy = convert_to_deploy(model)
+    assert deploy[1] is deploy[3] and deploy[1] is not relu and deploy[0] is not block
+    assert getattr(deploy[2], "copied", False) == own_copy
+    assert deploy.config == model.config and deploy.config is not model.config
+    assert deploy[0].deploy and not block.deploy
+    deploy(torch.randn(1, 8, 12, 10))
+    assert seen == [deploy[1], deploy[1]]
+    (load_hook,) = deploy[0]._load_state_dict_pre_hooks.values()  # the authors' keys hook, bound to the copy
+    assert load_hook.module() is deploy[0]
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 6e-2)])
 def test_half_precision_conversion(dtype, tol):
     """Half models convert in float64: each deploy weight is the exact value rounded once to the dtype."""

@@ -130,3 +130,28 @@ def test_bn_affine_without_affine_params():
 @pytest.mark.parametrize("k,d", list(itertools.product([1, 3], [1, 2])))
 def test_conv_to_fc_is_float64(k, d):
     assert ops.conv_to_fc(torch.randn(2, 2, k, k), 4, 4, 1, d).dtype == torch.float64
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("c,o,g,k,d,h,w", CONV_CASES)
+def test_add_conv_to_fc_into_out_rounds_once(monkeypatch, c, o, g, k, d, h, w, out_dtype):
+    """Written into ``out`` in float64 blocks (one output channel each here), from a channels_last kernel: the
+    float64 result rounded once."""
+    monkeypatch.setattr(ops, "_SCRATCH_BYTES", 8 * (h * w) ** 2 * (c // g))
+    kernel = torch.randn(o, c // g, *k, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight, scale = torch.randn(o * h * w, c // g * h * w), torch.rand(o * h * w, dtype=torch.float64) + 0.5
+    exact = weight.double() * scale[:, None] + ops.conv_to_fc(kernel.contiguous(), h, w, 1, d)[0]
+    out = torch.empty(weight.shape, dtype=out_dtype)
+    assert ops.add_conv_to_fc(weight, kernel, h, w, d, scale, out=out) is out
+    assert torch.equal(out, exact.to(out_dtype))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fuse_bn_into_out_rounds_once(out_dtype, layout):
+    weight = torch.randn(6, 4, 3, 3).contiguous(memory_format=layout)
+    scale, shift = torch.rand(6, dtype=torch.float64) + 0.5, torch.randn(6, dtype=torch.float64)
+    out = torch.empty_like(weight, dtype=out_dtype)
+    fused, bias = ops.fuse_bn(weight, None, scale, shift, out=out)
+    assert fused is out and out.is_contiguous(memory_format=layout) and torch.equal(bias, shift)
+    assert torch.equal(out, (weight.double() * scale[:, None, None, None]).to(out_dtype))

@@ -112,6 +112,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, dict[str
         default=d.convert_rounds,
         help="time the train -> deploy conversion this many times per model (0: skip)",
     )
+    p.add_argument(
+        "--conversion-only",
+        action="store_true",
+        help="only race the conversion against the authors' (emulated), --convert-rounds times per model",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--png", help="write a bar chart of images/s here")
