@@ -307,7 +307,7 @@ def authors_convert(train: nn.Module) -> nn.Module:
     from .convert import is_deploy_form
     from .layers import ConvBN, RepMLP
 
-    model = copy.deepcopy(train)
+    model = _run_nchw(copy.deepcopy(train))  # their modules hold contiguous (NCHW) kernels
     for module in [m for m in model.modules() if isinstance(m, RepMLP)]:
         _authors_switch_repmlp(module)
     for module in [m for m in model.modules() if isinstance(m, ConvBN) and m.bn is not None]:
