@@ -16,7 +16,7 @@ from torch import nn
 
 from ..authors import resnet_keys_to_ours
 from ..checkpoint import route_pretrained_file
-from ..layers import ConvBN, RepMLP
+from ..layers import ConvBN, RepMLP, shape_str
 from ._base import RepMLPModel
 
 __all__ = ["RepMLPResNet"]
@@ -156,11 +156,15 @@ class RepMLPResNet(RepMLPModel):
         self.head = ClassifierHead(in_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate)
 
     def check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"{type(self).__name__} is built for {self.img_size[0]}x{self.img_size[1]} inputs "
-                f"(RepMLP blocks have a fixed size), got input of shape {tuple(x.shape)}"
-            )
+        _check_input(x, self.img_size)
+
+
+@torch.fx.wrap  # FX leaf: a Python check on the traced shape, kept at run time
+def _check_input(x: torch.Tensor, size: tuple[int, int]) -> None:
+    """Raise a ValueError naming both sizes unless ``x`` is an (N, C, *size) batch."""
+    if x.dim() != 4 or x.shape[2] != size[0] or x.shape[3] != size[1]:
+        raise ValueError(f"RepMLPResNet is built for {size[0]}x{size[1]} inputs (RepMLP blocks have a fixed size), "
+                         f"got input of shape {shape_str(x.shape)}")
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
