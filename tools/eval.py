@@ -2,7 +2,7 @@
 """Top-1, top-5 and loss of a train- or deploy-form checkpoint on a dataset.
 
 Examples:
-    python tools/eval.py --checkpoint pretrained/repmlp_fmnist_mlp.fmnist.safetensors --dataset fashion_mnist
+    python tools/eval.py --checkpoint repmlp/pretrained/repmlp_fmnist_mlp.fmnist --dataset fashion_mnist
     python tools/eval.py --checkpoint runs/fmnist/model_train.safetensors --form deploy --dataset fashion_mnist
     python tools/eval.py --model repmlp_fmnist_mlp.fmnist --pretrained --dataset fashion_mnist
 """
@@ -27,7 +27,7 @@ from repmlp.training.distributed import DistEnv  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="safetensors file written by tools/train.py (or shipped)")
+    source.add_argument("--checkpoint", help="safetensors file written by tools/train.py, or a model folder")
     source.add_argument("--pretrained", action="store_true", help="the shipped weights of --model NAME.TAG")
     parser.add_argument("--model", help="timm model name (default: the checkpoint's metadata)")
     parser.add_argument("--form", choices=("train", "deploy"), help="model form (default: the checkpoint's)")

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..checkpoint import route_pretrained_file
 from ..layers import ConvBN, RepMLP, shape_str
-from ..shipped import shipped_file
+from ..shipped import shipped_folder
 from ._base import RepMLPModel
 
 __all__ = ["MLPCifarNet"]
@@ -198,17 +198,29 @@ def _cfg(**kwargs) -> dict:
         "num_classes": 10, "input_size": (3, 32, 32), "fixed_input_size": True, "pool_size": (8, 8),
         "crop_pct": 1.0, "interpolation": "bilinear", "mean": (0.4914, 0.4822, 0.4465),
         "std": (0.2470, 0.2435, 0.2616), "first_conv": "stem.conv", "classifier": "head.fc",
-        "custom_load": True, "paper_ids": "arXiv:2105.01883", "license": "mit",
-        **kwargs,
+        "custom_load": True, "license": "mit", "paper_ids": "arXiv:2105.01883",
+        "paper_name": "RepMLP: Re-parameterizing Convolutions into Fully-connected Layers for Image Recognition",
+        "origin_url": "https://github.com/DingXiaoH/RepMLP", **kwargs,
     }
 
 
-_FMNIST = dict(input_size=(1, 28, 28), pool_size=(7, 7), mean=(0.2860,), std=(0.3530,))
+FASHION_MNIST_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                        "Ankle boot")
+_FMNIST = dict(input_size=(1, 28, 28), pool_size=(7, 7), mean=(0.2860,), std=(0.3530,),
+               label_names=FASHION_MNIST_LABELS)
 
 default_cfgs = generate_default_cfgs({
-    "repmlp_cifar_mlp": _cfg(),
-    "repmlp_cifar_wideconv": _cfg(),
-    "repmlp_fmnist_mlp.fmnist": _cfg(file=shipped_file("repmlp_fmnist_mlp", "fmnist"), **_FMNIST),
+    "repmlp_cifar_mlp": _cfg(description="Pure-MLP CIFAR model of the RepMLP paper (v1, Table 1); no weights."),
+    "repmlp_cifar_wideconv": _cfg(description="Wide ConvNet baseline of the pure-MLP model (RepMLP paper v1, "
+                                              "Table 1); no weights."),
+    "repmlp_fmnist_mlp.fmnist": _cfg(
+        file=shipped_folder("repmlp_fmnist_mlp", "fmnist"), **_FMNIST,
+        description="Pure-MLP RepMLP model trained by this package on Fashion-MNIST (28x28 grey images as they are); "
+                    "weights shipped with the package (train form; the deploy form is converted on load).",
+        notes=("Not a model of the paper: the paper's pure-MLP layout (RepMLP, FC, RepMLP, FC per stage) sized for a "
+               "2-core CPU: a 2x2-patch stem FC, two stages (C = 24, 48) at 14x14 and 7x7, h = w = 7, g = 4, "
+               "local perceptron k = 1, 3.",
+               "Recipe: configs/fmnist_repmlp.yaml (12 epochs SGD); model card: README.md of the weights folder.")),
 })
 
 

@@ -444,23 +444,27 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> RepMLPNet:
         **kwargs)
 
 
-def _cfg(size: int = 224, **kwargs) -> dict:
+def _cfg(size: int, name: str, **kwargs) -> dict:
     return {
         "num_classes": 1000, "input_size": (3, size, size), "pool_size": (size // 32, size // 32),
         "fixed_input_size": True, "crop_pct": 1.0, "interpolation": "bilinear",
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "stem.conv", "classifier": "head.fc", "custom_load": True,
-        "paper_ids": "arXiv:2112.11081", "license": "mit", **kwargs,
+        "license": "mit", "paper_ids": "arXiv:2112.11081",
+        "paper_name": "RepMLPNet: Hierarchical Vision MLP with Re-parameterized Locality",
+        "origin_url": "https://github.com/DingXiaoH/RepMLP",
+        "description": f"{name} (CVPR 2022); architecture only, no ImageNet weights are shipped (the "
+                       f"authors' checkpoints load through pretrained_cfg_overlay).", **kwargs,
     }
 
 
 default_cfgs = generate_default_cfgs({
-    "repmlpnet_t224": _cfg(224),
-    "repmlpnet_b224": _cfg(224),
-    "repmlpnet_t256": _cfg(256),
-    "repmlpnet_b256": _cfg(256),
-    "repmlpnet_d256": _cfg(256),
-    "repmlpnet_l256": _cfg(256),
+    "repmlpnet_t224": _cfg(224, "RepMLPNet-T224"),
+    "repmlpnet_b224": _cfg(224, "RepMLPNet-B224"),
+    "repmlpnet_t256": _cfg(256, "RepMLPNet-T256"),
+    "repmlpnet_b256": _cfg(256, "RepMLPNet-B256"),
+    "repmlpnet_d256": _cfg(256, "RepMLPNet-D256"),
+    "repmlpnet_l256": _cfg(256, "RepMLPNet-L256"),
 })
 
 _T = dict(channels=(64, 128, 256, 512), depths=(2, 2, 6, 2), sharesets=(1, 4, 16, 128))

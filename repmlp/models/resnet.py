@@ -190,17 +190,27 @@ def _cfg(size: int = 224, **kwargs) -> dict:
         "fixed_input_size": True, "crop_pct": 0.875, "interpolation": "bilinear",
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "stem.conv", "classifier": "head.fc", "custom_load": True,
-        "paper_ids": "arXiv:2105.01883", "license": "mit", **kwargs,
+        "license": "mit", "paper_ids": "arXiv:2105.01883",
+        "paper_name": "RepMLP: Re-parameterizing Convolutions into Fully-connected Layers for Image Recognition",
+        "origin_url": "https://github.com/DingXiaoH/RepMLP", **kwargs,
     }
 
 
+def _describe(block: str, table: str) -> str:
+    return (f"RepMLP-ResNet-50 with RepMLP {block} blocks in c3 and c4 (RepMLP paper v1, {table}); architecture "
+            f"only, no ImageNet weights are shipped (the authors' checkpoints load through pretrained_cfg_overlay).")
+
+
 default_cfgs = generate_default_cfgs({
-    "repmlp_res50_light_224": _cfg(),
-    "repmlp_res50_light_g4_224": _cfg(),
-    "repmlp_res50_bottleneck_224": _cfg(),
-    "repmlp_res50_bottleneck_g8g16_320": _cfg(320),
-    "repmlp_res50_bottleneck_g8g8_320": _cfg(320),
-    "repmlp_res50_bottleneck_g4g8_320": _cfg(320),
+    "repmlp_res50_light_224": _cfg(description=_describe("Light", "Table 4")),
+    "repmlp_res50_light_g4_224": _cfg(
+        description=_describe("Light", "the authors' released code"),
+        notes=("Not in the paper: FC3 groups g = 4 in c3 and c4 (Table 4 has g = 8), the preset of the authors' "
+               "released code and checkpoint RepMLP-Res50-light-224.",)),
+    "repmlp_res50_bottleneck_224": _cfg(description=_describe("Bottleneck", "Table 4")),
+    "repmlp_res50_bottleneck_g8g16_320": _cfg(320, description=_describe("Bottleneck", "Table 7, g = 8/16")),
+    "repmlp_res50_bottleneck_g8g8_320": _cfg(320, description=_describe("Bottleneck", "Table 7, g = 8/8")),
+    "repmlp_res50_bottleneck_g4g8_320": _cfg(320, description=_describe("Bottleneck", "Table 7, g = 4/8")),
 })
 
 _K224, _K320 = (1, 3, 5), (1, 3, 5, 7)
