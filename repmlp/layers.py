@@ -75,11 +75,15 @@ def shape_str(shape: list[int]) -> str:
 
 
 @torch.fx.wrap
-def check_block_input(x: torch.Tensor, channels: int, H: int, W: int, h: int, w: int) -> None:
-    """Raise a ValueError unless ``x`` is (N, channels, H, W), the input a RepMLP block is built for."""
+def check_block_input(x: torch.Tensor, channels: int, H: int, W: int, h: int, w: int) -> torch.Tensor:
+    """``x``, if it is (N, channels, H, W), the input a RepMLP block is built for; else a ValueError.
+
+    Checks return their input for the caller to use: FX drops a call whose result is unused.
+    """
     if x.dim() != 4 or x.shape[1] != channels or x.shape[2] != H or x.shape[3] != W:
         raise ValueError(f"RepMLP built for inputs (N, {channels}, {H}, {W}) with {h}x{w} partitions, "
                          f"got {shape_str(x.shape)}")
+    return x
 
 
 class ConvBN(nn.Module):
@@ -361,7 +365,7 @@ class RepMLP(nn.Module):
         return self.partition_perceptron.deploy and self.local_perceptron is None and (gp is None or gp.deploy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_block_input(x, self.in_channels, self.H, self.W, self.h, self.w)
+        x = check_block_input(x, self.in_channels, self.H, self.W, self.h, self.w)
         n, c = x.shape[:2]
         p = partition(x, self.h, self.w)
         if self.global_perceptron is not None:

@@ -44,8 +44,15 @@ def shipped_models() -> list[dict]:
     for config in sorted(weights_dir().glob("*/config.json")):
         cfg, folder = read_config(config.parent), config.parent.name
         for name, info in cfg.get("files", {}).items():
-            entries.append(dict(model=cfg["architecture"], tag=cfg["pretrained_cfg"]["tag"], folder=folder,
-                                file=f"{folder}/{name}", **info))
+            entries.append(
+                dict(
+                    model=cfg["architecture"],
+                    tag=cfg["pretrained_cfg"]["tag"],
+                    folder=folder,
+                    file=f"{folder}/{name}",
+                    **info,
+                )
+            )
     return entries
 
 
@@ -83,9 +90,11 @@ def weights_file(path: str | os.PathLike) -> Path:
         path = path / WEIGHTS_NAME
     listed = read_config(path.parent).get("files", {}).get(path.name)
     if listed and path.is_file() and sha256(path) != listed["sha256"]:
-        raise ValueError(f"weights file {path} is corrupted or was replaced: its sha256 {sha256(path)} is not the "
-                         f"{listed['sha256']} listed in {path.parent / 'config.json'}; reinstall the package (or "
-                         f"restore the file)")
+        raise ValueError(
+            f"weights file {path} is corrupted or was replaced: its sha256 {sha256(path)} is not the "
+            f"{listed['sha256']} listed in {path.parent / 'config.json'}; reinstall the package (or "
+            f"restore the file)"
+        )
     return path
 
 

@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output or weights_dir() / args.model)
     checkpoint = Path(args.checkpoint)
     if checkpoint.resolve() in (output.resolve(), (output / WEIGHTS_NAME).resolve()):
-        print(f"error: --checkpoint {checkpoint} is the file --output would overwrite; ship from a copy",
-              file=sys.stderr)
+        print(
+            f"error: --checkpoint {checkpoint} is the file --output would overwrite; ship from a copy", file=sys.stderr
+        )
         return 2
     try:
         model = repmlp.load_checkpoint(timm.create_model(args.model), checkpoint)

@@ -1,6 +1,8 @@
-"""What every model of the zoo shares: timm's model API, the train-form twin and checkpoint loading."""
+"""What every model of the zoo shares: timm's model API, the train-form twin and checkpoint loading.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: FX copies ``forward``'s annotations into the graphs it traces,
+and TorchScript can only script those graphs when the annotations are real types, not strings.
+"""
 
 from collections.abc import Callable
 
@@ -43,7 +45,7 @@ class RepMLPModel(nn.Module):
         """True when no training-only module is left (derived from the modules, never stored)."""
         return is_deploy_form(self)
 
-    def train_form_twin(self) -> RepMLPModel:
+    def train_form_twin(self) -> "RepMLPModel":
         """A freshly initialised train-form model of the same architecture and classifier."""
         return type(self)(**{**self.init_args, "deploy": False})
 
@@ -69,12 +71,13 @@ class RepMLPModel(nn.Module):
             self.init_args["global_pool"] = global_pool
         self.head.reset(num_classes, global_pool)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ValueError naming both sizes unless ``x`` is an input the model is built for."""
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``, if it is an input the model is built for; else a ValueError naming both sizes."""
+        return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and stages."""
-        self.check_input(x)
+        x = self.check_input(x)
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.stages, x)
@@ -107,7 +110,7 @@ class RepMLPModel(nn.Module):
             raise ValueError(f"{type(self).__name__}: output_fmt must be 'NCHW', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         first = self._first_stage_level()
-        self.check_input(x)
+        x = self.check_input(x)
         x = self.stem(x)
         intermediates = [x] if first and 0 in take_indices else []
         stages = self.stages[: max_index + 1 - first] if stop_early else self.stages

@@ -165,16 +165,17 @@ class MLPCifarNet(RepMLPModel):
         expect at least three levels)."""
         return num_stages < 3
 
-    def check_input(self, x: torch.Tensor) -> None:
-        _check_input(x, self.in_chans, self.img_size)
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return _check_input(x, self.in_chans, self.img_size)
 
 
 @torch.fx.wrap  # FX leaf: a Python check on the traced shape, kept at run time
-def _check_input(x: torch.Tensor, chans: int, size: int) -> None:
-    """Raise a ValueError naming both shapes unless ``x`` is (N, chans, size, size)."""
+def _check_input(x: torch.Tensor, chans: int, size: int) -> torch.Tensor:
+    """``x``, if it is (N, chans, size, size); else a ValueError naming both shapes."""
     if x.dim() != 4 or x.shape[1] != chans or x.shape[2] != size or x.shape[3] != size:
         raise ValueError(f"MLPCifarNet is built for (N, {chans}, {size}, {size}) inputs (RepMLP blocks have a "
                          f"fixed size), got {shape_str(x.shape)}")
+    return x
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

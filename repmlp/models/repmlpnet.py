@@ -79,7 +79,7 @@ class PatchEmbedding(ConvBN):
         self.patch = patch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_patches(x, self.patch)
+        x = _check_patches(x, self.patch)
         x = self.conv(x)  # ConvBN.forward, written out: TorchScript has no super()
         if self.bn is not None:
             x = self.bn(x)
@@ -87,11 +87,13 @@ class PatchEmbedding(ConvBN):
 
 
 @torch.fx.wrap  # FX leaf: a Python check on the traced shape, kept at run time (and below)
-def _check_patches(x: torch.Tensor, patch: int) -> None:
-    """Raise a ValueError unless the map size of ``x`` is divisible by ``patch``."""
+def _check_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """``x``, if its map size is divisible by ``patch``; else a ValueError (checks return their input: FX drops
+    a call whose result is unused)."""
     if x.shape[-2] % patch != 0 or x.shape[-1] % patch != 0:
         raise ValueError(f"patch embedding {patch}x{patch}/{patch} needs a map size divisible by {patch}, "
                          f"got {x.shape[-2]}x{x.shape[-1]}")
+    return x
 
 
 class SharedFC(nn.Module):
@@ -193,7 +195,7 @@ class RepMLPBlock(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The block output, plus ``residual`` (same shape as ``x``) when given, added in the same pass."""
         h, w, s = self.h, self.w, self.sharesets
-        _check_map(x, self.channels, h, w)
+        x = _check_map(x, self.channels, h, w)
         n, c, H, W = x.shape
         p = _partitions(x, h, w)  # (N*hp*wp, C, h, w)
         v = p.reshape(-1, c // s, s, h * w)  # channel c of a partition uses set c mod S
@@ -221,11 +223,12 @@ class RepMLPBlock(nn.Module):
 
 
 @torch.fx.wrap
-def _check_map(x: torch.Tensor, channels: int, h: int, w: int) -> None:
-    """Raise a ValueError unless ``x`` is an (N, channels, H, W) map with H, W multiples of h, w."""
+def _check_map(x: torch.Tensor, channels: int, h: int, w: int) -> torch.Tensor:
+    """``x``, if it is an (N, channels, H, W) map with H, W multiples of h, w; else a ValueError."""
     if x.dim() != 4 or x.shape[1] != channels or x.shape[2] % h != 0 or x.shape[3] % w != 0:
         raise ValueError(f"RepMLPBlock with {channels} channels and {h}x{w} partitions got a map of shape "
                          f"{shape_str(x.shape)}: its size must be a multiple of {h}x{w}")
+    return x
 
 
 @torch.fx.wrap
@@ -416,13 +419,14 @@ class RepMLPNet(RepMLPModel):
             (r"^head\.norm", (99999,)),
         ])
 
-    def check_input(self, x: torch.Tensor) -> None:
-        _check_input_size(x, self.reductions, self.partitions)
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return _check_input_size(x, self.reductions, self.partitions)
 
 
 @torch.fx.wrap
-def _check_input_size(x: torch.Tensor, reductions: list[int], partitions: list[_Size]) -> None:
-    """Raise a ValueError unless every stage's map size (input size / reduction) is a multiple of its partition."""
+def _check_input_size(x: torch.Tensor, reductions: list[int], partitions: list[_Size]) -> torch.Tensor:
+    """``x``, if every stage's map size (input size / reduction) is a multiple of its partition; else a
+    ValueError."""
     H, W = x.shape[-2], x.shape[-1]
     stage_sizes = [(H // r, W // r) for r in reductions]
     fits = H % reductions[-1] == 0 and W % reductions[-1] == 0
@@ -431,6 +435,7 @@ def _check_input_size(x: torch.Tensor, reductions: list[int], partitions: list[_
     if not fits:
         raise ValueError(f"RepMLPNet: input {H}x{W} gives stage sizes {stage_sizes}, which must be multiples of the "
                          f"partition sizes {partitions} (input a multiple of {reductions[-1]})")
+    return x
 
 
 RepMLPNet.checkpoint_filter_fn = staticmethod(repmlpnet_keys_to_ours)  # what load_checkpoint renames with

@@ -99,6 +99,7 @@ class RepMLPResNet(RepMLPModel):
         fc3_groups: FC3 groups in c3 and c4.
         reparam_conv_k: local perceptron kernel sizes.
         bottleneck_reduction: r of the Bottleneck block in c3 and c4.
+        widths: output channels of c2..c5 (ResNet-50's by default; the stem has a quarter of c2's).
         fc1_fc2_reduction: global perceptron reduction.
         num_classes: classifier outputs (0 for none).
         in_chans: input channels.
@@ -115,6 +116,7 @@ class RepMLPResNet(RepMLPModel):
         fc3_groups: Sequence[int] = (8, 8),
         reparam_conv_k: Sequence[int] = (1, 3, 5),
         bottleneck_reduction: Sequence[int] = (2, 4),
+        widths: Sequence[int] = (256, 512, 1024, 2048),
         fc1_fc2_reduction: int = 1,
         num_classes: int = 1000,
         in_chans: int = 3,
@@ -132,10 +134,10 @@ class RepMLPResNet(RepMLPModel):
                 f"divisible by partition={partition}, e.g. {32 * partition} or {64 * partition}"
             )
         self.img_size, self.drop_rate = img_size, drop_rate
-        self.stem = Stem(in_chans, 64, deploy)
+        self.stem = Stem(in_chans, widths[0] // 4, deploy)
 
-        depths, widths, strides = (3, 4, 6, 3), (256, 512, 1024, 2048), (1, 2, 2, 2)
-        stages, in_chs, (H, W) = [], 64, (img_size[0] // 4, img_size[1] // 4)
+        depths, strides = (3, 4, 6, 3), (1, 2, 2, 2)
+        stages, in_chs, (H, W) = [], widths[0] // 4, (img_size[0] // 4, img_size[1] // 4)
         self.feature_info = []
         for i, (depth, width, stride) in enumerate(zip(depths, widths, strides)):
             H, W = H // stride, W // stride
@@ -155,16 +157,17 @@ class RepMLPResNet(RepMLPModel):
         self.num_features = self.head_hidden_size = in_chs
         self.head = ClassifierHead(in_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        _check_input(x, self.img_size)
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return _check_input(x, self.img_size)
 
 
 @torch.fx.wrap  # FX leaf: a Python check on the traced shape, kept at run time
-def _check_input(x: torch.Tensor, size: tuple[int, int]) -> None:
-    """Raise a ValueError naming both sizes unless ``x`` is an (N, C, *size) batch."""
+def _check_input(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``x``, if it is an (N, C, *size) batch; else a ValueError naming both sizes."""
     if x.dim() != 4 or x.shape[2] != size[0] or x.shape[3] != size[1]:
         raise ValueError(f"RepMLPResNet is built for {size[0]}x{size[1]} inputs (RepMLP blocks have a fixed size), "
                          f"got input of shape {shape_str(x.shape)}")
+    return x
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
