@@ -4,10 +4,13 @@ and a synthetic set, all feeding timm's transforms.
 Each reader checks the on-disk layout and raises a ValueError (missing or malformed data) that names
 the path and the layout it expected.
 """
+
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import ImageDataset, create_transform
+from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 
@@ -27,19 +31,22 @@ SPLITS = ("train", "val")
 _IMAGEFOLDER_LAYOUT = "<root>/train/<class>/<image> and <root>/val/<class>/<image>"
 _CIFAR_LAYOUT = {
     "cifar10": "CIFAR-10 python batches: <root>/data_batch_1 .. data_batch_5 and <root>/test_batch "
-               "(or the same inside <root>/cifar-10-batches-py)",
+    "(or the same inside <root>/cifar-10-batches-py)",
     "cifar100": "CIFAR-100 python pickles: <root>/train and <root>/test (or inside <root>/cifar-100-python)",
 }
-_FMNIST_LAYOUT = ("Fashion-MNIST IDX files, gzipped or raw: <root>/train-images-idx3-ubyte[.gz], "
-                  "train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz] "
-                  "(Debian: apt-get install dataset-fashion-mnist)")
+_FMNIST_LAYOUT = (
+    "Fashion-MNIST IDX files, gzipped or raw: <root>/train-images-idx3-ubyte[.gz], "
+    "train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz] "
+    "(Debian: apt-get install dataset-fashion-mnist)"
+)
 
 
 class ArrayImageDataset(Dataset):
     """Images held in memory as uint8 arrays (N, H, W) or (N, H, W, 3), served as PIL images."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None,
-                 num_classes: int | None = None) -> None:
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None, num_classes: int | None = None
+    ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"ArrayImageDataset: {len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.transform = images, labels.astype(np.int64), transform
@@ -69,14 +76,18 @@ def read_idx(path: str | Path) -> np.ndarray:
     except (OSError, EOFError) as e:
         raise ValueError(f"cannot read IDX file {path}: {e}") from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic 0x0000 08 nd expected, "
-                         f"got {data[:4].hex() or 'empty file'})")
+        raise ValueError(
+            f"{path} is not an IDX file of unsigned bytes (magic 0x0000 08 nd expected, "
+            f"got {data[:4].hex() or 'empty file'})"
+        )
     ndim = data[3]
     header = 4 + 4 * ndim
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if len(data) != header + int(np.prod(shape)):
-        raise ValueError(f"{path}: IDX header says shape {shape} ({header + int(np.prod(shape))} bytes) "
-                         f"but the file has {len(data)} bytes; the file is truncated or corrupt")
+        raise ValueError(
+            f"{path}: IDX header says shape {shape} ({header + int(np.prod(shape))} bytes) "
+            f"but the file has {len(data)} bytes; the file is truncated or corrupt"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -94,9 +105,38 @@ def fashion_mnist(root: str | Path | None, split: str, transform: Callable | Non
     images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
     labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"Fashion-MNIST in {root}: images {images.shape} and labels {labels.shape} do not "
-                         f"match; expected (N, 28, 28) images and (N,) labels")
+        raise ValueError(
+            f"Fashion-MNIST in {root}: images {images.shape} and labels {labels.shape} do not "
+            f"match; expected (N, 28, 28) images and (N,) labels"
+        )
     return ArrayImageDataset(images, labels, transform, num_classes=10)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles built-in containers, numbers, strings and numpy arrays only: a crafted file cannot name a
+    function to run. The allowed names are those numpy (1.x and 2.x) and Python 2/3 write for arrays and bytes."""
+
+    ALLOWED = {
+        (core, name)
+        for core in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    }
+    ALLOWED |= {
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name}: a dataset batch holds only arrays, lists, dicts, numbers and strings"
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # numpy 2 reads numpy.core.* via a shim
+            return super().find_class(module, name)
 
 
 def _unpickle(path: Path, layout: str) -> dict:
@@ -104,9 +144,9 @@ def _unpickle(path: Path, layout: str) -> dict:
         raise ValueError(f"CIFAR file {path} not found; expected {layout}")
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a malformed file
-        raise ValueError(f"CIFAR file {path} is not a python pickle: {e}; expected {layout}") from e
+        raise ValueError(f"CIFAR file {path} is not a python pickle of arrays ({e}); expected {layout}") from e
     if not isinstance(batch, dict):
         raise ValueError(f"CIFAR file {path} holds a {type(batch).__name__}, not a dict; expected {layout}")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
@@ -127,23 +167,54 @@ def cifar(name: str, root: str | Path, split: str, transform: Callable | None = 
     for file in files:
         batch = _unpickle(root / file, layout)
         if "data" not in batch or label_key not in batch:
-            raise ValueError(f"CIFAR file {root / file} lacks the 'data' and '{label_key}' entries; "
-                             f"expected {layout}")
+            raise ValueError(f"CIFAR file {root / file} lacks the 'data' and '{label_key}' entries; expected {layout}")
         data = np.asarray(batch["data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch[label_key]):
-            raise ValueError(f"CIFAR file {root / file}: 'data' has shape {data.shape} for "
-                             f"{len(batch[label_key])} labels; expected (N, 3072) uint8 rows")
+            raise ValueError(
+                f"CIFAR file {root / file}: 'data' has shape {data.shape} for "
+                f"{len(batch[label_key])} labels; expected (N, 3072) uint8 rows"
+            )
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels.append(np.asarray(batch[label_key]))
     num_classes = 10 if name == "cifar10" else 100
     return ArrayImageDataset(np.concatenate(images), np.concatenate(labels), transform, num_classes)
 
 
+def folder_classes(root: str | Path) -> dict[str, int]:
+    """Class index of each class folder of ``<root>/train``, in timm's (natural) order; both splits use it, so a
+    class missing from ``val/`` cannot shift the others."""
+    train = _require_dir(Path(root) / "train", _IMAGEFOLDER_LAYOUT)
+    names = sorted((entry.name for entry in os.scandir(train) if entry.is_dir()), key=natural_key)
+    if not names:
+        raise ValueError(f"image folder {train} holds no class folders; expected {_IMAGEFOLDER_LAYOUT}")
+    return {name: index for index, name in enumerate(names)}
+
+
 def image_folder(root: str | Path, split: str, transform: Callable | None = None) -> ImageDataset:
-    """ImageNet-style class folders: ``<root>/<split>/<class>/<image>``."""
+    """ImageNet-style class folders: ``<root>/<split>/<class>/<image>``, classes numbered by ``<root>/train``.
+
+    A ``val/`` class folder unknown to ``train/`` is an error; a training class without a ``val/`` folder is
+    allowed and reported (a warning).
+    """
     folder = _require_dir(Path(root) / split, _IMAGEFOLDER_LAYOUT)
+    class_to_idx = folder_classes(root)
+    if split != "train":
+        present = {entry.name for entry in os.scandir(folder) if entry.is_dir()}
+        unknown = sorted(present - set(class_to_idx), key=natural_key)
+        if unknown:
+            raise ValueError(
+                f"image folder {folder} has {len(unknown)} class folders that {Path(root) / 'train'} "
+                f"lacks: {unknown[:10]}; both splits must use the training classes"
+            )
+        missing = sorted(set(class_to_idx) - present, key=natural_key)
+        if missing:
+            warnings.warn(
+                f"image folder {folder} has no images of {len(missing)} of the {len(class_to_idx)} "
+                f"training classes: {missing[:10]}; the others keep their training indices",
+                stacklevel=2,
+            )
     try:
-        dataset = ImageDataset(str(folder), transform=transform)
+        dataset = ImageDataset(str(folder), transform=transform, class_map=class_to_idx)
     except Exception as e:  # noqa: BLE001 - timm raises RuntimeError/AssertionError for empty folders
         raise ValueError(f"cannot read image folder {folder}: {e}; expected {_IMAGEFOLDER_LAYOUT}") from e
     if len(dataset) == 0:
@@ -151,8 +222,15 @@ def image_folder(root: str | Path, split: str, transform: Callable | None = None
     return dataset
 
 
-def synthetic(split: str, num_samples: int = 256, num_classes: int = 10, img_size: int = 32, in_chans: int = 3,
-              seed: int = 0, transform: Callable | None = None) -> ArrayImageDataset:
+def synthetic(
+    split: str,
+    num_samples: int = 256,
+    num_classes: int = 10,
+    img_size: int = 32,
+    in_chans: int = 3,
+    seed: int = 0,
+    transform: Callable | None = None,
+) -> ArrayImageDataset:
     """Random images whose mean brightness depends on the class, so a model can learn them (smoke tests)."""
     if in_chans not in (1, 3):
         raise ValueError(f"synthetic: in_chans must be 1 or 3 (PIL images), got {in_chans}")
@@ -167,12 +245,13 @@ def synthetic(split: str, num_samples: int = 256, num_classes: int = 10, img_siz
 def num_classes_of(dataset: Dataset) -> int:
     """Number of classes of a dataset made by :func:`build_dataset`."""
     if isinstance(dataset, ImageDataset):
-        return len(dataset.reader.class_to_idx)
+        return len(dataset.reader.class_to_idx)  # the training classes, also for val (see folder_classes)
     return dataset.num_classes
 
 
-def build_dataset(name: str, split: str, root: str | None = None, transform: Callable | None = None,
-                  **synthetic_args) -> Dataset:
+def build_dataset(
+    name: str, split: str, root: str | None = None, transform: Callable | None = None, **synthetic_args
+) -> Dataset:
     """A dataset by name (one of :data:`DATASETS`) and split ('train' or 'val'; 'val' is the test set
     of CIFAR and Fashion-MNIST)."""
     if split not in SPLITS:
@@ -225,7 +304,7 @@ class EpochSampler(DistributedSampler):
     skip: int = 0
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
+        return iter(list(super().__iter__())[self.skip :])
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
@@ -249,7 +328,21 @@ def build_loader(
     """
     if is_training:
         sampler = EpochSampler(dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
+        if len(sampler) < batch_size:  # drop_last would leave no batch at all
+            fix = f"set train.batch_size to at most {len(sampler)} or " if len(sampler) else ""
+            raise ValueError(
+                f"the training set has {len(dataset)} samples, {len(sampler)} per process on "
+                f"{world_size} process(es), fewer than one batch (train.batch_size={batch_size}); "
+                f"{fix}use more data"
+            )
     else:
         sampler = range(rank, len(dataset), world_size)
-    return DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers, drop_last=is_training,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        dataset,
+        batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=is_training,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -5,6 +5,7 @@ Runtimes such as ncnn and several NPU toolchains reject tensors of rank 6, which
 every tensor of the graph (inputs, outputs, initializers, constants and every intermediate value after ONNX
 shape inference) keeps to that. Needs the ``onnx`` extra (onnx, onnxruntime).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checkpoint import atomic_write
 from .convert import is_deploy_form
 from .models import model_input_size
 from .verify import ErrorStats
@@ -34,8 +36,10 @@ class ExportReport:
     max_rel_err: float
 
     def __str__(self) -> str:
-        return (f"{self.path}: input {self.input_shape}, opset {self.opset}, {self.tensors} tensors of rank <= "
-                f"{self.max_rank}, onnxruntime vs PyTorch max rel err {self.max_rel_err:.2e}")
+        return (
+            f"{self.path}: input {self.input_shape}, opset {self.opset}, {self.tensors} tensors of rank <= "
+            f"{self.max_rank}, onnxruntime vs PyTorch max rel err {self.max_rel_err:.2e}"
+        )
 
 
 def tensor_ranks(model) -> dict[str, int | None]:
@@ -63,8 +67,10 @@ def check_ranks(model, max_rank: int = MAX_RANK) -> int:
     too_high = {name: rank for name, rank in ranks.items() if rank is not None and rank > max_rank}
     unknown = [name for name, rank in ranks.items() if rank is None]
     if too_high:
-        raise ValueError(f"ONNX graph has {len(too_high)} tensors of rank > {max_rank}, e.g. "
-                         f"{dict(itertools.islice(too_high.items(), 5))}")
+        raise ValueError(
+            f"ONNX graph has {len(too_high)} tensors of rank > {max_rank}, e.g. "
+            f"{dict(itertools.islice(too_high.items(), 5))}"
+        )
     if unknown:
         raise ValueError(f"ONNX shape inference left the rank of {len(unknown)} tensors unknown, e.g. {unknown[:5]}")
     return max(ranks.values(), default=0)
@@ -93,32 +99,43 @@ def export_onnx(
 
     Returns:
         The report. Raises ValueError for a model with training-only modules left or a tensor of rank > 5,
-        RuntimeError when onnxruntime disagrees with PyTorch.
+        RuntimeError when onnxruntime disagrees with PyTorch; then nothing is written (the file is exported
+        under a temporary name, checked, then renamed).
     """
     import onnx
     import onnxruntime
 
     if not is_deploy_form(model):
-        raise ValueError("export_onnx: the model still has training-only modules (BatchNorm or blocks not "
-                         "re-parameterized); convert it with repmlp.convert_to_deploy first")
+        raise ValueError(
+            "export_onnx: the model still has training-only modules (BatchNorm or blocks not "
+            "re-parameterized); convert it with repmlp.convert_to_deploy first"
+        )
     model = model.eval()
     shape = (batch_size, *(input_size or model_input_size(model)))
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     y = model(x)
     # The TorchScript-based exporter (deprecated in favour of the dynamo one, which needs onnxscript): shape checks
     # in forward() become constants of the fixed size, as intended.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["input"], output_names=["output"],
-                          opset_version=opset)
-    proto = onnx.load(str(path))
-    onnx.checker.check_model(proto)
-    max_rank = check_ranks(proto)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    y_ort = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
-    err = ErrorStats.of(y, y_ort).max_rel_err
-    if err > tolerance:
-        raise RuntimeError(f"export_onnx: onnxruntime output differs from PyTorch's: max rel err {err:.2e} > "
-                           f"{tolerance:.0e} ({path})")
-    return ExportReport(str(path), shape, opset, len(tensor_ranks(proto)), max_rank, err)
+    checked = {}
+
+    def write_and_check(tmp: str) -> None:  # a file that fails a check never reaches ``path``
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                model, (x,), tmp, dynamo=False, input_names=["input"], output_names=["output"], opset_version=opset
+            )
+        proto = onnx.load(tmp)
+        onnx.checker.check_model(proto)
+        checked["max_rank"], checked["tensors"] = check_ranks(proto), len(tensor_ranks(proto))
+        session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        y_ort = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+        checked["err"] = ErrorStats.of(y, y_ort).max_rel_err
+        if checked["err"] > tolerance:
+            raise RuntimeError(
+                f"export_onnx: onnxruntime output differs from PyTorch's: max rel err "
+                f"{checked['err']:.2e} > {tolerance:.0e} ({path} not written)"
+            )
+
+    atomic_write(path, write_and_check)
+    return ExportReport(str(path), shape, opset, checked["tensors"], checked["max_rank"], checked["err"])

@@ -4,6 +4,7 @@ A block has a train form (global, partition and local perceptrons with BatchNorm
 (three FC layers). ``reparameterize()`` turns the first into the second in place; the identities it
 uses live in :mod:`repmlp.ops`.
 """
+
 from __future__ import annotations
 
 import math
@@ -81,8 +82,9 @@ def check_block_input(x: torch.Tensor, channels: int, H: int, W: int, h: int, w:
     Checks return their input for the caller to use: FX drops a call whose result is unused.
     """
     if x.dim() != 4 or x.shape[1] != channels or x.shape[2] != H or x.shape[3] != W:
-        raise ValueError(f"RepMLP built for inputs (N, {channels}, {H}, {W}) with {h}x{w} partitions, "
-                         f"got {shape_str(x.shape)}")
+        raise ValueError(
+            f"RepMLP built for inputs (N, {channels}, {H}, {W}) with {h}x{w} partitions, got {shape_str(x.shape)}"
+        )
     return x
 
 
@@ -102,8 +104,7 @@ class ConvBN(nn.Module):
     ) -> None:
         super().__init__()
         padding = dilation * (kernel_size - 1) // 2
-        self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=deploy)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=deploy)
         self.bn = None if deploy else nn.BatchNorm2d(out_channels)
         self.act = nn.ReLU(inplace=True) if act else nn.Identity()
 
@@ -177,8 +178,9 @@ class GlobalPerceptron(nn.Module):
     """Global perceptron (paper Sec. 3.2): per-partition channel means -> BN -> fc1 -> ReLU -> fc2,
     added to every pixel of its partition. The deploy form folds the BN into fc1."""
 
-    def __init__(self, channels: int, hp: int, wp: int, h: int, w: int, reduction: int = 1,
-                 deploy: bool = False) -> None:
+    def __init__(
+        self, channels: int, hp: int, wp: int, h: int, w: int, reduction: int = 1, deploy: bool = False
+    ) -> None:
         super().__init__()
         self.hp, self.wp, self.h, self.w = hp, wp, h, w
         features = channels * hp * wp
@@ -205,8 +207,8 @@ class GlobalPerceptron(nn.Module):
         scale, shift = ops.bn_affine(self.bn)
         per_feature = self.hp * self.wp  # fc1 inputs are flattened in (c, row, column) order
         weight, bias = ops.fold_preceding_bn(
-            self.fc1.weight, self.fc1.bias,
-            scale.repeat_interleave(per_feature), shift.repeat_interleave(per_feature))
+            self.fc1.weight, self.fc1.bias, scale.repeat_interleave(per_feature), shift.repeat_interleave(per_feature)
+        )
         self.fc1.weight = param_like(self.fc1.weight, weight)
         self.fc1.bias = param_like(self.fc1.bias, bias)
         self.bn = None
@@ -216,8 +218,9 @@ class PartitionPerceptron(nn.Module):
     """Partition perceptron (paper Sec. 3.2): FC3, a grouped FC over each flattened h x w partition,
     then BatchNorm1d over the O*h*w outputs. The deploy form is FC3 with a bias."""
 
-    def __init__(self, in_channels: int, out_channels: int, h: int, w: int, groups: int = 1,
-                 deploy: bool = False) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, h: int, w: int, groups: int = 1, deploy: bool = False
+    ) -> None:
         super().__init__()
         self.fc3 = GroupedLinear(in_channels * h * w, out_channels * h * w, groups, bias=deploy)
         self.bn = None if deploy else nn.BatchNorm1d(out_channels * h * w)
@@ -252,25 +255,50 @@ class PartitionPerceptron(nn.Module):
 
 
 def _kernel_spec(spec: int | Sequence[int]) -> tuple[int, int]:
-    """A local-perceptron branch spec: ``k`` or ``(k, dilation)``."""
-    k, d = (spec, 1) if isinstance(spec, int) else tuple(spec)
+    """A local-perceptron branch spec: ``k`` or ``(k, dilation)``, integers, k odd."""
+    parts = [spec] if isinstance(spec, int) else list(spec) if isinstance(spec, (list, tuple)) else None
+    if (
+        parts is None
+        or len(parts) not in (1, 2)
+        or not all(isinstance(p, int) and not isinstance(p, bool) for p in parts)
+    ):
+        raise ValueError(
+            f"reparam_conv_k entries must be odd integer kernel sizes k or (k, dilation) pairs of "
+            f"integers, got {spec!r}"
+        )
+    k, d = (parts + [1])[:2]
     if k < 1 or k % 2 == 0 or d < 1:
-        raise ValueError(f"reparam_conv_k entries must be odd kernel sizes k >= 1 or (k, dilation >= 1) "
-                         f"pairs, got {spec!r}")
-    return int(k), int(d)
+        raise ValueError(
+            f"reparam_conv_k entries must be odd kernel sizes k >= 1 or (k, dilation >= 1) pairs, got {spec!r}"
+        )
+    return k, d
+
+
+def _kernel_specs(specs: Sequence[int | Sequence[int]] | None) -> list[tuple[int, int]]:
+    """All branch specs of ``reparam_conv_k`` (a list of them: ``(1, 3)``, not ``3``)."""
+    if specs is None:
+        return []
+    if not isinstance(specs, (list, tuple)):
+        raise ValueError(
+            f"reparam_conv_k must be a list of odd kernel sizes (e.g. [1, 3], or [3] for one branch; "
+            f"[] for none), got {specs!r}"
+        )
+    return [_kernel_spec(k) for k in specs]
 
 
 class LocalPerceptron(nn.Module):
     """Local perceptron (paper Sec. 3.2): grouped conv-BN branches applied to each partition with zero
     padding at partition borders; train form only (merged into FC3 by the block)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernels: Sequence[tuple[int, int]],
-                 groups: int = 1) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernels: Sequence[tuple[int, int]], groups: int = 1
+    ) -> None:
         super().__init__()
         self.kernels = list(kernels)
         self.groups = groups
         self.branches = nn.ModuleList(
-            ConvBN(in_channels, out_channels, k, groups=groups, dilation=d) for k, d in self.kernels)
+            ConvBN(in_channels, out_channels, k, groups=groups, dilation=d) for k, d in self.kernels
+        )
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor | None = None
@@ -328,30 +356,42 @@ class RepMLP(nn.Module):
         deploy: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in dict(in_channels=in_channels, out_channels=out_channels, H=H, W=W, h=h, w=w,
-                                fc1_fc2_reduction=fc1_fc2_reduction, fc3_groups=fc3_groups).items():
+        for name, value in dict(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            H=H,
+            W=W,
+            h=h,
+            w=w,
+            fc1_fc2_reduction=fc1_fc2_reduction,
+            fc3_groups=fc3_groups,
+        ).items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"RepMLP: {name} must be a positive int, got {value!r}")
         if H % h or W % w:
-            raise ValueError(f"RepMLP: input size H x W = {H}x{W} is not divisible by the partition "
-                             f"size h x w = {h}x{w}; choose h dividing {H} and w dividing {W}")
+            raise ValueError(
+                f"RepMLP: input size H x W = {H}x{W} is not divisible by the partition "
+                f"size h x w = {h}x{w}; choose h dividing {H} and w dividing {W}"
+            )
         if in_channels % fc3_groups or out_channels % fc3_groups:
-            raise ValueError(f"RepMLP: fc3_groups={fc3_groups} must divide in_channels={in_channels} and "
-                             f"out_channels={out_channels}")
+            raise ValueError(
+                f"RepMLP: fc3_groups={fc3_groups} must divide in_channels={in_channels} and out_channels={out_channels}"
+            )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.H, self.W, self.h, self.w = H, W, h, w
         self.hp, self.wp = H // h, W // w
         self.fc3_groups = fc3_groups
-        kernels = [_kernel_spec(k) for k in (reparam_conv_k or ())]
+        kernels = _kernel_specs(reparam_conv_k)
         self.reparam_conv_k = kernels
 
         self.global_perceptron = None
         if self.hp * self.wp > 1:
             if (in_channels * self.hp * self.wp) % fc1_fc2_reduction:
-                raise ValueError(f"RepMLP: fc1_fc2_reduction={fc1_fc2_reduction} must divide C * hp * wp = "
-                                 f"{in_channels * self.hp * self.wp}")
-            self.global_perceptron = GlobalPerceptron(
-                in_channels, self.hp, self.wp, h, w, fc1_fc2_reduction, deploy)
+                raise ValueError(
+                    f"RepMLP: fc1_fc2_reduction={fc1_fc2_reduction} must divide C * hp * wp = "
+                    f"{in_channels * self.hp * self.wp}"
+                )
+            self.global_perceptron = GlobalPerceptron(in_channels, self.hp, self.wp, h, w, fc1_fc2_reduction, deploy)
         self.partition_perceptron = PartitionPerceptron(in_channels, out_channels, h, w, fc3_groups, deploy)
         self.local_perceptron = None
         if kernels and not deploy:

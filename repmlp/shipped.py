@@ -79,14 +79,14 @@ def sha256(path: str | os.PathLike) -> str:
 
 
 def weights_file(path: str | os.PathLike) -> Path:
-    """The weights file ``path`` names (a model folder names its ``model.safetensors``), checked against the
-    sha256 its folder's ``config.json`` lists for it, if any.
+    """The weights file ``path`` names (a model folder, one holding ``model.safetensors``, names that file),
+    checked against the sha256 its folder's ``config.json`` lists for it, if any.
 
     Raises:
         ValueError: the file does not match its listed sha256 (corrupted, truncated or replaced).
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and (path / WEIGHTS_NAME).is_file():
         path = path / WEIGHTS_NAME
     listed = read_config(path.parent).get("files", {}).get(path.name)
     if listed and path.is_file() and sha256(path) != listed["sha256"]:

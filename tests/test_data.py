@@ -1,5 +1,6 @@
 """Dataset readers on small files written here (CIFAR pickles, IDX, image folders), malformed inputs,
 transforms and loaders."""
+
 import gzip
 import pickle
 
@@ -39,14 +40,21 @@ def _write_fmnist(root, n_train=6, n_test=4, gz=True):
     return arrays
 
 
-def _write_cifar10(root, per_batch=2):
+def _write_cifar10(root, per_batch=2, protocol=pickle.DEFAULT_PROTOCOL):
+    """Batches as distributed (protocol 2, numpy.core names as Python 2's numpy wrote them) or in a newer protocol."""
     rng = np.random.default_rng(1)
     rows = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, per_batch).tolist()
-        with open(root / name, "wb") as f:
-            pickle.dump({b"data": data, b"labels": labels}, f)
+        batch = {
+            b"batch_label": b"training batch",
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [b"x.png"] * per_batch,
+        }
+        blob = pickle.dumps(batch, protocol=protocol)
+        (root / name).write_bytes(blob.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
         rows[name] = data, labels
     return rows
 
@@ -84,8 +92,9 @@ def test_fashion_mnist_missing_files_name_the_layout(tmp_path):
         build_dataset("fashion_mnist", "train", str(tmp_path / "nowhere"))
 
 
-def test_cifar10_batches_in_pixel_order(tmp_path):
-    rows = _write_cifar10(tmp_path)
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar10_batches_in_pixel_order(tmp_path, protocol):
+    rows = _write_cifar10(tmp_path, protocol=protocol)
     train, test = build_dataset("cifar10", "train", str(tmp_path)), build_dataset("cifar10", "val", str(tmp_path))
     assert len(train) == 10 and len(test) == 2
     img, label = test[1]
@@ -99,15 +108,22 @@ def test_cifar100_and_the_distribution_subfolder(tmp_path):
     sub.mkdir()
     for name, n in (("train", 5), ("test", 3)):
         with open(sub / name, "wb") as f:
-            pickle.dump({b"data": np.zeros((n, 3072), np.uint8), b"fine_labels": list(range(n)),
-                         b"coarse_labels": [0] * n}, f)
+            pickle.dump(
+                {b"data": np.zeros((n, 3072), np.uint8), b"fine_labels": list(range(n)), b"coarse_labels": [0] * n}, f
+            )
     assert len(build_dataset("cifar100", "train", str(tmp_path))) == 5
     assert len(build_dataset("cifar100", "val", str(tmp_path))) == 3
 
 
-@pytest.mark.parametrize("damage,match", [
-    ("missing", "data_batch_3 not found"), ("garbage", "not a python pickle"), ("shape", "expected \\(N, 3072\\)"),
-    ("keys", "lacks the 'data'")])
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        ("missing", "data_batch_3 not found"),
+        ("garbage", "not a python pickle"),
+        ("shape", "expected \\(N, 3072\\)"),
+        ("keys", "lacks the 'data'"),
+    ],
+)
 def test_cifar_malformed(tmp_path, damage, match):
     _write_cifar10(tmp_path)
     path = tmp_path / "data_batch_3"

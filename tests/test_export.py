@@ -1,4 +1,5 @@
 """ONNX export of deploy forms: onnxruntime agrees with PyTorch, every tensor has rank <= 5, train forms refused."""
+
 import pytest
 import timm
 import torch
@@ -70,5 +71,17 @@ def test_export_tool(tmp_path, capsys):
     out = tmp_path / "tiny.onnx"
     assert tool.main(["--model", "test_benchmark:tiny_model", "--output", str(out), "--batch-size", "2"]) == 0
     assert out.stat().st_size > 0 and "rank <= 5" in capsys.readouterr().out
-    torch.testing.assert_close(torch.tensor(onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[0].dim_value),
-                               torch.tensor(2))
+    torch.testing.assert_close(
+        torch.tensor(onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[0].dim_value), torch.tensor(2)
+    )
+
+
+def test_a_failed_check_writes_nothing(tmp_path):
+    """The file is exported under a temporary name and renamed only once checked: an earlier file stays as it was."""
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"an earlier export")
+    with pytest.raises(RuntimeError, match="model.onnx not written"):
+        export_onnx(_deploy(_block()), out, input_size=(8, 12, 10), tolerance=-1.0)  # no error can be below -1
+    assert out.read_bytes() == b"an earlier export" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+    export_onnx(_deploy(_block()), out, input_size=(8, 12, 10))
+    assert onnx.load(str(out)).graph.input[0].name == "input"

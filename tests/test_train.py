@@ -1,5 +1,6 @@
 """tools/train.py and tools/eval.py end to end on synthetic data: configs, a full run with the deploy check,
 two-process torchrun (gloo), and kill / resume reproducing an uninterrupted run."""
+
 import importlib.util
 import json
 import os
@@ -14,15 +15,26 @@ import torch
 from safetensors.torch import load_file
 
 from repmlp.training import load_config, train
+from repmlp.training.state import STATE_FILE, read_state
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 # a tiny Fashion-MNIST-shaped model on synthetic 28x28 images: 3 epochs of 12 steps
 TINY = [
-    "model.name=repmlp_fmnist_mlp", "model.kwargs={widths: [4, 8], head_hidden_size: 16}",
-    "data.dataset=synthetic", "data.num_workers=0", "data.crop_padding=2", "data.train_transform={color_jitter: null}",
-    "data.synthetic={num_samples: 96, num_classes: 4}", "optimizer.lr=0.05", "scheduler.warmup_epochs=1",
-    "train.epochs=3", "train.batch_size=8", "train.eval_batch_size=32", "train.threads=1", "train.progress=false",
+    "model.name=repmlp_fmnist_mlp",
+    "model.kwargs={widths: [4, 8], head_hidden_size: 16}",
+    "data.dataset=synthetic",
+    "data.num_workers=0",
+    "data.crop_padding=2",
+    "data.train_transform={color_jitter: null}",
+    "data.synthetic={num_samples: 96, num_classes: 4}",
+    "optimizer.lr=0.05",
+    "scheduler.warmup_epochs=1",
+    "train.epochs=3",
+    "train.batch_size=8",
+    "train.eval_batch_size=32",
+    "train.threads=1",
+    "train.progress=false",
 ]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -78,8 +90,9 @@ def reference_run(tmp_path_factory) -> Path:
 
 
 def test_config_overrides_and_errors(tmp_path):
-    cfg = load_config(ROOT / "configs" / "fmnist_repmlp.yaml", ["train.epochs=2", "optimizer.lr=0.5",
-                                                                  "model.kwargs={drop_rate: 0.1}"])
+    cfg = load_config(
+        ROOT / "configs" / "fmnist_repmlp.yaml", ["train.epochs=2", "optimizer.lr=0.5", "model.kwargs={drop_rate: 0.1}"]
+    )
     assert cfg["train"]["epochs"] == 2 and cfg["optimizer"]["lr"] == 0.5 and cfg["model"]["kwargs"]["drop_rate"] == 0.1
     assert cfg["data"]["dataset"] == "fashion_mnist" and cfg["train"]["threads"] == 1
     with pytest.raises(ValueError, match="unknown config key 'train.epoch'"):
@@ -112,8 +125,17 @@ def test_full_run_writes_metrics_plot_and_equivalent_forms(reference_run, capsys
     evaluate = _tool("eval")
     for form in ("train", "deploy"):
         capsys.readouterr()
-        assert evaluate.main(["--checkpoint", str(reference_run / f"model_{form}.safetensors"),
-                              "--config", str(reference_run / "config.json")]) == 0
+        assert (
+            evaluate.main(
+                [
+                    "--checkpoint",
+                    str(reference_run / f"model_{form}.safetensors"),
+                    "--config",
+                    str(reference_run / "config.json"),
+                ]
+            )
+            == 0
+        )
         metrics = json.loads(capsys.readouterr().out.splitlines()[-1])
         assert metrics["form"] == form and metrics["count"] == 96
         assert metrics["top1"] == pytest.approx(check[f"{form}_top1"])
@@ -121,10 +143,21 @@ def test_full_run_writes_metrics_plot_and_equivalent_forms(reference_run, capsys
 
 def test_training_options_run_on_cpu(tmp_path):
     """bf16 autocast, channels_last, gradient checkpointing, EMA, mixup/cutmix and gradient clipping together."""
-    options = ["train.epochs=1", "train.precision=bf16", "train.channels_last=true", "train.grad_checkpointing=true",
-               "ema.enabled=true", "ema.decay=0.9", "augmentation.mixup=0.2", "augmentation.cutmix=1.0",
-               "augmentation.label_smoothing=0.1", "optimizer.opt=adamw", "optimizer.lr=1e-3",
-               "optimizer.clip_grad=5.0", f"train.output_dir={tmp_path}"]
+    options = [
+        "train.epochs=1",
+        "train.precision=bf16",
+        "train.channels_last=true",
+        "train.grad_checkpointing=true",
+        "ema.enabled=true",
+        "ema.decay=0.9",
+        "augmentation.mixup=0.2",
+        "augmentation.cutmix=1.0",
+        "augmentation.label_smoothing=0.1",
+        "optimizer.opt=adamw",
+        "optimizer.lr=1e-3",
+        "optimizer.clip_grad=5.0",
+        f"train.output_dir={tmp_path}",
+    ]
     threads = torch.get_num_threads()
     try:
         summary = train(load_config(None, TINY + options))
@@ -151,7 +184,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(reference_run, tmp_path):
     proc.send_signal(signal.SIGTERM)  # lands during the second epoch's steps
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted by signal" in output, output[-2000:]
-    state = torch.load(tmp_path / "last.pth", weights_only=False)
+    state = read_state(tmp_path / STATE_FILE)
     assert state["epoch"] >= 1 and state["step_in_epoch"] > 0
     assert _resume_in_process(tmp_path)["equivalence"]["passed"]
     assert _max_abs_diff(reference_run / "model_train.safetensors", tmp_path / "model_train.safetensors") <= 1e-6

@@ -8,9 +8,11 @@ does not depend on them, and every deploy and authors' form is checked against i
 Example (the speed goals of issue 5, CPU):
     python tools/benchmark.py --batch-sizes 1 8 --rounds 15 --json output/bench_cpu.json --png output/bench_cpu.png
 """
+
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -21,35 +23,71 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
 
 from repmlp.benchmark import DTYPES, FORMS, BenchmarkConfig, format_table, plot, run_benchmark  # noqa: E402
+from repmlp.checkpoint import atomic_write  # noqa: E402
+from repmlp.guards import check_output_file  # noqa: E402
+
+
+def count(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"  # argparse names the type in its messages
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, dict[str, str | None]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = BenchmarkConfig()
-    p.add_argument("--models", nargs="+", default=list(d.models),
-                   help="timm names or package.module:factory of models with RepMLP blocks (timed in --forms)")
-    p.add_argument("--baselines", nargs="*", default=list(d.baselines),
-                   help="models timed as they are: timm names or package.module:factory (default: resnet50)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=list(d.models),
+        help="timm names or package.module:factory of models with RepMLP blocks (timed in --forms)",
+    )
+    p.add_argument(
+        "--baselines",
+        nargs="*",
+        default=list(d.baselines),
+        help="models timed as they are: timm names or package.module:factory (default: resnet50)",
+    )
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS, help="forms of --models to time")
-    p.add_argument("--model-kwargs", type=json.loads, default={},
-                   help='JSON kwargs for every --models factory, e.g. \'{"img_size": 64, "partition": 4}\'')
-    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
-                   help="input size (default: each model's own)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=list(d.batch_sizes))
+    p.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help='JSON kwargs for every --models factory, e.g. \'{"img_size": 64, "partition": 4}\'',
+    )
+    p.add_argument(
+        "--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="input size (default: each model's own)"
+    )
+    p.add_argument("--batch-sizes", type=count(1), nargs="+", default=list(d.batch_sizes))
     p.add_argument("--device", default=d.device, help="cpu or cuda[:i]")
     p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
-    p.add_argument("--channels-last", nargs="*", choices=(*FORMS, "baseline"),
-                   help="run these forms on channels_last inputs (no value: all forms and baselines)")
+    p.add_argument(
+        "--channels-last",
+        nargs="*",
+        choices=(*FORMS, "baseline"),
+        help="run these forms on channels_last inputs (no value: all forms and baselines)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile every candidate (outputs are checked)")
     p.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune")
-    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (default 2)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed calls per candidate after the first")
-    p.add_argument("--rounds", type=int, default=d.rounds, help="timed, interleaved rounds")
-    p.add_argument("--matmul-size", type=int, help="n of the reference n^3 matmul (default 1024 CPU, 8192 CUDA)")
+    p.add_argument("--threads", type=count(1), default=d.threads, help="CPU threads (default 2)")
+    p.add_argument("--warmup", type=count(0), default=d.warmup, help="untimed calls per candidate after the first")
+    p.add_argument("--rounds", type=count(1), default=d.rounds, help="timed, interleaved rounds")
+    p.add_argument("--matmul-size", type=count(1), help="n of the reference n^3 matmul (default 1024 CPU, 8192 CUDA)")
     p.add_argument("--no-macs", dest="macs", action="store_false", help="skip fvcore MAC counts")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory measurement")
-    p.add_argument("--convert-rounds", type=int, default=d.convert_rounds,
-                   help="time the train -> deploy conversion this many times per model (0: skip)")
+    p.add_argument(
+        "--convert-rounds",
+        type=count(0),
+        default=d.convert_rounds,
+        help="time the train -> deploy conversion this many times per model (0: skip)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--png", help="write a bar chart of images/s here")
@@ -67,15 +105,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, dict[str
 
 def main(argv: list[str] | None = None) -> int:
     cfg, outputs = parse_args(argv)
+    try:  # refused before the (long) measurement
+        for flag, path in outputs.items():
+            if path:
+                check_output_file(path, what=f"--{flag}")
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     report = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr))
     print(format_table(report))
     if outputs["json"]:
-        Path(outputs["json"]).parent.mkdir(parents=True, exist_ok=True)
-        Path(outputs["json"]).write_text(json.dumps(report, indent=1))
+        text = json.dumps(report, indent=1)
+        atomic_write(outputs["json"], lambda tmp: Path(tmp).write_text(text))
         print(f"wrote {outputs['json']}")
     if outputs["png"]:
-        Path(outputs["png"]).parent.mkdir(parents=True, exist_ok=True)
-        plot(report, outputs["png"])
+        png = io.BytesIO()
+        plot(report, png)  # to memory: matplotlib takes the format from a file name, the temporary one has none
+        atomic_write(outputs["png"], lambda tmp: Path(tmp).write_bytes(png.getvalue()))
         print(f"wrote {outputs['png']}")
     return 0
 

@@ -21,7 +21,8 @@ import timm  # noqa: E402
 
 import repmlp  # noqa: E402
 from repmlp.checkpoint import read_metadata  # noqa: E402
-from repmlp.shipped import WEIGHTS_NAME, weights_dir, write_folder  # noqa: E402
+from repmlp.guards import check_output_file  # noqa: E402
+from repmlp.shipped import WEIGHTS_NAME, weights_dir, weights_file, write_folder  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,17 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="folder to write (default: <weights dir>/<model>)")
     args = parser.parse_args(argv)
     output = Path(args.output or weights_dir() / args.model)
-    checkpoint = Path(args.checkpoint)
-    if checkpoint.resolve() in (output.resolve(), (output / WEIGHTS_NAME).resolve()):
-        print(
-            f"error: --checkpoint {checkpoint} is the file --output would overwrite; ship from a copy", file=sys.stderr
-        )
-        return 2
     try:
+        checkpoint = weights_file(args.checkpoint)  # a model folder names its weights file
+        for name in (WEIGHTS_NAME, "config.json"):  # refused before any work: never over the input
+            check_output_file(output / name, [checkpoint], what="--output")
         model = repmlp.load_checkpoint(timm.create_model(args.model), checkpoint)
-        keep = {k: v for k, v in read_metadata(checkpoint).items() if k not in ("model", "form", "format")}
+        keep = {
+            k: v
+            for k, v in read_metadata(checkpoint).items()
+            if k not in ("model", "form", "format", "num_classes", "model_kwargs")
+        }
         folder = write_folder(model, output, metadata=keep)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {folder / WEIGHTS_NAME} and {folder / 'config.json'}")

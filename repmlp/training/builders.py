@@ -1,5 +1,6 @@
 """Objects a training run is made of, built from a config: model, datasets and loaders with timm
 transforms, loss and Mixup; and a trained model rebuilt from its checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -13,32 +14,76 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import load_checkpoint, read_metadata, read_state_dict, state_dict_form
 from ..data import build_dataset, build_loader, build_transform
+from ..models import load_model
 from .distributed import DistEnv
 
 
 def build_model(cfg: dict, num_classes: int, deploy: bool = False) -> nn.Module:
     """``timm.create_model`` with the config's name, pretrained flag and kwargs."""
     m = cfg["model"]
-    return timm.create_model(m["name"], pretrained=m["pretrained"], num_classes=num_classes, deploy=deploy,
-                             **m["kwargs"])
+    return timm.create_model(
+        m["name"], pretrained=m["pretrained"], num_classes=num_classes, deploy=deploy, **m["kwargs"]
+    )
 
 
-def model_from_checkpoint(path: str | Path, model_name: str | None = None, form: str | None = None) -> nn.Module:
-    """Build the model a safetensors checkpoint of :func:`train` describes (name, classes, kwargs in its
-    metadata) in the requested form (default: the file's) and load it; a train-form file loads into a
-    deploy-form model by conversion."""
-    meta = read_metadata(path)
-    name = model_name or meta.get("model")
+def agree_with_record(what: str, given: object, saved: object, path: str | Path) -> object:
+    """``given`` where the file at ``path`` records nothing, else the recorded value; a contradiction is a ValueError
+    naming both."""
+    if given is not None and saved is not None and given != saved:
+        raise ValueError(
+            f"{what} {given!r} contradicts {path}, which records {what} {saved!r}; drop the argument "
+            "or give the recorded value"
+        )
+    return saved if given is None else given
+
+
+def checkpoint_model_args(
+    path: str | Path, model_name: str | None = None, form: str | None = None, model_kwargs: dict | None = None
+) -> tuple[str, str, dict]:
+    """(model name, form, constructor kwargs) of a checkpoint: its metadata (model, model_kwargs, num_classes, form)
+    merged with the arguments, which fill what it lacks; a contradiction is a ValueError naming both values.
+
+    ``model_kwargs`` may hold ``deploy`` (a form request) and ``num_classes``; ``form`` None means the file's.
+    """
+    kwargs = dict(model_kwargs or {})
+    try:
+        meta = read_metadata(path) if Path(path).is_file() else None
+    except Exception:  # noqa: BLE001 - unreadable: read_state_dict below says why
+        meta = None
+    if meta is None:
+        read_state_dict(path)  # raises its clear error for a missing, directory or corrupted file
+        meta = {}
+    if "deploy" in kwargs:
+        form = agree_with_record("form", form, "deploy" if kwargs.pop("deploy") else "train", "--model-kwargs")
+    saved_name = meta.get("model") or None
+    untagged = model_name.split(".")[0] if model_name and ":" not in model_name else model_name  # timm NAME.TAG
+    agree_with_record("model", untagged, saved_name, path)
+    name = model_name or saved_name
     if not name:
-        raise ValueError(f"{path} does not name its model (no 'model' metadata); pass the timm model name")
+        raise ValueError(
+            f"{path} does not record its model (no 'model' metadata, e.g. the authors' files); "
+            "pass the model name (--model NAME)"
+        )
+    saved = json.loads(meta.get("model_kwargs", "{}"))
+    if "num_classes" in meta:
+        saved["num_classes"] = int(meta["num_classes"])
+    for key in set(kwargs) & set(saved):
+        agree_with_record(f"model argument {key}", kwargs[key], saved[key], path)
     form = form or meta.get("form") or state_dict_form(read_state_dict(path))
     if form not in ("train", "deploy"):
         raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
-    kwargs = json.loads(meta.get("model_kwargs", "{}"))
-    if "num_classes" in meta:
-        kwargs["num_classes"] = int(meta["num_classes"])
-    model = timm.create_model(name, deploy=form == "deploy", **kwargs)
-    return load_checkpoint(model, path)
+    return name, form, {**saved, **kwargs}
+
+
+def model_from_checkpoint(
+    path: str | Path, model_name: str | None = None, form: str | None = None, model_kwargs: dict | None = None
+) -> nn.Module:
+    """Build the model a checkpoint describes (see :func:`checkpoint_model_args`) in the requested form (default:
+    the file's) and load it; a train-form file loads into a deploy-form model by conversion. ``model_name`` is a
+    timm name or ``package.module:factory``."""
+    name, form, kwargs = checkpoint_model_args(path, model_name, form, model_kwargs)
+    model = load_model(name, **kwargs, **({"deploy": True} if form == "deploy" else {}))
+    return load_checkpoint(model, path, train_model_factory=lambda: load_model(name, **kwargs))
 
 
 def data_config(cfg: dict, model: nn.Module) -> dict:
@@ -52,13 +97,16 @@ def build_data(cfg: dict, model: nn.Module, env: DistEnv) -> tuple[DataLoader, D
     """Train and validation loaders with timm transforms resolved from the model's pretrained_cfg."""
     d, t = cfg["data"], cfg["train"]
     data_cfg = data_config(cfg, model)
-    common = dict(input_size=data_cfg["input_size"], mean=data_cfg["mean"], std=data_cfg["std"],
-                  interpolation=data_cfg["interpolation"])
+    common = dict(
+        input_size=data_cfg["input_size"],
+        mean=data_cfg["mean"],
+        std=data_cfg["std"],
+        interpolation=data_cfg["interpolation"],
+    )
     train_set, val_set = build_datasets(cfg, data_cfg["input_size"])
     train_set.transform = build_transform(True, crop_padding=d["crop_padding"], **common, **d["train_transform"])
     val_set.transform = build_transform(False, crop_pct=data_cfg["crop_pct"], **common)
-    train_loader = build_loader(train_set, t["batch_size"], True, d["num_workers"], env.rank, env.world_size,
-                                t["seed"])
+    train_loader = build_loader(train_set, t["batch_size"], True, d["num_workers"], env.rank, env.world_size, t["seed"])
     val_loader = build_loader(val_set, t["eval_batch_size"], False, d["num_workers"], env.rank, env.world_size)
     return train_loader, val_loader
 
@@ -66,15 +114,22 @@ def build_data(cfg: dict, model: nn.Module, env: DistEnv) -> tuple[DataLoader, D
 def build_eval_data(cfg: dict, model: nn.Module, split: str = "val") -> DataLoader:
     """One process's loader over a whole split with the model's evaluation transform."""
     d, data_cfg = cfg["data"], data_config(cfg, model)
-    transform = build_transform(False, data_cfg["input_size"], data_cfg["mean"], data_cfg["std"],
-                                data_cfg["crop_pct"], data_cfg["interpolation"])
+    transform = build_transform(
+        False,
+        data_cfg["input_size"],
+        data_cfg["mean"],
+        data_cfg["std"],
+        data_cfg["crop_pct"],
+        data_cfg["interpolation"],
+    )
     dataset = build_datasets(cfg, data_cfg["input_size"], splits=(split,))[0]
     dataset.transform = transform
     return build_loader(dataset, cfg["train"]["eval_batch_size"], False, d["num_workers"])
 
 
-def build_datasets(cfg: dict, input_size: tuple[int, ...] | None = None,
-                   splits: tuple[str, ...] = ("train", "val")) -> tuple[Dataset, ...]:
+def build_datasets(
+    cfg: dict, input_size: tuple[int, ...] | None = None, splits: tuple[str, ...] = ("train", "val")
+) -> tuple[Dataset, ...]:
     """The configured dataset's splits, without transforms (synthetic images take ``input_size``)."""
     d = cfg["data"]
     extra = {}
@@ -89,9 +144,16 @@ def build_loss(cfg: dict, num_classes: int) -> tuple[nn.Module, Mixup | None]:
     """Loss and optional timm Mixup/CutMix (which then carries the label smoothing)."""
     a = cfg["augmentation"]
     if a["mixup"] > 0 or a["cutmix"] > 0 or a["cutmix_minmax"] is not None:
-        mixup = Mixup(mixup_alpha=a["mixup"], cutmix_alpha=a["cutmix"], cutmix_minmax=a["cutmix_minmax"],
-                      prob=a["mixup_prob"], switch_prob=a["mixup_switch_prob"], mode=a["mixup_mode"],
-                      label_smoothing=a["label_smoothing"], num_classes=num_classes)
+        mixup = Mixup(
+            mixup_alpha=a["mixup"],
+            cutmix_alpha=a["cutmix"],
+            cutmix_minmax=a["cutmix_minmax"],
+            prob=a["mixup_prob"],
+            switch_prob=a["mixup_switch_prob"],
+            mode=a["mixup_mode"],
+            label_smoothing=a["label_smoothing"],
+            num_classes=num_classes,
+        )
         return SoftTargetCrossEntropy(), mixup
     if a["label_smoothing"] > 0:
         return LabelSmoothingCrossEntropy(a["label_smoothing"]), None

@@ -1,5 +1,6 @@
 """The training run: build everything from a config, train with checkpoints and metrics, then convert
 to the deploy form, check it against the train form on the validation set and save both forms."""
+
 from __future__ import annotations
 
 import json
@@ -20,17 +21,29 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import atomic_write, save_checkpoint
 from ..convert import convert_to_deploy
 from ..data import build_loader, num_classes_of
+from ..guards import check_writable_dir
 from .builders import build_data, build_datasets, build_loss, build_model
 from .distributed import DistEnv, barrier, cleanup_distributed, init_distributed, weight_divergence
 from .engine import TrainStep, amp_dtype, compare_forms, evaluate, train_one_epoch
 from .metrics_log import MetricsLog
-from .state import STATE_FILE, load_training_state, rng_states, save_training_state
+from .state import LEGACY_STATE_FILE, STATE_FILE, load_training_state, rng_states, save_training_state
 
 #: Minimum argmax agreement between train and deploy form on the validation set.
 MIN_AGREEMENT = 0.9995
+#: What a run writes in its output directory; any of them there means an earlier run.
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "metrics.png",
+    STATE_FILE,
+    LEGACY_STATE_FILE,
+    "final.json",
+    "model_train.safetensors",
+    "model_deploy.safetensors",
+)
 
 
 class StopFlag:
@@ -85,21 +98,27 @@ def hardware(env: DistEnv) -> str:
     """The machine a run used, in words."""
     if env.device.type == "cuda":
         return f"{env.world_size} x {torch.cuda.get_device_name(env.device)}"
-    return (f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
-            f"{env.world_size} process(es) x {torch.get_num_threads()} thread(s)")
+    return (
+        f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
+        f"{env.world_size} process(es) x {torch.get_num_threads()} thread(s)"
+    )
 
 
-def train(cfg: dict, resume: bool | str = False) -> dict[str, Any]:
+def train(cfg: dict, resume: bool | str = False, overwrite: bool = False) -> dict[str, Any]:
     """Run training as configured; returns the final summary (also written to ``final.json``).
 
     Args:
         cfg: a config from :func:`repmlp.training.load_config`.
-        resume: False, True (``<output_dir>/last.pth``) or a training-state path.
+        resume: False, True (``<output_dir>/last_state.safetensors``) or a training-state path.
+        overwrite: start afresh in an output directory that holds an earlier run, deleting that run's files
+            (without it such a directory is refused, untouched).
     """
     env = init_distributed(cfg["train"]["device"])
     try:
+        check_output_dir(Path(cfg["train"]["output_dir"]), resume, overwrite)
+        barrier(env)  # every rank has looked before rank 0 writes anything
         run = build_run(cfg, env)
-        start = restore(run, resume) if resume else _start_fresh(run)
+        start = restore(run, resume) if resume else _start_fresh(run, overwrite)
         interrupted = fit(run, *start)
         return interrupted or finish(run)
     finally:
@@ -120,44 +139,119 @@ def build_run(cfg: dict, env: DistEnv) -> Run:
         model.set_grad_checkpointing(True)
     if t["sync_bn"] and env.distributed:
         if env.device.type != "cuda":
-            raise ValueError("train.sync_bn=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
-                             "set train.sync_bn=false for CPU runs")
+            raise ValueError(
+                "train.sync_bn=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
+                "set train.sync_bn=false for CPU runs"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(env.device, memory_format=torch.channels_last if t["channels_last"] else torch.preserve_format)
     dtype = amp_dtype(t["precision"], env.device)
-    optimizer = create_optimizer_v2(model, opt=o["opt"], lr=o["lr"], weight_decay=o["weight_decay"],
-                                    momentum=o["momentum"], filter_bias_and_bn=o["filter_bias_and_bn"], **o["kwargs"])
+    optimizer = create_optimizer_v2(
+        model,
+        opt=o["opt"],
+        lr=o["lr"],
+        weight_decay=o["weight_decay"],
+        momentum=o["momentum"],
+        filter_bias_and_bn=o["filter_bias_and_bn"],
+        **o["kwargs"],
+    )
     scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=s["sched"], num_epochs=t["epochs"], min_lr=s["min_lr"], warmup_epochs=s["warmup_epochs"],
-        warmup_lr=s["warmup_lr"], step_on_epochs=s["step_on_epochs"], updates_per_epoch=len(train_loader),
-        **s["kwargs"])
+        optimizer,
+        sched=s["sched"],
+        num_epochs=t["epochs"],
+        min_lr=s["min_lr"],
+        warmup_epochs=s["warmup_epochs"],
+        warmup_lr=s["warmup_lr"],
+        step_on_epochs=s["step_on_epochs"],
+        updates_per_epoch=len(train_loader),
+        **s["kwargs"],
+    )
     e = cfg["ema"]
     ema = ModelEmaV3(model, decay=e["decay"], use_warmup=e["warmup"]) if e["enabled"] else None
     scaler = torch.amp.GradScaler(env.device.type) if dtype == torch.float16 else None
     loss_fn, mixup = build_loss(cfg, num_classes)
-    step = TrainStep(optimizer, loss_fn, scheduler, mixup, ema, scaler, dtype, t["channels_last"], o["clip_grad"],
-                     o["clip_mode"])
+    step = TrainStep(
+        optimizer, loss_fn, scheduler, mixup, ema, scaler, dtype, t["channels_last"], o["clip_grad"], o["clip_mode"]
+    )
     ddp_model = DistributedDataParallel(model) if env.distributed else model
     return Run(cfg, env, model, ddp_model, train_loader, val_loader, step, num_epochs, num_classes)
 
 
-def _start_fresh(run: Run) -> tuple[int, int, int, None]:
+def earlier_run_files(out_dir: Path) -> list[str]:
+    """Names of the files of an earlier run in ``out_dir``."""
+    return [name for name in RUN_FILES if (out_dir / name).exists()]
+
+
+def check_output_dir(out_dir: Path, resume: bool | str, overwrite: bool) -> None:
+    """Refuse, before any work, an output directory that cannot be written, or one that holds an earlier run
+    when neither resuming nor overwriting."""
+    if resume and overwrite:
+        raise ValueError(
+            "--resume continues the run in the output directory and --overwrite replaces it: give one of them"
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"train.output_dir {out_dir} is a file; give a directory")
+    check_writable_dir(out_dir, f"train.output_dir {out_dir}")
+    found = earlier_run_files(out_dir)
+    if found and not resume and not overwrite:
+        raise FileExistsError(
+            f"train.output_dir {out_dir} holds an earlier run ({', '.join(found)}); continue it "
+            "with --resume, replace it with --overwrite, or give another --output directory"
+        )
+
+
+def _start_fresh(run: Run, overwrite: bool = False) -> tuple[int, int, int, None]:
     if run.env.is_main:
         run.out_dir.mkdir(parents=True, exist_ok=True)
-        (run.out_dir / "config.json").write_text(json.dumps(run.cfg, indent=2))
+        if overwrite:
+            for name in earlier_run_files(run.out_dir):
+                (run.out_dir / name).unlink()
+        text = json.dumps(run.cfg, indent=2)
+        atomic_write(run.out_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
     return 0, 0, 0, None
 
 
+def schedule_settings(run: Run) -> dict[str, Any]:
+    """The settings the LR schedule is a function of (besides the update count)."""
+    return {
+        "train.epochs": run.cfg["train"]["epochs"],
+        "optimizer.lr": run.cfg["optimizer"]["lr"],
+        "updates_per_epoch": len(run.train_loader),
+        **{f"scheduler.{k}": v for k, v in run.cfg["scheduler"].items()},
+    }
+
+
 def restore(run: Run, resume: bool | str) -> tuple[int, int, int, dict]:
-    """Load the training state; returns (epoch, step in epoch, optimizer updates, RNG states)."""
+    """Load the training state; returns (epoch, step in epoch, optimizer updates, RNG states).
+
+    Changed schedule settings (e.g. more ``train.epochs``) rebuild the LR schedule for the new settings, at the
+    saved position.
+    """
     path = run.out_dir / STATE_FILE if resume is True else Path(resume)
     s = run.step
-    state = load_training_state(path, run.model, s.optimizer, s.scheduler, s.ema, s.scaler)
+    state = load_training_state(path, run.model, s.optimizer, s.scheduler, s.ema, s.scaler, schedule_settings(run))
+    if state["epoch"] > run.num_epochs:
+        raise ValueError(
+            f"cannot resume from {path}: it has done {state['epoch']} epochs but this run is "
+            f"configured for {run.num_epochs}; set train.epochs to at least {state['epoch']}"
+        )
+    changes = state["schedule_changes"]
+    if changes and s.scheduler is not None:
+        s.scheduler.step(state["epoch"])  # set the LR the rebuilt schedule has at the saved position
+        s.scheduler.step_update(num_updates=state["num_updates"])
     rng = state["rng"][run.env.rank] if isinstance(state["rng"], list) else state["rng"]
     run.elapsed = state.get("elapsed", 0.0)
     if run.env.is_main:
         MetricsLog(run.out_dir).truncate(state["epoch"])
         print(f"resumed from {path}: epoch {state['epoch']}, step {state['step_in_epoch']}", flush=True)
+        if changes:
+            what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            print(
+                f"note: schedule settings changed since the state was saved ({what}): the LR schedule is rebuilt "
+                f"for the new settings and continues from update {state['num_updates']} (LR now "
+                f"{s.optimizer.param_groups[0]['lr']:.3g})",
+                flush=True,
+            )
     return state["epoch"], state["step_in_epoch"], state["num_updates"], rng
 
 
@@ -174,15 +268,28 @@ def fit(run: Run, start_epoch: int, start_step: int, num_updates: int, rng: dict
             sampler = run.train_loader.sampler
             sampler.set_epoch(epoch)
             sampler.skip = start_step * t["batch_size"]
-            result = train_one_epoch(run.ddp_model, run.train_loader, run.step, env, epoch, num_updates,
-                                     start_step, stop, t["progress"], rng if start_step else None)
+            result = train_one_epoch(
+                run.ddp_model,
+                run.train_loader,
+                run.step,
+                env,
+                epoch,
+                num_updates,
+                start_step,
+                stop,
+                t["progress"],
+                rng if start_step else None,
+            )
             num_updates, start_step, sampler.skip = result.num_updates, 0, 0
             run.elapsed += result.seconds
             if result.interrupted:
                 _save_state(run, epoch, result.steps, num_updates)
                 if env.is_main:
-                    print(f"interrupted by signal {stop.signal} at epoch {epoch} step {result.steps}; state saved "
-                          f"to {run.out_dir / STATE_FILE}; continue with --resume", flush=True)
+                    print(
+                        f"interrupted by signal {stop.signal} at epoch {epoch} step {result.steps}; state saved "
+                        f"to {run.out_dir / STATE_FILE}; continue with --resume",
+                        flush=True,
+                    )
                 return {"interrupted": True, "epoch": epoch, "step": result.steps}
             run.step.scheduler.step(epoch + 1)
             record = _epoch_record(run, epoch, result)
@@ -198,9 +305,17 @@ def fit(run: Run, start_epoch: int, start_step: int, num_updates: int, rng: dict
 def _epoch_record(run: Run, epoch: int, result: Any) -> dict[str, Any]:
     t, s = run.cfg["train"], run.step
     metrics = evaluate(run.ddp_model, run.val_loader, run.env, s.amp_dtype, t["channels_last"])
-    record = {"epoch": epoch, "train_loss": result.loss, "train_top1": result.top1, "val_loss": metrics["loss"],
-              "val_top1": metrics["top1"], "val_top5": metrics["top5"], "lr": s.optimizer.param_groups[0]["lr"],
-              "epoch_seconds": result.seconds, "img_per_s": result.images / max(result.seconds, 1e-9)}
+    record = {
+        "epoch": epoch,
+        "train_loss": result.loss,
+        "train_top1": result.top1,
+        "val_loss": metrics["loss"],
+        "val_top1": metrics["top1"],
+        "val_top5": metrics["top5"],
+        "lr": s.optimizer.param_groups[0]["lr"],
+        "epoch_seconds": result.seconds,
+        "img_per_s": result.images / max(result.seconds, 1e-9),
+    }
     if s.ema is not None:
         ema_metrics = evaluate(s.ema.module, run.val_loader, run.env, s.amp_dtype, t["channels_last"])
         record["ema_val_top1"] = ema_metrics["top1"]
@@ -216,20 +331,35 @@ def _save_state(run: Run, epoch: int, step_in_epoch: int, num_updates: int) -> N
         rng = gathered
     if run.env.is_main:
         s = run.step
-        save_training_state(run.out_dir / STATE_FILE, run.model, s.optimizer, s.scheduler, s.ema, s.scaler,
-                            epoch, step_in_epoch, num_updates, extra={"elapsed": run.elapsed, "rng": rng})
+        save_training_state(
+            run.out_dir / STATE_FILE,
+            run.model,
+            s.optimizer,
+            s.scheduler,
+            s.ema,
+            s.scaler,
+            epoch,
+            step_in_epoch,
+            num_updates,
+            extra={"elapsed": run.elapsed, "rng": rng, "schedule": schedule_settings(run)},
+        )
     barrier(run.env)
 
 
 def finish(run: Run) -> dict[str, Any]:
     """Check the replicas agree, then (rank 0) export both forms; writes and returns ``final.json``'s summary."""
     export_ema = run.step.ema is not None and run.cfg["train"]["export_ema"]
-    summary = {"divergence": weight_divergence(run.model, run.env), "train_seconds": run.elapsed,
-               "hardware": hardware(run.env), "exported": "ema" if export_ema else "model"}
+    summary = {
+        "divergence": weight_divergence(run.model, run.env),
+        "train_seconds": run.elapsed,
+        "hardware": hardware(run.env),
+        "exported": "ema" if export_ema else "model",
+    }
     if run.env.is_main:
         model = run.step.ema.module if export_ema else run.model
         summary.update(export(model, run.cfg, run.val_loader.dataset, run.num_classes, run.out_dir))
-        (run.out_dir / "final.json").write_text(json.dumps(summary, indent=2))
+        text = json.dumps(summary, indent=2)
+        atomic_write(run.out_dir / "final.json", lambda tmp: Path(tmp).write_text(text))
         print(json.dumps(summary), flush=True)
     barrier(run.env)
     return summary
@@ -246,13 +376,21 @@ def export(model: nn.Module, cfg: dict, val_set: Dataset, num_classes: int, out_
     val_loader = build_loader(val_set, cfg["train"]["eval_batch_size"], False, cfg["data"]["num_workers"])
     check = compare_forms(model, deploy, val_loader, next(model.parameters()).device)
     check["passed"] = check["argmax_agreement"] >= MIN_AGREEMENT
-    meta = {"dataset": cfg["data"]["dataset"], "num_classes": str(num_classes),
-            "model_kwargs": json.dumps(cfg["model"]["kwargs"]), "config": json.dumps(cfg)}
+    meta = {
+        "dataset": cfg["data"]["dataset"],
+        "num_classes": str(num_classes),
+        "model_kwargs": json.dumps(cfg["model"]["kwargs"]),
+        "config": json.dumps(cfg),
+    }
     files = {"train": out_dir / "model_train.safetensors", "deploy": out_dir / "model_deploy.safetensors"}
     for form, form_model in (("train", model), ("deploy", deploy)):
-        save_checkpoint(form_model, files[form], cfg["model"]["name"], form,
-                        {**meta, "top1": f"{check[f'{form}_top1']:.2f}"})
+        save_checkpoint(
+            form_model, files[form], cfg["model"]["name"], form, {**meta, "top1": f"{check[f'{form}_top1']:.2f}"}
+        )
     if not check["passed"]:
-        print(f"WARNING: deploy form agrees with the train form on only {check['argmax_agreement']:.4%} of the "
-              f"validation set (< {MIN_AGREEMENT:.2%})", flush=True)
+        print(
+            f"WARNING: deploy form agrees with the train form on only {check['argmax_agreement']:.4%} of the "
+            f"validation set (< {MIN_AGREEMENT:.2%})",
+            flush=True,
+        )
     return {"equivalence": check, "files": {k: str(v) for k, v in files.items()}}
