@@ -253,6 +253,14 @@ def test_local_dir_loads_the_shipped_folder_in_both_forms(folder):
     assert report.passed and report.argmax_agreement == 1.0, str(report)
 
 
+@pytest.mark.parametrize("folder", SHIPPED)
+def test_tools_read_a_model_folder_as_its_weights_file(folder):
+    from repmlp.training.builders import checkpoint_model_args
+
+    name, form, kwargs = checkpoint_model_args(weights_dir() / folder)
+    assert (name, form, kwargs["num_classes"]) == (read_config(weights_dir() / folder)["architecture"], "train", 10)
+
+
 def test_a_corrupted_shipped_file_is_a_clear_error(tmp_path, monkeypatch):
     folder = tmp_path / "repmlp_fmnist_mlp.fmnist"
     shutil.copytree(weights_dir() / "repmlp_fmnist_mlp.fmnist", folder)
