@@ -7,7 +7,7 @@ and TorchScript can only script those graphs when the annotations are real types
 from collections.abc import Callable
 
 import torch
-from timm.layers import ClassifierHead, register_notrace_function
+from timm.layers import ClassifierHead
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -18,7 +18,7 @@ from ..convert import is_deploy_form
 from ..shipped import resolve_weights
 
 
-@register_notrace_function  # a layout choice, not part of the traced graph's arithmetic
+@torch.fx.wrap  # a leaf for FX: a layout choice made at run time, not part of the traced arithmetic
 def like_input_layout(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``y`` laid out as ``x``: contiguous (NCHW) or channels_last, as it is for any other ``x``."""
     if x.is_contiguous():
@@ -53,6 +53,7 @@ class RepMLPModel(nn.Module):
         self.init_args = {k: v for k, v in init_args.items() if k not in ("self", "__class__")}
         self.num_classes = self.init_args.get("num_classes", 0)
         self.grad_checkpointing = False
+        self.channels_last = type(self).channels_last  # an instance attribute, which TorchScript reads
 
     @property
     @torch.jit.unused  # Python-side introspection, not compiled by TorchScript
