@@ -143,13 +143,15 @@ class GroupedLinear(nn.Module):
         if self.groups == 1:
             return F.linear(x, self.weight, self.bias)
         g = self.groups
-        weight = self.weight.reshape(g, self.out_features // g, -1).transpose(1, 2)
-        x = x.reshape(-1, g, self.in_features // g).transpose(0, 1)  # (g, B, in/g)
+        weight = self.weight.reshape(g, self.out_features // g, -1)
+        # weight @ x^T per group: the weight is the GEMM's streamed left operand, so few rows (batch 1) do not pay
+        # for packing it (1.6x at 4 rows, a few % at 500)
+        x = x.reshape(-1, g, self.in_features // g).permute(1, 2, 0)  # (g, in/g, B)
         if self.bias is None:
-            y = torch.bmm(x, weight)
+            y = torch.bmm(weight, x)
         else:
-            y = torch.baddbmm(self.bias.reshape(g, 1, -1), x, weight)
-        return y.transpose(0, 1).reshape(-1, self.out_features)
+            y = torch.baddbmm(self.bias.reshape(g, -1, 1), weight, x)
+        return y.permute(2, 0, 1).reshape(-1, self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, groups={self.groups}, bias={self.bias is not None}"

@@ -9,6 +9,7 @@ from test_repmlpnet import TINY
 
 from repmlp import convert_to_deploy, load_checkpoint, save_checkpoint
 from repmlp.models import model_input_size
+from repmlp.models._base import NCHWStage
 from repmlp.runtime import RUNTIMES, in_runtime
 from repmlp.verify import randomize_bn_stats
 
@@ -67,28 +68,32 @@ def test_runtime_refuses_unknown_names_and_wrong_outputs(family):
         in_runtime(deploy, "eager", x, tolerance=-1.0)
 
 
-def _conv_kernels(model: torch.nn.Module) -> list[torch.Tensor]:
-    """Conv kernels whose two layouts differ (k > 1 and more than one input channel)."""
-    return [
-        m.weight
-        for m in model.modules()
-        if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1 and m.weight.shape[1] > 1
-    ]
+def _kernels_and_layouts(model: torch.nn.Module) -> list[tuple[torch.Tensor, bool]]:
+    """Conv kernels whose two layouts differ (k > 1, more than one input channel), each with whether its part of
+    the model runs channels_last (the model's layout, but NCHW in an NCHWStage)."""
+    nchw = {name for name, m in model.named_modules() if isinstance(m, NCHWStage)}
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1 and m.weight.shape[1] > 1:
+            in_nchw_stage = any(name.startswith(stage + ".") for stage in nchw)
+            out.append((m.weight, model.channels_last and not in_nchw_stage))
+    return out
 
 
 def test_weights_are_stored_in_the_run_layout(family, tmp_path):
-    """Kernels (k > 1) are channels_last in train, converted, deploy-built and loaded models of NHWC families."""
+    """Kernels are stored in their part's layout in train, converted, deploy-built and loaded models."""
     name, train, deploy, _ = family
     built = timm.create_model(name, deploy=True, **FAMILIES[name])
     path = tmp_path / "deploy.safetensors"
     save_checkpoint(deploy, path)
     load_checkpoint(built, path)
-    cl = train.channels_last
-    assert cl == (name != "repmlpnet_t224")
-    assert _conv_kernels(train)
+    assert train.channels_last == (name != "repmlpnet_t224")
+    assert {cl for _, cl in _kernels_and_layouts(train)} == (
+        {True, False} if "res50" in name else {train.channels_last}
+    )
     for model in (train, deploy, built):
-        kernels = _conv_kernels(model)
-        assert all(k.is_contiguous(memory_format=torch.channels_last) == cl != k.is_contiguous() for k in kernels)
+        for kernel, cl in _kernels_and_layouts(model):
+            assert kernel.is_contiguous(memory_format=torch.channels_last) == cl != kernel.is_contiguous()
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

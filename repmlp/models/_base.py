@@ -28,6 +28,22 @@ def like_input_layout(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def in_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``x`` channels_last (NHWC) or contiguous (NCHW); a copy only when it is not already."""
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+class NCHWStage(nn.Sequential):
+    """A stage that runs NCHW inside a channels_last model: it turns its input contiguous, and its kernels are
+    stored so (:meth:`RepMLPModel._store_run_layout`); whoever runs the stage gets the same arithmetic."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        for block in self:
+            x = block(x)
+        return x
+
+
 class RepMLPModel(nn.Module):
     """Base of the zoo's models: ``stem`` -> ``stages`` -> ``head`` (a module with ``fc``, ``reset`` and
     ``forward(x, pre_logits)``), built from the constructor arguments it records.
@@ -91,19 +107,19 @@ class RepMLPModel(nn.Module):
         """``x``, if it is an input the model is built for; else a ValueError naming both sizes."""
         return x
 
-    def _to_run_layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-
     def _store_run_layout(self) -> None:
-        """Store 4-D weights in the layout the model runs in (the last step of every constructor; loading and
+        """Store 4-D weights in the layout each part runs in (the last step of every constructor; loading and
         conversion keep it: ``load_state_dict`` copies into the stored tensors, folds write like them)."""
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
+            for stage in self.modules():
+                if isinstance(stage, NCHWStage):
+                    stage.to(memory_format=torch.contiguous_format)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and stages, run in the model's layout; the map is returned in the input's (NCHW for NCHW)."""
         x = self.check_input(x)
-        y = self.stem(self._to_run_layout(x))
+        y = self.stem(in_layout(x, self.channels_last))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             y = checkpoint_seq(self.stages, y)
         else:
@@ -138,7 +154,7 @@ class RepMLPModel(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         first = self._first_stage_level()
         x = self.check_input(x)
-        y = self.stem(self._to_run_layout(x))
+        y = self.stem(in_layout(x, self.channels_last))
         intermediates = [like_input_layout(y, x)] if first and 0 in take_indices else []
         stages = self.stages[: max_index + 1 - first] if stop_early else self.stages
         for i, stage in enumerate(stages, start=first):
