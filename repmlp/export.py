@@ -7,9 +7,11 @@ shape inference) keeps to that. Needs the ``onnx`` extra (onnx, onnxruntime).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +38,22 @@ class ExportReport:
     def __str__(self) -> str:
         return (f"{self.path}: input {self.input_shape}, opset {self.opset}, {self.tensors} tensors of rank <= "
                 f"{self.max_rank}, onnxruntime vs PyTorch max rel err {self.max_rel_err:.2e}")
+
+
+@contextlib.contextmanager
+def graph_layout(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``model``'s layers that have a ``graph_layout`` run in it: FC3 as one linear layer per
+    group, 1x1 convs as Conv2d (see :class:`repmlp.layers.GroupedLinear`). Same function, the layout that graph
+    runtimes (onnxruntime, torch.export + inductor) run fast and int8 tools quantize."""
+    modules = [m for m in model.modules() if hasattr(type(m), "graph_layout")]
+    saved = [m.graph_layout for m in modules]
+    for m in modules:
+        m.graph_layout = True
+    try:
+        yield model
+    finally:
+        for m, value in zip(modules, saved):
+            m.graph_layout = value
 
 
 def tensor_ranks(model) -> dict[str, int | None]:

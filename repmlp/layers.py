@@ -122,12 +122,19 @@ class ConvBN(nn.Module):
 
 
 class GroupedLinear(nn.Module):
-    """A grouped FC layer run as one batched matmul over groups.
+    """A grouped FC layer run as one batched matmul over groups, or as one linear layer per group.
 
     ``weight`` has shape (out_features, in_features / groups), like a grouped 1x1 conv with the trailing
     dims dropped: group i maps inputs [i*in/g, (i+1)*in/g) to outputs [i*out/g, (i+1)*out/g). On CPU a
     batched matmul runs this several times faster than a grouped 1x1 Conv2d.
+
+    With ``graph_layout`` set (by :func:`repmlp.export.graph_layout`) each group is its own ``F.linear``: a
+    Gemm with a 2-D constant weight in ONNX, which int8 tools quantize with per-output-channel scales (they skip
+    or mis-scale the batched matmul) and onnxruntime runs faster; eager PyTorch keeps the batched matmul, which
+    is faster there.
     """
+
+    graph_layout = False
 
     def __init__(self, in_features: int, out_features: int, groups: int = 1, bias: bool = True) -> None:
         super().__init__()
@@ -140,6 +147,10 @@ class GroupedLinear(nn.Module):
         if self.groups == 1:
             return F.linear(x, self.weight, self.bias)
         g = self.groups
+        if self.graph_layout:
+            biases = [None] * g if self.bias is None else self.bias.chunk(g)
+            parts = zip(x.chunk(g, -1), self.weight.chunk(g), biases)
+            return torch.cat([F.linear(xi, wi, bi) for xi, wi, bi in parts], -1)
         weight = self.weight.reshape(g, self.out_features // g, -1).transpose(1, 2)
         x = x.reshape(-1, g, self.in_features // g).transpose(0, 1)  # (g, B, in/g)
         if self.bias is None:

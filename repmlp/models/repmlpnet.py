@@ -93,8 +93,11 @@ class SharedFC(nn.Module):
     """FC3 shared over channel sets: ``y[..., s, :] = weight[s] @ v[..., s, :] + bias[s]`` for v (..., S, h*w).
 
     Runs as one batched matmul over the S sets (a grouped 1x1 conv is several times slower on CPU); for S > 1
-    the result is a set-major strided view, which callers consume without copying.
+    the result is a set-major strided view, which callers consume without copying. With ``graph_layout`` set (see
+    :class:`repmlp.layers.GroupedLinear`) each set is its own ``F.linear``, which int8 tools quantize.
     """
+
+    graph_layout = False
 
     def __init__(self, sharesets: int, tokens: int, bias: bool = False) -> None:
         super().__init__()
@@ -106,6 +109,10 @@ class SharedFC(nn.Module):
         s, tokens = self.weight.shape[:2]
         if s == 1:
             return F.linear(v, self.weight[0], None if self.bias is None else self.bias[0])
+        if self.graph_layout:
+            rows, biases = v.reshape(-1, s, tokens), [None] * s if self.bias is None else self.bias.unbind()
+            y = torch.stack([F.linear(r, w, b) for r, w, b in zip(rows.unbind(1), self.weight.unbind(), biases)], 1)
+            return y.reshape(v.shape)
         rows, weight_t = v.reshape(-1, s, tokens).transpose(0, 1), self.weight.transpose(1, 2)  # (S, B, hw)
         y = torch.bmm(rows, weight_t) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), rows, weight_t)
         return y.transpose(0, 1).reshape(v.shape)
@@ -219,7 +226,13 @@ class RepMLPBlock(nn.Module):
 
 
 class FFNBlock(nn.Module):
-    """FFN: 1x1 conv-BN (C -> hidden) -> GELU -> 1x1 conv-BN (hidden -> C)."""
+    """FFN: 1x1 conv-BN (C -> hidden) -> GELU -> 1x1 conv-BN (hidden -> C).
+
+    The deploy form runs the 1x1 convs as batched matmuls in eager PyTorch; with ``graph_layout`` set (see
+    :class:`repmlp.layers.GroupedLinear`) as Conv2d, which graph runtimes run well and int8 tools quantize.
+    """
+
+    graph_layout = False
 
     def __init__(self, channels: int, hidden: int, deploy: bool = False) -> None:
         super().__init__()
@@ -228,7 +241,7 @@ class FFNBlock(nn.Module):
         self.fc2 = ConvBN(hidden, channels, 1, deploy=deploy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fc1.bn is not None or self.fc2.bn is not None:
+        if self.fc1.bn is not None or self.fc2.bn is not None or self.graph_layout:
             return self.fc2(self.act(self.fc1(x)))
         # deploy form: the 1x1 convs as batched matmuls over (N, C, H*W), 2-3x faster than a 1x1 conv on CPU
         n, _, H, W = x.shape
