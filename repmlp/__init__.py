@@ -1,8 +1,9 @@
 """RepMLP structural re-parameterization: blocks, exact deploy conversion, verification, timm zoo."""
-from .checkpoint import load_checkpoint, read_state_dict, save_checkpoint
+
+from .checkpoint import checkpoint_filter_fn, load_checkpoint, read_state_dict, save_checkpoint
 from .convert import convert_to_deploy, is_deploy_form
 from .layers import GlobalPerceptron, LocalPerceptron, PartitionPerceptron, RepMLP
-from .models import RepMLPResNet
-from .verify import EquivalenceReport, randomize_bn_stats, verify_equivalence
+from .models import MLPCifarNet, RepMLPNet, RepMLPResNet
+from .verify import EquivalenceReport, randomize_bn_stats, verify_conversion, verify_equivalence
 
 __version__ = "0.1.0"

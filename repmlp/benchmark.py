@@ -8,13 +8,11 @@ Reported per candidate and batch size: median ms per batch, images/s, parameters
 bytes per block, peak memory and the max relative error against the train form.
 
 The authors' deploy form is an **emulation**: our deploy-form weights run op for op the way the authors'
-inference code runs them (:class:`AuthorsRepMLP`; for RepMLPNet,
-:func:`repmlp.models.repmlpnet.authors_inference_form`). Their code itself is not used.
+inference code runs them (:mod:`repmlp.authors`). Their code itself is not used.
 """
 from __future__ import annotations
 
 import copy
-import importlib
 import itertools
 import json
 import statistics
@@ -24,100 +22,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .convert import convert_to_deploy, is_deploy_form
+from .authors import authors_form
+from .convert import convert_to_deploy
 from .flops import count_macs, count_params
-from .layers import RepMLP
+from .models import load_model, model_input_size
 from .verify import ErrorStats, randomize_bn_stats
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMS = ("train", "deploy", "authors")
 
 
-class AuthorsRepMLP(nn.Module):
-    """Emulation of the authors' deploy-form RepMLP block (RepMLP v1 code) on one of our deploy-form blocks.
-
-    The same weights (shared with ``block``), run op for op as the authors' inference code runs them: the global
-    perceptron added through a 6-D view, partitions by a 6-D permute, FC3 as a grouped 1x1 Conv2d over C*h*w
-    channels, a 6-D permute back. Same function as ``block``; exists to measure speed against.
-    """
-
-    def __init__(self, block: RepMLP) -> None:
-        super().__init__()
-        if not block.deploy:
-            raise ValueError("AuthorsRepMLP emulates the deploy form: convert the block first")
-        self.block = block
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.block
-        n, c = x.shape[:2]
-        parts = x.reshape(n, c, b.hp, b.h, b.wp, b.w)
-        if b.global_perceptron is not None:
-            gp = b.global_perceptron
-            v = gp.fc2(F.relu(gp.fc1(F.avg_pool2d(x, (b.h, b.w)).reshape(n, -1))))
-            parts = parts + v.reshape(n, c, b.hp, 1, b.wp, 1)
-        parts = parts.permute(0, 2, 4, 1, 3, 5).reshape(-1, c * b.h * b.w, 1, 1)
-        fc3 = b.partition_perceptron.fc3
-        y = F.conv2d(parts, fc3.weight[..., None, None], fc3.bias, groups=fc3.groups)
-        y = y.reshape(n, b.hp, b.wp, b.out_channels, b.h, b.w).permute(0, 3, 1, 4, 2, 5)
-        return y.reshape(n, b.out_channels, b.H, b.W)
-
-
-def _share_tensors_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of the module tree that shares every parameter and buffer with ``model``."""
-    return copy.deepcopy(model, memo={id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
-
-
-def authors_deploy_form(deploy: nn.Module) -> nn.Module:
-    """``deploy`` with every RepMLP block run the authors' way (:class:`AuthorsRepMLP`), sharing its weights."""
-    if not is_deploy_form(deploy):
-        raise ValueError("authors_deploy_form needs a deploy-form model (repmlp.convert_to_deploy)")
-    model = _share_tensors_copy(deploy)
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, RepMLP):
-                setattr(module, name, AuthorsRepMLP(child))
-    return model.eval()
-
-
-def authors_form(train: nn.Module, deploy: nn.Module) -> nn.Module | None:
-    """The authors' deploy form of a model of ours (emulated), or None when we have no emulation for it."""
-    if any(isinstance(m, RepMLP) for m in deploy.modules()):
-        return authors_deploy_form(deploy)
-    try:
-        from .models.repmlpnet import RepMLPNet, authors_inference_form
-    except ImportError:
-        return None
-    return authors_inference_form(train) if isinstance(train, RepMLPNet) else None
-
-
 def fc3_weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the FC3 weight of every block (modules named ``fc3``), by module name."""
     return {name: m.weight.numel() * m.weight.element_size() for name, m in model.named_modules()
             if name.rsplit(".", 1)[-1] == "fc3" and isinstance(getattr(m, "weight", None), torch.Tensor)}
-
-
-def load_model(spec: str, **kwargs) -> nn.Module:
-    """A timm model name, or ``package.module:factory`` (any importable callable returning a module)."""
-    if ":" in spec:
-        module_name, factory = spec.split(":", 1)
-        return getattr(importlib.import_module(module_name), factory)(**kwargs)
-    import timm
-
-    return timm.create_model(spec, **kwargs)
-
-
-def model_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model is built for: its ``img_size``, else its pretrained config, else 3x224x224."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    chans = int(cfg.get("input_size", (3,))[0])
-    size = getattr(model, "img_size", None) or getattr(model, "arch_args", {}).get("img_size")
-    if size is not None:
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return chans, int(size[0]), int(size[1])
-    return tuple(cfg.get("input_size", (3, 224, 224)))
 
 
 def _sync(device: torch.device) -> None:

@@ -1,6 +1,7 @@
 """Weights on disk: safetensors with metadata, foreign checkpoints, strict loading with clear errors."""
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import tempfile
@@ -11,10 +12,12 @@ from pathlib import Path
 import safetensors
 import safetensors.torch
 import torch
+from timm.models import adapt_input_conv
 from torch import nn
 
-from .convert import convert_to_deploy, is_deploy_form
+from .convert import convert_to_deploy, is_deploy_form, reparameterizable
 
+_logger = logging.getLogger(__name__)
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
 
@@ -54,7 +57,12 @@ def save_checkpoint(
         model_name: timm name; default: ``model.pretrained_cfg['architecture']`` when present.
         form: 'train' or 'deploy'; default: detected from the model.
         metadata: further string metadata.
+
+    Raises:
+        ValueError: ``path`` does not end in ``.safetensors`` (the format it is written in).
     """
+    if Path(path).suffix != ".safetensors":
+        raise ValueError(f"save_checkpoint writes safetensors: name the file *.safetensors, got {str(path)!r}")
     if model_name is None:
         model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", "")
     form = form or ("deploy" if is_deploy_form(model) else "train")
@@ -108,8 +116,143 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def state_dict_form(state: dict[str, torch.Tensor]) -> str:
-    """'train' when the state dict holds BatchNorm statistics of a re-parameterizable branch, else 'deploy'."""
+    """'train' when the state dict holds BatchNorm statistics, else 'deploy' (a hint for files without a model;
+    :func:`load_checkpoint` judges a file against the model's own structure)."""
     return "train" if any(k.endswith("running_var") for k in state) else "deploy"
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    filter_fn: Callable[[dict, nn.Module], dict] | None = None,
+    train_model_factory: Callable[[], nn.Module] | None = None,
+    allow_nonfinite: bool = False,
+) -> nn.Module:
+    """Load weights strictly into ``model`` (train or deploy form), in place; returns ``model``.
+
+    The one path every loader takes (``create_model(pretrained=True)``, the tools, training): see
+    :func:`prepare_state_dict` for what is converted, adapted and refused.
+
+    Args:
+        model: destination.
+        path: ``.safetensors``, ``.pth`` or ``.pt`` file (ours, the authors', or a plain ``torch.save`` of a
+            state dict; torch files are read with ``weights_only=True``).
+        filter_fn: key renames of foreign layouts (default: ``model.checkpoint_filter_fn``).
+        train_model_factory: builds the train-form twin (default: ``model.train_form_twin``).
+        allow_nonfinite: accept NaN/Inf weights (for debugging a diverged run).
+    """
+    state = read_state_dict(path)
+    state = prepare_state_dict(state, model, filter_fn, train_model_factory, allow_nonfinite, source=str(path))
+    _strict_load(model, state, str(path))
+    return model
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Filter for ``timm.models.load_checkpoint(model, path, filter_fn=repmlp.checkpoint_filter_fn)``: the same
+    decisions as :func:`load_checkpoint`, returning the state dict for ``model.load_state_dict``."""
+    return prepare_state_dict(state_dict, model)
+
+
+def prepare_state_dict(
+    state: dict[str, torch.Tensor],
+    model: nn.Module,
+    filter_fn: Callable[[dict, nn.Module], dict] | None = None,
+    train_model_factory: Callable[[], nn.Module] | None = None,
+    allow_nonfinite: bool = False,
+    source: str = "state dict",
+) -> dict[str, torch.Tensor]:
+    """A state dict in ``model``'s form and layout, from ours or a foreign one, train or deploy form.
+
+    Steps: rename keys (``filter_fn``); check values (an integer tensor for a float parameter, NaN or Inf are
+    errors); adapt for fine-tuning as timm does (another ``num_classes`` keeps the model's fresh classifier,
+    another ``in_chans`` adapts the first conv); then judge the file against the model's structure. A file in
+    the model's form loads as it is. A file whose blocks are (partly) re-parameterized, offered to a deploy-form
+    model, is loaded into a train-form twin whose matching blocks are re-parameterized first, and converted.
+    Such a file offered to a train-form model raises a ValueError: the branches cannot be recovered.
+    """
+    filter_fn = filter_fn or getattr(model, "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    expected = model.state_dict()
+    _check_values(state, expected, source, allow_nonfinite)
+    state = _adapt_for_finetuning(state, model, expected, source)
+    if set(state) == set(expected):
+        return state
+    twin, reparameterized = _matching_twin(model, state, train_model_factory)
+    if twin is None:
+        return state  # the strict load lists what does not match
+    if reparameterized and not is_deploy_form(model):
+        raise ValueError(
+            f"{source} holds a deploy-form (re-parameterized) checkpoint; its conv and BN branches cannot be "
+            "recovered, so it loads only into a deploy-form model: build it with deploy=True "
+            "(e.g. timm.create_model(name, deploy=True))."
+        )
+    _strict_load(twin, state, f"{source} (as a train-form twin)")
+    return convert_to_deploy(twin, inplace=True).state_dict()
+
+
+def _matching_twin(
+    model: nn.Module, state: dict[str, torch.Tensor], factory: Callable[[], nn.Module] | None
+) -> tuple[nn.Module | None, bool]:
+    """A train-form twin of ``model`` with the blocks re-parameterized whose train-only keys ``state`` lacks
+    (innermost first), and whether any were; (None, ...) when no such twin has the file's keys."""
+    factory = factory or getattr(model, "train_form_twin", None)
+    if factory is None:
+        return None, False
+    twin, keys, reparameterized = factory(), set(state), False
+    for name, module in reversed(reparameterizable(twin)):
+        prefix = f"{name}." if name else ""
+        if not getattr(module, "deploy", False) and not all(prefix + k in keys for k in module.state_dict()):
+            module.reparameterize()
+            reparameterized = True
+    return (twin if set(twin.state_dict()) == keys else None), reparameterized
+
+
+def _check_values(state: dict, expected: dict, source: str, allow_nonfinite: bool) -> None:
+    """Refuse integer tensors for float parameters and (unless allowed) NaN/Inf; note lower-precision floats."""
+    ints = [k for k, v in state.items() if k in expected and expected[k].is_floating_point()
+            and not v.is_floating_point()]
+    if ints:
+        raise ValueError(f"{source}: integer tensors for float parameters (the file was saved with the wrong "
+                         f"dtype): {_show(ints)}")
+    lower = [k for k, v in state.items() if k in expected and v.is_floating_point()
+             and torch.finfo(v.dtype).bits < torch.finfo(expected[k].dtype).bits]
+    if lower:
+        _logger.warning("%s: %d tensors stored in lower precision than the model's (e.g. %s %s); cast to %s",
+                        source, len(lower), lower[0], state[lower[0]].dtype, expected[lower[0]].dtype)
+    if not allow_nonfinite:
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"{source}: NaN or Inf values in {_show(bad)} (pass allow_nonfinite=True to load "
+                             "them anyway, e.g. to debug a diverged run)")
+
+
+def _adapt_for_finetuning(state: dict, model: nn.Module, expected: dict, source: str) -> dict:
+    """timm's fine-tuning loads: another num_classes keeps the model's fresh classifier (also for 0 classes),
+    another in_chans adapts the first conv with ``timm.models.adapt_input_conv``."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    state = dict(state)
+    first_conv = f"{cfg['first_conv']}.weight" if cfg.get("first_conv") else None
+    if first_conv in state and first_conv in expected and state[first_conv].dim() == 4:
+        chans = expected[first_conv].shape[1]
+        if state[first_conv].shape[1] != chans:
+            weight = state[first_conv]  # timm's adapt_input_conv expects RGB weights; one channel is spread evenly
+            state[first_conv] = weight.repeat(1, chans, 1, 1) / chans if weight.shape[1] == 1 else adapt_input_conv(
+                chans, weight)
+            _logger.warning("%s: adapted %s to in_chans=%d", source, first_conv, chans)
+    classifier = cfg.get("classifier")
+    if classifier:
+        ours = {k: v for k, v in expected.items() if k.startswith(classifier + ".")}
+        theirs = [k for k in state if k.startswith(classifier + ".")]
+        if {k: state[k].shape for k in theirs} != {k: v.shape for k, v in ours.items()}:
+            state = {k: v for k, v in state.items() if k not in theirs} | ours
+            _logger.warning("%s: classifier [%s] skipped (num_classes=%s); the model keeps its fresh one",
+                            source, ", ".join(theirs), getattr(model, "num_classes", "?"))
+    return state
+
+
+def _show(keys: list[str]) -> str:
+    return "[" + ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "") + "]"
 
 
 def _strict_load(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -119,48 +262,9 @@ def _strict_load(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or shapes:
-        def show(keys):
-            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
-        raise ValueError(f"{source} does not match the model: missing keys [{show(missing)}], "
-                         f"unexpected keys [{show(unexpected)}], shape mismatches [{show(shapes)}]")
+        raise ValueError(f"{source} does not match the model: missing keys {_show(missing)}, "
+                         f"unexpected keys {_show(unexpected)}, shape mismatches {_show(shapes)}")
     model.load_state_dict(state, strict=True)
-
-
-def load_checkpoint(
-    model: nn.Module,
-    path: str | os.PathLike,
-    filter_fn: Callable[[dict, nn.Module], dict] | None = None,
-    train_model_factory: Callable[[], nn.Module] | None = None,
-) -> nn.Module:
-    """Load weights strictly into ``model`` (train or deploy form), in place; returns ``model``.
-
-    A train-form checkpoint offered to a deploy-form model is loaded into a train-form twin (built by
-    ``train_model_factory``, or by timm from the model's ``pretrained_cfg``) and converted. A deploy-form
-    checkpoint offered to a train-form model cannot be undone into branches and raises a ValueError
-    saying so.
-
-    Args:
-        model: destination.
-        path: ``.safetensors``, ``.pth`` or ``.pt`` file (ours or the authors').
-        filter_fn: maps foreign key layouts to ours (default: ``model``'s ``checkpoint_filter_fn``).
-        train_model_factory: builds the train-form twin for the conversion case.
-    """
-    state = read_state_dict(path)
-    filter_fn = filter_fn or getattr(model, "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        state = filter_fn(state, model)
-    file_form = read_metadata(path).get("form") or state_dict_form(state)
-    model_form = "deploy" if is_deploy_form(model) else "train"
-    if file_form == "deploy" and model_form == "train":
-        raise ValueError(f"{path} holds a deploy-form (re-parameterized) checkpoint; its conv and BN branches "
-                         "cannot be recovered, so it loads only into a deploy-form model: build it with "
-                         "deploy=True (e.g. timm.create_model(name, deploy=True)).")
-    if file_form == "train" and model_form == "deploy":
-        twin = train_model_factory() if train_model_factory else _train_twin(model, path)
-        _strict_load(twin, state, f"{path} (train form)")
-        state = convert_to_deploy(twin, inplace=True).state_dict()
-    _strict_load(model, state, str(path))
-    return model
 
 
 def route_pretrained_file(variant: str, pretrained: bool, kwargs: dict) -> None:
@@ -179,13 +283,3 @@ def route_pretrained_file(variant: str, pretrained: bool, kwargs: dict) -> None:
                          f"pretrained_cfg_overlay=dict(file=PATH) (ours or the authors' .pth/.safetensors)")
     overlay.setdefault("custom_load", True)
     kwargs["pretrained_cfg_overlay"] = overlay
-
-
-def _train_twin(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    import timm
-
-    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    if not name:
-        raise ValueError(f"{path} holds a train-form checkpoint but the model is in deploy form and not a timm "
-                         "model; load it into the train form and call repmlp.convert_to_deploy")
-    return timm.create_model(name, num_classes=getattr(model, "num_classes", 1000), deploy=False)

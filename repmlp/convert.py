@@ -77,7 +77,8 @@ def _reparameterize_tree(module: nn.Module) -> None:
 
 
 def is_deploy_form(model: nn.Module) -> bool:
-    """True when no training-only module is left: no BatchNorm and nothing left to re-parameterize."""
+    """True when no training-only module is left: no BatchNorm, and every re-parameterizable module reports
+    ``deploy`` (a module that cannot say is not taken as converted)."""
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return False
-    return all(getattr(m, "deploy", True) for _, m in reparameterizable(model))
+    return all(getattr(m, "deploy", False) for _, m in reparameterizable(model))

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .benchmark import model_input_size
 from .convert import is_deploy_form
+from .models import model_input_size
 from .verify import ErrorStats
 
 MAX_RANK = 5

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .authors import block_keys_to_ours
 
 
-def _replace_param(like: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
+def param_like(like: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
     """A new Parameter holding ``value`` in the dtype and on the device of ``like``."""
     return nn.Parameter(value.to(dtype=like.dtype, device=like.device), requires_grad=like.requires_grad)
 
@@ -116,8 +117,8 @@ class ConvBN(nn.Module):
         bias = torch.empty(like.shape[0], dtype=torch.float64, device=like.device)
         for start, stop in _row_blocks(like.shape[0], like[0].numel()):
             weight[start:stop], bias[start:stop] = self._fused_rows(slice(start, stop), affine)
-        self.conv.weight = _replace_param(like, weight)
-        self.conv.bias = _replace_param(like, bias)
+        self.conv.weight = param_like(like, weight)
+        self.conv.bias = param_like(like, bias)
         self.bn = None
 
 
@@ -176,12 +177,9 @@ class GlobalPerceptron(nn.Module):
         self.fc1 = nn.Linear(features, features // reduction)
         self.fc2 = nn.Linear(features // reduction, features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c = x.shape[:2]
-        v = self.values(x)
-        # rank-4 broadcast of v (n, c, hp, wp) over each h x w partition
-        x = x.reshape(n * c * self.hp, self.h, self.wp, self.w) + v.reshape(n * c * self.hp, 1, self.wp, 1)
-        return x.reshape(n, c, self.hp * self.h, self.wp * self.w)
+    @property
+    def deploy(self) -> bool:
+        return self.bn is None
 
     def values(self, x: torch.Tensor) -> torch.Tensor:
         """The values added per channel and partition, (N, C * hp * wp) in (c, row, column) order."""
@@ -200,8 +198,8 @@ class GlobalPerceptron(nn.Module):
         weight, bias = ops.fold_preceding_bn(
             self.fc1.weight, self.fc1.bias,
             scale.repeat_interleave(per_feature), shift.repeat_interleave(per_feature))
-        self.fc1.weight = _replace_param(self.fc1.weight, weight)
-        self.fc1.bias = _replace_param(self.fc1.bias, bias)
+        self.fc1.weight = param_like(self.fc1.weight, weight)
+        self.fc1.bias = param_like(self.fc1.bias, bias)
         self.bn = None
 
 
@@ -214,6 +212,10 @@ class PartitionPerceptron(nn.Module):
         super().__init__()
         self.fc3 = GroupedLinear(in_channels * h * w, out_channels * h * w, groups, bias=deploy)
         self.bn = None if deploy else nn.BatchNorm1d(out_channels * h * w)
+
+    @property
+    def deploy(self) -> bool:
+        return self.bn is None
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
         y = self.fc3(p.reshape(p.shape[0], -1))
@@ -235,8 +237,8 @@ class PartitionPerceptron(nn.Module):
     def load_fused(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         """Become the deploy form with the given (groups, out/g, in/g) weight and bias."""
         like = self.fc3.weight
-        self.fc3.weight = _replace_param(like, weight.reshape(like.shape))
-        self.fc3.bias = _replace_param(like, bias)
+        self.fc3.weight = param_like(like, weight.reshape(like.shape))
+        self.fc3.bias = param_like(like, bias)
         self.bn = None
 
 
@@ -329,7 +331,6 @@ class RepMLP(nn.Module):
         self.H, self.W, self.h, self.w = H, W, h, w
         self.hp, self.wp = H // h, W // w
         self.fc3_groups = fc3_groups
-        self.deploy = deploy
         kernels = [_kernel_spec(k) for k in (reparam_conv_k or ())]
         self.reparam_conv_k = kernels
 
@@ -344,7 +345,12 @@ class RepMLP(nn.Module):
         self.local_perceptron = None
         if kernels and not deploy:
             self.local_perceptron = LocalPerceptron(in_channels, out_channels, kernels, fc3_groups)
-        self.register_load_state_dict_pre_hook(remap_official_block_keys)
+        self.register_load_state_dict_pre_hook(_accept_authors_keys)
+
+    @property
+    def deploy(self) -> bool:
+        gp = self.global_perceptron
+        return self.partition_perceptron.deploy and self.local_perceptron is None and (gp is None or gp.deploy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, self.H, self.W):
@@ -386,36 +392,8 @@ class RepMLP(nn.Module):
             bias = ops.fuse_bn_bias(pp.fc3.bias, scale, shift) + local_bias.repeat_interleave(hw)  # per (o, y, x)
             pp.load_fused(weight, bias)
         self.local_perceptron = None
-        self.deploy = True
 
 
-_OFFICIAL_BLOCK_RENAMES = (
-    ("avg.bn.", "global_perceptron.bn."),
-    ("fc1_fc2.fc1.", "global_perceptron.fc1."),
-    ("fc1_fc2.fc2.", "global_perceptron.fc2."),
-    ("fc3_bn.", "partition_perceptron.bn."),
-    ("fc3.", "partition_perceptron.fc3."),
-)
-
-
-def remap_official_block_keys(module: RepMLP, state_dict: dict, prefix: str, *args) -> None:
-    """Load-state-dict pre-hook: accept the authors' RepMLP key layout (``fc1_fc2``, ``avg.bn``,
-    ``fc3`` as a 1x1 conv, ``fc3_bn``, ``repconv{k}``) by renaming it to ours in place."""
-    branch_index = {f"repconv{k}.": i for i, (k, d) in enumerate(module.reparam_conv_k) if d == 1}
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        local = key[len(prefix):]
-        new = None
-        for old_prefix, new_prefix in _OFFICIAL_BLOCK_RENAMES:
-            if local.startswith(old_prefix):
-                new = new_prefix + local[len(old_prefix):]
-                break
-        if local.startswith("repconv"):
-            head = local[: local.index(".") + 1]
-            if head in branch_index:
-                new = f"local_perceptron.branches.{branch_index[head]}." + local[len(head):]
-        if new is None:
-            continue
-        value = state_dict.pop(key)
-        if new == "partition_perceptron.fc3.weight" and value.dim() == 4:
-            value = value.flatten(1)  # the authors store FC3 as a grouped 1x1 conv
-        state_dict[prefix + new] = value
+def _accept_authors_keys(module: RepMLP, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: the authors' block state dicts load as they are (:mod:`repmlp.authors`)."""
+    block_keys_to_ours(state_dict, prefix, module.reparam_conv_k)

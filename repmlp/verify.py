@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .convert import reparameterizable
+from .convert import convert_to_deploy, reparameterizable
+from .models import model_input_size
 
 #: Max relative error (max |y_ref - y| / max |y_ref|) accepted per dtype of the compared run.
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-3}
@@ -62,11 +63,10 @@ def _no_tf32() -> Iterator[None]:
 
 
 def _default_input_size(model: nn.Module) -> tuple[int, ...]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "input_size" not in cfg:
-        raise ValueError("verify_equivalence: pass `inputs` or `input_size`; the model has no "
+    if getattr(model, "img_size", None) is None and "input_size" not in (getattr(model, "pretrained_cfg", None) or {}):
+        raise ValueError("verify_equivalence: pass `inputs` or `input_size`; the model has no img_size or "
                          "pretrained_cfg['input_size'] to take it from")
-    return tuple(cfg["input_size"])
+    return model_input_size(model)
 
 
 def _outermost(names: list[str]) -> list[str]:
@@ -101,16 +101,19 @@ def verify_equivalence(
         inputs: inputs to use; default: seeded standard normal of ``(batch_size, *input_size)``.
         input_size: (C, H, W) for random inputs; default: ``reference.pretrained_cfg['input_size']``.
         batch_size: batch of random inputs.
-        dtype: run both models on copies in this dtype (e.g. ``torch.float64`` to see the conversion's
-            own error, free of float32 rounding); default: as they are.
+        dtype: run both models on copies in this dtype; default: as they are. Running a float32 pair in float64
+            still compares float32 weights, so the tolerance stays float32's; to measure the conversion's own
+            error, convert in float64 with :func:`verify_conversion`.
         per_block: also compare the outputs of every outermost re-parameterizable block (RepMLP block,
             conv-BN, ...) the two models share by name.
-        tolerance: max relative error allowed; default: ``TOLERANCES`` for the dtype of the run.
+        tolerance: max relative error allowed; default: ``TOLERANCES`` of the least precise of the run's dtype
+            and the two models' parameter dtypes.
         seed: seed of the random inputs.
 
     Returns:
         The report; ``passed`` when the max relative error is within tolerance.
     """
+    stored = [next(m.parameters()).dtype for m in (reference, candidate)]
     if dtype is not None:
         reference, candidate = copy.deepcopy(reference).to(dtype), copy.deepcopy(candidate).to(dtype)
     param = next(reference.parameters())
@@ -136,11 +139,27 @@ def verify_equivalence(
     agreement = None
     if y_ref.dim() == 2:
         agreement = (y_ref.argmax(1) == y.argmax(1)).double().mean().item()
-    tol = TOLERANCES.get(run_dtype, 1e-5) if tolerance is None else tolerance
+    tol = max(TOLERANCES.get(d, 1e-5) for d in (run_dtype, *stored)) if tolerance is None else tolerance
     blocks = {n: ErrorStats.of(ref_blocks[n], cand_blocks[n]) for n in names if n in ref_blocks and n in cand_blocks}
     return EquivalenceReport(
         stats.max_abs_err, stats.max_rel_err, stats.mean_abs_err, agreement, tol,
         str(run_dtype).replace("torch.", ""), stats.max_rel_err <= tol, blocks)
+
+
+@torch.no_grad()
+def verify_conversion(train: nn.Module, dtype: torch.dtype = torch.float64, **kwargs) -> EquivalenceReport:
+    """Convert a copy of ``train`` made in ``dtype`` and compare the two in ``dtype``.
+
+    In float64 this measures the conversion's algebra alone (tolerance 1e-10), free of the float32 rounding of
+    stored weights. ``train`` itself is never cast or converted.
+
+    Args:
+        train: the train-form model.
+        dtype: dtype of the copy, the conversion and the comparison.
+        **kwargs: passed to :func:`verify_equivalence` (``inputs``, ``input_size``, ``batch_size``, ...).
+    """
+    twin = copy.deepcopy(train).to(dtype)
+    return verify_equivalence(twin, convert_to_deploy(twin), **kwargs)
 
 
 @torch.no_grad()

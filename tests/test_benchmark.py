@@ -8,7 +8,9 @@ from conftest import load_tool, rel_err
 from torch import nn
 
 from repmlp import RepMLP, convert_to_deploy
-from repmlp.benchmark import AuthorsRepMLP, authors_deploy_form, fc3_weight_bytes, model_input_size
+from repmlp.authors import AuthorsRepMLP, authors_deploy_form
+from repmlp.benchmark import fc3_weight_bytes
+from repmlp.models import model_input_size
 from repmlp.layers import ConvBN
 from repmlp.verify import randomize_bn_stats
 

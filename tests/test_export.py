@@ -6,7 +6,7 @@ from conftest import load_tool
 from torch import nn
 
 from repmlp import RepMLP, convert_to_deploy
-from repmlp.benchmark import authors_deploy_form
+from repmlp.authors import authors_deploy_form
 from repmlp.verify import randomize_bn_stats
 
 onnx = pytest.importorskip("onnx")

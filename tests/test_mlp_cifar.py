@@ -9,7 +9,7 @@ import torch
 from conftest import TOL
 
 import repmlp
-from repmlp.models.mlp_cifar import pretrained_dir
+from repmlp.shipped import weights_dir as pretrained_dir
 from repmlp.verify import randomize_bn_stats
 
 MODELS = ["repmlp_cifar_mlp", "repmlp_cifar_wideconv", "repmlp_fmnist_mlp"]

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 import repmlp
 from repmlp.layers import partition, unpartition
-from repmlp.models.repmlpnet import RepMLPBlock, authors_inference_form
+from repmlp.authors import authors_inference_form
+from repmlp.models.repmlpnet import RepMLPBlock
 from repmlp.verify import randomize_bn_stats
 
 torch.set_num_threads(2)

@@ -17,13 +17,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
 import repmlp  # noqa: E402
-from repmlp.benchmark import load_model  # noqa: E402
 from repmlp.export import export_onnx  # noqa: E402
+from repmlp.models import load_model  # noqa: E402
 from repmlp.verify import randomize_bn_stats  # noqa: E402
 
 

@@ -9,25 +9,20 @@ each RepMLP for a 3x3 conv-BN-ReLU.
 """
 from __future__ import annotations
 
-import os
+import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from timm.layers import SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
-from ..checkpoint import load_checkpoint, route_pretrained_file
+from ..checkpoint import route_pretrained_file
 from ..layers import ConvBN, RepMLP
+from ..shipped import shipped_file
+from ._base import RepMLPModel
 
-__all__ = ["MLPCifarNet", "pretrained_dir"]
-
-
-def pretrained_dir() -> Path:
-    """Directory of the shipped weights: ``$REPMLP_PRETRAINED_DIR`` or ``<repo>/pretrained``."""
-    return Path(os.environ.get("REPMLP_PRETRAINED_DIR", Path(__file__).resolve().parents[2] / "pretrained"))
+__all__ = ["MLPCifarNet"]
 
 
 class RepMLPUnit(nn.Sequential):
@@ -62,7 +57,28 @@ class MLPStage(nn.Sequential):
         )
 
 
-class MLPCifarNet(nn.Module):
+class MlpHead(nn.Module):
+    """Pool, FC(C -> hidden)-BN-ReLU (as a 1x1 conv-BN), dropout, classifier."""
+
+    def __init__(self, in_chs: int, hidden: int, num_classes: int, pool_type: str, drop_rate: float,
+                 deploy: bool = False) -> None:
+        super().__init__()
+        self.global_pool = SelectAdaptivePool2d(pool_type=pool_type)
+        self.pre_logits = ConvBN(in_chs, hidden, 1, act=True, deploy=deploy)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
+
+    def reset(self, num_classes: int, pool_type: str | None = None) -> None:
+        if pool_type is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type)
+        self.fc = nn.Linear(self.pre_logits.conv.out_channels, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.drop(self.pre_logits(self.global_pool(x)).flatten(1))
+        return x if pre_logits else self.fc(x)
+
+
+class MLPCifarNet(RepMLPModel):
     """Pure-MLP network of RepMLP blocks for small images (paper v1, Sec. 4.1), or its Wide ConvNet.
 
     Args:
@@ -99,7 +115,7 @@ class MLPCifarNet(nn.Module):
         global_pool: str = "avg",
         deploy: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(locals())
         if mixer not in ("repmlp", "conv"):
             raise ValueError(f"MLPCifarNet: mixer must be 'repmlp' or 'conv', got {mixer!r}")
         if isinstance(img_size, Sequence):
@@ -112,9 +128,7 @@ class MLPCifarNet(nn.Module):
                              f"{sizes}; each must be an integer divisible by partition={partition} "
                              f"(e.g. 32 with 8, 28 with 7)")
         sizes = [int(s) for s in sizes]
-        self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, img_size
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
+        self.in_chans, self.img_size, self.drop_rate = in_chans, img_size, drop_rate
 
         self.stem = ConvBN(in_chans, widths[0], stem_stride, stride=stem_stride, act=True, deploy=deploy)
         outs = list(widths[1:]) + [widths[-1]]
@@ -125,55 +139,22 @@ class MLPCifarNet(nn.Module):
                              for i, out in enumerate(outs)]
         self.num_features = outs[-1]
         self.head_hidden_size = head_hidden_size
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool)
-        self.pre_logits = ConvBN(self.num_features, head_hidden_size, 1, act=True, deploy=deploy)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = MlpHead(self.num_features, head_hidden_size, num_classes, global_pool, drop_rate, deploy)
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        """Parameter groups for layer-wise LR decay: stem, then stages (or their layers)."""
-        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute stage activations in the backward pass to save memory."""
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The classifier layer."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (and optionally the pooling) for ``num_classes`` outputs."""
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool)
-        self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem and stages: (N, in_chans, S, S) -> (N, C3, S/4, S/4)."""
+    def check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_chans, self.img_size, self.img_size):
-            raise ValueError(f"{type(self).__name__} is built for (N, {self.in_chans}, {self.img_size}, "
-                             f"{self.img_size}) inputs (RepMLP blocks have a fixed size), got {tuple(x.shape)}")
-        x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.stages, x)
-        return self.stages(x)
+            raise ValueError(
+                f"{type(self).__name__} is built for (N, {self.in_chans}, {self.img_size}, {self.img_size}) "
+                f"inputs (RepMLP blocks have a fixed size), got {tuple(x.shape)}"
+            )
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool, FC(C3 -> 512)-BN-ReLU, classifier; ``pre_logits`` returns the 512 features."""
-        x = self.pre_logits(self.global_pool(x)).flatten(1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.fc(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Key renames only: repmlp 0.1 kept the head's layers at the root."""
+    return {re.sub(r"^(pre_logits|fc)\.", r"head.\1.", k): v for k, v in state_dict.items()}
 
-    def load_pretrained(self, path: str) -> None:
-        """timm ``custom_load`` hook: strict load of a train- or deploy-form checkpoint."""
-        load_checkpoint(self, path)
+
+MLPCifarNet.checkpoint_filter_fn = staticmethod(checkpoint_filter_fn)  # what load_checkpoint renames with
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> MLPCifarNet:
@@ -183,13 +164,13 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> MLPCifarNet:
         MLPCifarNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=stages), **kwargs)
 
 
-def _cfg(file: str | None = None, **kwargs) -> dict:
+def _cfg(**kwargs) -> dict:
     return {
         "num_classes": 10, "input_size": (3, 32, 32), "fixed_input_size": True, "pool_size": (8, 8),
         "crop_pct": 1.0, "interpolation": "bilinear", "mean": (0.4914, 0.4822, 0.4465),
-        "std": (0.2470, 0.2435, 0.2616), "first_conv": "stem.conv", "classifier": "fc",
+        "std": (0.2470, 0.2435, 0.2616), "first_conv": "stem.conv", "classifier": "head.fc",
         "custom_load": True, "paper_ids": "arXiv:2105.01883", "license": "mit",
-        **({"file": str(pretrained_dir() / file)} if file else {}), **kwargs,
+        **kwargs,
     }
 
 
@@ -198,7 +179,7 @@ _FMNIST = dict(input_size=(1, 28, 28), pool_size=(7, 7), mean=(0.2860,), std=(0.
 default_cfgs = generate_default_cfgs({
     "repmlp_cifar_mlp": _cfg(),
     "repmlp_cifar_wideconv": _cfg(),
-    "repmlp_fmnist_mlp.fmnist": _cfg(file="repmlp_fmnist_mlp.fmnist.safetensors", **_FMNIST),
+    "repmlp_fmnist_mlp.fmnist": _cfg(file=shipped_file("repmlp_fmnist_mlp", "fmnist"), **_FMNIST),
 })
 
 

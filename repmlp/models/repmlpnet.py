@@ -22,16 +22,12 @@ the stage's (h, w) runs, other sizes raise a ValueError.
 
 Deploy form (beyond the authors' locality injection, which keeps every other BN): local perceptron and
 BN(S) merged into FC3 (run as a batched matmul); stem, embedding and FFN conv-BNs fused; the BN before
-the FFN folded into its first 1x1 conv; the head BN folded into the classifier. The BN before the RepMLP
-block stays as a :class:`ChannelAffine` (it cannot fold into FC3 matrices shared across channels).
+the FFN folded into its first 1x1 conv. The BN before the RepMLP block stays as a :class:`ChannelAffine` (it
+cannot fold into FC3 matrices shared across channels), and so does the head BN (kept for ``pre_logits``).
 """
 from __future__ import annotations
 
-import copy
 import math
-import re
-import statistics
-import time
 from collections.abc import Sequence
 
 import torch
@@ -39,15 +35,15 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from .. import ops
-from ..checkpoint import load_checkpoint, route_pretrained_file, state_dict_form
-from ..convert import convert_to_deploy, is_deploy_form
-from ..layers import ConvBN, LocalPerceptron, _replace_param, partition, unpartition
+from ..authors import repmlpnet_keys_to_ours
+from ..checkpoint import route_pretrained_file
+from ..layers import ConvBN, LocalPerceptron, param_like, partition, unpartition
+from ._base import RepMLPModel
 
-__all__ = ["RepMLPNet", "RepMLPBlock", "authors_inference_form", "benchmark_forms"]
+__all__ = ["RepMLPNet", "RepMLPBlock"]
 
 _Size = tuple[int, int]
 
@@ -157,7 +153,7 @@ class ChannelPerceptron(nn.Module):
     def load_fused(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         """Become the deploy form with the given (S, hw, hw) weight and (S, hw) bias."""
         like = self.fc3.weight
-        self.fc3.weight, self.fc3.bias = _replace_param(like, weight), _replace_param(like, bias)
+        self.fc3.weight, self.fc3.bias = param_like(like, weight), param_like(like, bias)
         self.bn = None
 
 
@@ -283,8 +279,8 @@ class RepMLPNetUnit(nn.Module):
         fc1 = self.ffn.fc1
         weight, bias = fc1.fused()
         weight, bias = ops.fold_preceding_bn(weight.flatten(1), bias, *ops.bn_affine(self.norm2))
-        fc1.conv.weight = _replace_param(fc1.conv.weight, weight.reshape(fc1.conv.weight.shape))
-        fc1.conv.bias = _replace_param(fc1.conv.weight, bias)
+        fc1.conv.weight = param_like(fc1.conv.weight, weight.reshape(fc1.conv.weight.shape))
+        fc1.conv.bias = param_like(fc1.conv.weight, bias)
         fc1.bn, self.norm2 = None, None
 
 
@@ -303,7 +299,36 @@ class RepMLPNetStage(nn.Module):
         return self.blocks(self.downsample(x))
 
 
-class RepMLPNet(nn.Module):
+class NormClassifierHead(nn.Module):
+    """Head BN, global pool, dropout, classifier; the deploy form keeps the BN as a :class:`ChannelAffine`
+    (on the C x H x W map before pooling it costs next to nothing, and ``pre_logits`` stays the same)."""
+
+    def __init__(self, in_chs: int, num_classes: int, pool_type: str, drop_rate: float, deploy: bool = False) -> None:
+        super().__init__()
+        self.norm = ChannelAffine(in_chs) if deploy else nn.BatchNorm2d(in_chs)
+        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=pool_type)
+        self.drop = nn.Dropout(drop_rate)
+
+    @property
+    def deploy(self) -> bool:
+        return isinstance(self.norm, ChannelAffine)
+
+    def reset(self, num_classes: int, pool_type: str | None = None) -> None:
+        pool_type = self.global_pool.pool_type if pool_type is None else pool_type
+        self.global_pool, self.fc = create_classifier(self.norm.weight.shape[0], num_classes, pool_type=pool_type)
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.drop(self.global_pool(self.norm(x)))
+        return x if pre_logits else self.fc(x)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Head BN -> ChannelAffine (idempotent)."""
+        if not self.deploy:
+            self.norm = ChannelAffine.from_bn(self.norm)
+
+
+class RepMLPNet(RepMLPModel):
     """RepMLPNet.
 
     Args:
@@ -340,22 +365,19 @@ class RepMLPNet(nn.Module):
         drop_rate: float = 0.0,
         deploy: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(locals())
         img_size = to_2tuple(img_size)
         if not len(channels) == len(depths) == len(sharesets) == len(partitions or channels):
             raise ValueError(f"channels, depths, sharesets and partitions need one entry per stage, got {channels}, "
                              f"{depths}, {sharesets}, {partitions}")
-        self.arch_args = dict(img_size=img_size, channels=tuple(channels), depths=tuple(depths),
-                              sharesets=tuple(sharesets), partitions=partitions, reparam_conv_k=tuple(reparam_conv_k),
-                              gp_reduction=gp_reduction, ffn_expand=ffn_expand, patch_size=patch_size,
-                              in_chans=in_chans, drop_rate=drop_rate)
+        self.img_size = img_size
         self.reductions = [patch_size * 2 ** i for i in range(len(channels))]
         if partitions is None:
             if any(s % self.reductions[-1] for s in img_size):
                 raise ValueError(f"img_size={img_size} must be a multiple of {self.reductions[-1]}")
             partitions = [(img_size[0] // r, img_size[1] // r) for r in self.reductions]
         self.partitions = [to_2tuple(p) for p in partitions]
-        self.num_classes, self.drop_rate, self.grad_checkpointing = num_classes, drop_rate, False
+        self.drop_rate = drop_rate
 
         self.stem = PatchEmbedding(in_chans, channels[0], patch_size, deploy)
         stages, self.feature_info, in_chs = [], [], channels[0]
@@ -366,18 +388,7 @@ class RepMLPNet(nn.Module):
             in_chs = chs
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = in_chs
-        self.head_norm = ChannelAffine(in_chs) if deploy else nn.BatchNorm2d(in_chs)
-        self.global_pool, self.head = create_classifier(in_chs, num_classes, pool_type=global_pool)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head_norm_folded = deploy and self._head_foldable()
-
-    @property
-    def deploy(self) -> bool:
-        return isinstance(self.head_norm, ChannelAffine)
-
-    def _head_foldable(self) -> bool:
-        # BN -> average pool -> Linear is one affine map; other pools do not commute with a negative scale
-        return isinstance(self.head, nn.Linear) and self.global_pool.pool_type == "avg"
+        self.head = NormClassifierHead(in_chs, num_classes, global_pool, drop_rate, deploy)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -385,24 +396,8 @@ class RepMLPNet(nn.Module):
         return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
             (r"^stages\.(\d+)\.downsample", (0,)),
             (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-            (r"^head_norm", (99999,)),
+            (r"^head\.norm", (99999,)),
         ])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute stage activations in the backward pass to save memory."""
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The classifier layer."""
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
-        """Replace the classifier with one of ``num_classes`` outputs (0 removes it)."""
-        self.num_classes = num_classes
-        self.global_pool, self.head = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.head_norm_folded = False
 
     def stage_sizes(self, size: _Size) -> list[_Size]:
         """Map size of each stage for an input of spatial ``size``."""
@@ -417,198 +412,17 @@ class RepMLPNet(nn.Module):
                              f"must be multiples of the partition sizes {self.partitions} (input a multiple of "
                              f"{self.reductions[-1]})")
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem and the four stages."""
+    def check_input(self, x: torch.Tensor) -> None:
         self.check_input_size(tuple(x.shape[-2:]))
-        x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.stages, x)
-        return self.stages(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Head BN, pooling, dropout and classifier (``pre_logits``: stop before the classifier)."""
-        if self.head_norm_folded and not pre_logits:
-            return self.head(self.head_drop(self.global_pool(x)))
-        x = self.head_drop(self.global_pool(self.head_norm(x)))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Head BN -> ChannelAffine (kept for ``pre_logits``) folded into the classifier (idempotent)."""
-        if self.deploy:
-            return
-        self.head_norm = ChannelAffine.from_bn(self.head_norm)
-        if self._head_foldable():
-            weight, bias = ops.fold_preceding_bn(self.head.weight, self.head.bias,
-                                                 self.head_norm.weight.double(), self.head_norm.bias.double())
-            self.head.weight, self.head.bias = _replace_param(self.head.weight, weight), _replace_param(
-                self.head.bias, bias)
-            self.head_norm_folded = True
-
-    def train_form_twin(self) -> RepMLPNet:
-        """A freshly initialised train-form model of the same architecture and classifier."""
-        pool = self.global_pool.pool_type
-        return RepMLPNet(**self.arch_args, num_classes=self.num_classes, global_pool=pool, deploy=False)
-
-    @staticmethod
-    def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: RepMLPNet) -> dict[str, torch.Tensor]:
-        return checkpoint_filter_fn(state_dict, model)
-
-    def load_pretrained(self, path: str) -> None:
-        """timm ``custom_load`` hook: strict load of our or the authors' checkpoint (train or deploy)."""
-        load_checkpoint(self, path, _to_native, train_model_factory=self.train_form_twin)
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
+RepMLPNet.checkpoint_filter_fn = staticmethod(repmlpnet_keys_to_ours)  # what load_checkpoint renames with
 
-_OFFICIAL_RENAMES = (
-    (r"^conv_embedding\.", "stem."),
-    (r"^embeds\.(\d+)\.", lambda m: f"stages.{int(m.group(1)) + 1}.downsample."),
-    (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
-    (r"\.prebn1\.", ".norm1."),
-    (r"\.prebn2\.", ".norm2."),
-    (r"\.repmlp_block\.gp\.", ".repmlp.global_perceptron."),
-    (r"\.repmlp_block\.fc3_bn\.", ".repmlp.channel_perceptron.bn."),
-    (r"\.repmlp_block\.fc3\.", ".repmlp.channel_perceptron.fc3."),
-    (r"\.ffn_block\.ffn_(fc\d)\.", r".ffn.\1."),
-)
-
-
-def _map_official_keys(state_dict: dict[str, torch.Tensor], model: RepMLPNet) -> dict[str, torch.Tensor]:
-    """The authors' keys and shapes (1x1-conv FCs, FC3 as a grouped conv, ``repconv{k}``) -> ours."""
-    branch = {k: i for i, k in enumerate(model.arch_args["reparam_conv_k"])}
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, repl in _OFFICIAL_RENAMES:
-            key = re.sub(pattern, repl, key)
-        key = re.sub(r"\.repmlp_block\.repconv(\d+)\.",
-                     lambda m: f".repmlp.local_perceptron.branches.{branch.get(int(m.group(1)), m.group(1))}.", key)
-        if ".global_perceptron.fc" in key and value.dim() == 4:
-            value = value.flatten(1)
-        elif key.endswith("channel_perceptron.fc3.weight"):  # (S*hw, hw, 1, 1), S groups
-            value = value.reshape(-1, value.shape[1], value.shape[1])
-        elif key.endswith("channel_perceptron.fc3.bias"):
-            stage = int(key.split(".")[1])
-            value = value.reshape(-1, math.prod(model.partitions[stage]))
-        out[key] = value
-    return out
-
-
-def _convert_state(state_dict: dict[str, torch.Tensor], model: RepMLPNet, locality_injected: bool) -> dict:
-    """Our deploy-form state of a train-form (or authors' locality-injected) state dict, via a twin."""
-    twin = model.train_form_twin()
-    if locality_injected:  # give the twin the authors' inference structure: FC3 with bias, other BNs kept
-        for module in twin.modules():
-            if isinstance(module, RepMLPBlock):
-                module.reparameterize()
-    twin.load_state_dict(state_dict, strict=True)
-    return convert_to_deploy(twin, inplace=True).state_dict()
-
-
-def _to_native(state_dict: dict[str, torch.Tensor], model: RepMLPNet) -> dict[str, torch.Tensor]:
-    """Our train- or deploy-form state from ours or the authors' (train or locality-injected) layout."""
-    if "stem.conv.weight" not in state_dict:
-        state_dict = _map_official_keys(state_dict, model)
-    locality_injected = (state_dict_form(state_dict) == "train"
-                         and not any(".local_perceptron." in k or ".channel_perceptron.bn." in k for k in state_dict))
-    return _convert_state(state_dict, model, True) if locality_injected else state_dict
-
-
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: RepMLPNet) -> dict[str, torch.Tensor]:
-    """timm filter: a state dict in ``model``'s form from ours or the authors' checkpoints, train or deploy.
-
-    Train-form states offered to a deploy-form model are converted; deploy-form states cannot be loaded
-    into a train-form model (the branches are gone) and raise a ValueError.
-    """
-    state_dict = _to_native(state_dict, model)
-    file_form, model_form = state_dict_form(state_dict), "deploy" if is_deploy_form(model) else "train"
-    if file_form == "train" and model_form == "deploy":
-        return _convert_state(state_dict, model, False)
-    if file_form == "deploy" and model_form == "train":
-        raise ValueError("a deploy-form (re-parameterized) checkpoint loads only into a deploy-form model: build it "
-                         "with deploy=True")
-    return state_dict
-
-
-# ------------------------------------------------------------------------------------- the authors' form
-
-class AuthorsInferenceBlock(nn.Module):
-    """The authors' locality-injected RepMLP block, op for op: FC3 as a grouped 1x1 conv over S*h*w channels.
-
-    Reference for speed comparisons only (see :func:`authors_inference_form`).
-    """
-
-    def __init__(self, block: RepMLPBlock) -> None:
-        super().__init__()
-        block = copy.deepcopy(block)
-        block.reparameterize()
-        s, h, w = block.sharesets, block.h, block.w
-        self.sharesets, self.h, self.w, self.global_perceptron = s, h, w, block.global_perceptron
-        self.fc3 = nn.Conv2d(s * h * w, s * h * w, 1, groups=s)
-        weight, bias = block.channel_perceptron.fc3.weight, block.channel_perceptron.fc3.bias
-        self.fc3.weight = nn.Parameter(weight.detach().reshape(-1, h * w, 1, 1).clone())
-        self.fc3.bias = nn.Parameter(bias.detach().reshape(-1).clone())
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        n, c, H, W = x.shape
-        s, h, w = self.sharesets, self.h, self.w
-        hp, wp = H // h, W // w
-        scale = self.global_perceptron(x)
-        p = x.reshape(-1, c, hp, h, wp, w).permute(0, 2, 4, 1, 3, 5)
-        y = self.fc3(p.reshape(-1, s * h * w, 1, 1))
-        y = y.reshape(-1, hp, wp, s, h, w).permute(0, 3, 1, 4, 2, 5).reshape(n, c, H, W)
-        return y * scale if residual is None else residual + y * scale
-
-
-def authors_inference_form(model: RepMLPNet) -> RepMLPNet:
-    """The authors' inference form of a train-form model: FC3 locality-injected as a grouped 1x1 conv, every
-    other BN kept. Computes the same function; exists to measure speed against."""
-    model = copy.deepcopy(model).eval()
-    for unit in model.modules():
-        if isinstance(unit, RepMLPNetUnit):
-            unit.repmlp = AuthorsInferenceBlock(unit.repmlp)
-    return model
-
-
-@torch.no_grad()
-def benchmark_forms(variants: Sequence[str] = ("repmlpnet_t224", "repmlpnet_b256"), batch_size: int = 4,
-                    rounds: int = 7, threads: int = 2) -> dict[str, dict[str, float]]:
-    """Median ms per batch of our train form, the authors' inference form and our deploy form, timed in
-    interleaved rounds at each variant's native size; prints one line per variant."""
-    import timm
-
-    from ..verify import randomize_bn_stats
-
-    torch.set_num_threads(threads)
-    results = {}
-    for name in variants:
-        train = randomize_bn_stats(timm.create_model(name)).eval()
-        forms = dict(train=train, authors=authors_inference_form(train), deploy=convert_to_deploy(train))
-        x = torch.randn(batch_size, *train.pretrained_cfg["input_size"])
-        times = {k: [] for k in forms}
-        for r in range(rounds + 1):
-            for key, model in forms.items():
-                start = time.perf_counter()
-                model(x)
-                if r:  # round 0 warms up
-                    times[key].append(1e3 * (time.perf_counter() - start))
-        ms = results[name] = {k: statistics.median(v) for k, v in times.items()}
-        print(f"{name} batch {batch_size}: train {ms['train']:.0f} ms, authors' inference {ms['authors']:.0f} ms, "
-              f"deploy {ms['deploy']:.0f} ms; deploy speedup x{ms['train'] / ms['deploy']:.2f} vs train, "
-              f"x{ms['authors'] / ms['deploy']:.2f} vs authors'")
-    return results
-
-
-# ---------------------------------------------------------------------------------------------- registry
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> RepMLPNet:
     route_pretrained_file(variant, pretrained, kwargs)
     return build_model_with_cfg(
         RepMLPNet, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
         **kwargs)
 
@@ -618,7 +432,7 @@ def _cfg(size: int = 224, **kwargs) -> dict:
         "num_classes": 1000, "input_size": (3, size, size), "pool_size": (size // 32, size // 32),
         "fixed_input_size": True, "crop_pct": 1.0, "interpolation": "bilinear",
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv", "classifier": "head", "custom_load": True,
+        "first_conv": "stem.conv", "classifier": "head.fc", "custom_load": True,
         "paper_ids": "arXiv:2112.11081", "license": "mit", **kwargs,
     }
 

@@ -10,15 +10,30 @@ from collections.abc import Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import create_classifier, to_2tuple
+from timm.layers import ClassifierHead, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
-from ..checkpoint import load_checkpoint, route_pretrained_file
-from ..layers import ConvBN, RepMLP, remap_official_block_keys
+from ..authors import resnet_keys_to_ours
+from ..checkpoint import route_pretrained_file
+from ..layers import ConvBN, RepMLP
+from ._base import RepMLPModel
 
 __all__ = ["RepMLPResNet"]
+
+
+class Stem(ConvBN):
+    """7x7/2 conv-BN-ReLU and 3x3/2 max-pool."""
+
+    def __init__(self, in_chs: int, out_chs: int, deploy: bool = False) -> None:
+        super().__init__(in_chs, out_chs, 7, stride=2, act=True, deploy=deploy)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        return self.pool(self.act(x))
 
 
 class Bottleneck(nn.Module):
@@ -74,7 +89,7 @@ class RepMLPBottleneckBlock(nn.Module):
         return self.act(self.conv5(self.conv4(y)) + x)
 
 
-class RepMLPResNet(nn.Module):
+class RepMLPResNet(RepMLPModel):
     """ResNet-50 with RepMLP blocks in c3 and c4.
 
     Args:
@@ -107,17 +122,17 @@ class RepMLPResNet(nn.Module):
         drop_rate: float = 0.0,
         deploy: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(locals())
         if block_type not in ("light", "bottleneck"):
             raise ValueError(f"block_type must be 'light' or 'bottleneck', got {block_type!r}")
         img_size = to_2tuple(img_size)
         if any(s % 32 or (s // 16) % partition for s in img_size):
-            raise ValueError(f"img_size={img_size} must be multiples of 32 whose c4 resolution (img_size / 16) is "
-                             f"divisible by partition={partition}, e.g. {32 * partition} or {64 * partition}")
-        self.img_size, self.num_classes, self.drop_rate = img_size, num_classes, drop_rate
-        self.grad_checkpointing = False
-        self.stem = ConvBN(in_chans, 64, 7, stride=2, act=True, deploy=deploy)
-        self.stem_pool = nn.MaxPool2d(3, stride=2, padding=1)
+            raise ValueError(
+                f"img_size={img_size} must be multiples of 32 whose c4 resolution (img_size / 16) is "
+                f"divisible by partition={partition}, e.g. {32 * partition} or {64 * partition}"
+            )
+        self.img_size, self.drop_rate = img_size, drop_rate
+        self.stem = Stem(in_chans, 64, deploy)
 
         depths, widths, strides = (3, 4, 6, 3), (256, 512, 1024, 2048), (1, 2, 2, 2)
         stages, in_chs, (H, W) = [], 64, (img_size[0] // 4, img_size[1] // 4)
@@ -138,78 +153,23 @@ class RepMLPResNet(nn.Module):
             in_chs = width
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = in_chs
-        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
-        self.drop = nn.Dropout(drop_rate)
+        self.head = ClassifierHead(in_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate)
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        """Parameter groups for layer-wise learning-rate decay."""
-        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute stage activations in the backward pass to save memory."""
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The classifier layer."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
-        """Replace the classifier with one of ``num_classes`` outputs (0 removes it)."""
-        self.num_classes = num_classes
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem and the four stages."""
+    def check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"{type(self).__name__} is built for {self.img_size[0]}x{self.img_size[1]} inputs "
-                             f"(RepMLP blocks have a fixed size), got input of shape {tuple(x.shape)}")
-        x = self.stem_pool(self.stem(x))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.stages, x)
-        return self.stages(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pooling, dropout and classifier (``pre_logits``: stop before the classifier)."""
-        x = self.drop(self.global_pool(x))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    @staticmethod
-    def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: RepMLPResNet) -> dict[str, torch.Tensor]:
-        return checkpoint_filter_fn(state_dict, model)
-
-    def load_pretrained(self, path: str) -> None:
-        """timm ``custom_load`` hook: strict load of our or the authors' checkpoint (train or deploy)."""
-        load_checkpoint(self, path, checkpoint_filter_fn)
-
-
-_OFFICIAL_RENAMES = (
-    (r"^stage0\.0\.", "stem."),
-    (r"^stage(\d)\.", lambda m: f"stages.{int(m.group(1)) - 1}."),
-    (r"\.(light|btnk)_(conv\d|repmlp)\.", r".\2."),
-    (r"^linear\.", "fc."),
-)
+            raise ValueError(
+                f"{type(self).__name__} is built for {self.img_size[0]}x{self.img_size[1]} inputs "
+                f"(RepMLP blocks have a fixed size), got input of shape {tuple(x.shape)}"
+            )
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Map the authors' RepMLP-ResNet keys (``stage0``..``stage4``, ``light_*``/``btnk_*``, ``linear``,
-    RepMLP internals) to ours; native checkpoints pass through."""
-    if "stem.conv.weight" in state_dict:
-        return state_dict
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, repl in _OFFICIAL_RENAMES:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    for name, module in model.named_modules():
-        if isinstance(module, RepMLP):
-            remap_official_block_keys(module, out, name + ".")
-    return out
+    """Key renames only: the authors' RepMLP-ResNet layouts (train and inference form) and repmlp 0.1's."""
+    state_dict = {re.sub(r"^fc\.", "head.fc.", k): v for k, v in state_dict.items()}  # 0.1: a root classifier
+    return resnet_keys_to_ours(state_dict, model)
+
+
+RepMLPResNet.checkpoint_filter_fn = staticmethod(checkpoint_filter_fn)  # what load_checkpoint renames with
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> RepMLPResNet:
@@ -225,7 +185,7 @@ def _cfg(size: int = 224, **kwargs) -> dict:
         "num_classes": 1000, "input_size": (3, size, size), "pool_size": (size // 32, size // 32),
         "fixed_input_size": True, "crop_pct": 0.875, "interpolation": "bilinear",
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv", "classifier": "fc", "custom_load": True,
+        "first_conv": "stem.conv", "classifier": "head.fc", "custom_load": True,
         "paper_ids": "arXiv:2105.01883", "license": "mit", **kwargs,
     }
 

@@ -38,7 +38,7 @@ def model_from_checkpoint(path: str | Path, model_name: str | None = None, form:
     if "num_classes" in meta:
         kwargs["num_classes"] = int(meta["num_classes"])
     model = timm.create_model(name, deploy=form == "deploy", **kwargs)
-    return load_checkpoint(model, path, train_model_factory=lambda: timm.create_model(name, **kwargs))
+    return load_checkpoint(model, path)
 
 
 def data_config(cfg: dict, model: nn.Module) -> dict:
