@@ -1,19 +1,18 @@
-"""Int8 deploy forms: quantization-aware training on the equivalent FC3, the authors' BN-after-FC3 fine-tuning,
-post-training quantization in onnxruntime and in PyTorch, and the weight ranges that decide how well it goes.
+"""Quantization-aware training of RepMLP models: fake quantization, QAT on the equivalent FC3 of the train form, and
+the authors' alternative, a BN after FC3 of the deploy form for post-quantization fine-tuning.
 
 Quantization scheme (what onnxruntime's tools and PyTorch's x86 int8 path use on CPU, and what QAT simulates):
 weights int8, symmetric, one scale per output channel (per row of FC3, per (set, token) row of a shared FC3), levels
 -127..127, or -64..64 with ``reduce_range`` (see :func:`weight_qmax`); activations uint8, asymmetric, one scale per
 tensor (per batch for dynamic quantization, calibrated for static).
-Models are quantized in the graph layout (:func:`repmlp.export.graph_layout`): FC3 as one linear layer per group,
-so that each group gets its own per-channel scales.
+The int8 models themselves (onnxruntime, PyTorch) are made in :mod:`repmlp.int8`.
 """
+
 from __future__ import annotations
 
 import copy
 import types
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,11 +23,11 @@ from . import ops
 from .layers import RepMLP
 from .models.repmlpnet import RepMLPBlock
 
-QUANTIZE_MODES = ("none", "dynamic", "static")
 QAT_MODES = ("none", "equivalent_fc3", "fc3_bn")
 
 
 # ----------------------------------------------------------------------------------------- equivalent FC3
+
 
 def _perceptron_name(block: nn.Module) -> str:
     """The attribute holding a block's FC3 (with its BN in the train form)."""
@@ -64,13 +63,14 @@ def equivalent_fc3(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ----------------------------------------------------------------------------------------- fake quantization
 
-def weight_qmax(reduce_range: bool = True) -> int:
+
+def weight_qmax(reduce_range: bool | None = None) -> int:
     """Largest int8 weight level of onnxruntime's symmetric weights: 127, or 64 with ``reduce_range``.
 
     Reduced range (7-bit weights) is what onnxruntime advises for CPUs without VNNI (AVX2, AVX-512 without VNNI):
     their u8 x s8 kernels add pairs of products in int16, which saturates with full-range weights.
     """
-    return 64 if reduce_range else 127
+    return 64 if resolve_reduce_range(reduce_range) else 127
 
 
 def cpu_has_vnni() -> bool:
@@ -80,6 +80,11 @@ def cpu_has_vnni() -> bool:
     except OSError:
         return False
     return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def resolve_reduce_range(reduce_range: bool | None) -> bool:
+    """``reduce_range`` as given, or (None) on where this CPU lacks VNNI."""
+    return not cpu_has_vnni() if reduce_range is None else reduce_range
 
 
 def fake_quantize_weight(weight: torch.Tensor, qmax: int = 64) -> torch.Tensor:
@@ -145,6 +150,7 @@ def remove_fake_quant(model: nn.Module) -> int:
 
 # ------------------------------------------------------------------------ QAT on the equivalent FC3 (train form)
 
+
 def _equivalent_fc3_forward(block: nn.Module, *args, **kwargs) -> torch.Tensor:
     """``block``'s forward as its deploy form with the equivalent FC3, fake-quantized (see :func:`enable_fc3_qat`)."""
     shadow, name = block.__dict__["_fc3_qat"]
@@ -167,7 +173,7 @@ def _deploy_shadow(block: nn.Module, name: str, qmax: int) -> nn.Module:
     return shadow
 
 
-def enable_fc3_qat(model: nn.Module, reduce_range: bool = True) -> int:
+def enable_fc3_qat(model: nn.Module, reduce_range: bool | None = None) -> int:
     """Train the train form through fake-quantized equivalent FC3s (the authors' QAT advice), in place.
 
     Every train-form block then computes its deploy form: the equivalent FC3 (:func:`equivalent_fc3`, from the
@@ -188,8 +194,9 @@ def enable_fc3_qat(model: nn.Module, reduce_range: bool = True) -> int:
 
 # ------------------------------------------------------------- the authors' alternative: a BN after a deploy FC3
 
+
 @torch.no_grad()
-def insert_fc3_bn(model: nn.Module, batches: Iterable[torch.Tensor], reduce_range: bool = True) -> int:
+def insert_fc3_bn(model: nn.Module, batches: Iterable[torch.Tensor], reduce_range: bool | None = None) -> int:
     """Give every deploy-form FC3 a BatchNorm after it and fake-quantize FC3, for post-quantization fine-tuning.
 
     The authors' recommended route ("insert a BN after fc3 and finetune to recover the accuracy"). Each BN starts
@@ -249,15 +256,18 @@ def fold_fc3_bn(model: nn.Module) -> int:
     return count
 
 
-def prepare_qat(model: nn.Module, mode: str, batches: Iterable[torch.Tensor] = (), reduce_range: bool = True) -> int:
+def prepare_qat(
+    model: nn.Module, mode: str, batches: Iterable[torch.Tensor] = (), reduce_range: bool | None = None
+) -> int:
     """Set up a QAT mode in place: 'equivalent_fc3' (a train form, :func:`enable_fc3_qat`) or 'fc3_bn' (a deploy
     form, :func:`insert_fc3_bn` initialised on ``batches``); 'none' does nothing. Returns the layers prepared."""
     if mode not in QAT_MODES:
         raise ValueError(f"QAT mode must be one of {QAT_MODES}, got {mode!r}")
     if mode == "none":
         return 0
-    count = (enable_fc3_qat(model, reduce_range) if mode == "equivalent_fc3"
-             else insert_fc3_bn(model, batches, reduce_range))
+    count = (
+        enable_fc3_qat(model, reduce_range) if mode == "equivalent_fc3" else insert_fc3_bn(model, batches, reduce_range)
+    )
     if not count:
         form = "train" if mode == "equivalent_fc3" else "deploy"
         raise ValueError(f"QAT mode {mode!r} needs a {form}-form model with RepMLP blocks; none found to prepare")
@@ -268,162 +278,3 @@ def finish_qat(model: nn.Module) -> nn.Module:
     """The plain float model after QAT, in place: fake quantization removed, inserted FC3 BNs folded."""
     fold_fc3_bn(model)
     return model
-
-
-# ------------------------------------------------------------------------------------------ calibration data
-
-def data_batches(spec: str, model: nn.Module, batch_size: int, samples: int, split: str = "train",
-                 seed: int = 0) -> list[torch.Tensor]:
-    """``samples`` inputs (whole batches of ``batch_size``) for calibration or checks, from a dataset spec.
-
-    ``spec``: ``'random'`` (seeded standard-normal inputs of the model's size) or ``DATASET[:ROOT]`` with a dataset
-    name the training configs take (``fashion_mnist``, ``cifar10:data/cifar-10-batches-py``, ``imagefolder:DIR``);
-    images get the model's evaluation transform and are drawn at random (seeded) from ``split``.
-    """
-    from timm.data import resolve_data_config
-
-    from .benchmark import model_input_size
-    from .data import DATASETS, build_dataset, build_transform
-
-    count = max(1, samples // batch_size) * batch_size
-    gen = torch.Generator().manual_seed(seed)
-    if spec == "random":
-        return list(torch.randn((count, *model_input_size(model)), generator=gen).split(batch_size))
-    name, _, root = spec.partition(":")
-    if name not in DATASETS:
-        raise ValueError(f"calibration data {spec!r}: expected 'random' or DATASET[:ROOT] with DATASET one of "
-                         f"{DATASETS}, e.g. 'fashion_mnist' or 'imagefolder:data/imagenet'")
-    cfg = resolve_data_config({}, model=model)
-    dataset = build_dataset(name, split, root or None, transform=build_transform(
-        False, cfg["input_size"], cfg["mean"], cfg["std"], cfg["crop_pct"], cfg["interpolation"]))
-    if len(dataset) < count:
-        raise ValueError(f"calibration data {spec!r} has {len(dataset)} {split} images, fewer than the {count} asked")
-    images = torch.stack([dataset[i][0] for i in torch.randperm(len(dataset), generator=gen)[:count].tolist()])
-    return list(images.split(batch_size))
-
-
-def default_calibration(model_name: str) -> str:
-    """The dataset a shipped model was trained on (``pretrained/manifest.json``), else ``'random'``."""
-    from .zoo import shipped_models
-
-    base, _, tag = model_name.partition(".")
-    entry = next((e for e in shipped_models() if e["model"] == base and (not tag or e["tag"] == tag)), None)
-    return entry["dataset"] if entry and tag else "random"
-
-
-# ------------------------------------------------------------------------------------------------ onnxruntime
-
-def ort_session(path: str | Path, threads: int | None = None):
-    """A CPU onnxruntime session whose threads sleep between runs (they spin by default, which starves other
-    processes on a shared machine and skews interleaved timings)."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def quantize_onnx(src: str | Path, dst: str | Path, mode: str, calibration: Iterable[torch.Tensor] = (),
-                  reduce_range: bool = True) -> None:
-    """Write the int8 version of the float32 ONNX file ``src`` to ``dst`` with onnxruntime's quantization tools.
-
-    ``dynamic``: weights int8 per output channel, activations quantized per batch at run time (MatMulInteger,
-    ConvInteger). ``static``: activation ranges calibrated (min/max) on ``calibration`` inputs, QDQ format
-    (onnxruntime fuses it into QLinear kernels; its QOperator format gave wrong outputs for these graphs).
-    """
-    import logging
-
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-
-    if mode not in ("dynamic", "static"):
-        raise ValueError(f"quantize mode must be 'dynamic' or 'static', got {mode!r}")
-    common = dict(per_channel=True, reduce_range=reduce_range, weight_type=QuantType.QInt8)
-    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process: shape inference is done at export
-    if mode == "dynamic":
-        quantize_dynamic(str(src), str(dst), **common)
-        return
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(calibration)
-
-        def get_next(self) -> dict | None:
-            x = next(self.batches, None)
-            return None if x is None else {"input": x.numpy()}
-
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                    calibrate_method=CalibrationMethod.MinMax, **common)
-
-
-@dataclass
-class Int8Check:
-    """Agreement of an int8 model with its float32 form on the same inputs."""
-
-    argmax_agreement: float
-    max_rel_err: float
-    samples: int
-    data: str
-
-    def __str__(self) -> str:
-        return (f"int8 vs float32 on {self.samples} {self.data} inputs: argmax agreement {self.argmax_agreement:.2%}, "
-                f"max rel err {self.max_rel_err:.2e}")
-
-
-def compare_outputs(reference, candidate, batches: Iterable[torch.Tensor], data: str) -> Int8Check:
-    """Run two predictors (tensor -> logits) on ``batches``: argmax agreement and max relative logit error."""
-    agree = seen = 0
-    max_abs = scale = 0.0
-    for x in batches:
-        ref, out = reference(x).double(), candidate(x).double()
-        agree += (ref.argmax(-1) == out.argmax(-1)).sum().item()
-        seen += ref.shape[0]
-        max_abs, scale = max(max_abs, (ref - out).abs().max().item()), max(scale, ref.abs().max().item())
-    return Int8Check(agree / max(seen, 1), max_abs / max(scale, 1e-300), seen, data)
-
-
-def onnx_predictor(path: str | Path, threads: int | None = None):
-    """``x -> logits`` through an onnxruntime session of ``path`` (input named ``input``)."""
-    session = ort_session(path, threads)
-    return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
-
-
-# ----------------------------------------------------------------------------------------------- PyTorch int8
-
-def quantize_pytorch(model: nn.Module, example: torch.Tensor, mode: str, calibration: Iterable[torch.Tensor] = (),
-                     reduce_range: bool | None = None, compile: bool = True):
-    """An int8 version of a deploy-form model for the CPU: PT2E quantization (torchao) with the x86 inductor quantizer.
-
-    The model is exported (``torch.export``, fixed to ``example``'s shape) in the graph layout, so every FC3
-    group, FC and conv is a linear or conv node the quantizer annotates (weights int8 per output channel,
-    activations uint8 per tensor: calibrated for ``static``, per batch for ``dynamic``); ``compile`` lowers it with
-    inductor (freezing on) to oneDNN int8 kernels, otherwise the reference (simulated) int8 module is returned.
-    ``reduce_range`` (default: on CPUs without VNNI) keeps activations to 7 bits, this quantizer's remedy for the
-    saturation of u8 x s8 int16 sums.
-    """
-    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    from .export import graph_layout
-
-    if mode not in ("dynamic", "static"):
-        raise ValueError(f"quantize mode must be 'dynamic' or 'static', got {mode!r}")
-    reduce_range = not cpu_has_vnni() if reduce_range is None else reduce_range
-    with torch.no_grad(), graph_layout(model.eval()):
-        exported = torch.export.export(model, (example,)).module()
-    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config(
-        is_dynamic=mode == "dynamic", reduce_range=reduce_range))
-    prepared = prepare_pt2e(exported, quantizer)
-    with torch.no_grad():
-        for x in (calibration if mode == "static" else [example]):
-            prepared(x)
-    converted = convert_pt2e(prepared)
-    return torch.compile(converted, options={"freezing": True}) if compile else converted

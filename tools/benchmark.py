@@ -7,6 +7,11 @@ does not depend on them, and every deploy and authors' form is checked against i
 
 Example (the speed goals of issue 5, CPU):
     python tools/benchmark.py --batch-sizes 1 8 --rounds 15 --json output/bench_cpu.json --png output/bench_cpu.png
+
+With --int8: int8 against float32 instead (repmlp.int8): PyTorch eager and compiled float32, PyTorch int8 (PT2E,
+compiled), onnxruntime float32 and int8 (dynamic, static), each checked against the PyTorch float32 deploy form;
+default models the shipped Fashion-MNIST model (its weights and test images), repmlpnet_t224, repmlp_res50_light_224:
+    python tools/benchmark.py --int8 --batch-sizes 1 8 --rounds 15 --json output/bench_int8.json
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,13 +27,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
 
 from repmlp.benchmark import DTYPES, FORMS, BenchmarkConfig, format_table, plot, run_benchmark  # noqa: E402
+from repmlp.int8 import INT8_FORMS, Int8BenchmarkConfig, format_int8_table, run_int8_benchmark  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, dict[str, str | None]]:
+def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8BenchmarkConfig, dict[str, str | None]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = BenchmarkConfig()
-    p.add_argument("--models", nargs="+", default=list(d.models),
-                   help="timm names or package.module:factory of models with RepMLP blocks (timed in --forms)")
+    p.add_argument("--models", nargs="+",
+                   help="timm names or package.module:factory of models with RepMLP blocks (timed in --forms); "
+                        f"default {' '.join(d.models)} (with --int8: {' '.join(Int8BenchmarkConfig.models)})")
+    p.add_argument("--int8", action="store_true", help="time int8 against float32 forms (see above)")
+    p.add_argument("--int8-forms", nargs="+", choices=INT8_FORMS, default=list(INT8_FORMS), metavar="FORM",
+                   help=f"with --int8: the forms to time, of {INT8_FORMS}")
     p.add_argument("--baselines", nargs="*", default=list(d.baselines),
                    help="models timed as they are: timm names or package.module:factory (default: resnet50)")
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS, help="forms of --models to time")
@@ -55,7 +66,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, dict[str
     p.add_argument("--png", help="write a bar chart of images/s here")
     args = p.parse_args(argv)
     outputs = {"json": args.json, "png": args.png}
-    del args.json, args.png
+    if args.int8:
+        if args.png:
+            p.error("--png charts the form benchmark; with --int8 write --json")
+        cfg = Int8BenchmarkConfig(models=tuple(args.models or Int8BenchmarkConfig.models),
+                                  forms=tuple(args.int8_forms), batch_sizes=tuple(args.batch_sizes),
+                                  threads=args.threads, warmup=args.warmup, rounds=args.rounds, seed=args.seed)
+        return cfg, outputs
+    del args.json, args.png, args.int8, args.int8_forms
+    args.models = args.models or list(d.models)
     if args.input_size:
         args.input_size = tuple(args.input_size)
     if args.channels_last is None:
@@ -67,8 +86,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, dict[str
 
 def main(argv: list[str] | None = None) -> int:
     cfg, outputs = parse_args(argv)
-    report = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr))
-    print(format_table(report))
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if isinstance(cfg, Int8BenchmarkConfig):
+        with tempfile.TemporaryDirectory() as workdir:
+            report = run_int8_benchmark(cfg, workdir, log)
+        print(format_int8_table(report))
+    else:
+        report = run_benchmark(cfg, log=log)
+        print(format_table(report))
     if outputs["json"]:
         Path(outputs["json"]).parent.mkdir(parents=True, exist_ok=True)
         Path(outputs["json"]).write_text(json.dumps(report, indent=1))
