@@ -258,7 +258,7 @@ class WeightRange:
     median_abs: float
     channel_ratio: float  # largest per-channel max |w| over the median per-channel max |w|
     outliers: list[int]  # channels whose max |w| exceeds ``outlier_factor`` x the median per-channel max
-    sqnr_channel_db: float  # signal-to-quantization-noise of int8 with one scale per output channel
+    sqnr_channel_db: float  # int8 signal-to-noise of the worst output channel, one scale per output channel
     sqnr_tensor_db: float  # ... with one scale for the whole tensor
 
 
@@ -268,9 +268,10 @@ def _output_rows(module: nn.Module) -> torch.Tensor:
     return weight.flatten(1) if isinstance(module, nn.Conv2d) else weight.reshape(-1, weight.shape[-1])
 
 
-def _sqnr_db(w: torch.Tensor, q: torch.Tensor) -> float:
-    noise = (w - q).double().pow(2).sum().clamp_min(1e-300)
-    return (10 * torch.log10(w.double().pow(2).sum() / noise)).item()
+def _worst_sqnr_db(w: torch.Tensor, q: torch.Tensor) -> float:
+    """The lowest signal-to-noise ratio (dB) over the nonzero rows of ``w`` quantized as ``q``."""
+    signal, noise = w.double().pow(2).sum(1), (w - q).double().pow(2).sum(1).clamp_min(1e-300)
+    return (10 * torch.log10(signal[signal > 0] / noise[signal > 0])).min().item() if (signal > 0).any() else 0.0
 
 
 def weight_ranges(model: nn.Module, outlier_factor: float = 4.0, reduce_range: bool | None = None) -> list[WeightRange]:
@@ -296,8 +297,8 @@ def weight_ranges(model: nn.Module, outlier_factor: float = 4.0, reduce_range: b
                 sample.median().item(),
                 (channel_max.max() / median_max).item(),
                 torch.nonzero(channel_max > outlier_factor * median_max).flatten().tolist(),
-                _sqnr_db(rows, fake_quantize_weight(rows, qmax)),
-                _sqnr_db(rows, torch.round(rows / tensor_scale).clamp(-qmax, qmax) * tensor_scale),
+                _worst_sqnr_db(rows, fake_quantize_weight(rows, qmax)),
+                _worst_sqnr_db(rows, torch.round(rows / tensor_scale).clamp(-qmax, qmax) * tensor_scale),
             )
         )
     return out
@@ -321,8 +322,8 @@ def format_ranges(ranges: list[WeightRange], outlier_factor: float = 4.0) -> str
             f"{r.sqnr_tensor_db:>9.1f}" + ("  <- lowest" if r in worst else "")
         )
     lines.append(
-        f"outlier ch: output channels whose max |w| exceeds {outlier_factor:g}x the median channel's; SQNR: "
-        "int8 weight signal-to-noise with one scale per output channel (ch) or per tensor"
+        f"outlier ch: output channels whose max |w| exceeds {outlier_factor:g}x the median channel's; SQNR: int8 "
+        "weight signal-to-noise of the worst output channel, with one scale per output channel (ch) or per tensor"
     )
     return "\n".join(lines)
 
