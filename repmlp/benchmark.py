@@ -10,6 +10,7 @@ bytes per block, peak memory and the max relative error against the train form.
 The authors' deploy form is an **emulation**: our deploy-form weights run op for op the way the authors'
 inference code runs them (:mod:`repmlp.authors`). Their code itself is not used.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,8 +37,11 @@ FORMS = ("train", "deploy", "authors")
 
 def fc3_weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the FC3 weight of every block (modules named ``fc3``), by module name."""
-    return {name: m.weight.numel() * m.weight.element_size() for name, m in model.named_modules()
-            if name.rsplit(".", 1)[-1] == "fc3" and isinstance(getattr(m, "weight", None), torch.Tensor)}
+    return {
+        name: m.weight.numel() * m.weight.element_size()
+        for name, m in model.named_modules()
+        if name.rsplit(".", 1)[-1] == "fc3" and isinstance(getattr(m, "weight", None), torch.Tensor)
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -186,8 +190,10 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> d
     formats = [torch.channels_last if c.form in cfg.channels_last else torch.contiguous_format for c in cands]
     results, machine = [], {"matmul_n": matmul_n, "matmul_gflops": {}}
     for bs in cfg.batch_sizes:
-        inputs = [torch.randn(bs, *c.input_size, device=device).to(dtype).contiguous(memory_format=f)
-                  for c, f in zip(cands, formats)]
+        inputs = [
+            torch.randn(bs, *c.input_size, device=device).to(dtype).contiguous(memory_format=f)
+            for c, f in zip(cands, formats)
+        ]
         compile_s, compiled_err = [], []
         for c, m, x in zip(cands, modules, inputs):
             start = time.perf_counter()
@@ -200,31 +206,49 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> d
         times, mm = [[] for _ in cands], []
         order = list(range(len(cands))) + [-1]  # -1: the matmul
         for r in range(cfg.rounds):
-            for i in order[r % len(order):] + order[:r % len(order)]:
+            for i in order[r % len(order) :] + order[: r % len(order)]:
                 call = matmul if i < 0 else (lambda m=modules[i], x=inputs[i]: m(x))
                 _sync(device)
                 start = time.perf_counter()
                 call()
                 _sync(device)
                 (mm if i < 0 else times[i]).append(time.perf_counter() - start)
-        peak_gflops = 2 * matmul_n ** 3 / statistics.median(mm) / 1e9
+        peak_gflops = 2 * matmul_n**3 / statistics.median(mm) / 1e9
         machine["matmul_gflops"][bs] = peak_gflops
         for c, m, x, t, cs, ce in zip(cands, modules, inputs, times, compile_s, compiled_err):
             sec = statistics.median(t)
             gflops = None if c.macs is None else 2 * c.macs * bs / sec / 1e9
             weights = sum(p.numel() * p.element_size() for p in itertools.chain(m.parameters(), m.buffers()))
-            results.append(dict(
-                model=c.model, form=c.form, batch_size=bs, channels_last=c.form in cfg.channels_last,
-                ms=1e3 * sec, ms_min=1e3 * min(t),
-                images_per_s=bs / sec, params=c.params, macs=c.macs, gflops=gflops,
-                matmul_fraction=None if gflops is None else gflops / peak_gflops,
-                fc3_bytes=sum(c.fc3_bytes.values()), fc3_bytes_per_block=c.fc3_bytes,
-                peak_bytes=weights + peak_forward_bytes(m, x) if cfg.memory else None,
-                max_rel_err=c.max_rel_err, compiled_max_rel_err=ce, first_call_s=cs))
+            results.append(
+                dict(
+                    model=c.model,
+                    form=c.form,
+                    batch_size=bs,
+                    channels_last=c.form in cfg.channels_last,
+                    ms=1e3 * sec,
+                    ms_min=1e3 * min(t),
+                    images_per_s=bs / sec,
+                    params=c.params,
+                    macs=c.macs,
+                    gflops=gflops,
+                    matmul_fraction=None if gflops is None else gflops / peak_gflops,
+                    fc3_bytes=sum(c.fc3_bytes.values()),
+                    fc3_bytes_per_block=c.fc3_bytes,
+                    peak_bytes=weights + peak_forward_bytes(m, x) if cfg.memory else None,
+                    max_rel_err=c.max_rel_err,
+                    compiled_max_rel_err=ce,
+                    first_call_s=cs,
+                )
+            )
         log(f"batch {bs}: {cfg.rounds} rounds done, dense {matmul_n}^3 matmul {peak_gflops:.1f} GFLOP/s")
     machine.update(torch=torch.__version__, device=_device_name(device), threads=torch.get_num_threads())
-    return dict(config=_jsonable(asdict(cfg)), machine=machine, conversion=conversions, results=results,
-                ratios=speed_ratios(results))
+    return dict(
+        config=_jsonable(asdict(cfg)),
+        machine=machine,
+        conversion=conversions,
+        results=results,
+        ratios=speed_ratios(results),
+    )
 
 
 def _device_name(device: torch.device) -> str:
@@ -256,34 +280,44 @@ def speed_ratios(results: list[dict]) -> list[dict]:
         refs.update({b: by.get((b, "baseline", bs)) for b in baselines})
         for ref_name, ref in refs.items():
             if ref is not None:
-                out.append(dict(model=model, batch_size=bs, versus=ref_name,
-                                speedup=r["images_per_s"] / ref["images_per_s"]))
+                out.append(
+                    dict(model=model, batch_size=bs, versus=ref_name, speedup=r["images_per_s"] / ref["images_per_s"])
+                )
     return out
 
 
 def format_table(report: dict) -> str:
     """The results as a fixed-width table, then the speed-ups."""
-    head = (f"{'model':30} {'form':8} {'fmt':4} {'batch':>5} {'ms':>8} {'img/s':>7} {'params':>8} {'GMACs':>6} "
-            f"{'GFLOP/s':>7} {'%mm':>4} {'FC3 MB':>6} {'peak MB':>7} {'rel err':>7}")
+    head = (
+        f"{'model':30} {'form':8} {'fmt':4} {'batch':>5} {'ms':>8} {'img/s':>7} {'params':>8} {'GMACs':>6} "
+        f"{'GFLOP/s':>7} {'%mm':>4} {'FC3 MB':>6} {'peak MB':>7} {'rel err':>7}"
+    )
     lines = [head, "-" * len(head)]
     for r in report["results"]:
+
         def fmt(value, spec, scale=1.0):
             return "-" if value is None else format(value * scale, spec)
+
         layout = "NHWC" if r["channels_last"] else "NCHW"
         lines.append(
             f"{r['model'][:30]:30} {r['form']:8} {layout:4} {r['batch_size']:>5} {r['ms']:>8.1f} "
             f"{r['images_per_s']:>7.1f} {r['params'] / 1e6:>7.2f}M {fmt(r['macs'], '>6.3f', 1e-9)} "
-            f"{fmt(r['gflops'], '>7.1f')} {fmt(r['matmul_fraction'], '>4.0%')} {r['fc3_bytes'] / 2 ** 20:>6.1f} "
-            f"{fmt(r['peak_bytes'], '>7.0f', 2 ** -20)} {fmt(r['max_rel_err'], '>7.0e')}")
+            f"{fmt(r['gflops'], '>7.1f')} {fmt(r['matmul_fraction'], '>4.0%')} {r['fc3_bytes'] / 2**20:>6.1f} "
+            f"{fmt(r['peak_bytes'], '>7.0f', 2**-20)} {fmt(r['max_rel_err'], '>7.0e')}"
+        )
     mm = report["machine"]["matmul_gflops"]
-    lines.append(f"dense {report['machine']['matmul_n']}^3 matmul, same rounds: "
-                 + ", ".join(f"batch {bs}: {g:.1f} GFLOP/s" for bs, g in mm.items()))
+    lines.append(
+        f"dense {report['machine']['matmul_n']}^3 matmul, same rounds: "
+        + ", ".join(f"batch {bs}: {g:.1f} GFLOP/s" for bs, g in mm.items())
+    )
     for r in report["ratios"]:
         lines.append(f"{r['model']} deploy vs {r['versus']} (batch {r['batch_size']}): x{r['speedup']:.2f}")
     for name, conv in report["conversion"].items():
         if conv:
-            lines.append(f"{name} conversion: {conv['with_copy_s']:.3f} s with copy, "
-                         f"{conv['inplace_s']:.3f} s in place (median of {conv['rounds']})")
+            lines.append(
+                f"{name} conversion: {conv['with_copy_s']:.3f} s with copy, "
+                f"{conv['inplace_s']:.3f} s in place (median of {conv['rounds']})"
+            )
     return "\n".join(lines)
 
 
@@ -304,9 +338,11 @@ def plot(report: dict, path: str | Path) -> None:
         ax.set_title(f"batch {bs}")
         ax.set_ylabel("images / s")
     cfg = report["config"]
-    fig.suptitle(f"{report['machine']['device']}, {cfg['dtype']}, threads {report['machine']['threads']}"
-                 + (f", channels_last: {'/'.join(cfg['channels_last'])}" if cfg["channels_last"] else "")
-                 + (", compiled" if cfg["compile"] else ""))
+    fig.suptitle(
+        f"{report['machine']['device']}, {cfg['dtype']}, threads {report['machine']['threads']}"
+        + (f", channels_last: {'/'.join(cfg['channels_last'])}" if cfg["channels_last"] else "")
+        + (", compiled" if cfg["compile"] else "")
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

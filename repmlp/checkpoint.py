@@ -1,4 +1,5 @@
 """Weights on disk: safetensors with metadata, foreign checkpoints, strict loading with clear errors."""
+
 from __future__ import annotations
 
 import logging
@@ -99,10 +100,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = safetensors.torch.load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (safetensors.SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError,
-            OSError) as err:
-        raise ValueError(f"cannot read weights file {path}: corrupted, truncated or not a checkpoint "
-                         f"({type(err).__name__}: {err})") from err
+    except (
+        safetensors.SafetensorError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        EOFError,
+        RuntimeError,
+        OSError,
+    ) as err:
+        raise ValueError(
+            f"cannot read weights file {path}: corrupted, truncated or not a checkpoint ({type(err).__name__}: {err})"
+        ) from err
     if isinstance(state, dict):
         for key in _WRAPPER_KEYS:
             if isinstance(state.get(key), dict):
@@ -111,7 +119,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"weights file {path} does not hold a state dict of tensors")
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -210,21 +218,34 @@ def _matching_twin(
 
 def _check_values(state: dict, expected: dict, source: str, allow_nonfinite: bool) -> None:
     """Refuse integer tensors for float parameters and (unless allowed) NaN/Inf; note lower-precision floats."""
-    ints = [k for k, v in state.items() if k in expected and expected[k].is_floating_point()
-            and not v.is_floating_point()]
+    ints = [
+        k for k, v in state.items() if k in expected and expected[k].is_floating_point() and not v.is_floating_point()
+    ]
     if ints:
-        raise ValueError(f"{source}: integer tensors for float parameters (the file was saved with the wrong "
-                         f"dtype): {_show(ints)}")
-    lower = [k for k, v in state.items() if k in expected and v.is_floating_point()
-             and torch.finfo(v.dtype).bits < torch.finfo(expected[k].dtype).bits]
+        raise ValueError(
+            f"{source}: integer tensors for float parameters (the file was saved with the wrong dtype): {_show(ints)}"
+        )
+    lower = [
+        k
+        for k, v in state.items()
+        if k in expected and v.is_floating_point() and torch.finfo(v.dtype).bits < torch.finfo(expected[k].dtype).bits
+    ]
     if lower:
-        _logger.warning("%s: %d tensors stored in lower precision than the model's (e.g. %s %s); cast to %s",
-                        source, len(lower), lower[0], state[lower[0]].dtype, expected[lower[0]].dtype)
+        _logger.warning(
+            "%s: %d tensors stored in lower precision than the model's (e.g. %s %s); cast to %s",
+            source,
+            len(lower),
+            lower[0],
+            state[lower[0]].dtype,
+            expected[lower[0]].dtype,
+        )
     if not allow_nonfinite:
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
-            raise ValueError(f"{source}: NaN or Inf values in {_show(bad)} (pass allow_nonfinite=True to load "
-                             "them anyway, e.g. to debug a diverged run)")
+            raise ValueError(
+                f"{source}: NaN or Inf values in {_show(bad)} (pass allow_nonfinite=True to load "
+                "them anyway, e.g. to debug a diverged run)"
+            )
 
 
 def _adapt_for_finetuning(state: dict, model: nn.Module, expected: dict, source: str) -> dict:
@@ -237,8 +258,9 @@ def _adapt_for_finetuning(state: dict, model: nn.Module, expected: dict, source:
         chans = expected[first_conv].shape[1]
         if state[first_conv].shape[1] != chans:
             weight = state[first_conv]  # timm's adapt_input_conv expects RGB weights; one channel is spread evenly
-            state[first_conv] = weight.repeat(1, chans, 1, 1) / chans if weight.shape[1] == 1 else adapt_input_conv(
-                chans, weight)
+            state[first_conv] = (
+                weight.repeat(1, chans, 1, 1) / chans if weight.shape[1] == 1 else adapt_input_conv(chans, weight)
+            )
             _logger.warning("%s: adapted %s to in_chans=%d", source, first_conv, chans)
     classifier = cfg.get("classifier")
     if classifier:
@@ -246,8 +268,12 @@ def _adapt_for_finetuning(state: dict, model: nn.Module, expected: dict, source:
         theirs = [k for k in state if k.startswith(classifier + ".")]
         if {k: state[k].shape for k in theirs} != {k: v.shape for k, v in ours.items()}:
             state = {k: v for k, v in state.items() if k not in theirs} | ours
-            _logger.warning("%s: classifier [%s] skipped (num_classes=%s); the model keeps its fresh one",
-                            source, ", ".join(theirs), getattr(model, "num_classes", "?"))
+            _logger.warning(
+                "%s: classifier [%s] skipped (num_classes=%s); the model keeps its fresh one",
+                source,
+                ", ".join(theirs),
+                getattr(model, "num_classes", "?"),
+            )
     return state
 
 
@@ -259,11 +285,16 @@ def _strict_load(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in expected if k in state and state[k].shape != expected[k].shape]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
     if missing or unexpected or shapes:
-        raise ValueError(f"{source} does not match the model: missing keys {_show(missing)}, "
-                         f"unexpected keys {_show(unexpected)}, shape mismatches {_show(shapes)}")
+        raise ValueError(
+            f"{source} does not match the model: missing keys {_show(missing)}, "
+            f"unexpected keys {_show(unexpected)}, shape mismatches {_show(shapes)}"
+        )
     model.load_state_dict(state, strict=True)
 
 
@@ -279,7 +310,9 @@ def route_pretrained_file(variant: str, pretrained: bool, kwargs: dict) -> None:
 
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
     if not {**timm.models.get_pretrained_cfg(variant).to_dict(), **overlay}.get("file"):
-        raise ValueError(f"{variant}: no weights are shipped for this model; pass a file with "
-                         f"pretrained_cfg_overlay=dict(file=PATH) (ours or the authors' .pth/.safetensors)")
+        raise ValueError(
+            f"{variant}: no weights are shipped for this model; pass a file with "
+            f"pretrained_cfg_overlay=dict(file=PATH) (ours or the authors' .pth/.safetensors)"
+        )
     overlay.setdefault("custom_load", True)
     kwargs["pretrained_cfg_overlay"] = overlay

@@ -1,4 +1,5 @@
 """Train form -> deploy form for any module tree that holds re-parameterizable blocks."""
+
 from __future__ import annotations
 
 import copy
@@ -35,8 +36,10 @@ def convert_to_deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
     deploy = copy.deepcopy(model, memo={id(t): t for t in shared})
     _reparameterize_tree(deploy)
     if any(t._version != versions[id(t)] for t in shared):
-        raise RuntimeError("convert_to_deploy: a reparameterize() wrote into a tensor of the train-form model; "
-                           "it must build new tensors (see repmlp.convert)")
+        raise RuntimeError(
+            "convert_to_deploy: a reparameterize() wrote into a tensor of the train-form model; "
+            "it must build new tensors (see repmlp.convert)"
+        )
     _unshare(deploy, {id(t) for t in shared})
     return deploy.eval()
 

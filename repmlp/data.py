@@ -4,6 +4,7 @@ and a synthetic set, all feeding timm's transforms.
 Each reader checks the on-disk layout and raises a ValueError (missing or malformed data) that names
 the path and the layout it expected.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -27,19 +28,22 @@ SPLITS = ("train", "val")
 _IMAGEFOLDER_LAYOUT = "<root>/train/<class>/<image> and <root>/val/<class>/<image>"
 _CIFAR_LAYOUT = {
     "cifar10": "CIFAR-10 python batches: <root>/data_batch_1 .. data_batch_5 and <root>/test_batch "
-               "(or the same inside <root>/cifar-10-batches-py)",
+    "(or the same inside <root>/cifar-10-batches-py)",
     "cifar100": "CIFAR-100 python pickles: <root>/train and <root>/test (or inside <root>/cifar-100-python)",
 }
-_FMNIST_LAYOUT = ("Fashion-MNIST IDX files, gzipped or raw: <root>/train-images-idx3-ubyte[.gz], "
-                  "train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz] "
-                  "(Debian: apt-get install dataset-fashion-mnist)")
+_FMNIST_LAYOUT = (
+    "Fashion-MNIST IDX files, gzipped or raw: <root>/train-images-idx3-ubyte[.gz], "
+    "train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz] "
+    "(Debian: apt-get install dataset-fashion-mnist)"
+)
 
 
 class ArrayImageDataset(Dataset):
     """Images held in memory as uint8 arrays (N, H, W) or (N, H, W, 3), served as PIL images."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None,
-                 num_classes: int | None = None) -> None:
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None, num_classes: int | None = None
+    ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"ArrayImageDataset: {len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.transform = images, labels.astype(np.int64), transform
@@ -69,14 +73,18 @@ def read_idx(path: str | Path) -> np.ndarray:
     except (OSError, EOFError) as e:
         raise ValueError(f"cannot read IDX file {path}: {e}") from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic 0x0000 08 nd expected, "
-                         f"got {data[:4].hex() or 'empty file'})")
+        raise ValueError(
+            f"{path} is not an IDX file of unsigned bytes (magic 0x0000 08 nd expected, "
+            f"got {data[:4].hex() or 'empty file'})"
+        )
     ndim = data[3]
     header = 4 + 4 * ndim
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if len(data) != header + int(np.prod(shape)):
-        raise ValueError(f"{path}: IDX header says shape {shape} ({header + int(np.prod(shape))} bytes) "
-                         f"but the file has {len(data)} bytes; the file is truncated or corrupt")
+        raise ValueError(
+            f"{path}: IDX header says shape {shape} ({header + int(np.prod(shape))} bytes) "
+            f"but the file has {len(data)} bytes; the file is truncated or corrupt"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -94,8 +102,10 @@ def fashion_mnist(root: str | Path | None, split: str, transform: Callable | Non
     images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
     labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"Fashion-MNIST in {root}: images {images.shape} and labels {labels.shape} do not "
-                         f"match; expected (N, 28, 28) images and (N,) labels")
+        raise ValueError(
+            f"Fashion-MNIST in {root}: images {images.shape} and labels {labels.shape} do not "
+            f"match; expected (N, 28, 28) images and (N,) labels"
+        )
     return ArrayImageDataset(images, labels, transform, num_classes=10)
 
 
@@ -127,12 +137,13 @@ def cifar(name: str, root: str | Path, split: str, transform: Callable | None = 
     for file in files:
         batch = _unpickle(root / file, layout)
         if "data" not in batch or label_key not in batch:
-            raise ValueError(f"CIFAR file {root / file} lacks the 'data' and '{label_key}' entries; "
-                             f"expected {layout}")
+            raise ValueError(f"CIFAR file {root / file} lacks the 'data' and '{label_key}' entries; expected {layout}")
         data = np.asarray(batch["data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch[label_key]):
-            raise ValueError(f"CIFAR file {root / file}: 'data' has shape {data.shape} for "
-                             f"{len(batch[label_key])} labels; expected (N, 3072) uint8 rows")
+            raise ValueError(
+                f"CIFAR file {root / file}: 'data' has shape {data.shape} for "
+                f"{len(batch[label_key])} labels; expected (N, 3072) uint8 rows"
+            )
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels.append(np.asarray(batch[label_key]))
     num_classes = 10 if name == "cifar10" else 100
@@ -151,8 +162,15 @@ def image_folder(root: str | Path, split: str, transform: Callable | None = None
     return dataset
 
 
-def synthetic(split: str, num_samples: int = 256, num_classes: int = 10, img_size: int = 32, in_chans: int = 3,
-              seed: int = 0, transform: Callable | None = None) -> ArrayImageDataset:
+def synthetic(
+    split: str,
+    num_samples: int = 256,
+    num_classes: int = 10,
+    img_size: int = 32,
+    in_chans: int = 3,
+    seed: int = 0,
+    transform: Callable | None = None,
+) -> ArrayImageDataset:
     """Random images whose mean brightness depends on the class, so a model can learn them (smoke tests)."""
     if in_chans not in (1, 3):
         raise ValueError(f"synthetic: in_chans must be 1 or 3 (PIL images), got {in_chans}")
@@ -171,8 +189,9 @@ def num_classes_of(dataset: Dataset) -> int:
     return dataset.num_classes
 
 
-def build_dataset(name: str, split: str, root: str | None = None, transform: Callable | None = None,
-                  **synthetic_args) -> Dataset:
+def build_dataset(
+    name: str, split: str, root: str | None = None, transform: Callable | None = None, **synthetic_args
+) -> Dataset:
     """A dataset by name (one of :data:`DATASETS`) and split ('train' or 'val'; 'val' is the test set
     of CIFAR and Fashion-MNIST)."""
     if split not in SPLITS:
@@ -225,7 +244,7 @@ class EpochSampler(DistributedSampler):
     skip: int = 0
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
+        return iter(list(super().__iter__())[self.skip :])
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
@@ -251,5 +270,12 @@ def build_loader(
         sampler = EpochSampler(dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
     else:
         sampler = range(rank, len(dataset), world_size)
-    return DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers, drop_last=is_training,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        dataset,
+        batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=is_training,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )

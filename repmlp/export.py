@@ -5,6 +5,7 @@ Runtimes such as ncnn and several NPU toolchains reject tensors of rank 6, which
 every tensor of the graph (inputs, outputs, initializers, constants and every intermediate value after ONNX
 shape inference) keeps to that. Needs the ``onnx`` extra (onnx, onnxruntime).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,10 @@ class ExportReport:
     int8: Int8Check | None = None
 
     def __str__(self) -> str:
-        text = (f"{self.path}: input {self.input_shape}, opset {self.opset}, {self.tensors} tensors of rank <= "
-                f"{self.max_rank}, onnxruntime vs PyTorch max rel err {self.max_rel_err:.2e} (float32)")
+        text = (
+            f"{self.path}: input {self.input_shape}, opset {self.opset}, {self.tensors} tensors of rank <= "
+            f"{self.max_rank}, onnxruntime vs PyTorch max rel err {self.max_rel_err:.2e} (float32)"
+        )
         if self.int8 is not None:
             weights = "7-bit (reduce_range)" if self.reduce_range else "8-bit"
             text += f"\n{self.quantize} int8, {weights} per-channel weights: {self.int8}"
@@ -95,8 +98,10 @@ def check_ranks(model, max_rank: int = MAX_RANK) -> int:
     too_high = {name: rank for name, rank in ranks.items() if rank is not None and rank > max_rank}
     unknown = [name for name, rank in ranks.items() if rank is None]
     if too_high:
-        raise ValueError(f"ONNX graph has {len(too_high)} tensors of rank > {max_rank}, e.g. "
-                         f"{dict(itertools.islice(too_high.items(), 5))}")
+        raise ValueError(
+            f"ONNX graph has {len(too_high)} tensors of rank > {max_rank}, e.g. "
+            f"{dict(itertools.islice(too_high.items(), 5))}"
+        )
     if unknown:
         raise ValueError(f"ONNX shape inference left the rank of {len(unknown)} tensors unknown, e.g. {unknown[:5]}")
     return max(ranks.values(), default=0)
@@ -147,8 +152,10 @@ def export_onnx(
     from .quantize import resolve_reduce_range
 
     if not is_deploy_form(model):
-        raise ValueError("export_onnx: the model still has training-only modules (BatchNorm or blocks not "
-                         "re-parameterized); convert it with repmlp.convert_to_deploy first")
+        raise ValueError(
+            "export_onnx: the model still has training-only modules (BatchNorm or blocks not "
+            "re-parameterized); convert it with repmlp.convert_to_deploy first"
+        )
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"export_onnx: quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
     model = model.eval()
@@ -162,8 +169,7 @@ def export_onnx(
             float_path = tmp if quantize == "none" else os.path.join(work, "float32.onnx")
             report.max_rel_err = _export_float(model, x, float_path, opset, tolerance)
             if quantize != "none":
-                _quantize_checked(float_path, tmp, report, calibration, check_batches or [x], check_data,
-                                  min_agreement)
+                _quantize_checked(float_path, tmp, report, calibration, check_batches or [x], check_data, min_agreement)
             proto = onnx.load(tmp)
             onnx.checker.check_model(proto)
             report.max_rank, report.tensors = check_ranks(proto), len(tensor_ranks(proto))
@@ -183,17 +189,26 @@ def _export_float(model: nn.Module, x: torch.Tensor, path: str, opset: int, tole
     with warnings.catch_warnings(), graph_layout(model):
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (x,), path, dynamo=False, input_names=["input"], output_names=["output"],
-                          opset_version=opset)
+        torch.onnx.export(
+            model, (x,), path, dynamo=False, input_names=["input"], output_names=["output"], opset_version=opset
+        )
     err = ErrorStats.of(y, onnx_predictor(path)(x)).max_rel_err
     if err > tolerance:
-        raise RuntimeError(f"export_onnx: onnxruntime output differs from PyTorch's: max rel err {err:.2e} > "
-                           f"{tolerance:.0e}")
+        raise RuntimeError(
+            f"export_onnx: onnxruntime output differs from PyTorch's: max rel err {err:.2e} > {tolerance:.0e}"
+        )
     return err
 
 
-def _quantize_checked(float_path: str, path: str, report: ExportReport, calibration: Iterable[torch.Tensor],
-                      check_batches: Sequence[torch.Tensor], check_data: str, min_agreement: float) -> None:
+def _quantize_checked(
+    float_path: str,
+    path: str,
+    report: ExportReport,
+    calibration: Iterable[torch.Tensor],
+    check_batches: Sequence[torch.Tensor],
+    check_data: str,
+    min_agreement: float,
+) -> None:
     """Quantize ``float_path`` into ``path`` and compare the two in onnxruntime (RuntimeError below
     ``min_agreement``)."""
     from .int8 import compare_outputs, onnx_predictor, quantize_onnx
@@ -201,6 +216,8 @@ def _quantize_checked(float_path: str, path: str, report: ExportReport, calibrat
     quantize_onnx(float_path, path, report.quantize, calibration, report.reduce_range)
     report.int8 = compare_outputs(onnx_predictor(float_path), onnx_predictor(path), check_batches, check_data)
     if report.int8.argmax_agreement < min_agreement:
-        raise RuntimeError(f"export_onnx: the {report.quantize} int8 model agrees with float32 on only "
-                           f"{report.int8.argmax_agreement:.2%} of {report.int8.samples} {check_data} inputs "
-                           f"(< {min_agreement:.0%}); nothing written")
+        raise RuntimeError(
+            f"export_onnx: the {report.quantize} int8 model agrees with float32 on only "
+            f"{report.int8.argmax_agreement:.2%} of {report.int8.samples} {check_data} inputs "
+            f"(< {min_agreement:.0%}); nothing written"
+        )

@@ -1,4 +1,5 @@
 """Parameter and multiply-accumulate counts (fvcore), as the paper counts them: conv and FC layers only."""
+
 from __future__ import annotations
 
 import torch
@@ -6,9 +7,24 @@ from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import matmul_flop_jit
 from torch import nn
 
-_IGNORED = ("aten::batch_norm", "aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::relu", "aten::relu_",
-            "aten::gelu", "aten::sigmoid", "aten::max_pool2d", "aten::avg_pool2d", "aten::adaptive_avg_pool2d",
-            "aten::mean", "aten::div", "aten::sum", "aten::softmax")
+_IGNORED = (
+    "aten::batch_norm",
+    "aten::add",
+    "aten::add_",
+    "aten::mul",
+    "aten::mul_",
+    "aten::relu",
+    "aten::relu_",
+    "aten::gelu",
+    "aten::sigmoid",
+    "aten::max_pool2d",
+    "aten::avg_pool2d",
+    "aten::adaptive_avg_pool2d",
+    "aten::mean",
+    "aten::div",
+    "aten::sum",
+    "aten::softmax",
+)
 
 
 def _baddbmm_flop_jit(inputs, outputs):

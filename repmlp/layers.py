@@ -4,6 +4,7 @@ A block has a train form (global, partition and local perceptrons with BatchNorm
 (three FC layers). ``reparameterize()`` turns the first into the second in place; the identities it
 uses live in :mod:`repmlp.ops`.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,8 +83,7 @@ class ConvBN(nn.Module):
     ) -> None:
         super().__init__()
         padding = dilation * (kernel_size - 1) // 2
-        self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=deploy)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=deploy)
         self.bn = None if deploy else nn.BatchNorm2d(out_channels)
         self.act = nn.ReLU(inplace=True) if act else nn.Identity()
 
@@ -168,8 +168,9 @@ class GlobalPerceptron(nn.Module):
     """Global perceptron (paper Sec. 3.2): per-partition channel means -> BN -> fc1 -> ReLU -> fc2,
     added to every pixel of its partition. The deploy form folds the BN into fc1."""
 
-    def __init__(self, channels: int, hp: int, wp: int, h: int, w: int, reduction: int = 1,
-                 deploy: bool = False) -> None:
+    def __init__(
+        self, channels: int, hp: int, wp: int, h: int, w: int, reduction: int = 1, deploy: bool = False
+    ) -> None:
         super().__init__()
         self.hp, self.wp, self.h, self.w = hp, wp, h, w
         features = channels * hp * wp
@@ -196,8 +197,8 @@ class GlobalPerceptron(nn.Module):
         scale, shift = ops.bn_affine(self.bn)
         per_feature = self.hp * self.wp  # fc1 inputs are flattened in (c, row, column) order
         weight, bias = ops.fold_preceding_bn(
-            self.fc1.weight, self.fc1.bias,
-            scale.repeat_interleave(per_feature), shift.repeat_interleave(per_feature))
+            self.fc1.weight, self.fc1.bias, scale.repeat_interleave(per_feature), shift.repeat_interleave(per_feature)
+        )
         self.fc1.weight = param_like(self.fc1.weight, weight)
         self.fc1.bias = param_like(self.fc1.bias, bias)
         self.bn = None
@@ -207,8 +208,9 @@ class PartitionPerceptron(nn.Module):
     """Partition perceptron (paper Sec. 3.2): FC3, a grouped FC over each flattened h x w partition,
     then BatchNorm1d over the O*h*w outputs. The deploy form is FC3 with a bias."""
 
-    def __init__(self, in_channels: int, out_channels: int, h: int, w: int, groups: int = 1,
-                 deploy: bool = False) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, h: int, w: int, groups: int = 1, deploy: bool = False
+    ) -> None:
         super().__init__()
         self.fc3 = GroupedLinear(in_channels * h * w, out_channels * h * w, groups, bias=deploy)
         self.bn = None if deploy else nn.BatchNorm1d(out_channels * h * w)
@@ -246,8 +248,9 @@ def _kernel_spec(spec: int | Sequence[int]) -> tuple[int, int]:
     """A local-perceptron branch spec: ``k`` or ``(k, dilation)``."""
     k, d = (spec, 1) if isinstance(spec, int) else tuple(spec)
     if k < 1 or k % 2 == 0 or d < 1:
-        raise ValueError(f"reparam_conv_k entries must be odd kernel sizes k >= 1 or (k, dilation >= 1) "
-                         f"pairs, got {spec!r}")
+        raise ValueError(
+            f"reparam_conv_k entries must be odd kernel sizes k >= 1 or (k, dilation >= 1) pairs, got {spec!r}"
+        )
     return int(k), int(d)
 
 
@@ -255,13 +258,15 @@ class LocalPerceptron(nn.Module):
     """Local perceptron (paper Sec. 3.2): grouped conv-BN branches applied to each partition with zero
     padding at partition borders; train form only (merged into FC3 by the block)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernels: Sequence[tuple[int, int]],
-                 groups: int = 1) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernels: Sequence[tuple[int, int]], groups: int = 1
+    ) -> None:
         super().__init__()
         self.kernels = list(kernels)
         self.groups = groups
         self.branches = nn.ModuleList(
-            ConvBN(in_channels, out_channels, k, groups=groups, dilation=d) for k, d in self.kernels)
+            ConvBN(in_channels, out_channels, k, groups=groups, dilation=d) for k, d in self.kernels
+        )
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
         out = self.branches[0](p)
@@ -317,16 +322,27 @@ class RepMLP(nn.Module):
         deploy: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in dict(in_channels=in_channels, out_channels=out_channels, H=H, W=W, h=h, w=w,
-                                fc1_fc2_reduction=fc1_fc2_reduction, fc3_groups=fc3_groups).items():
+        for name, value in dict(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            H=H,
+            W=W,
+            h=h,
+            w=w,
+            fc1_fc2_reduction=fc1_fc2_reduction,
+            fc3_groups=fc3_groups,
+        ).items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"RepMLP: {name} must be a positive int, got {value!r}")
         if H % h or W % w:
-            raise ValueError(f"RepMLP: input size H x W = {H}x{W} is not divisible by the partition "
-                             f"size h x w = {h}x{w}; choose h dividing {H} and w dividing {W}")
+            raise ValueError(
+                f"RepMLP: input size H x W = {H}x{W} is not divisible by the partition "
+                f"size h x w = {h}x{w}; choose h dividing {H} and w dividing {W}"
+            )
         if in_channels % fc3_groups or out_channels % fc3_groups:
-            raise ValueError(f"RepMLP: fc3_groups={fc3_groups} must divide in_channels={in_channels} and "
-                             f"out_channels={out_channels}")
+            raise ValueError(
+                f"RepMLP: fc3_groups={fc3_groups} must divide in_channels={in_channels} and out_channels={out_channels}"
+            )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.H, self.W, self.h, self.w = H, W, h, w
         self.hp, self.wp = H // h, W // w
@@ -337,10 +353,11 @@ class RepMLP(nn.Module):
         self.global_perceptron = None
         if self.hp * self.wp > 1:
             if (in_channels * self.hp * self.wp) % fc1_fc2_reduction:
-                raise ValueError(f"RepMLP: fc1_fc2_reduction={fc1_fc2_reduction} must divide C * hp * wp = "
-                                 f"{in_channels * self.hp * self.wp}")
-            self.global_perceptron = GlobalPerceptron(
-                in_channels, self.hp, self.wp, h, w, fc1_fc2_reduction, deploy)
+                raise ValueError(
+                    f"RepMLP: fc1_fc2_reduction={fc1_fc2_reduction} must divide C * hp * wp = "
+                    f"{in_channels * self.hp * self.wp}"
+                )
+            self.global_perceptron = GlobalPerceptron(in_channels, self.hp, self.wp, h, w, fc1_fc2_reduction, deploy)
         self.partition_perceptron = PartitionPerceptron(in_channels, out_channels, h, w, fc3_groups, deploy)
         self.local_perceptron = None
         if kernels and not deploy:
@@ -356,7 +373,8 @@ class RepMLP(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, self.H, self.W):
             raise ValueError(
                 f"RepMLP built for inputs (N, {self.in_channels}, {self.H}, {self.W}) with {self.h}x{self.w} "
-                f"partitions, got {tuple(x.shape)}")
+                f"partitions, got {tuple(x.shape)}"
+            )
         n, c = x.shape[:2]
         p = partition(x, self.h, self.w)
         if self.global_perceptron is not None:

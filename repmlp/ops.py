@@ -3,6 +3,7 @@
 Every function computes in float64 and returns float64 tensors; callers cast the result back to the
 dtype and device of the parameter it replaces, so half-precision models convert as exactly as fp32 ones.
 """
+
 from __future__ import annotations
 
 import torch
@@ -181,8 +182,10 @@ def add_conv_to_fc(
     _check_conv(kernel, 1)
     o, c = kernel.shape[:2]
     if tuple(weight.shape) != (o * h * w, c * h * w):
-        raise ValueError(f"an FC weight of shape {(o * h * w, c * h * w)} is needed for a {tuple(kernel.shape)} "
-                         f"kernel on {h}x{w} partitions, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"an FC weight of shape {(o * h * w, c * h * w)} is needed for a {tuple(kernel.shape)} "
+            f"kernel on {h}x{w} partitions, got {tuple(weight.shape)}"
+        )
     m = _conv_matrix(kernel, h, w, _pair(dilation)).view(weight.shape)
     if scale is None:
         return torch.add(m, weight, out=out)

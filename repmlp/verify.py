@@ -1,4 +1,5 @@
 """Prove a deploy form computes the same function as its train form."""
+
 from __future__ import annotations
 
 import contextlib
@@ -43,12 +44,15 @@ class EquivalenceReport(ErrorStats):
     per_block: dict[str, ErrorStats] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        lines = [f"{'PASS' if self.passed else 'FAIL'} ({self.dtype}): max abs err {self.max_abs_err:.3e}, "
-                 f"max rel err {self.max_rel_err:.3e} (tolerance {self.tolerance:.0e}), "
-                 f"mean abs err {self.mean_abs_err:.3e}"
-                 + ("" if self.argmax_agreement is None else f", argmax agreement {self.argmax_agreement:.4%}")]
-        lines += [f"  {name}: max abs {s.max_abs_err:.3e}, max rel {s.max_rel_err:.3e}"
-                  for name, s in self.per_block.items()]
+        lines = [
+            f"{'PASS' if self.passed else 'FAIL'} ({self.dtype}): max abs err {self.max_abs_err:.3e}, "
+            f"max rel err {self.max_rel_err:.3e} (tolerance {self.tolerance:.0e}), "
+            f"mean abs err {self.mean_abs_err:.3e}"
+            + ("" if self.argmax_agreement is None else f", argmax agreement {self.argmax_agreement:.4%}")
+        ]
+        lines += [
+            f"  {name}: max abs {s.max_abs_err:.3e}, max rel {s.max_rel_err:.3e}" for name, s in self.per_block.items()
+        ]
         return "\n".join(lines)
 
 
@@ -64,8 +68,10 @@ def _no_tf32() -> Iterator[None]:
 
 def _default_input_size(model: nn.Module) -> tuple[int, ...]:
     if getattr(model, "img_size", None) is None and "input_size" not in (getattr(model, "pretrained_cfg", None) or {}):
-        raise ValueError("verify_equivalence: pass `inputs` or `input_size`; the model has no img_size or "
-                         "pretrained_cfg['input_size'] to take it from")
+        raise ValueError(
+            "verify_equivalence: pass `inputs` or `input_size`; the model has no img_size or "
+            "pretrained_cfg['input_size'] to take it from"
+        )
     return model_input_size(model)
 
 
@@ -76,8 +82,10 @@ def _outermost(names: list[str]) -> list[str]:
 
 def _record_outputs(model: nn.Module, names: list[str], store: dict) -> list:
     modules = dict(model.named_modules())
+
     def hook(name):
         return lambda _m, _i, out: store.__setitem__(name, out.detach())
+
     return [modules[n].register_forward_hook(hook(n)) for n in names if n in modules]
 
 
@@ -142,8 +150,15 @@ def verify_equivalence(
     tol = max(TOLERANCES.get(d, 1e-5) for d in (run_dtype, *stored)) if tolerance is None else tolerance
     blocks = {n: ErrorStats.of(ref_blocks[n], cand_blocks[n]) for n in names if n in ref_blocks and n in cand_blocks}
     return EquivalenceReport(
-        stats.max_abs_err, stats.max_rel_err, stats.mean_abs_err, agreement, tol,
-        str(run_dtype).replace("torch.", ""), stats.max_rel_err <= tol, blocks)
+        stats.max_abs_err,
+        stats.max_rel_err,
+        stats.mean_abs_err,
+        agreement,
+        tol,
+        str(run_dtype).replace("torch.", ""),
+        stats.max_rel_err <= tol,
+        blocks,
+    )
 
 
 @torch.no_grad()

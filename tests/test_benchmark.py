@@ -1,4 +1,5 @@
 """The benchmark end to end on a small model, the authors' deploy form it compares against, torch.compile."""
+
 import json
 from pathlib import Path
 
@@ -24,29 +25,59 @@ def tiny_model() -> nn.Module:
         RepMLP(8, 8, 16, 16, 8, 4, reparam_conv_k=(1, 3), fc3_groups=2),
         nn.ReLU(),
         RepMLP(8, 16, 16, 16, 16, 16, reparam_conv_k=(3,), fc3_groups=4),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
     model.pretrained_cfg = {"input_size": (3, 16, 16)}
     return model
 
 
 def tiny_baseline() -> nn.Module:
     """A small conv net to compare against."""
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(8, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
+    )
 
 
 def test_benchmark_tool_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = load_tool("benchmark").main([
-        "--models", "test_benchmark:tiny_model", "--baselines", "test_benchmark:tiny_baseline",
-        "--batch-sizes", "1", "3", "--rounds", "2", "--warmup", "1", "--convert-rounds", "1",
-        "--channels-last", "deploy", "--json", str(out), "--png", str(tmp_path / "bench.png")])
+    code = load_tool("benchmark").main(
+        [
+            "--models",
+            "test_benchmark:tiny_model",
+            "--baselines",
+            "test_benchmark:tiny_baseline",
+            "--batch-sizes",
+            "1",
+            "3",
+            "--rounds",
+            "2",
+            "--warmup",
+            "1",
+            "--convert-rounds",
+            "1",
+            "--channels-last",
+            "deploy",
+            "--json",
+            str(out),
+            "--png",
+            str(tmp_path / "bench.png"),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     rows = {(r["model"].split(":")[-1], r["form"], r["batch_size"]): r for r in report["results"]}
-    assert set(rows) == {(m, f, b) for m, f in [("tiny_model", "train"), ("tiny_model", "deploy"),
-                                                  ("tiny_model", "authors"), ("tiny_baseline", "baseline")]
-                         for b in (1, 3)}
+    assert set(rows) == {
+        (m, f, b)
+        for m, f in [
+            ("tiny_model", "train"),
+            ("tiny_model", "deploy"),
+            ("tiny_model", "authors"),
+            ("tiny_baseline", "baseline"),
+        ]
+        for b in (1, 3)
+    }
     for (model, form, bs), r in rows.items():
         assert r["ms"] > 0 and r["images_per_s"] == pytest.approx(1e3 * bs / r["ms"])
         assert r["macs"] > 0 and 0 < r["matmul_fraction"] and r["peak_bytes"] > 0
@@ -56,7 +87,8 @@ def test_benchmark_tool_end_to_end(tmp_path, capsys):
     assert rows[("tiny_model", "train", 1)]["macs"] > rows[("tiny_model", "deploy", 1)]["macs"]  # local convs gone
     assert rows[("tiny_model", "authors", 1)]["macs"] == rows[("tiny_model", "deploy", 1)]["macs"]
     assert {(r["versus"].split(":")[-1], r["batch_size"]) for r in report["ratios"]} == {
-        (v, b) for v in ("train", "authors", "tiny_baseline") for b in (1, 3)}
+        (v, b) for v in ("train", "authors", "tiny_baseline") for b in (1, 3)
+    }
     assert all(g > 0 for g in report["machine"]["matmul_gflops"].values())
     assert report["conversion"]["test_benchmark:tiny_model"]["with_copy_s"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 0

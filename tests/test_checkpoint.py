@@ -1,4 +1,5 @@
 """Weights on disk: safetensors with metadata, atomic writes, strict loads, clear errors."""
+
 import os
 
 import pytest
@@ -53,8 +54,11 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
     del state["partition_perceptron.fc3.weight"]
     path = tmp_path / "bad.pth"
     torch.save(state, path)
-    with pytest.raises(ValueError, match=r"missing keys \[partition_perceptron.fc3.weight\].*unexpected keys "
-                                         r"\[extra.weight\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing keys \[partition_perceptron.fc3.weight\].*unexpected keys "
+        r"\[extra.weight\]",
+    ):
         repmlp.load_checkpoint(_block(), path)
 
 

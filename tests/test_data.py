@@ -1,5 +1,6 @@
 """Dataset readers on small files written here (CIFAR pickles, IDX, image folders), malformed inputs,
 transforms and loaders."""
+
 import gzip
 import pickle
 
@@ -99,15 +100,22 @@ def test_cifar100_and_the_distribution_subfolder(tmp_path):
     sub.mkdir()
     for name, n in (("train", 5), ("test", 3)):
         with open(sub / name, "wb") as f:
-            pickle.dump({b"data": np.zeros((n, 3072), np.uint8), b"fine_labels": list(range(n)),
-                         b"coarse_labels": [0] * n}, f)
+            pickle.dump(
+                {b"data": np.zeros((n, 3072), np.uint8), b"fine_labels": list(range(n)), b"coarse_labels": [0] * n}, f
+            )
     assert len(build_dataset("cifar100", "train", str(tmp_path))) == 5
     assert len(build_dataset("cifar100", "val", str(tmp_path))) == 3
 
 
-@pytest.mark.parametrize("damage,match", [
-    ("missing", "data_batch_3 not found"), ("garbage", "not a python pickle"), ("shape", "expected \\(N, 3072\\)"),
-    ("keys", "lacks the 'data'")])
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        ("missing", "data_batch_3 not found"),
+        ("garbage", "not a python pickle"),
+        ("shape", "expected \\(N, 3072\\)"),
+        ("keys", "lacks the 'data'"),
+    ],
+)
 def test_cifar_malformed(tmp_path, damage, match):
     _write_cifar10(tmp_path)
     path = tmp_path / "data_batch_3"

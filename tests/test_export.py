@@ -1,4 +1,5 @@
 """ONNX export of deploy forms: onnxruntime agrees with PyTorch, every tensor has rank <= 5, train forms refused."""
+
 import pytest
 import timm
 import torch
@@ -85,5 +86,6 @@ def test_export_tool(tmp_path, capsys):
     out = tmp_path / "tiny.onnx"
     assert tool.main(["--model", "test_benchmark:tiny_model", "--output", str(out), "--batch-size", "2"]) == 0
     assert out.stat().st_size > 0 and "rank <= 5" in capsys.readouterr().out
-    torch.testing.assert_close(torch.tensor(onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[0].dim_value),
-                               torch.tensor(2))
+    torch.testing.assert_close(
+        torch.tensor(onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[0].dim_value), torch.tensor(2)
+    )

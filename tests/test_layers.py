@@ -1,4 +1,5 @@
 """The RepMLP block: train form == deploy form per element, the authors' fixtures, bad input."""
+
 import copy
 import json
 
@@ -142,16 +143,19 @@ def test_partition_round_trip_and_order():
 # --- bad input -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(H=12, h=5), "not divisible"),
-    (dict(W=10, w=4), "not divisible"),
-    (dict(reparam_conv_k=(2,)), "odd"),
-    (dict(reparam_conv_k=(3, (4, 1))), "odd"),
-    (dict(fc3_groups=3), "fc3_groups=3"),
-    (dict(out_channels=6, fc3_groups=4), "fc3_groups=4"),
-    (dict(fc1_fc2_reduction=5), "fc1_fc2_reduction"),
-    (dict(h=0), "positive"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(H=12, h=5), "not divisible"),
+        (dict(W=10, w=4), "not divisible"),
+        (dict(reparam_conv_k=(2,)), "odd"),
+        (dict(reparam_conv_k=(3, (4, 1))), "odd"),
+        (dict(fc3_groups=3), "fc3_groups=3"),
+        (dict(out_channels=6, fc3_groups=4), "fc3_groups=4"),
+        (dict(fc1_fc2_reduction=5), "fc1_fc2_reduction"),
+        (dict(h=0), "positive"),
+    ],
+)
 def test_bad_constructor_arguments(kwargs, match):
     args = dict(in_channels=8, out_channels=8, H=12, W=10, h=6, w=5, reparam_conv_k=(1, 3), fc3_groups=2)
     with pytest.raises(ValueError, match=match):

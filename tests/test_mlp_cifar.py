@@ -1,4 +1,5 @@
 """Pure-MLP CIFAR model, Wide ConvNet and the Fashion-MNIST variant: exact conversion and the timm API."""
+
 import hashlib
 import json
 from pathlib import Path
@@ -42,9 +43,14 @@ def test_pure_mlp_matches_the_paper_parameter_count():
     assert abs(_params(deploy) - 22.41e6) < 0.01e6
 
 
-@pytest.mark.parametrize("name,input_size,features", [
-    ("repmlp_cifar_mlp", (3, 32, 32), 64), ("repmlp_cifar_wideconv", (3, 32, 32), 128),
-    ("repmlp_fmnist_mlp", (1, 28, 28), 48)])
+@pytest.mark.parametrize(
+    "name,input_size,features",
+    [
+        ("repmlp_cifar_mlp", (3, 32, 32), 64),
+        ("repmlp_cifar_wideconv", (3, 32, 32), 128),
+        ("repmlp_fmnist_mlp", (1, 28, 28), 48),
+    ],
+)
 def test_timm_model_api(name, input_size, features):
     model = timm.create_model(name, num_classes=7).eval()
     x = torch.randn(2, *input_size)
@@ -78,8 +84,9 @@ def test_wrong_input_size_names_the_expected_one():
         model(torch.randn(1, 1, 32, 32))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(img_size=30), "divisible by partition"), (dict(mixer="attention"), "mixer must be")])
+@pytest.mark.parametrize(
+    "kwargs,match", [(dict(img_size=30), "divisible by partition"), (dict(mixer="attention"), "mixer must be")]
+)
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         timm.create_model("repmlp_fmnist_mlp", **kwargs)

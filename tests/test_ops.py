@@ -1,4 +1,5 @@
 """Property tests of every re-parameterization identity, per element, float32 and float64."""
+
 import itertools
 
 import pytest

@@ -1,4 +1,5 @@
 """The commands users read are the ones CI runs."""
+
 import re
 from pathlib import Path
 

@@ -1,5 +1,6 @@
 """RepMLPNet zoo: parameter counts, exact conversion, partition layouts, resolution contract, timm API,
 the authors' fixtures and checkpoint layouts."""
+
 import copy
 import json
 
@@ -19,8 +20,12 @@ torch.set_num_threads(2)
 
 # train-form parameter counts of the authors' README (reference §1.4)
 TRAIN_PARAMS = {
-    "repmlpnet_t224": 38.29e6, "repmlpnet_b224": 68.24e6, "repmlpnet_t256": 58.69e6,
-    "repmlpnet_b256": 96.45e6, "repmlpnet_d256": 86.89e6, "repmlpnet_l256": 117.64e6,
+    "repmlpnet_t224": 38.29e6,
+    "repmlpnet_b224": 68.24e6,
+    "repmlpnet_t256": 58.69e6,
+    "repmlpnet_b256": 96.45e6,
+    "repmlpnet_d256": 86.89e6,
+    "repmlpnet_l256": 117.64e6,
 }
 MODELS = sorted(TRAIN_PARAMS)
 
@@ -28,9 +33,17 @@ MODELS = sorted(TRAIN_PARAMS)
 def _tiny_kwargs() -> dict:
     """The fixtures' small RepMLPNet (``repmlpnet_tiny_config.json``) as our model's arguments."""
     cfg = json.loads((REFERENCE / "repmlpnet_tiny_config.json").read_text())
-    return dict(img_size=64, channels=cfg["channels"], depths=cfg["num_blocks"], sharesets=cfg["sharesets_nums"],
-                reparam_conv_k=cfg["reparam_conv_k"], gp_reduction=cfg["globalperceptron_reduce"],
-                patch_size=cfg["patch_size"][0], num_classes=cfg["num_class"], in_chans=cfg["in_channels"])
+    return dict(
+        img_size=64,
+        channels=cfg["channels"],
+        depths=cfg["num_blocks"],
+        sharesets=cfg["sharesets_nums"],
+        reparam_conv_k=cfg["reparam_conv_k"],
+        gp_reduction=cfg["globalperceptron_reduce"],
+        patch_size=cfg["patch_size"][0],
+        num_classes=cfg["num_class"],
+        in_chans=cfg["in_channels"],
+    )
 
 
 TINY = _tiny_kwargs()
@@ -170,8 +183,12 @@ def test_authors_inference_form_is_the_same_function():
 
 
 def _save(state, path, wrap):
-    saved = {"plain": state, "model": {"model": state}, "state_dict": {"state_dict": state, "epoch": 3},
-             "module": {f"module.{k}": v for k, v in state.items()}}[wrap]
+    saved = {
+        "plain": state,
+        "model": {"model": state},
+        "state_dict": {"state_dict": state, "epoch": 3},
+        "module": {f"module.{k}": v for k, v in state.items()},
+    }[wrap]
     torch.save(saved, path)
     return str(path)
 
@@ -185,8 +202,9 @@ def test_fixture_parity_through_timm(tmp_path, form, wrap):
     state = load_file(REFERENCE / f"repmlpnet_tiny_{form}.safetensors")
     path = _save(state, tmp_path / "official.pth", wrap)
     for deploy in (True, False) if form == "train" else (True,):
-        model = timm.create_model("repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=path),
-                                  deploy=deploy, **TINY).eval()
+        model = timm.create_model(
+            "repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=path), deploy=deploy, **TINY
+        ).eval()
         assert repmlp.is_deploy_form(model) == deploy and (_bn_count(model) == 0) == deploy
         y = model(io["x"])
         assert rel_err(io["y_train"], y) <= 1e-5
@@ -214,13 +232,15 @@ def test_our_train_checkpoint_into_deploy_model_is_converted(tmp_path):
     train = _tiny(seed=7)
     path = tmp_path / "train.safetensors"
     repmlp.save_checkpoint(train, path)
-    deploy = timm.create_model("repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                               deploy=True, **TINY).eval()
+    deploy = timm.create_model(
+        "repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), deploy=True, **TINY
+    ).eval()
     assert repmlp.verify_equivalence(train, deploy, input_size=(3, 64, 64)).passed
     path = tmp_path / "deploy.safetensors"
     repmlp.save_checkpoint(deploy, path)
-    again = timm.create_model("repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                              deploy=True, **TINY)
+    again = timm.create_model(
+        "repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), deploy=True, **TINY
+    )
     assert all(torch.equal(a, b) for a, b in zip(deploy.state_dict().values(), again.state_dict().values()))
 
 
@@ -229,18 +249,21 @@ def test_official_t224_layouts_load(tmp_path):
     path = _save(state, tmp_path / "train.pth", "module")
     model = timm.create_model("repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=path))
     unit = model.stages[3].blocks[1]
-    assert torch.equal(unit.repmlp.channel_perceptron.fc3.weight.flatten(),
-                       state["stages.3.1.repmlp_block.fc3.weight"].flatten())
-    assert torch.equal(unit.repmlp.local_perceptron.branches[1].conv.weight,
-                       state["stages.3.1.repmlp_block.repconv3.conv.weight"])
+    assert torch.equal(
+        unit.repmlp.channel_perceptron.fc3.weight.flatten(), state["stages.3.1.repmlp_block.fc3.weight"].flatten()
+    )
+    assert torch.equal(
+        unit.repmlp.local_perceptron.branches[1].conv.weight, state["stages.3.1.repmlp_block.repconv3.conv.weight"]
+    )
     assert torch.equal(model.stages[3].downsample.conv.weight, state["embeds.2.conv.weight"])
     state = official_state_dict("keys_RepMLPNet-T224_deploy.txt")
     path = _save(state, tmp_path / "deploy.pth", "model")
-    deploy = timm.create_model("repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=path),
-                               deploy=True)
+    deploy = timm.create_model("repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=path), deploy=True)
     assert _bn_count(deploy) == 0
-    assert torch.equal(deploy.stages[3].blocks[1].repmlp.channel_perceptron.fc3.bias.flatten(),
-                       state["stages.3.1.repmlp_block.fc3.bias"])
+    assert torch.equal(
+        deploy.stages[3].blocks[1].repmlp.channel_perceptron.fc3.bias.flatten(),
+        state["stages.3.1.repmlp_block.fc3.bias"],
+    )
 
 
 def test_pretrained_without_a_file_is_an_error():

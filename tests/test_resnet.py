@@ -1,4 +1,5 @@
 """RepMLP-ResNet-50 zoo: parameter counts, exact conversion, timm API, the authors' checkpoints."""
+
 import copy
 
 import pytest
@@ -111,26 +112,34 @@ def test_img_size_that_cannot_partition():
 # --- the authors' checkpoints (layouts from reference/official/keys_*.txt) --------------------------
 
 
-OFFICIAL = [("repmlp_res50_light_g4_224", "RepMLP-Res50-light-224", "light"),
-            ("repmlp_res50_bottleneck_224", "RepMLP-Res50-bottleneck-224", "btnk")]
+OFFICIAL = [
+    ("repmlp_res50_light_g4_224", "RepMLP-Res50-light-224", "light"),
+    ("repmlp_res50_bottleneck_224", "RepMLP-Res50-bottleneck-224", "btnk"),
+]
 
 
 @pytest.mark.parametrize("wrap", ["plain", "model", "state_dict", "module"])
 @pytest.mark.parametrize("name,keys,block", OFFICIAL)
 def test_official_train_checkpoint_loads_through_timm(tmp_path, name, keys, block, wrap):
     state = official_state_dict(f"keys_{keys}_train.txt")
-    saved = {"plain": state, "model": {"model": state}, "state_dict": {"state_dict": state, "epoch": 3},
-             "module": {f"module.{k}": v for k, v in state.items()}}[wrap]
+    saved = {
+        "plain": state,
+        "model": {"model": state},
+        "state_dict": {"state_dict": state, "epoch": 3},
+        "module": {f"module.{k}": v for k, v in state.items()},
+    }[wrap]
     path = tmp_path / "official.pth"
     torch.save(saved, path)
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     repmlp_block = model.stages[1][1].repmlp
     fc3 = state[f"stage2.1.{block}_repmlp.fc3.weight"]
     assert torch.equal(repmlp_block.partition_perceptron.fc3.weight, fc3.flatten(1))
-    assert torch.equal(repmlp_block.local_perceptron.branches[2].conv.weight,
-                       state[f"stage2.1.{block}_repmlp.repconv5.conv.weight"])
-    assert torch.equal(repmlp_block.global_perceptron.bn.running_var,
-                       state[f"stage2.1.{block}_repmlp.avg.bn.running_var"])
+    assert torch.equal(
+        repmlp_block.local_perceptron.branches[2].conv.weight, state[f"stage2.1.{block}_repmlp.repconv5.conv.weight"]
+    )
+    assert torch.equal(
+        repmlp_block.global_perceptron.bn.running_var, state[f"stage2.1.{block}_repmlp.avg.bn.running_var"]
+    )
     assert torch.equal(model.fc.weight, state["linear.weight"])
     assert torch.equal(model.stem.conv.weight, state["stage0.0.conv.weight"])
 
@@ -141,8 +150,9 @@ def test_official_deploy_checkpoint_loads_into_deploy_form(tmp_path, name, keys,
     path = tmp_path / "official_deploy.pth"
     torch.save(state, path)
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), deploy=True)
-    assert torch.equal(model.stages[2][3].repmlp.partition_perceptron.fc3.bias,
-                       state[f"stage3.3.{block}_repmlp.fc3.bias"])
+    assert torch.equal(
+        model.stages[2][3].repmlp.partition_perceptron.fc3.bias, state[f"stage3.3.{block}_repmlp.fc3.bias"]
+    )
     with pytest.raises(ValueError, match="deploy-form"):
         timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
 
@@ -151,8 +161,9 @@ def test_train_checkpoint_into_deploy_model_is_converted(tmp_path):
     train = randomize_bn_stats(timm.create_model("repmlp_res50_bottleneck_224"), seed=3).eval()
     path = tmp_path / "train.safetensors"
     repmlp.save_checkpoint(train, path)
-    deploy = timm.create_model("repmlp_res50_bottleneck_224", pretrained=True, deploy=True,
-                               pretrained_cfg_overlay=dict(file=str(path))).eval()
+    deploy = timm.create_model(
+        "repmlp_res50_bottleneck_224", pretrained=True, deploy=True, pretrained_cfg_overlay=dict(file=str(path))
+    ).eval()
     assert repmlp.verify_equivalence(train, deploy, batch_size=1).passed
 
 
@@ -163,6 +174,7 @@ def test_pretrained_without_a_file_is_an_error():
 
 def test_convert_any_module_tree():
     """A user's model holding our blocks (a detector neck, say) converts too."""
+
     class Neck(torch.nn.Module):
         def __init__(self):
             super().__init__()

@@ -1,4 +1,5 @@
 """Command-line tools run end to end."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -24,15 +25,29 @@ def test_convert_deploy_from_a_train_checkpoint(tmp_path):
     model = randomize_bn_stats(timm.create_model("repmlp_fmnist_mlp"), seed=5)
     weights, out = tmp_path / "train.safetensors", tmp_path / "deploy.safetensors"
     repmlp.save_checkpoint(model, weights)
-    res = _run("tools/convert_deploy.py", "--model", "repmlp_fmnist_mlp", "--weights", str(weights),
-               "--output", str(out), "--batch-size", "3")
+    res = _run(
+        "tools/convert_deploy.py",
+        "--model",
+        "repmlp_fmnist_mlp",
+        "--weights",
+        str(weights),
+        "--output",
+        str(out),
+        "--batch-size",
+        "3",
+    )
     assert res.returncode == 0, res.stderr
     assert "PASS (float32)" in res.stdout and "PASS (float64)" in res.stdout
     assert "params" in res.stdout and "MACs" in res.stdout
-    assert read_metadata(out) == {"model": "repmlp_fmnist_mlp", "form": "deploy", "format": "pt",
-                                  "source": f"weights {weights}"}
-    deploy = timm.create_model("repmlp_fmnist_mlp", deploy=True, pretrained=True,
-                               pretrained_cfg_overlay=dict(file=str(out)))
+    assert read_metadata(out) == {
+        "model": "repmlp_fmnist_mlp",
+        "form": "deploy",
+        "format": "pt",
+        "source": f"weights {weights}",
+    }
+    deploy = timm.create_model(
+        "repmlp_fmnist_mlp", deploy=True, pretrained=True, pretrained_cfg_overlay=dict(file=str(out))
+    )
     assert repmlp.verify_equivalence(model.eval(), deploy.eval(), batch_size=4).passed
 
 

@@ -1,5 +1,6 @@
 """tools/train.py and tools/eval.py end to end on synthetic data: configs, a full run with the deploy check,
 two-process torchrun (gloo), and kill / resume reproducing an uninterrupted run."""
+
 import importlib.util
 import json
 import os
@@ -19,10 +20,20 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 # a tiny Fashion-MNIST-shaped model on synthetic 28x28 images: 3 epochs of 12 steps
 TINY = [
-    "model.name=repmlp_fmnist_mlp", "model.kwargs={widths: [4, 8], head_hidden_size: 16}",
-    "data.dataset=synthetic", "data.num_workers=0", "data.crop_padding=2", "data.train_transform={color_jitter: null}",
-    "data.synthetic={num_samples: 96, num_classes: 4}", "optimizer.lr=0.05", "scheduler.warmup_epochs=1",
-    "train.epochs=3", "train.batch_size=8", "train.eval_batch_size=32", "train.threads=1", "train.progress=false",
+    "model.name=repmlp_fmnist_mlp",
+    "model.kwargs={widths: [4, 8], head_hidden_size: 16}",
+    "data.dataset=synthetic",
+    "data.num_workers=0",
+    "data.crop_padding=2",
+    "data.train_transform={color_jitter: null}",
+    "data.synthetic={num_samples: 96, num_classes: 4}",
+    "optimizer.lr=0.05",
+    "scheduler.warmup_epochs=1",
+    "train.epochs=3",
+    "train.batch_size=8",
+    "train.eval_batch_size=32",
+    "train.threads=1",
+    "train.progress=false",
 ]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -78,8 +89,9 @@ def reference_run(tmp_path_factory) -> Path:
 
 
 def test_config_overrides_and_errors(tmp_path):
-    cfg = load_config(ROOT / "configs" / "fmnist_repmlp.yaml", ["train.epochs=2", "optimizer.lr=0.5",
-                                                                  "model.kwargs={drop_rate: 0.1}"])
+    cfg = load_config(
+        ROOT / "configs" / "fmnist_repmlp.yaml", ["train.epochs=2", "optimizer.lr=0.5", "model.kwargs={drop_rate: 0.1}"]
+    )
     assert cfg["train"]["epochs"] == 2 and cfg["optimizer"]["lr"] == 0.5 and cfg["model"]["kwargs"]["drop_rate"] == 0.1
     assert cfg["data"]["dataset"] == "fashion_mnist" and cfg["train"]["threads"] == 1
     with pytest.raises(ValueError, match="unknown config key 'train.epoch'"):
@@ -112,8 +124,17 @@ def test_full_run_writes_metrics_plot_and_equivalent_forms(reference_run, capsys
     evaluate = _tool("eval")
     for form in ("train", "deploy"):
         capsys.readouterr()
-        assert evaluate.main(["--checkpoint", str(reference_run / f"model_{form}.safetensors"),
-                              "--config", str(reference_run / "config.json")]) == 0
+        assert (
+            evaluate.main(
+                [
+                    "--checkpoint",
+                    str(reference_run / f"model_{form}.safetensors"),
+                    "--config",
+                    str(reference_run / "config.json"),
+                ]
+            )
+            == 0
+        )
         metrics = json.loads(capsys.readouterr().out.splitlines()[-1])
         assert metrics["form"] == form and metrics["count"] == 96
         assert metrics["top1"] == pytest.approx(check[f"{form}_top1"])
@@ -121,10 +142,21 @@ def test_full_run_writes_metrics_plot_and_equivalent_forms(reference_run, capsys
 
 def test_training_options_run_on_cpu(tmp_path):
     """bf16 autocast, channels_last, gradient checkpointing, EMA, mixup/cutmix and gradient clipping together."""
-    options = ["train.epochs=1", "train.precision=bf16", "train.channels_last=true", "train.grad_checkpointing=true",
-               "ema.enabled=true", "ema.decay=0.9", "augmentation.mixup=0.2", "augmentation.cutmix=1.0",
-               "augmentation.label_smoothing=0.1", "optimizer.opt=adamw", "optimizer.lr=1e-3",
-               "optimizer.clip_grad=5.0", f"train.output_dir={tmp_path}"]
+    options = [
+        "train.epochs=1",
+        "train.precision=bf16",
+        "train.channels_last=true",
+        "train.grad_checkpointing=true",
+        "ema.enabled=true",
+        "ema.decay=0.9",
+        "augmentation.mixup=0.2",
+        "augmentation.cutmix=1.0",
+        "augmentation.label_smoothing=0.1",
+        "optimizer.opt=adamw",
+        "optimizer.lr=1e-3",
+        "optimizer.clip_grad=5.0",
+        f"train.output_dir={tmp_path}",
+    ]
     threads = torch.get_num_threads()
     try:
         summary = train(load_config(None, TINY + options))
@@ -177,19 +209,43 @@ def test_qat_run_converts_and_exports_int8(tmp_path, mode, capsys):
 
     threads = torch.get_num_threads()
     try:
-        summary = train(load_config(None, TINY + ["train.epochs=1", f"qat.mode={mode}", "qat.calibration_batches=2",
-                                                  f"train.output_dir={tmp_path}"]))
+        summary = train(
+            load_config(
+                None,
+                TINY
+                + ["train.epochs=1", f"qat.mode={mode}", "qat.calibration_batches=2", f"train.output_dir={tmp_path}"],
+            )
+        )
     finally:
         torch.set_num_threads(threads)
     assert summary["equivalence"]["passed"]
     form = "train" if mode == "equivalent_fc3" else "deploy"  # fc3_bn trains a deploy form: that one file
-    assert {p.name for p in tmp_path.glob("model_*.safetensors")} == {f"model_{f}.safetensors" for f in
-                                                                       ("train", "deploy")[form == "deploy":]}
+    assert {p.name for p in tmp_path.glob("model_*.safetensors")} == {
+        f"model_{f}.safetensors" for f in ("train", "deploy")[form == "deploy" :]
+    }
     weights, out = tmp_path / f"model_{form}.safetensors", tmp_path / "int8.onnx"
     kwargs = json.dumps({"widths": [4, 8], "head_hidden_size": 16, "num_classes": 4, "deploy": form == "deploy"})
-    code = _tool("export_onnx").main(["--model", "repmlp_fmnist_mlp", "--model-kwargs", kwargs, "--weights",
-                                      str(weights), "--quantize", "static", "--batch-size", "4", "--calibration",
-                                      "random", "--calibration-samples", "16", "--check-samples", "64",
-                                      "--output", str(out)])
+    code = _tool("export_onnx").main(
+        [
+            "--model",
+            "repmlp_fmnist_mlp",
+            "--model-kwargs",
+            kwargs,
+            "--weights",
+            str(weights),
+            "--quantize",
+            "static",
+            "--batch-size",
+            "4",
+            "--calibration",
+            "random",
+            "--calibration-samples",
+            "16",
+            "--check-samples",
+            "64",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0 and "static int8" in capsys.readouterr().out
     assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(out)).graph.node)

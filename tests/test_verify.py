@@ -1,4 +1,5 @@
 """The verifier reports per-element errors and fails what is not equivalent."""
+
 import copy
 
 import torch

@@ -13,6 +13,7 @@ compiled), onnxruntime float32 and int8 (dynamic, static), each checked against 
 default models the shipped Fashion-MNIST model (its weights and test images), repmlpnet_t224, repmlp_res50_light_224:
     python tools/benchmark.py --int8 --batch-sizes 1 8 --rounds 15 --json output/bench_int8.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,24 +34,46 @@ from repmlp.int8 import INT8_FORMS, Int8BenchmarkConfig, format_int8_table, run_
 def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8BenchmarkConfig, dict[str, str | None]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = BenchmarkConfig()
-    p.add_argument("--models", nargs="+",
-                   help="timm names or package.module:factory of models with RepMLP blocks (timed in --forms); "
-                        f"default {' '.join(d.models)} (with --int8: {' '.join(Int8BenchmarkConfig.models)})")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        help="timm names or package.module:factory of models with RepMLP blocks (timed in --forms); "
+        f"default {' '.join(d.models)} (with --int8: {' '.join(Int8BenchmarkConfig.models)})",
+    )
     p.add_argument("--int8", action="store_true", help="time int8 against float32 forms (see above)")
-    p.add_argument("--int8-forms", nargs="+", choices=INT8_FORMS, default=list(INT8_FORMS), metavar="FORM",
-                   help=f"with --int8: the forms to time, of {INT8_FORMS}")
-    p.add_argument("--baselines", nargs="*", default=list(d.baselines),
-                   help="models timed as they are: timm names or package.module:factory (default: resnet50)")
+    p.add_argument(
+        "--int8-forms",
+        nargs="+",
+        choices=INT8_FORMS,
+        default=list(INT8_FORMS),
+        metavar="FORM",
+        help=f"with --int8: the forms to time, of {INT8_FORMS}",
+    )
+    p.add_argument(
+        "--baselines",
+        nargs="*",
+        default=list(d.baselines),
+        help="models timed as they are: timm names or package.module:factory (default: resnet50)",
+    )
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS, help="forms of --models to time")
-    p.add_argument("--model-kwargs", type=json.loads, default={},
-                   help='JSON kwargs for every --models factory, e.g. \'{"img_size": 64, "partition": 4}\'')
-    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
-                   help="input size (default: each model's own)")
+    p.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help='JSON kwargs for every --models factory, e.g. \'{"img_size": 64, "partition": 4}\'',
+    )
+    p.add_argument(
+        "--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="input size (default: each model's own)"
+    )
     p.add_argument("--batch-sizes", type=int, nargs="+", default=list(d.batch_sizes))
     p.add_argument("--device", default=d.device, help="cpu or cuda[:i]")
     p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
-    p.add_argument("--channels-last", nargs="*", choices=(*FORMS, "baseline"),
-                   help="run these forms on channels_last inputs (no value: all forms and baselines)")
+    p.add_argument(
+        "--channels-last",
+        nargs="*",
+        choices=(*FORMS, "baseline"),
+        help="run these forms on channels_last inputs (no value: all forms and baselines)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile every candidate (outputs are checked)")
     p.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune")
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (default 2)")
@@ -59,8 +82,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
     p.add_argument("--matmul-size", type=int, help="n of the reference n^3 matmul (default 1024 CPU, 8192 CUDA)")
     p.add_argument("--no-macs", dest="macs", action="store_false", help="skip fvcore MAC counts")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory measurement")
-    p.add_argument("--convert-rounds", type=int, default=d.convert_rounds,
-                   help="time the train -> deploy conversion this many times per model (0: skip)")
+    p.add_argument(
+        "--convert-rounds",
+        type=int,
+        default=d.convert_rounds,
+        help="time the train -> deploy conversion this many times per model (0: skip)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--png", help="write a bar chart of images/s here")
@@ -69,9 +96,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
     if args.int8:
         if args.png:
             p.error("--png charts the form benchmark; with --int8 write --json")
-        cfg = Int8BenchmarkConfig(models=tuple(args.models or Int8BenchmarkConfig.models),
-                                  forms=tuple(args.int8_forms), batch_sizes=tuple(args.batch_sizes),
-                                  threads=args.threads, warmup=args.warmup, rounds=args.rounds, seed=args.seed)
+        cfg = Int8BenchmarkConfig(
+            models=tuple(args.models or Int8BenchmarkConfig.models),
+            forms=tuple(args.int8_forms),
+            batch_sizes=tuple(args.batch_sizes),
+            threads=args.threads,
+            warmup=args.warmup,
+            rounds=args.rounds,
+            seed=args.seed,
+        )
         return cfg, outputs
     del args.json, args.png, args.int8, args.int8_forms
     args.models = args.models or list(d.models)

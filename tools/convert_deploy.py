@@ -4,6 +4,7 @@
 With no arguments: the model shipped in pretrained/ (see pretrained/manifest.json); if none is shipped,
 a seeded random model with randomised BatchNorm statistics, labelled as such.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,15 +31,17 @@ RANDOM_DEFAULT = "repmlp_res50_light_224"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="timm model name (default: the shipped model, else a random "
-                                   f"{RANDOM_DEFAULT})")
+    p.add_argument("--model", help=f"timm model name (default: the shipped model, else a random {RANDOM_DEFAULT})")
     p.add_argument("--weights", help="train-form checkpoint: ours (.safetensors) or the authors' (.pth)")
     p.add_argument("--output", help="deploy-form .safetensors to write (default: output/<model>_deploy.safetensors)")
     p.add_argument("--batch-size", type=int, default=2, help="random inputs for the check (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random model and inputs")
     p.add_argument("--no-float64", action="store_true", help="skip the float64 check of the conversion")
-    p.add_argument("--ranges", action="store_true",
-                   help="print each deploy-form layer's weight range and int8 noise (which layers int8 hurts most)")
+    p.add_argument(
+        "--ranges",
+        action="store_true",
+        help="print each deploy-form layer's weight range and int8 noise (which layers int8 hurts most)",
+    )
     return p.parse_args(argv)
 
 
@@ -84,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_float64:  # the conversion's own error, on a float64 copy (the model itself is not cast)
         reports.append(repmlp.verify_conversion(model, torch.float64, inputs=inputs))
 
-    rows = [("params", count_params(model), count_params(deploy)),
-            ("MACs", count_macs(model, input_size), count_macs(deploy, input_size))]
+    rows = [
+        ("params", count_params(model), count_params(deploy)),
+        ("MACs", count_macs(model, input_size), count_macs(deploy, input_size)),
+    ]
     print(f"{'':8}{'train form':>16}{'deploy form':>16}")
     for label, before, after in rows:
         print(f"{label:8}{before / 1e6:>15.3f}M{after / 1e6:>15.3f}M")
@@ -97,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if not all(r.passed for r in reports):
         print(f"NOT written: the deploy form does not match the train form ({output})", file=sys.stderr)
         return 1
-    repmlp.save_checkpoint(deploy, output, model_name=name, form="deploy",
-                           metadata={"source": source})
+    repmlp.save_checkpoint(deploy, output, model_name=name, form="deploy", metadata={"source": source})
     print(f"wrote   {output}")
     return 0
 

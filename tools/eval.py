@@ -8,6 +8,7 @@ Examples:
     python tools/eval.py --onnx output/repmlp_fmnist_mlp.fmnist_int8_static.onnx --model repmlp_fmnist_mlp.fmnist
     python tools/eval.py --model repmlp_fmnist_mlp.fmnist --pretrained --int8 static     # PyTorch int8 (PT2E)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,21 +33,25 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="safetensors file written by tools/train.py (or shipped)")
     source.add_argument("--pretrained", action="store_true", help="the shipped weights of --model NAME.TAG")
-    source.add_argument("--onnx", help="an ONNX file (float32 or int8) run in onnxruntime; --model gives its data "
-                        "transform")
+    source.add_argument(
+        "--onnx", help="an ONNX file (float32 or int8) run in onnxruntime; --model gives its data transform"
+    )
     parser.add_argument("--model", help="timm model name (default: the checkpoint's metadata)")
     parser.add_argument("--form", choices=("train", "deploy"), help="model form (default: the checkpoint's)")
-    parser.add_argument("--config", help="take the data section from a training config (YAML, or a run's "
-                        "config.json)")
+    parser.add_argument("--config", help="take the data section from a training config (YAML, or a run's config.json)")
     parser.add_argument("--dataset", choices=DATASETS, help="dataset (default: the config's, else fashion_mnist)")
     parser.add_argument("--data-root", help="dataset directory (Fashion-MNIST default: the Debian path)")
-    parser.add_argument("--split", choices=("train", "val"), default="val", help="'val' is the test set of "
-                        "CIFAR and Fashion-MNIST")
+    parser.add_argument(
+        "--split", choices=("train", "val"), default="val", help="'val' is the test set of CIFAR and Fashion-MNIST"
+    )
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--int8", choices=("dynamic", "static"),
-                        help="the deploy form quantized by PyTorch's x86 int8 path (repmlp.int8.quantize_pytorch)")
+    parser.add_argument(
+        "--int8",
+        choices=("dynamic", "static"),
+        help="the deploy form quantized by PyTorch's x86 int8 path (repmlp.int8.quantize_pytorch)",
+    )
     parser.add_argument("--int8-batch-size", type=int, default=8, help="static batch of the --int8 graph")
     parser.add_argument("--calibration", help="--int8 static: 'random' or DATASET[:ROOT] (default: --dataset)")
     parser.add_argument("--calibration-samples", type=int, default=256, help="--int8 static: training images")
@@ -78,9 +83,18 @@ def main(argv: list[str] | None = None) -> int:
         predictor = FixedBatch(quantize_pytorch(model, batches[0], args.int8, batches), args.int8_batch_size)
         form = f"deploy, PyTorch int8 {args.int8}" + (f" (calibrated on {data})" if args.int8 == "static" else "")
     metrics = evaluate(predictor if args.onnx or args.int8 else model, loader, DistEnv())
-    print(json.dumps({"model": model.pretrained_cfg.get("architecture", args.model),
-                      "checkpoint": args.onnx or args.checkpoint or model.pretrained_cfg.get("file"),
-                      "form": form, "dataset": cfg["data"]["dataset"], "split": args.split, **metrics}))
+    print(
+        json.dumps(
+            {
+                "model": model.pretrained_cfg.get("architecture", args.model),
+                "checkpoint": args.onnx or args.checkpoint or model.pretrained_cfg.get("file"),
+                "form": form,
+                "dataset": cfg["data"]["dataset"],
+                "split": args.split,
+                **metrics,
+            }
+        )
+    )
     return 0
 
 

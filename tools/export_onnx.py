@@ -11,6 +11,7 @@ when every check passed. Needs the onnx extra: pip install -e .[onnx]
 Example (static int8 of the shipped model, calibrated on Fashion-MNIST training images):
     python tools/export_onnx.py --model repmlp_fmnist_mlp.fmnist --quantize static --batch-size 8
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,16 +45,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--tolerance", type=float, default=1e-4, help="max rel error of onnxruntime vs PyTorch")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
-                   help="int8 by onnxruntime: 'dynamic' (no data) or 'static' (calibrated on --calibration)")
-    p.add_argument("--calibration", help="'random' or DATASET[:ROOT] as in the training configs, e.g. fashion_mnist "
-                                         "(default: a shipped model's dataset, else random inputs)")
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        default="none",
+        help="int8 by onnxruntime: 'dynamic' (no data) or 'static' (calibrated on --calibration)",
+    )
+    p.add_argument(
+        "--calibration",
+        help="'random' or DATASET[:ROOT] as in the training configs, e.g. fashion_mnist "
+        "(default: a shipped model's dataset, else random inputs)",
+    )
     p.add_argument("--calibration-samples", type=int, default=256, help="training images that calibrate 'static'")
-    p.add_argument("--check-samples", type=int, default=256,
-                   help="held-out images (or random inputs) on which int8 is compared with float32")
+    p.add_argument(
+        "--check-samples",
+        type=int,
+        default=256,
+        help="held-out images (or random inputs) on which int8 is compared with float32",
+    )
     p.add_argument("--min-agreement", type=float, default=0.99, help="least int8/float32 argmax agreement to write")
-    p.add_argument("--reduce-range", choices=("auto", "on", "off"), default="auto",
-                   help="7-bit int8 weights (auto: on for CPUs without VNNI, whose int8 kernels saturate otherwise)")
+    p.add_argument(
+        "--reduce-range",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="7-bit int8 weights (auto: on for CPUs without VNNI, whose int8 kernels saturate otherwise)",
+    )
     return p.parse_args(argv)
 
 
@@ -62,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     base, _, tag = args.model.partition(".")
     if args.weights:
-        model = load_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=args.weights),
-                           **args.model_kwargs)
+        model = load_model(
+            args.model, pretrained=True, pretrained_cfg_overlay=dict(file=args.weights), **args.model_kwargs
+        )
         source = f"weights {args.weights}"
     elif ":" not in args.model and tag and shipped_file(base, tag):
         model = load_model(args.model, pretrained=True, **args.model_kwargs)
@@ -88,11 +105,18 @@ def main(argv: list[str] | None = None) -> int:
         calibration = data_batches(data, model, args.batch_size, args.calibration_samples, "train", args.seed)
         check = data_batches(data, model, args.batch_size, args.check_samples, "val", args.seed + 1)
         reduce_range = dict(auto=None, on=True, off=False)[args.reduce_range]
-        int8 = dict(quantize=args.quantize, calibration=calibration, check_batches=check, check_data=f"{data} (val)",
-                    min_agreement=args.min_agreement, reduce_range=reduce_range)
+        int8 = dict(
+            quantize=args.quantize,
+            calibration=calibration,
+            check_batches=check,
+            check_data=f"{data} (val)",
+            min_agreement=args.min_agreement,
+            reduce_range=reduce_range,
+        )
     start = time.perf_counter()
-    report = export_onnx(model, output, batch_size=args.batch_size, opset=args.opset, tolerance=args.tolerance,
-                         seed=args.seed, **int8)
+    report = export_onnx(
+        model, output, batch_size=args.batch_size, opset=args.opset, tolerance=args.tolerance, seed=args.seed, **int8
+    )
     print(f"export  {time.perf_counter() - start:.1f} s")
     print(f"check   {report}")
     return 0

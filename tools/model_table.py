@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Print the zoo's model table (markdown): parameters and MACs of the train and deploy forms (fvcore)."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         train, deploy = timm.create_model(name), timm.create_model(name, deploy=True)
         size = tuple(train.pretrained_cfg["input_size"])
-        print(f"| {name} | {'x'.join(map(str, size))} | {count_params(train) / 1e6:.2f}M | "
-              f"{count_params(deploy) / 1e6:.2f}M | {count_macs(train, size) / 1e6:.1f}M | "
-              f"{count_macs(deploy, size) / 1e6:.1f}M |", flush=True)
+        print(
+            f"| {name} | {'x'.join(map(str, size))} | {count_params(train) / 1e6:.2f}M | "
+            f"{count_params(deploy) / 1e6:.2f}M | {count_macs(train, size) / 1e6:.1f}M | "
+            f"{count_macs(deploy, size) / 1e6:.1f}M |",
+            flush=True,
+        )
     return 0
 
 

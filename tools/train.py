@@ -7,6 +7,7 @@ Examples:
     python tools/train.py --config configs/fmnist_repmlp.yaml --resume      # continue a killed run
     torchrun --nproc_per_node 2 tools/train.py --config configs/cifar10_mlp.yaml
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,11 +22,23 @@ from repmlp.training import load_config, train  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); omitted: defaults only")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. train.epochs=2 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. train.epochs=2 (repeatable)",
+    )
     parser.add_argument("--output", help="output directory (same as --set train.output_dir=...)")
-    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="STATE",
-                        help="continue from <output_dir>/last.pth, or from the given training state file")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="STATE",
+        help="continue from <output_dir>/last.pth, or from the given training state file",
+    )
     args, extra = parser.parse_known_args(argv)
     overrides = list(args.overrides)
     for item in extra:  # dotted flags: --train.epochs=2

@@ -7,6 +7,7 @@ BN follows every conv/FC (the RepMLP ends with its own FC3 BN); ReLU follows eve
 FCs are 1x1 :class:`~repmlp.layers.ConvBN` so their BNs fuse in the deploy form. The Wide ConvNet swaps
 each RepMLP for a 3x3 conv-BN-ReLU.
 """
+
 from __future__ import annotations
 
 import re
@@ -28,11 +29,29 @@ __all__ = ["MLPCifarNet"]
 class RepMLPUnit(nn.Sequential):
     """RepMLP followed by ReLU: the token mixer of the pure-MLP model."""
 
-    def __init__(self, channels: int, size: int, partition: int, fc3_groups: int,
-                 reparam_conv_k: Sequence[int], fc1_fc2_reduction: int, deploy: bool) -> None:
+    def __init__(
+        self,
+        channels: int,
+        size: int,
+        partition: int,
+        fc3_groups: int,
+        reparam_conv_k: Sequence[int],
+        fc1_fc2_reduction: int,
+        deploy: bool,
+    ) -> None:
         super().__init__(
-            RepMLP(channels, channels, size, size, partition, partition, reparam_conv_k=reparam_conv_k,
-                   fc1_fc2_reduction=fc1_fc2_reduction, fc3_groups=fc3_groups, deploy=deploy),
+            RepMLP(
+                channels,
+                channels,
+                size,
+                size,
+                partition,
+                partition,
+                reparam_conv_k=reparam_conv_k,
+                fc1_fc2_reduction=fc1_fc2_reduction,
+                fc3_groups=fc3_groups,
+                deploy=deploy,
+            ),
             nn.ReLU(inplace=True),
         )
 
@@ -40,9 +59,19 @@ class RepMLPUnit(nn.Sequential):
 class MLPStage(nn.Sequential):
     """One stage: (max-pool,) mixer, FC(C, C)-BN-ReLU, mixer, FC(C -> out)-BN-ReLU."""
 
-    def __init__(self, channels: int, out_channels: int, size: int, downsample: bool, mixer: str,
-                 partition: int, fc3_groups: int, reparam_conv_k: Sequence[int], fc1_fc2_reduction: int,
-                 deploy: bool) -> None:
+    def __init__(
+        self,
+        channels: int,
+        out_channels: int,
+        size: int,
+        downsample: bool,
+        mixer: str,
+        partition: int,
+        fc3_groups: int,
+        reparam_conv_k: Sequence[int],
+        fc1_fc2_reduction: int,
+        deploy: bool,
+    ) -> None:
         def token_mixer() -> nn.Module:
             if mixer == "conv":
                 return ConvBN(channels, channels, 3, act=True, deploy=deploy)
@@ -60,8 +89,9 @@ class MLPStage(nn.Sequential):
 class MlpHead(nn.Module):
     """Pool, FC(C -> hidden)-BN-ReLU (as a 1x1 conv-BN), dropout, classifier."""
 
-    def __init__(self, in_chs: int, hidden: int, num_classes: int, pool_type: str, drop_rate: float,
-                 deploy: bool = False) -> None:
+    def __init__(
+        self, in_chs: int, hidden: int, num_classes: int, pool_type: str, drop_rate: float, deploy: bool = False
+    ) -> None:
         super().__init__()
         self.global_pool = SelectAdaptivePool2d(pool_type=pool_type)
         self.pre_logits = ConvBN(in_chs, hidden, 1, act=True, deploy=deploy)
@@ -124,19 +154,25 @@ class MLPCifarNet(RepMLPModel):
             img_size = img_size[0]
         sizes = [img_size / stem_stride / 2**i for i in range(len(widths))]
         if any(s % 1 or (mixer == "repmlp" and s % partition) for s in sizes):
-            raise ValueError(f"MLPCifarNet: img_size={img_size} with stem_stride={stem_stride} gives stage resolutions "
-                             f"{sizes}; each must be an integer divisible by partition={partition} "
-                             f"(e.g. 32 with 8, 28 with 7)")
+            raise ValueError(
+                f"MLPCifarNet: img_size={img_size} with stem_stride={stem_stride} gives stage resolutions "
+                f"{sizes}; each must be an integer divisible by partition={partition} "
+                f"(e.g. 32 with 8, 28 with 7)"
+            )
         sizes = [int(s) for s in sizes]
         self.in_chans, self.img_size, self.drop_rate = in_chans, img_size, drop_rate
 
         self.stem = ConvBN(in_chans, widths[0], stem_stride, stride=stem_stride, act=True, deploy=deploy)
         outs = list(widths[1:]) + [widths[-1]]
-        self.stages = nn.Sequential(*[
-            MLPStage(c, out, size, i > 0, mixer, partition, fc3_groups, reparam_conv_k, fc1_fc2_reduction, deploy)
-            for i, (c, out, size) in enumerate(zip(widths, outs, sizes))])
-        self.feature_info = [dict(num_chs=out, reduction=stem_stride * 2**i, module=f"stages.{i}")
-                             for i, out in enumerate(outs)]
+        self.stages = nn.Sequential(
+            *[
+                MLPStage(c, out, size, i > 0, mixer, partition, fc3_groups, reparam_conv_k, fc1_fc2_reduction, deploy)
+                for i, (c, out, size) in enumerate(zip(widths, outs, sizes))
+            ]
+        )
+        self.feature_info = [
+            dict(num_chs=out, reduction=stem_stride * 2**i, module=f"stages.{i}") for i, out in enumerate(outs)
+        ]
         self.num_features = outs[-1]
         self.head_hidden_size = head_hidden_size
         self.head = MlpHead(self.num_features, head_hidden_size, num_classes, global_pool, drop_rate, deploy)
@@ -161,26 +197,38 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> MLPCifarNet:
     route_pretrained_file(variant, pretrained, kwargs)
     stages = tuple(range(len(kwargs["widths"])))
     return build_model_with_cfg(
-        MLPCifarNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=stages), **kwargs)
+        MLPCifarNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=stages), **kwargs
+    )
 
 
 def _cfg(**kwargs) -> dict:
     return {
-        "num_classes": 10, "input_size": (3, 32, 32), "fixed_input_size": True, "pool_size": (8, 8),
-        "crop_pct": 1.0, "interpolation": "bilinear", "mean": (0.4914, 0.4822, 0.4465),
-        "std": (0.2470, 0.2435, 0.2616), "first_conv": "stem.conv", "classifier": "head.fc",
-        "custom_load": True, "paper_ids": "arXiv:2105.01883", "license": "mit",
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "fixed_input_size": True,
+        "pool_size": (8, 8),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": (0.4914, 0.4822, 0.4465),
+        "std": (0.2470, 0.2435, 0.2616),
+        "first_conv": "stem.conv",
+        "classifier": "head.fc",
+        "custom_load": True,
+        "paper_ids": "arXiv:2105.01883",
+        "license": "mit",
         **kwargs,
     }
 
 
 _FMNIST = dict(input_size=(1, 28, 28), pool_size=(7, 7), mean=(0.2860,), std=(0.3530,))
 
-default_cfgs = generate_default_cfgs({
-    "repmlp_cifar_mlp": _cfg(),
-    "repmlp_cifar_wideconv": _cfg(),
-    "repmlp_fmnist_mlp.fmnist": _cfg(file=shipped_file("repmlp_fmnist_mlp", "fmnist"), **_FMNIST),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "repmlp_cifar_mlp": _cfg(),
+        "repmlp_cifar_wideconv": _cfg(),
+        "repmlp_fmnist_mlp.fmnist": _cfg(file=shipped_file("repmlp_fmnist_mlp", "fmnist"), **_FMNIST),
+    }
+)
 
 
 @register_model
@@ -201,6 +249,7 @@ def repmlp_cifar_wideconv(pretrained: bool = False, **kwargs) -> MLPCifarNet:
 def repmlp_fmnist_mlp(pretrained: bool = False, **kwargs) -> MLPCifarNet:
     """Pure-MLP model for 28x28 one-channel Fashion-MNIST, sized to train on a 2-core CPU: a 2x2-patch stem FC,
     two stages of the paper's layout at 14x14 and 7x7 with C = 24/48, RepMLP h = w = 7, g = 4, k = 1, 3."""
-    args = dict(in_chans=1, img_size=28, widths=(24, 48), stem_stride=2, partition=7, fc3_groups=4,
-                reparam_conv_k=(1, 3))
+    args = dict(
+        in_chans=1, img_size=28, widths=(24, 48), stem_stride=2, partition=7, fc3_groups=4, reparam_conv_k=(1, 3)
+    )
     return _create("repmlp_fmnist_mlp", pretrained, **dict(args, **kwargs))

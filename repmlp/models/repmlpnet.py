@@ -25,6 +25,7 @@ BN(S) merged into FC3 (run as a batched matmul); stem, embedding and FFN conv-BN
 the FFN folded into its first 1x1 conv. The BN before the RepMLP block stays as a :class:`ChannelAffine` (it
 cannot fold into FC3 matrices shared across channels), and so does the head BN (kept for ``pre_logits``).
 """
+
 from __future__ import annotations
 
 import math
@@ -80,8 +81,10 @@ class PatchEmbedding(ConvBN):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] % self.patch or x.shape[-1] % self.patch:
-            raise ValueError(f"patch embedding {self.patch}x{self.patch}/{self.patch} needs a map size divisible by "
-                             f"{self.patch}, got {x.shape[-2]}x{x.shape[-1]}")
+            raise ValueError(
+                f"patch embedding {self.patch}x{self.patch}/{self.patch} needs a map size divisible by "
+                f"{self.patch}, got {x.shape[-2]}x{x.shape[-1]}"
+            )
         return super().forward(x)
 
 
@@ -170,8 +173,16 @@ class RepMLPBlock(nn.Module):
         deploy: build the locality-injected form (FC3 with bias) directly.
     """
 
-    def __init__(self, channels: int, h: int, w: int, sharesets: int, reparam_conv_k: Sequence[int] = (1, 3),
-                 gp_reduction: int = 4, deploy: bool = False) -> None:
+    def __init__(
+        self,
+        channels: int,
+        h: int,
+        w: int,
+        sharesets: int,
+        reparam_conv_k: Sequence[int] = (1, 3),
+        gp_reduction: int = 4,
+        deploy: bool = False,
+    ) -> None:
         super().__init__()
         if channels % sharesets:
             raise ValueError(f"RepMLPBlock: sharesets={sharesets} must divide channels={channels}")
@@ -192,8 +203,10 @@ class RepMLPBlock(nn.Module):
         n, c, H, W = x.shape
         h, w, s = self.h, self.w, self.sharesets
         if c != self.channels or H % h or W % w:
-            raise ValueError(f"RepMLPBlock with {self.channels} channels and {h}x{w} partitions got a map of shape "
-                             f"{tuple(x.shape)}: its size must be a multiple of {h}x{w}")
+            raise ValueError(
+                f"RepMLPBlock with {self.channels} channels and {h}x{w} partitions got a map of shape "
+                f"{tuple(x.shape)}: its size must be a multiple of {h}x{w}"
+            )
         hp, wp = H // h, W // w
         p = x if hp * wp == 1 else partition(x, h, w)  # (N*hp*wp, C, h, w)
         v = p.reshape(-1, c // s, s, h * w)  # channel c of a partition uses set c mod S
@@ -254,8 +267,16 @@ def _pointwise(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
 class RepMLPNetUnit(nn.Module):
     """``y = x + RepMLPBlock(BN(x)); z = y + FFN(BN(y))``; the deploy form folds the second BN into the FFN."""
 
-    def __init__(self, channels: int, size: _Size, sharesets: int, reparam_conv_k: Sequence[int],
-                 gp_reduction: int, ffn_expand: int, deploy: bool = False) -> None:
+    def __init__(
+        self,
+        channels: int,
+        size: _Size,
+        sharesets: int,
+        reparam_conv_k: Sequence[int],
+        gp_reduction: int,
+        ffn_expand: int,
+        deploy: bool = False,
+    ) -> None:
         super().__init__()
         self.norm1 = ChannelAffine(channels) if deploy else nn.BatchNorm2d(channels)
         self.repmlp = RepMLPBlock(channels, *size, sharesets, reparam_conv_k, gp_reduction, deploy)
@@ -287,13 +308,27 @@ class RepMLPNetUnit(nn.Module):
 class RepMLPNetStage(nn.Module):
     """Patch embedding (except stage 0) and units at one resolution."""
 
-    def __init__(self, in_chs: int, chs: int, depth: int, size: _Size, sharesets: int, reparam_conv_k: Sequence[int],
-                 gp_reduction: int, ffn_expand: int, downsample: bool, deploy: bool = False) -> None:
+    def __init__(
+        self,
+        in_chs: int,
+        chs: int,
+        depth: int,
+        size: _Size,
+        sharesets: int,
+        reparam_conv_k: Sequence[int],
+        gp_reduction: int,
+        ffn_expand: int,
+        downsample: bool,
+        deploy: bool = False,
+    ) -> None:
         super().__init__()
         self.downsample = PatchEmbedding(in_chs, chs, 2, deploy) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*[
-            RepMLPNetUnit(chs, size, sharesets, reparam_conv_k, gp_reduction, ffn_expand, deploy)
-            for _ in range(depth)])
+        self.blocks = nn.Sequential(
+            *[
+                RepMLPNetUnit(chs, size, sharesets, reparam_conv_k, gp_reduction, ffn_expand, deploy)
+                for _ in range(depth)
+            ]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.downsample(x))
@@ -368,10 +403,12 @@ class RepMLPNet(RepMLPModel):
         super().__init__(locals())
         img_size = to_2tuple(img_size)
         if not len(channels) == len(depths) == len(sharesets) == len(partitions or channels):
-            raise ValueError(f"channels, depths, sharesets and partitions need one entry per stage, got {channels}, "
-                             f"{depths}, {sharesets}, {partitions}")
+            raise ValueError(
+                f"channels, depths, sharesets and partitions need one entry per stage, got {channels}, "
+                f"{depths}, {sharesets}, {partitions}"
+            )
         self.img_size = img_size
-        self.reductions = [patch_size * 2 ** i for i in range(len(channels))]
+        self.reductions = [patch_size * 2**i for i in range(len(channels))]
         if partitions is None:
             if any(s % self.reductions[-1] for s in img_size):
                 raise ValueError(f"img_size={img_size} must be a multiple of {self.reductions[-1]}")
@@ -382,8 +419,20 @@ class RepMLPNet(RepMLPModel):
         self.stem = PatchEmbedding(in_chans, channels[0], patch_size, deploy)
         stages, self.feature_info, in_chs = [], [], channels[0]
         for i, (chs, depth) in enumerate(zip(channels, depths)):
-            stages.append(RepMLPNetStage(in_chs, chs, depth, self.partitions[i], sharesets[i], reparam_conv_k,
-                                         gp_reduction, ffn_expand, downsample=i > 0, deploy=deploy))
+            stages.append(
+                RepMLPNetStage(
+                    in_chs,
+                    chs,
+                    depth,
+                    self.partitions[i],
+                    sharesets[i],
+                    reparam_conv_k,
+                    gp_reduction,
+                    ffn_expand,
+                    downsample=i > 0,
+                    deploy=deploy,
+                )
+            )
             self.feature_info.append(dict(num_chs=chs, reduction=self.reductions[i], module=f"stages.{i}"))
             in_chs = chs
         self.stages = nn.Sequential(*stages)
@@ -393,11 +442,16 @@ class RepMLPNet(RepMLPModel):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for layer-wise learning-rate decay."""
-        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.downsample", (0,)),
-            (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-            (r"^head\.norm", (99999,)),
-        ])
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)"
+            if coarse
+            else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^head\.norm", (99999,)),
+            ],
+        )
 
     def stage_sizes(self, size: _Size) -> list[_Size]:
         """Map size of each stage for an input of spatial ``size``."""
@@ -406,11 +460,14 @@ class RepMLPNet(RepMLPModel):
     def check_input_size(self, size: _Size) -> None:
         """Raise a ValueError unless every stage size is a multiple of its partition size."""
         stage_sizes = self.stage_sizes(size)
-        if (any(s % self.reductions[-1] for s in size)
-                or any(H % h or W % w for (H, W), (h, w) in zip(stage_sizes, self.partitions))):
-            raise ValueError(f"{type(self).__name__}: input {size[0]}x{size[1]} gives stage sizes {stage_sizes}, which "
-                             f"must be multiples of the partition sizes {self.partitions} (input a multiple of "
-                             f"{self.reductions[-1]})")
+        if any(s % self.reductions[-1] for s in size) or any(
+            H % h or W % w for (H, W), (h, w) in zip(stage_sizes, self.partitions)
+        ):
+            raise ValueError(
+                f"{type(self).__name__}: input {size[0]}x{size[1]} gives stage sizes {stage_sizes}, which "
+                f"must be multiples of the partition sizes {self.partitions} (input a multiple of "
+                f"{self.reductions[-1]})"
+            )
 
     def check_input(self, x: torch.Tensor) -> None:
         self.check_input_size(tuple(x.shape[-2:]))
@@ -422,29 +479,39 @@ RepMLPNet.checkpoint_filter_fn = staticmethod(repmlpnet_keys_to_ours)  # what lo
 def _create(variant: str, pretrained: bool = False, **kwargs) -> RepMLPNet:
     route_pretrained_file(variant, pretrained, kwargs)
     return build_model_with_cfg(
-        RepMLPNet, variant, pretrained,
-        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
-        **kwargs)
+        RepMLPNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)), **kwargs
+    )
 
 
 def _cfg(size: int = 224, **kwargs) -> dict:
     return {
-        "num_classes": 1000, "input_size": (3, size, size), "pool_size": (size // 32, size // 32),
-        "fixed_input_size": True, "crop_pct": 1.0, "interpolation": "bilinear",
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv", "classifier": "head.fc", "custom_load": True,
-        "paper_ids": "arXiv:2112.11081", "license": "mit", **kwargs,
+        "num_classes": 1000,
+        "input_size": (3, size, size),
+        "pool_size": (size // 32, size // 32),
+        "fixed_input_size": True,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv",
+        "classifier": "head.fc",
+        "custom_load": True,
+        "paper_ids": "arXiv:2112.11081",
+        "license": "mit",
+        **kwargs,
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "repmlpnet_t224": _cfg(224),
-    "repmlpnet_b224": _cfg(224),
-    "repmlpnet_t256": _cfg(256),
-    "repmlpnet_b256": _cfg(256),
-    "repmlpnet_d256": _cfg(256),
-    "repmlpnet_l256": _cfg(256),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "repmlpnet_t224": _cfg(224),
+        "repmlpnet_b224": _cfg(224),
+        "repmlpnet_t256": _cfg(256),
+        "repmlpnet_b256": _cfg(256),
+        "repmlpnet_d256": _cfg(256),
+        "repmlpnet_l256": _cfg(256),
+    }
+)
 
 _T = dict(channels=(64, 128, 256, 512), depths=(2, 2, 6, 2), sharesets=(1, 4, 16, 128))
 _B = dict(channels=(96, 192, 384, 768), depths=(2, 2, 12, 2), sharesets=(1, 4, 32, 128))

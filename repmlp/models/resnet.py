@@ -3,6 +3,7 @@
 ResNet-50 whose stride-1 bottlenecks in c3 and c4 (3 and 5 blocks) are RepMLP Light or Bottleneck
 blocks; the first block of every stage stays a ResNet bottleneck.
 """
+
 from __future__ import annotations
 
 import re
@@ -42,8 +43,9 @@ class Bottleneck(nn.Module):
     def __init__(self, in_chs: int, out_chs: int, stride: int = 1, deploy: bool = False) -> None:
         super().__init__()
         mid = out_chs // 4
-        self.shortcut = (ConvBN(in_chs, out_chs, 1, stride, deploy=deploy)
-                         if stride != 1 or in_chs != out_chs else nn.Identity())
+        self.shortcut = (
+            ConvBN(in_chs, out_chs, 1, stride, deploy=deploy) if stride != 1 or in_chs != out_chs else nn.Identity()
+        )
         self.conv1 = ConvBN(in_chs, mid, 1, act=True, deploy=deploy)
         self.conv2 = ConvBN(mid, mid, 3, stride, act=True, deploy=deploy)
         self.conv3 = ConvBN(mid, out_chs, 1, deploy=deploy)
@@ -72,8 +74,9 @@ class RepMLPBottleneckBlock(nn.Module):
     """Bottleneck block (paper Fig. 3): 1x1 (C -> C/4), 3x3 (-> C/4r), RepMLP, ReLU, 3x3 (-> C/4),
     1x1 (-> C), identity."""
 
-    def __init__(self, chs: int, size: tuple[int, int], reduction: int, repmlp_kwargs: dict,
-                 deploy: bool = False) -> None:
+    def __init__(
+        self, chs: int, size: tuple[int, int], reduction: int, repmlp_kwargs: dict, deploy: bool = False
+    ) -> None:
         super().__init__()
         mid = chs // 4
         inner = mid // reduction
@@ -142,10 +145,18 @@ class RepMLPResNet(RepMLPModel):
             blocks = [Bottleneck(in_chs, width, stride, deploy)]
             for _ in range(1, depth):
                 if i in (1, 2):  # c3 and c4
-                    kw = dict(h=partition, w=partition, reparam_conv_k=reparam_conv_k,
-                              fc1_fc2_reduction=fc1_fc2_reduction, fc3_groups=fc3_groups[i - 1])
-                    blocks.append(RepMLPLightBlock(width, (H, W), kw, deploy) if block_type == "light" else
-                                  RepMLPBottleneckBlock(width, (H, W), bottleneck_reduction[i - 1], kw, deploy))
+                    kw = dict(
+                        h=partition,
+                        w=partition,
+                        reparam_conv_k=reparam_conv_k,
+                        fc1_fc2_reduction=fc1_fc2_reduction,
+                        fc3_groups=fc3_groups[i - 1],
+                    )
+                    blocks.append(
+                        RepMLPLightBlock(width, (H, W), kw, deploy)
+                        if block_type == "light"
+                        else RepMLPBottleneckBlock(width, (H, W), bottleneck_reduction[i - 1], kw, deploy)
+                    )
                 else:
                     blocks.append(Bottleneck(width, width, 1, deploy))
             stages.append(nn.Sequential(*blocks))
@@ -175,29 +186,39 @@ RepMLPResNet.checkpoint_filter_fn = staticmethod(checkpoint_filter_fn)  # what l
 def _create(variant: str, pretrained: bool = False, **kwargs) -> RepMLPResNet:
     route_pretrained_file(variant, pretrained, kwargs)
     return build_model_with_cfg(
-        RepMLPResNet, variant, pretrained,
-        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
-        **kwargs)
+        RepMLPResNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)), **kwargs
+    )
 
 
 def _cfg(size: int = 224, **kwargs) -> dict:
     return {
-        "num_classes": 1000, "input_size": (3, size, size), "pool_size": (size // 32, size // 32),
-        "fixed_input_size": True, "crop_pct": 0.875, "interpolation": "bilinear",
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv", "classifier": "head.fc", "custom_load": True,
-        "paper_ids": "arXiv:2105.01883", "license": "mit", **kwargs,
+        "num_classes": 1000,
+        "input_size": (3, size, size),
+        "pool_size": (size // 32, size // 32),
+        "fixed_input_size": True,
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv",
+        "classifier": "head.fc",
+        "custom_load": True,
+        "paper_ids": "arXiv:2105.01883",
+        "license": "mit",
+        **kwargs,
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "repmlp_res50_light_224": _cfg(),
-    "repmlp_res50_light_g4_224": _cfg(),
-    "repmlp_res50_bottleneck_224": _cfg(),
-    "repmlp_res50_bottleneck_g8g16_320": _cfg(320),
-    "repmlp_res50_bottleneck_g8g8_320": _cfg(320),
-    "repmlp_res50_bottleneck_g4g8_320": _cfg(320),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "repmlp_res50_light_224": _cfg(),
+        "repmlp_res50_light_g4_224": _cfg(),
+        "repmlp_res50_bottleneck_224": _cfg(),
+        "repmlp_res50_bottleneck_g8g16_320": _cfg(320),
+        "repmlp_res50_bottleneck_g8g8_320": _cfg(320),
+        "repmlp_res50_bottleneck_g4g8_320": _cfg(320),
+    }
+)
 
 _K224, _K320 = (1, 3, 5), (1, 3, 5, 7)
 

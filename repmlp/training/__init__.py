@@ -1,4 +1,5 @@
 """Training on real data: configs, the training run (single process or torchrun), evaluation."""
+
 from .builders import build_eval_data, model_from_checkpoint
 from .config import DEFAULTS, load_config
 from .engine import compare_forms, evaluate

@@ -1,5 +1,6 @@
 """Objects a training run is made of, built from a config: model, datasets and loaders with timm
 transforms, loss and Mixup; and a trained model rebuilt from its checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ from .distributed import DistEnv
 def build_model(cfg: dict, num_classes: int, deploy: bool = False) -> nn.Module:
     """``timm.create_model`` with the config's name, pretrained flag and kwargs."""
     m = cfg["model"]
-    return timm.create_model(m["name"], pretrained=m["pretrained"], num_classes=num_classes, deploy=deploy,
-                             **m["kwargs"])
+    return timm.create_model(
+        m["name"], pretrained=m["pretrained"], num_classes=num_classes, deploy=deploy, **m["kwargs"]
+    )
 
 
 def model_from_checkpoint(path: str | Path, model_name: str | None = None, form: str | None = None) -> nn.Module:
@@ -52,13 +54,16 @@ def build_data(cfg: dict, model: nn.Module, env: DistEnv) -> tuple[DataLoader, D
     """Train and validation loaders with timm transforms resolved from the model's pretrained_cfg."""
     d, t = cfg["data"], cfg["train"]
     data_cfg = data_config(cfg, model)
-    common = dict(input_size=data_cfg["input_size"], mean=data_cfg["mean"], std=data_cfg["std"],
-                  interpolation=data_cfg["interpolation"])
+    common = dict(
+        input_size=data_cfg["input_size"],
+        mean=data_cfg["mean"],
+        std=data_cfg["std"],
+        interpolation=data_cfg["interpolation"],
+    )
     train_set, val_set = build_datasets(cfg, data_cfg["input_size"])
     train_set.transform = build_transform(True, crop_padding=d["crop_padding"], **common, **d["train_transform"])
     val_set.transform = build_transform(False, crop_pct=data_cfg["crop_pct"], **common)
-    train_loader = build_loader(train_set, t["batch_size"], True, d["num_workers"], env.rank, env.world_size,
-                                t["seed"])
+    train_loader = build_loader(train_set, t["batch_size"], True, d["num_workers"], env.rank, env.world_size, t["seed"])
     val_loader = build_loader(val_set, t["eval_batch_size"], False, d["num_workers"], env.rank, env.world_size)
     return train_loader, val_loader
 
@@ -66,15 +71,22 @@ def build_data(cfg: dict, model: nn.Module, env: DistEnv) -> tuple[DataLoader, D
 def build_eval_data(cfg: dict, model: nn.Module, split: str = "val") -> DataLoader:
     """One process's loader over a whole split with the model's evaluation transform."""
     d, data_cfg = cfg["data"], data_config(cfg, model)
-    transform = build_transform(False, data_cfg["input_size"], data_cfg["mean"], data_cfg["std"],
-                                data_cfg["crop_pct"], data_cfg["interpolation"])
+    transform = build_transform(
+        False,
+        data_cfg["input_size"],
+        data_cfg["mean"],
+        data_cfg["std"],
+        data_cfg["crop_pct"],
+        data_cfg["interpolation"],
+    )
     dataset = build_datasets(cfg, data_cfg["input_size"], splits=(split,))[0]
     dataset.transform = transform
     return build_loader(dataset, cfg["train"]["eval_batch_size"], False, d["num_workers"])
 
 
-def build_datasets(cfg: dict, input_size: tuple[int, ...] | None = None,
-                   splits: tuple[str, ...] = ("train", "val")) -> tuple[Dataset, ...]:
+def build_datasets(
+    cfg: dict, input_size: tuple[int, ...] | None = None, splits: tuple[str, ...] = ("train", "val")
+) -> tuple[Dataset, ...]:
     """The configured dataset's splits, without transforms (synthetic images take ``input_size``)."""
     d = cfg["data"]
     extra = {}
@@ -89,9 +101,16 @@ def build_loss(cfg: dict, num_classes: int) -> tuple[nn.Module, Mixup | None]:
     """Loss and optional timm Mixup/CutMix (which then carries the label smoothing)."""
     a = cfg["augmentation"]
     if a["mixup"] > 0 or a["cutmix"] > 0 or a["cutmix_minmax"] is not None:
-        mixup = Mixup(mixup_alpha=a["mixup"], cutmix_alpha=a["cutmix"], cutmix_minmax=a["cutmix_minmax"],
-                      prob=a["mixup_prob"], switch_prob=a["mixup_switch_prob"], mode=a["mixup_mode"],
-                      label_smoothing=a["label_smoothing"], num_classes=num_classes)
+        mixup = Mixup(
+            mixup_alpha=a["mixup"],
+            cutmix_alpha=a["cutmix"],
+            cutmix_minmax=a["cutmix_minmax"],
+            prob=a["mixup_prob"],
+            switch_prob=a["mixup_switch_prob"],
+            mode=a["mixup_mode"],
+            label_smoothing=a["label_smoothing"],
+            num_classes=num_classes,
+        )
         return SoftTargetCrossEntropy(), mixup
     if a["label_smoothing"] > 0:
         return LabelSmoothingCrossEntropy(a["label_smoothing"]), None

@@ -3,6 +3,7 @@
 Every value a recipe can set has a default here, so a config file only states what differs and an
 override naming an unknown key is an error rather than a silent no-op.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,7 +25,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "root": None,
         "num_workers": 2,
         # None: taken from the model's pretrained_cfg
-        "input_size": None, "mean": None, "std": None, "crop_pct": None, "interpolation": None,
+        "input_size": None,
+        "mean": None,
+        "std": None,
+        "crop_pct": None,
+        "interpolation": None,
         "crop_padding": 0,  # > 0: pad-and-random-crop (the CIFAR recipe) instead of random-resized crop
         "train_transform": {},  # timm.data.create_transform training arguments (hflip, scale, auto_augment, ...)
         "synthetic": {"num_samples": 256, "num_classes": 10, "img_size": 32, "in_chans": 3},
@@ -48,8 +53,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "kwargs": {},
     },
     "augmentation": {
-        "mixup": 0.0, "cutmix": 0.0, "cutmix_minmax": None, "mixup_prob": 1.0, "mixup_switch_prob": 0.5,
-        "mixup_mode": "batch", "label_smoothing": 0.0,
+        "mixup": 0.0,
+        "cutmix": 0.0,
+        "cutmix_minmax": None,
+        "mixup_prob": 1.0,
+        "mixup_switch_prob": 0.5,
+        "mixup_mode": "batch",
+        "label_smoothing": 0.0,
     },
     "ema": {"enabled": False, "decay": 0.9998, "warmup": False},
     "qat": {  # quantization-aware training (repmlp.quantize), e.g. a short fine-tune of trained weights before int8
@@ -82,9 +92,12 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+"
-               r"(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."))
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+"
+        r"(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
 
 
 def _parse_value(text: str) -> Any:
@@ -104,13 +117,17 @@ def set_value(cfg: dict, dotted_key: str, value: Any) -> None:
     for part in path:
         walked.append(part)
         if not isinstance(node, dict) or part not in node:
-            raise ValueError(f"unknown config key {'.'.join(walked)!r} (in {dotted_key!r}); valid here: "
-                             f"{sorted(node) if isinstance(node, dict) else 'none'}")
+            raise ValueError(
+                f"unknown config key {'.'.join(walked)!r} (in {dotted_key!r}); valid here: "
+                f"{sorted(node) if isinstance(node, dict) else 'none'}"
+            )
         node = node[part]
     free_form = bool(path) and path[-1] in ("kwargs", "train_transform", "synthetic")
     if not isinstance(node, dict) or (leaf not in node and not free_form):
-        raise ValueError(f"unknown config key {dotted_key!r}; valid keys: "
-                         f"{sorted('.'.join(path + [k]) for k in node) if isinstance(node, dict) else 'none'}")
+        raise ValueError(
+            f"unknown config key {dotted_key!r}; valid keys: "
+            f"{sorted('.'.join(path + [k]) for k in node) if isinstance(node, dict) else 'none'}"
+        )
     node[leaf] = value
 
 

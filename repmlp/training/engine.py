@@ -1,4 +1,5 @@
 """One training epoch and evaluation, rank-aware (metrics are summed over ranks)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -84,8 +85,14 @@ def train_one_epoch(
     """
     model.train()
     loss_sum, correct, seen, steps = 0.0, 0.0, 0, start_step
-    bar = tqdm(total=start_step + len(loader), initial=start_step, desc=f"epoch {epoch}", dynamic_ncols=True,
-               disable=not (progress and env.is_main), mininterval=1.0)
+    bar = tqdm(
+        total=start_step + len(loader),
+        initial=start_step,
+        desc=f"epoch {epoch}",
+        dynamic_ncols=True,
+        disable=not (progress and env.is_main),
+        mininterval=1.0,
+    )
     start = time.perf_counter()
     interrupted = False
     batches = iter(loader)
@@ -113,9 +120,13 @@ def train_one_epoch(
         correct += (out.argmax(1) == y).sum().item()
         seen += n
         elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.2f}",
-                        img_s=f"{seen * env.world_size / elapsed:.0f}",
-                        lr=f"{step.optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+        bar.set_postfix(
+            loss=f"{loss_sum / seen:.4f}",
+            acc=f"{100 * correct / seen:.2f}",
+            img_s=f"{seen * env.world_size / elapsed:.0f}",
+            lr=f"{step.optimizer.param_groups[0]['lr']:.2e}",
+            refresh=False,
+        )
         bar.update()
         if any_rank(should_stop(), env):
             interrupted = True
@@ -143,8 +154,13 @@ def _backward_and_step(loss: torch.Tensor, model: nn.Module, step: TrainStep) ->
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, env: DistEnv,
-             dtype: torch.dtype | None = None, channels_last: bool = False) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    env: DistEnv,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
     """Cross-entropy loss, top-1 and top-5 accuracy (%) over the whole dataset (all ranks' shares)."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
@@ -166,8 +182,9 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, env: DistEnv
 
 
 @torch.no_grad()
-def compare_forms(train_form: nn.Module, deploy_form: nn.Module, loader: torch.utils.data.DataLoader,
-                  device: torch.device) -> dict[str, float]:
+def compare_forms(
+    train_form: nn.Module, deploy_form: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device
+) -> dict[str, float]:
     """Run both forms over a whole dataset (one process): top-1 of each, argmax agreement and the largest
     per-element logit errors of the deploy form against the train form."""
     train_form.eval(), deploy_form.eval()
@@ -183,5 +200,11 @@ def compare_forms(train_form: nn.Module, deploy_form: nn.Module, loader: torch.u
         correct_deploy += (cand.argmax(1) == y).sum().item()
         seen += y.shape[0]
     seen = max(seen, 1)
-    return {"argmax_agreement": agree / seen, "max_abs_err": max_abs, "max_rel_err": max_rel,
-            "train_top1": 100 * correct_train / seen, "deploy_top1": 100 * correct_deploy / seen, "count": seen}
+    return {
+        "argmax_agreement": agree / seen,
+        "max_abs_err": max_abs,
+        "max_rel_err": max_rel,
+        "train_top1": 100 * correct_train / seen,
+        "deploy_top1": 100 * correct_deploy / seen,
+        "count": seen,
+    }

@@ -1,5 +1,6 @@
 """The training run: build everything from a config, train with checkpoints and metrics, then convert
 to the deploy form, check it against the train form on the validation set and save both forms."""
+
 from __future__ import annotations
 
 import itertools
@@ -87,8 +88,10 @@ def hardware(env: DistEnv) -> str:
     """The machine a run used, in words."""
     if env.device.type == "cuda":
         return f"{env.world_size} x {torch.cuda.get_device_name(env.device)}"
-    return (f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
-            f"{env.world_size} process(es) x {torch.get_num_threads()} thread(s)")
+    return (
+        f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
+        f"{env.world_size} process(es) x {torch.get_num_threads()} thread(s)"
+    )
 
 
 def train(cfg: dict, resume: bool | str = False) -> dict[str, Any]:
@@ -123,26 +126,43 @@ def build_run(cfg: dict, env: DistEnv) -> Run:
         model.set_grad_checkpointing(True)
     if t["sync_bn"] and env.distributed:
         if env.device.type != "cuda":
-            raise ValueError("train.sync_bn=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
-                             "set train.sync_bn=false for CPU runs")
+            raise ValueError(
+                "train.sync_bn=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
+                "set train.sync_bn=false for CPU runs"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(env.device, memory_format=torch.channels_last if t["channels_last"] else torch.preserve_format)
     if qat["mode"] != "none":  # before the optimizer, EMA and DDP see the model: fc3_bn adds parameters
         batches = itertools.islice((x for x, _ in train_loader), qat["calibration_batches"])
         prepare_qat(model, qat["mode"], batches, qat["reduce_range"])
     dtype = amp_dtype(t["precision"], env.device)
-    optimizer = create_optimizer_v2(model, opt=o["opt"], lr=o["lr"], weight_decay=o["weight_decay"],
-                                    momentum=o["momentum"], filter_bias_and_bn=o["filter_bias_and_bn"], **o["kwargs"])
+    optimizer = create_optimizer_v2(
+        model,
+        opt=o["opt"],
+        lr=o["lr"],
+        weight_decay=o["weight_decay"],
+        momentum=o["momentum"],
+        filter_bias_and_bn=o["filter_bias_and_bn"],
+        **o["kwargs"],
+    )
     scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=s["sched"], num_epochs=t["epochs"], min_lr=s["min_lr"], warmup_epochs=s["warmup_epochs"],
-        warmup_lr=s["warmup_lr"], step_on_epochs=s["step_on_epochs"], updates_per_epoch=len(train_loader),
-        **s["kwargs"])
+        optimizer,
+        sched=s["sched"],
+        num_epochs=t["epochs"],
+        min_lr=s["min_lr"],
+        warmup_epochs=s["warmup_epochs"],
+        warmup_lr=s["warmup_lr"],
+        step_on_epochs=s["step_on_epochs"],
+        updates_per_epoch=len(train_loader),
+        **s["kwargs"],
+    )
     e = cfg["ema"]
     ema = ModelEmaV3(model, decay=e["decay"], use_warmup=e["warmup"]) if e["enabled"] else None
     scaler = torch.amp.GradScaler(env.device.type) if dtype == torch.float16 else None
     loss_fn, mixup = build_loss(cfg, num_classes)
-    step = TrainStep(optimizer, loss_fn, scheduler, mixup, ema, scaler, dtype, t["channels_last"], o["clip_grad"],
-                     o["clip_mode"])
+    step = TrainStep(
+        optimizer, loss_fn, scheduler, mixup, ema, scaler, dtype, t["channels_last"], o["clip_grad"], o["clip_mode"]
+    )
     ddp_model = DistributedDataParallel(model) if env.distributed else model
     return Run(cfg, env, model, ddp_model, train_loader, val_loader, step, num_epochs, num_classes)
 
@@ -180,15 +200,28 @@ def fit(run: Run, start_epoch: int, start_step: int, num_updates: int, rng: dict
             sampler = run.train_loader.sampler
             sampler.set_epoch(epoch)
             sampler.skip = start_step * t["batch_size"]
-            result = train_one_epoch(run.ddp_model, run.train_loader, run.step, env, epoch, num_updates,
-                                     start_step, stop, t["progress"], rng if start_step else None)
+            result = train_one_epoch(
+                run.ddp_model,
+                run.train_loader,
+                run.step,
+                env,
+                epoch,
+                num_updates,
+                start_step,
+                stop,
+                t["progress"],
+                rng if start_step else None,
+            )
             num_updates, start_step, sampler.skip = result.num_updates, 0, 0
             run.elapsed += result.seconds
             if result.interrupted:
                 _save_state(run, epoch, result.steps, num_updates)
                 if env.is_main:
-                    print(f"interrupted by signal {stop.signal} at epoch {epoch} step {result.steps}; state saved "
-                          f"to {run.out_dir / STATE_FILE}; continue with --resume", flush=True)
+                    print(
+                        f"interrupted by signal {stop.signal} at epoch {epoch} step {result.steps}; state saved "
+                        f"to {run.out_dir / STATE_FILE}; continue with --resume",
+                        flush=True,
+                    )
                 return {"interrupted": True, "epoch": epoch, "step": result.steps}
             run.step.scheduler.step(epoch + 1)
             record = _epoch_record(run, epoch, result)
@@ -204,9 +237,17 @@ def fit(run: Run, start_epoch: int, start_step: int, num_updates: int, rng: dict
 def _epoch_record(run: Run, epoch: int, result: Any) -> dict[str, Any]:
     t, s = run.cfg["train"], run.step
     metrics = evaluate(run.ddp_model, run.val_loader, run.env, s.amp_dtype, t["channels_last"])
-    record = {"epoch": epoch, "train_loss": result.loss, "train_top1": result.top1, "val_loss": metrics["loss"],
-              "val_top1": metrics["top1"], "val_top5": metrics["top5"], "lr": s.optimizer.param_groups[0]["lr"],
-              "epoch_seconds": result.seconds, "img_per_s": result.images / max(result.seconds, 1e-9)}
+    record = {
+        "epoch": epoch,
+        "train_loss": result.loss,
+        "train_top1": result.top1,
+        "val_loss": metrics["loss"],
+        "val_top1": metrics["top1"],
+        "val_top5": metrics["top5"],
+        "lr": s.optimizer.param_groups[0]["lr"],
+        "epoch_seconds": result.seconds,
+        "img_per_s": result.images / max(result.seconds, 1e-9),
+    }
     if s.ema is not None:
         ema_metrics = evaluate(s.ema.module, run.val_loader, run.env, s.amp_dtype, t["channels_last"])
         record["ema_val_top1"] = ema_metrics["top1"]
@@ -222,16 +263,30 @@ def _save_state(run: Run, epoch: int, step_in_epoch: int, num_updates: int) -> N
         rng = gathered
     if run.env.is_main:
         s = run.step
-        save_training_state(run.out_dir / STATE_FILE, run.model, s.optimizer, s.scheduler, s.ema, s.scaler,
-                            epoch, step_in_epoch, num_updates, extra={"elapsed": run.elapsed, "rng": rng})
+        save_training_state(
+            run.out_dir / STATE_FILE,
+            run.model,
+            s.optimizer,
+            s.scheduler,
+            s.ema,
+            s.scaler,
+            epoch,
+            step_in_epoch,
+            num_updates,
+            extra={"elapsed": run.elapsed, "rng": rng},
+        )
     barrier(run.env)
 
 
 def finish(run: Run) -> dict[str, Any]:
     """Check the replicas agree, then (rank 0) export both forms; writes and returns ``final.json``'s summary."""
     export_ema = run.step.ema is not None and run.cfg["train"]["export_ema"]
-    summary = {"divergence": weight_divergence(run.model, run.env), "train_seconds": run.elapsed,
-               "hardware": hardware(run.env), "exported": "ema" if export_ema else "model"}
+    summary = {
+        "divergence": weight_divergence(run.model, run.env),
+        "train_seconds": run.elapsed,
+        "hardware": hardware(run.env),
+        "exported": "ema" if export_ema else "model",
+    }
     if run.env.is_main:
         model = run.step.ema.module if export_ema else run.model
         summary.update(export(model, run.cfg, run.val_loader.dataset, run.num_classes, run.out_dir))
@@ -253,14 +308,22 @@ def export(model: nn.Module, cfg: dict, val_set: Dataset, num_classes: int, out_
     val_loader = build_loader(val_set, cfg["train"]["eval_batch_size"], False, cfg["data"]["num_workers"])
     check = compare_forms(model, deploy, val_loader, next(model.parameters()).device)
     check["passed"] = check["argmax_agreement"] >= MIN_AGREEMENT
-    meta = {"dataset": cfg["data"]["dataset"], "num_classes": str(num_classes),
-            "model_kwargs": json.dumps(cfg["model"]["kwargs"]), "config": json.dumps(cfg)}
+    meta = {
+        "dataset": cfg["data"]["dataset"],
+        "num_classes": str(num_classes),
+        "model_kwargs": json.dumps(cfg["model"]["kwargs"]),
+        "config": json.dumps(cfg),
+    }
     forms = {"deploy": deploy} if is_deploy_form(model) else {"train": model, "deploy": deploy}
     files = {form: out_dir / f"model_{form}.safetensors" for form in forms}
     for form, form_model in forms.items():
-        save_checkpoint(form_model, files[form], cfg["model"]["name"], form,
-                        {**meta, "top1": f"{check[f'{form}_top1']:.2f}"})
+        save_checkpoint(
+            form_model, files[form], cfg["model"]["name"], form, {**meta, "top1": f"{check[f'{form}_top1']:.2f}"}
+        )
     if not check["passed"]:
-        print(f"WARNING: deploy form agrees with the train form on only {check['argmax_agreement']:.4%} of the "
-              f"validation set (< {MIN_AGREEMENT:.2%})", flush=True)
+        print(
+            f"WARNING: deploy form agrees with the train form on only {check['argmax_agreement']:.4%} of the "
+            f"validation set (< {MIN_AGREEMENT:.2%})",
+            flush=True,
+        )
     return {"equivalence": check, "files": {k: str(v) for k, v in files.items()}}

@@ -1,4 +1,5 @@
 """Per-epoch metrics as JSON lines, and a PNG of the loss and accuracy curves."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,10 @@ class MetricsLog:
             return
         epochs = [r["epoch"] + 1 for r in records]
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, keys, title in ((ax_loss, ("train_loss", "val_loss"), "loss"),
-                                (ax_acc, ("train_top1", "val_top1", "ema_val_top1"), "accuracy (%)")):
+        for ax, keys, title in (
+            (ax_loss, ("train_loss", "val_loss"), "loss"),
+            (ax_acc, ("train_top1", "val_top1", "ema_val_top1"), "accuracy (%)"),
+        ):
             for key in keys:
                 if key in records[0]:
                     ax.plot(epochs, [r[key] for r in records], marker="o", label=key)

@@ -1,5 +1,6 @@
 """Resumable training state: model, optimizer, scheduler, EMA, AMP scaler, position and RNG states,
 written atomically (temporary file, then rename) so a run killed mid-write keeps its last good state."""
+
 from __future__ import annotations
 
 import random
@@ -88,6 +89,8 @@ def load_training_state(
         if obj is not None and saved is not None:
             obj.load_state_dict(saved)
         elif (obj is None) != (saved is None):
-            raise ValueError(f"cannot resume from {path}: it was written {'with' if saved is not None else 'without'} "
-                             f"a {key}, but this run is configured {'with' if obj is not None else 'without'} one")
+            raise ValueError(
+                f"cannot resume from {path}: it was written {'with' if saved is not None else 'without'} "
+                f"a {key}, but this run is configured {'with' if obj is not None else 'without'} one"
+            )
     return state
