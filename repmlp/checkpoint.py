@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import pickle
 import tempfile
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,8 +69,17 @@ def save_checkpoint(
     if form not in ("train", "deploy"):
         raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"model": model_name, "form": form, "format": "pt", **(metadata or {})}
+    meta = {"model": model_name, "form": form, "format": "pt", **_constructor_metadata(model), **(metadata or {})}
     atomic_write(path, lambda tmp: safetensors.torch.save_file(state, tmp, metadata=meta))
+
+
+def _constructor_metadata(model: nn.Module) -> dict[str, str]:
+    """num_classes and constructor arguments of a zoo model, so that the file alone rebuilds it."""
+    args = dict(getattr(model, "init_args", None) or {})
+    if not args:
+        return {}
+    kwargs = {k: v for k, v in args.items() if k not in ("deploy", "num_classes")}
+    return {"num_classes": str(args.get("num_classes", 0)), "model_kwargs": json.dumps(kwargs)}
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -93,6 +101,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ValueError: the file is corrupted, truncated or not a checkpoint (the message names it).
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"weights path {path} is a directory; give the weights file (.safetensors or .pth)")
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
@@ -100,14 +110,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = safetensors.torch.load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        safetensors.SafetensorError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        EOFError,
-        RuntimeError,
-        OSError,
-    ) as err:
+    except Exception as err:  # noqa: BLE001 - whatever a parser raises (a text file: KeyError) means a bad file
         raise ValueError(
             f"cannot read weights file {path}: corrupted, truncated or not a checkpoint ({type(err).__name__}: {err})"
         ) from err
@@ -187,14 +190,14 @@ def prepare_state_dict(
     if set(state) == set(expected):
         return state
     twin, reparameterized = _matching_twin(model, state, train_model_factory)
-    if twin is None:
-        return state  # the strict load lists what does not match
-    if reparameterized and not is_deploy_form(model):
+    if not is_deploy_form(model) and (reparameterized if twin else state_dict_form(state) == "deploy"):
         raise ValueError(
             f"{source} holds a deploy-form (re-parameterized) checkpoint; its conv and BN branches cannot be "
             "recovered, so it loads only into a deploy-form model: build it with deploy=True "
             "(e.g. timm.create_model(name, deploy=True))."
         )
+    if twin is None:
+        return state  # the strict load lists what does not match
     _strict_load(twin, state, f"{source} (as a train-form twin)")
     return convert_to_deploy(twin, inplace=True).state_dict()
 

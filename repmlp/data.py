@@ -8,7 +8,9 @@ the path and the layout it expected.
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import ImageDataset, create_transform
+from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 
@@ -109,14 +112,41 @@ def fashion_mnist(root: str | Path | None, split: str, transform: Callable | Non
     return ArrayImageDataset(images, labels, transform, num_classes=10)
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles built-in containers, numbers, strings and numpy arrays only: a crafted file cannot name a
+    function to run. The allowed names are those numpy (1.x and 2.x) and Python 2/3 write for arrays and bytes."""
+
+    ALLOWED = {
+        (core, name)
+        for core in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    }
+    ALLOWED |= {
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name}: a dataset batch holds only arrays, lists, dicts, numbers and strings"
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # numpy 2 reads numpy.core.* via a shim
+            return super().find_class(module, name)
+
+
 def _unpickle(path: Path, layout: str) -> dict:
     if not path.is_file():
         raise ValueError(f"CIFAR file {path} not found; expected {layout}")
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a malformed file
-        raise ValueError(f"CIFAR file {path} is not a python pickle: {e}; expected {layout}") from e
+        raise ValueError(f"CIFAR file {path} is not a python pickle of arrays ({e}); expected {layout}") from e
     if not isinstance(batch, dict):
         raise ValueError(f"CIFAR file {path} holds a {type(batch).__name__}, not a dict; expected {layout}")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
@@ -150,11 +180,41 @@ def cifar(name: str, root: str | Path, split: str, transform: Callable | None = 
     return ArrayImageDataset(np.concatenate(images), np.concatenate(labels), transform, num_classes)
 
 
+def folder_classes(root: str | Path) -> dict[str, int]:
+    """Class index of each class folder of ``<root>/train``, in timm's (natural) order; both splits use it, so a
+    class missing from ``val/`` cannot shift the others."""
+    train = _require_dir(Path(root) / "train", _IMAGEFOLDER_LAYOUT)
+    names = sorted((entry.name for entry in os.scandir(train) if entry.is_dir()), key=natural_key)
+    if not names:
+        raise ValueError(f"image folder {train} holds no class folders; expected {_IMAGEFOLDER_LAYOUT}")
+    return {name: index for index, name in enumerate(names)}
+
+
 def image_folder(root: str | Path, split: str, transform: Callable | None = None) -> ImageDataset:
-    """ImageNet-style class folders: ``<root>/<split>/<class>/<image>``."""
+    """ImageNet-style class folders: ``<root>/<split>/<class>/<image>``, classes numbered by ``<root>/train``.
+
+    A ``val/`` class folder unknown to ``train/`` is an error; a training class without a ``val/`` folder is
+    allowed and reported (a warning).
+    """
     folder = _require_dir(Path(root) / split, _IMAGEFOLDER_LAYOUT)
+    class_to_idx = folder_classes(root)
+    if split != "train":
+        present = {entry.name for entry in os.scandir(folder) if entry.is_dir()}
+        unknown = sorted(present - set(class_to_idx), key=natural_key)
+        if unknown:
+            raise ValueError(
+                f"image folder {folder} has {len(unknown)} class folders that {Path(root) / 'train'} "
+                f"lacks: {unknown[:10]}; both splits must use the training classes"
+            )
+        missing = sorted(set(class_to_idx) - present, key=natural_key)
+        if missing:
+            warnings.warn(
+                f"image folder {folder} has no images of {len(missing)} of the {len(class_to_idx)} "
+                f"training classes: {missing[:10]}; the others keep their training indices",
+                stacklevel=2,
+            )
     try:
-        dataset = ImageDataset(str(folder), transform=transform)
+        dataset = ImageDataset(str(folder), transform=transform, class_map=class_to_idx)
     except Exception as e:  # noqa: BLE001 - timm raises RuntimeError/AssertionError for empty folders
         raise ValueError(f"cannot read image folder {folder}: {e}; expected {_IMAGEFOLDER_LAYOUT}") from e
     if len(dataset) == 0:
@@ -185,7 +245,7 @@ def synthetic(
 def num_classes_of(dataset: Dataset) -> int:
     """Number of classes of a dataset made by :func:`build_dataset`."""
     if isinstance(dataset, ImageDataset):
-        return len(dataset.reader.class_to_idx)
+        return len(dataset.reader.class_to_idx)  # the training classes, also for val (see folder_classes)
     return dataset.num_classes
 
 
@@ -268,6 +328,13 @@ def build_loader(
     """
     if is_training:
         sampler = EpochSampler(dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
+        if len(sampler) < batch_size:  # drop_last would leave no batch at all
+            fix = f"set train.batch_size to at most {len(sampler)} or " if len(sampler) else ""
+            raise ValueError(
+                f"the training set has {len(dataset)} samples, {len(sampler)} per process on "
+                f"{world_size} process(es), fewer than one batch (train.batch_size={batch_size}); "
+                f"{fix}use more data"
+            )
     else:
         sampler = range(rank, len(dataset), world_size)
     return DataLoader(

@@ -144,7 +144,8 @@ def export_onnx(
 
     Returns:
         The report. Raises ValueError for a model with training-only modules left or a tensor of rank > 5,
-        RuntimeError when onnxruntime disagrees with PyTorch or the int8 file with the float32 one.
+        RuntimeError when onnxruntime disagrees with PyTorch or the int8 file with the float32 one; then nothing
+        is written (the file is exported under a temporary name, checked, then renamed).
     """
     import onnx
 
@@ -167,7 +168,7 @@ def export_onnx(
     def write(tmp: str) -> None:
         with tempfile.TemporaryDirectory(dir=Path(path).parent) as work:
             float_path = tmp if quantize == "none" else os.path.join(work, "float32.onnx")
-            report.max_rel_err = _export_float(model, x, float_path, opset, tolerance)
+            report.max_rel_err = _export_float(model, x, float_path, opset, tolerance, str(path))
             if quantize != "none":
                 _quantize_checked(float_path, tmp, report, calibration, check_batches or [x], check_data, min_agreement)
             proto = onnx.load(tmp)
@@ -178,9 +179,9 @@ def export_onnx(
     return report
 
 
-def _export_float(model: nn.Module, x: torch.Tensor, path: str, opset: int, tolerance: float) -> float:
+def _export_float(model: nn.Module, x: torch.Tensor, path: str, opset: int, tolerance: float, target: str) -> float:
     """Export in the graph layout; the max relative error of onnxruntime against PyTorch (RuntimeError above
-    ``tolerance``)."""
+    ``tolerance``, naming ``target``, the file that is then not written)."""
     from .int8 import onnx_predictor
 
     y = model(x)
@@ -195,7 +196,8 @@ def _export_float(model: nn.Module, x: torch.Tensor, path: str, opset: int, tole
     err = ErrorStats.of(y, onnx_predictor(path)(x)).max_rel_err
     if err > tolerance:
         raise RuntimeError(
-            f"export_onnx: onnxruntime output differs from PyTorch's: max rel err {err:.2e} > {tolerance:.0e}"
+            f"export_onnx: onnxruntime output differs from PyTorch's: max rel err {err:.2e} > {tolerance:.0e} "
+            f"({target} not written)"
         )
     return err
 
@@ -219,5 +221,5 @@ def _quantize_checked(
         raise RuntimeError(
             f"export_onnx: the {report.quantize} int8 model agrees with float32 on only "
             f"{report.int8.argmax_agreement:.2%} of {report.int8.samples} {check_data} inputs "
-            f"(< {min_agreement:.0%}); nothing written"
+            f"(< {min_agreement:.0%}); {report.path} not written"
         )

@@ -245,13 +245,35 @@ class PartitionPerceptron(nn.Module):
 
 
 def _kernel_spec(spec: int | Sequence[int]) -> tuple[int, int]:
-    """A local-perceptron branch spec: ``k`` or ``(k, dilation)``."""
-    k, d = (spec, 1) if isinstance(spec, int) else tuple(spec)
+    """A local-perceptron branch spec: ``k`` or ``(k, dilation)``, integers, k odd."""
+    parts = [spec] if isinstance(spec, int) else list(spec) if isinstance(spec, (list, tuple)) else None
+    if (
+        parts is None
+        or len(parts) not in (1, 2)
+        or not all(isinstance(p, int) and not isinstance(p, bool) for p in parts)
+    ):
+        raise ValueError(
+            f"reparam_conv_k entries must be odd integer kernel sizes k or (k, dilation) pairs of "
+            f"integers, got {spec!r}"
+        )
+    k, d = (parts + [1])[:2]
     if k < 1 or k % 2 == 0 or d < 1:
         raise ValueError(
             f"reparam_conv_k entries must be odd kernel sizes k >= 1 or (k, dilation >= 1) pairs, got {spec!r}"
         )
-    return int(k), int(d)
+    return k, d
+
+
+def _kernel_specs(specs: Sequence[int | Sequence[int]] | None) -> list[tuple[int, int]]:
+    """All branch specs of ``reparam_conv_k`` (a list of them: ``(1, 3)``, not ``3``)."""
+    if specs is None:
+        return []
+    if not isinstance(specs, (list, tuple)):
+        raise ValueError(
+            f"reparam_conv_k must be a list of odd kernel sizes (e.g. [1, 3], or [3] for one branch; "
+            f"[] for none), got {specs!r}"
+        )
+    return [_kernel_spec(k) for k in specs]
 
 
 class LocalPerceptron(nn.Module):
@@ -347,7 +369,7 @@ class RepMLP(nn.Module):
         self.H, self.W, self.h, self.w = H, W, h, w
         self.hp, self.wp = H // h, W // w
         self.fc3_groups = fc3_groups
-        kernels = [_kernel_spec(k) for k in (reparam_conv_k or ())]
+        kernels = _kernel_specs(reparam_conv_k)
         self.reparam_conv_k = kernels
 
         self.global_perceptron = None

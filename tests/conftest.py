@@ -47,3 +47,40 @@ def load_tool(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# A tiny Fashion-MNIST-shaped model trained for one epoch on synthetic 28x28 images (4 steps): a run directory as
+# tools/train.py leaves it, for the tests of what the tools do with the files of a run.
+TINY_RUN = [
+    "model.name=repmlp_fmnist_mlp",
+    "model.kwargs={widths: [4, 8], head_hidden_size: 16}",
+    "data.dataset=synthetic",
+    "data.num_workers=0",
+    "data.synthetic={num_samples: 32, num_classes: 4}",
+    "data.train_transform={color_jitter: null}",
+    "optimizer.lr=0.05",
+    "train.epochs=1",
+    "train.batch_size=8",
+    "train.eval_batch_size=32",
+    "train.threads=1",
+    "train.progress=false",
+]
+
+
+def train_tiny(out_dir, *overrides, resume=False):
+    """Train the tiny run into ``out_dir`` in this process (keeping the process's thread count)."""
+    from repmlp.training import load_config, train
+
+    threads = torch.get_num_threads()
+    try:
+        return train(load_config(None, [*TINY_RUN, *overrides, f"train.output_dir={out_dir}"]), resume=resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished tiny run's output directory (treat as read-only: copy it to change it)."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    assert train_tiny(out)["equivalence"]["passed"]
+    return out

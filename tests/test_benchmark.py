@@ -11,8 +11,8 @@ from torch import nn
 from repmlp import RepMLP, convert_to_deploy
 from repmlp.authors import AuthorsRepMLP, authors_deploy_form
 from repmlp.benchmark import fc3_weight_bytes
-from repmlp.models import model_input_size
 from repmlp.layers import ConvBN
+from repmlp.models import model_input_size
 from repmlp.verify import randomize_bn_stats
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -103,3 +103,30 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         repmlp.save_checkpoint(_block(), path)
     assert path.read_bytes() == before and len(list(tmp_path.iterdir())) == 1
+
+
+def test_wrong_values_are_refused_before_loading(tmp_path, caplog):
+    """Integer tensors for float parameters and NaN/Inf are errors naming the tensors; fp16 loads with a note."""
+    state = _block().state_dict()
+    cases = {
+        "int64": (
+            {**state, "partition_perceptron.fc3.weight": state["partition_perceptron.fc3.weight"].long()},
+            "integer tensors .*partition_perceptron.fc3.weight",
+        ),
+        "nan": (
+            {**state, "partition_perceptron.fc3.weight": state["partition_perceptron.fc3.weight"] * float("nan")},
+            "NaN or Inf values in .*partition_perceptron.fc3.weight",
+        ),
+    }
+    for label, (bad, match) in cases.items():
+        path = tmp_path / f"{label}.pth"
+        torch.save(bad, path)
+        before = path.read_bytes()
+        with pytest.raises(ValueError, match=match):
+            repmlp.load_checkpoint(_block(), path)
+        assert path.read_bytes() == before
+    repmlp.load_checkpoint(_block(), tmp_path / "nan.pth", allow_nonfinite=True)  # the debugging opt-out
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "fp16.pth")
+    with caplog.at_level("WARNING", logger="repmlp"):
+        repmlp.load_checkpoint(_block(), tmp_path / "fp16.pth")
+    assert "lower precision" in caplog.text

@@ -40,14 +40,21 @@ def _write_fmnist(root, n_train=6, n_test=4, gz=True):
     return arrays
 
 
-def _write_cifar10(root, per_batch=2):
+def _write_cifar10(root, per_batch=2, protocol=pickle.DEFAULT_PROTOCOL):
+    """Batches as distributed (protocol 2, numpy.core names as Python 2's numpy wrote them) or in a newer protocol."""
     rng = np.random.default_rng(1)
     rows = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, per_batch).tolist()
-        with open(root / name, "wb") as f:
-            pickle.dump({b"data": data, b"labels": labels}, f)
+        batch = {
+            b"batch_label": b"training batch",
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [b"x.png"] * per_batch,
+        }
+        blob = pickle.dumps(batch, protocol=protocol)
+        (root / name).write_bytes(blob.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
         rows[name] = data, labels
     return rows
 
@@ -85,8 +92,9 @@ def test_fashion_mnist_missing_files_name_the_layout(tmp_path):
         build_dataset("fashion_mnist", "train", str(tmp_path / "nowhere"))
 
 
-def test_cifar10_batches_in_pixel_order(tmp_path):
-    rows = _write_cifar10(tmp_path)
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar10_batches_in_pixel_order(tmp_path, protocol):
+    rows = _write_cifar10(tmp_path, protocol=protocol)
     train, test = build_dataset("cifar10", "train", str(tmp_path)), build_dataset("cifar10", "val", str(tmp_path))
     assert len(train) == 10 and len(test) == 2
     img, label = test[1]

@@ -89,3 +89,14 @@ def test_export_tool(tmp_path, capsys):
     torch.testing.assert_close(
         torch.tensor(onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[0].dim_value), torch.tensor(2)
     )
+
+
+def test_a_failed_check_writes_nothing(tmp_path):
+    """The file is exported under a temporary name and renamed only once checked: an earlier file stays as it was."""
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"an earlier export")
+    with pytest.raises(RuntimeError, match="model.onnx not written"):
+        export_onnx(_deploy(_block()), out, input_size=(8, 12, 10), tolerance=-1.0)  # no error can be below -1
+    assert out.read_bytes() == b"an earlier export" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+    export_onnx(_deploy(_block()), out, input_size=(8, 12, 10))
+    assert onnx.load(str(out)).graph.input[0].name == "input"

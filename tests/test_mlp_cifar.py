@@ -43,41 +43,6 @@ def test_pure_mlp_matches_the_paper_parameter_count():
     assert abs(_params(deploy) - 22.41e6) < 0.01e6
 
 
-@pytest.mark.parametrize(
-    "name,input_size,features",
-    [
-        ("repmlp_cifar_mlp", (3, 32, 32), 64),
-        ("repmlp_cifar_wideconv", (3, 32, 32), 128),
-        ("repmlp_fmnist_mlp", (1, 28, 28), 48),
-    ],
-)
-def test_timm_model_api(name, input_size, features):
-    model = timm.create_model(name, num_classes=7).eval()
-    x = torch.randn(2, *input_size)
-    feats = model.forward_features(x)
-    assert feats.shape == (2, features, *model.pretrained_cfg["pool_size"])
-    assert model.forward_head(feats, pre_logits=True).shape == (2, 512)
-    assert model(x).shape == (2, 7) and model.get_classifier().out_features == 7
-    model.reset_classifier(3)
-    assert model(x).shape == (2, 3)
-    model.reset_classifier(0)
-    assert model(x).shape == (2, 512)
-    assert model.group_matcher()["stem"] == r"^stem"
-    cfg = model.pretrained_cfg
-    assert cfg["input_size"] == input_size and cfg["fixed_input_size"] and cfg["first_conv"] == "stem.conv"
-    assert cfg["classifier"] == "fc" and {"mean", "std", "crop_pct", "interpolation"} <= set(cfg)
-
-
-def test_grad_checkpointing_and_features_only():
-    model = timm.create_model("repmlp_fmnist_mlp", num_classes=4).train()
-    model.set_grad_checkpointing()
-    model(torch.randn(2, 1, 28, 28)).sum().backward()
-    assert model.stages[0][1][0].partition_perceptron.fc3.weight.grad is not None
-    features = timm.create_model("repmlp_fmnist_mlp", features_only=True).eval()
-    assert [f.shape[1:] for f in features(torch.randn(1, 1, 28, 28))] == [(48, 14, 14), (48, 7, 7)]
-    assert features.feature_info.reduction() == [2, 4]
-
-
 def test_wrong_input_size_names_the_expected_one():
     model = timm.create_model("repmlp_fmnist_mlp").eval()
     with pytest.raises(ValueError, match=r"\(N, 1, 28, 28\)"):
@@ -95,10 +60,10 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 def test_shipped_fashion_mnist_cfg_takes_images_as_they_are():
     cfg = timm.models.get_pretrained_cfg(SHIPPED).to_dict()
     assert cfg["input_size"] == (1, 28, 28) and cfg["crop_pct"] == 1.0 and len(cfg["mean"]) == 1
-    assert Path(cfg["file"]).parent == pretrained_dir() and not cfg.get("hf_hub_id")
+    assert not Path(cfg["file"]).is_absolute() and (pretrained_dir() / cfg["file"]).is_file()
+    assert not cfg.get("hf_hub_id")
 
 
-@pytest.mark.skipif(not (pretrained_dir() / "manifest.json").is_file(), reason="no shipped weights yet")
 def test_shipped_weights_load_offline_in_both_forms():
     manifest = json.loads((pretrained_dir() / "manifest.json").read_text())
     entries = [e for e in manifest if f"{e['model']}.{e['tag']}" == SHIPPED]

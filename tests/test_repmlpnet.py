@@ -7,12 +7,12 @@ import json
 import pytest
 import timm
 import torch
-from conftest import REFERENCE, TOL, official_state_dict, rel_err
+from conftest import REFERENCE, TOL, rel_err
 from safetensors.torch import load_file
 
 import repmlp
-from repmlp.layers import partition, unpartition
 from repmlp.authors import authors_inference_form
+from repmlp.layers import partition, unpartition
 from repmlp.models.repmlpnet import RepMLPBlock
 from repmlp.verify import randomize_bn_stats
 
@@ -146,33 +146,6 @@ def test_features_and_pre_logits_are_exact_in_the_deploy_form():
         assert rel_err(a, b) <= 1e-5
 
 
-def test_timm_model_api():
-    model = _tiny(seed=5)
-    x = torch.randn(1, 3, 64, 64)
-    feats = model.forward_features(x)
-    assert feats.shape == (1, 128, 2, 2) and model(x).shape == (1, 10)
-    assert model.get_classifier().out_features == 10
-    deploy = repmlp.convert_to_deploy(model)
-    deploy.reset_classifier(5)
-    assert deploy(x).shape == (1, 5)
-    deploy.reset_classifier(0)
-    assert rel_err(model.forward_head(feats, pre_logits=True), deploy(x)) <= 1e-5
-    assert model.group_matcher()["stem"] == r"^stem"
-    cfg = timm.models.get_pretrained_cfg("repmlpnet_b256").to_dict()
-    assert cfg["input_size"] == (3, 256, 256) and cfg["fixed_input_size"] and cfg["crop_pct"] == 1.0
-    assert cfg["interpolation"] == "bilinear" and cfg["first_conv"] == "stem.conv" and cfg["classifier"] == "head"
-    assert cfg["custom_load"] and {"mean", "std"} <= set(cfg)
-
-
-def test_grad_checkpointing_trains():
-    model = timm.create_model("repmlpnet_t224", **TINY).train()
-    model.set_grad_checkpointing()
-    model(torch.randn(2, 3, 64, 64)).sum().backward()
-    unit = model.stages[2].blocks[1]
-    assert unit.repmlp.channel_perceptron.fc3.weight.grad is not None
-    assert unit.repmlp.local_perceptron.branches[1].conv.weight.grad is not None
-
-
 def test_authors_inference_form_is_the_same_function():
     model = _tiny(seed=6)
     x = torch.randn(2, 3, 64, 64)
@@ -226,49 +199,6 @@ def test_locality_injected_checkpoint_is_refused_by_the_train_form():
     file = str(REFERENCE / "repmlpnet_tiny_deploy.safetensors")
     with pytest.raises(ValueError, match="deploy-form"):
         timm.create_model("repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=file), **TINY)
-
-
-def test_our_train_checkpoint_into_deploy_model_is_converted(tmp_path):
-    train = _tiny(seed=7)
-    path = tmp_path / "train.safetensors"
-    repmlp.save_checkpoint(train, path)
-    deploy = timm.create_model(
-        "repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), deploy=True, **TINY
-    ).eval()
-    assert repmlp.verify_equivalence(train, deploy, input_size=(3, 64, 64)).passed
-    path = tmp_path / "deploy.safetensors"
-    repmlp.save_checkpoint(deploy, path)
-    again = timm.create_model(
-        "repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), deploy=True, **TINY
-    )
-    assert all(torch.equal(a, b) for a, b in zip(deploy.state_dict().values(), again.state_dict().values()))
-
-
-def test_official_t224_layouts_load(tmp_path):
-    state = official_state_dict("keys_RepMLPNet-T224_train.txt")
-    path = _save(state, tmp_path / "train.pth", "module")
-    model = timm.create_model("repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=path))
-    unit = model.stages[3].blocks[1]
-    assert torch.equal(
-        unit.repmlp.channel_perceptron.fc3.weight.flatten(), state["stages.3.1.repmlp_block.fc3.weight"].flatten()
-    )
-    assert torch.equal(
-        unit.repmlp.local_perceptron.branches[1].conv.weight, state["stages.3.1.repmlp_block.repconv3.conv.weight"]
-    )
-    assert torch.equal(model.stages[3].downsample.conv.weight, state["embeds.2.conv.weight"])
-    state = official_state_dict("keys_RepMLPNet-T224_deploy.txt")
-    path = _save(state, tmp_path / "deploy.pth", "model")
-    deploy = timm.create_model("repmlpnet_t224", pretrained=True, pretrained_cfg_overlay=dict(file=path), deploy=True)
-    assert _bn_count(deploy) == 0
-    assert torch.equal(
-        deploy.stages[3].blocks[1].repmlp.channel_perceptron.fc3.bias.flatten(),
-        state["stages.3.1.repmlp_block.fc3.bias"],
-    )
-
-
-def test_pretrained_without_a_file_is_an_error():
-    with pytest.raises(ValueError, match="pretrained_cfg_overlay"):
-        timm.create_model("repmlpnet_t224", pretrained=True)
 
 
 def test_stage_arguments_must_agree():

@@ -1,10 +1,12 @@
 """Command-line tools run end to end."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import load_tool
 
 import repmlp
@@ -25,24 +27,17 @@ def test_convert_deploy_from_a_train_checkpoint(tmp_path):
     model = randomize_bn_stats(timm.create_model("repmlp_fmnist_mlp"), seed=5)
     weights, out = tmp_path / "train.safetensors", tmp_path / "deploy.safetensors"
     repmlp.save_checkpoint(model, weights)
-    res = _run(
-        "tools/convert_deploy.py",
-        "--model",
-        "repmlp_fmnist_mlp",
-        "--weights",
-        str(weights),
-        "--output",
-        str(out),
-        "--batch-size",
-        "3",
-    )
+    res = _run("tools/convert_deploy.py", "--weights", str(weights), "--output", str(out), "--batch-size", "3")
     assert res.returncode == 0, res.stderr
     assert "PASS (float32)" in res.stdout and "PASS (float64)" in res.stdout
     assert "params" in res.stdout and "MACs" in res.stdout
-    assert read_metadata(out) == {
+    meta = read_metadata(out)
+    assert json.loads(meta.pop("model_kwargs"))["widths"] == [24, 48]  # the constructor arguments, recorded
+    assert meta == {
         "model": "repmlp_fmnist_mlp",
         "form": "deploy",
         "format": "pt",
+        "num_classes": "10",
         "source": f"weights {weights}",
     }
     deploy = timm.create_model(
@@ -68,5 +63,35 @@ def test_convert_deploy_bad_arguments(tmp_path, capsys):
     truncated.write_bytes(b"\x10\x00\x00")
     assert tool.main(["--model", "repmlp_fmnist_mlp", "--weights", str(truncated)]) == 2
     assert f"cannot read weights file {truncated}" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--weights needs --model"):
-        tool.main(["--weights", "x.pth"])
+    authors = tmp_path / "authors.pth"
+    torch.save({"w": torch.zeros(1)}, authors)
+    assert tool.main(["--weights", str(authors)]) == 2
+    assert "does not record its model" in capsys.readouterr().err
+
+
+def test_tools_rebuild_the_model_from_a_runs_files_alone(tiny_run, tmp_path, capsys):
+    """--weights FILE alone, train or deploy form: model, classes, arguments, form and dataset come from the file."""
+    import json
+
+    pytest.importorskip("onnxruntime")
+    evaluate, convert, export = load_tool("eval"), load_tool("convert_deploy"), load_tool("export_onnx")
+    expected = json.loads((tiny_run / "final.json").read_text())["equivalence"]
+    converted = tmp_path / "converted.safetensors"
+    assert convert.main(["--weights", str(tiny_run / "model_train.safetensors"), "--output", str(converted)]) == 0
+    files = [
+        ("train", tiny_run / "model_train.safetensors"),
+        ("deploy", tiny_run / "model_deploy.safetensors"),
+        ("deploy", converted),
+    ]
+    for form, path in files:
+        capsys.readouterr()
+        assert evaluate.main(["--checkpoint", str(path), "--no-progress"]) == 0
+        metrics = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert (metrics["form"], metrics["dataset"], metrics["count"]) == (form, "synthetic", 32)
+        assert metrics["top1"] == pytest.approx(expected[f"{form}_top1"])
+        onnx_file = tmp_path / f"{path.stem}.onnx"
+        assert export.main(["--weights", str(path), "--output", str(onnx_file)]) == 0
+        assert onnx_file.stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(  # no temporary file left behind
+        ["converted.safetensors", "converted.onnx", "model_train.onnx", "model_deploy.onnx"]
+    )

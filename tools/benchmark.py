@@ -17,6 +17,7 @@ default models the shipped Fashion-MNIST model (its weights and test images), re
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -28,7 +29,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
 
 from repmlp.benchmark import DTYPES, FORMS, BenchmarkConfig, format_table, plot, run_benchmark  # noqa: E402
+from repmlp.checkpoint import atomic_write  # noqa: E402
+from repmlp.guards import check_output_file  # noqa: E402
 from repmlp.int8 import INT8_FORMS, Int8BenchmarkConfig, format_int8_table, run_int8_benchmark  # noqa: E402
+
+
+def count(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"  # argparse names the type in its messages
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8BenchmarkConfig, dict[str, str | None]]:
@@ -37,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
     p.add_argument(
         "--models",
         nargs="+",
-        help="timm names or package.module:factory of models with RepMLP blocks (timed in --forms); "
-        f"default {' '.join(d.models)} (with --int8: {' '.join(Int8BenchmarkConfig.models)})",
+        help="timm names or package.module:factory of models with RepMLP blocks (timed in --forms); default "
+        f"{' '.join(d.models)} (with --int8: {' '.join(Int8BenchmarkConfig.models)})",
     )
     p.add_argument("--int8", action="store_true", help="time int8 against float32 forms (see above)")
     p.add_argument(
@@ -65,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
     p.add_argument(
         "--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="input size (default: each model's own)"
     )
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=list(d.batch_sizes))
+    p.add_argument("--batch-sizes", type=count(1), nargs="+", default=list(d.batch_sizes))
     p.add_argument("--device", default=d.device, help="cpu or cuda[:i]")
     p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
     p.add_argument(
@@ -76,15 +92,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
     )
     p.add_argument("--compile", action="store_true", help="torch.compile every candidate (outputs are checked)")
     p.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune")
-    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (default 2)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed calls per candidate after the first")
-    p.add_argument("--rounds", type=int, default=d.rounds, help="timed, interleaved rounds")
-    p.add_argument("--matmul-size", type=int, help="n of the reference n^3 matmul (default 1024 CPU, 8192 CUDA)")
+    p.add_argument("--threads", type=count(1), default=d.threads, help="CPU threads (default 2)")
+    p.add_argument("--warmup", type=count(0), default=d.warmup, help="untimed calls per candidate after the first")
+    p.add_argument("--rounds", type=count(1), default=d.rounds, help="timed, interleaved rounds")
+    p.add_argument("--matmul-size", type=count(1), help="n of the reference n^3 matmul (default 1024 CPU, 8192 CUDA)")
     p.add_argument("--no-macs", dest="macs", action="store_false", help="skip fvcore MAC counts")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory measurement")
     p.add_argument(
         "--convert-rounds",
-        type=int,
+        type=count(0),
         default=d.convert_rounds,
         help="time the train -> deploy conversion this many times per model (0: skip)",
     )
@@ -119,6 +135,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
 
 def main(argv: list[str] | None = None) -> int:
     cfg, outputs = parse_args(argv)
+    try:  # refused before the (long) measurement
+        for flag, path in outputs.items():
+            if path:
+                check_output_file(path, what=f"--{flag}")
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if isinstance(cfg, Int8BenchmarkConfig):
         with tempfile.TemporaryDirectory() as workdir:
@@ -128,12 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         report = run_benchmark(cfg, log=log)
         print(format_table(report))
     if outputs["json"]:
-        Path(outputs["json"]).parent.mkdir(parents=True, exist_ok=True)
-        Path(outputs["json"]).write_text(json.dumps(report, indent=1))
+        text = json.dumps(report, indent=1)
+        atomic_write(outputs["json"], lambda tmp: Path(tmp).write_text(text))
         print(f"wrote {outputs['json']}")
     if outputs["png"]:
-        Path(outputs["png"]).parent.mkdir(parents=True, exist_ok=True)
-        plot(report, outputs["png"])
+        png = io.BytesIO()
+        plot(report, png)  # to memory: matplotlib takes the format from a file name, the temporary one has none
+        atomic_write(outputs["png"], lambda tmp: Path(tmp).write_bytes(png.getvalue()))
         print(f"wrote {outputs['png']}")
     return 0
 

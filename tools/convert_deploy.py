@@ -8,11 +8,11 @@ a seeded random model with randomised BatchNorm statistics, labelled as such.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 import warnings
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
@@ -21,9 +21,12 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import repmlp  # noqa: E402
+from repmlp.checkpoint import read_metadata  # noqa: E402
 from repmlp.flops import count_macs, count_params  # noqa: E402
+from repmlp.guards import check_output_file  # noqa: E402
 from repmlp.int8 import format_ranges, weight_ranges  # noqa: E402
 from repmlp.shipped import shipped_models  # noqa: E402
+from repmlp.training.builders import model_from_checkpoint  # noqa: E402
 from repmlp.verify import randomize_bn_stats  # noqa: E402
 
 RANDOM_DEFAULT = "repmlp_res50_light_224"
@@ -31,8 +34,22 @@ RANDOM_DEFAULT = "repmlp_res50_light_224"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help=f"timm model name (default: the shipped model, else a random {RANDOM_DEFAULT})")
-    p.add_argument("--weights", help="train-form checkpoint: ours (.safetensors) or the authors' (.pth)")
+    p.add_argument(
+        "--model",
+        help="timm model name (default: the checkpoint's metadata; without --weights: the "
+        f"shipped model, else a random {RANDOM_DEFAULT})",
+    )
+    p.add_argument(
+        "--weights",
+        help="train-form checkpoint: ours (.safetensors; model, classes and arguments read "
+        "from its metadata) or the authors' (.pth; needs --model)",
+    )
+    p.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON constructor arguments, e.g. '{\"num_classes\": 10}' (default: the checkpoint's)",
+    )
     p.add_argument("--output", help="deploy-form .safetensors to write (default: output/<model>_deploy.safetensors)")
     p.add_argument("--batch-size", type=int, default=2, help="random inputs for the check (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random model and inputs")
@@ -46,35 +63,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_train_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str, str]:
-    """The train-form model, its timm name and a label saying where its weights come from."""
-    shipped = [e for e in shipped_models() if e["form"] == "train"]
+    """The train-form model, its name and a label saying where its weights come from."""
     if args.weights:
-        if not args.model:
-            raise SystemExit("--weights needs --model (the timm name the checkpoint was trained as)")
-        model = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=args.weights))
-        return model, args.model, f"weights {args.weights}"
+        model = model_from_checkpoint(args.weights, args.model, model_kwargs=args.model_kwargs)
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or args.model.replace(":", "_")
+        return model, name, f"weights {args.weights}"
+    shipped = [e for e in shipped_models() if e["form"] == "train"]
     entry = next((e for e in shipped if not args.model or e["model"] == args.model), None)
-    if entry:
+    if entry and not args.model_kwargs:
         name = f"{entry['model']}.{entry['tag']}"
         return timm.create_model(name, pretrained=True), entry["model"], f"shipped weights {name}"
     name = args.model or RANDOM_DEFAULT
     torch.manual_seed(args.seed)
-    model = randomize_bn_stats(timm.create_model(name), args.seed)
+    model = randomize_bn_stats(timm.create_model(name, **args.model_kwargs), args.seed)
     return model, name, f"RANDOM weights (seed {args.seed}) with randomised BN statistics, no trained model"
+
+
+def deploy_metadata(args: argparse.Namespace, model: torch.nn.Module, source: str) -> dict[str, str]:
+    """What the deploy-form file records so that tools can rebuild it alone: the train-form file's dataset and
+    config, the constructor arguments used and the number of classes."""
+    saved = read_metadata(args.weights) if args.weights else {}
+    meta = {k: v for k, v in saved.items() if k in ("dataset", "config")}
+    kwargs = {**json.loads(saved.get("model_kwargs", "{}")), **args.model_kwargs}
+    for key in ("num_classes", "deploy"):
+        kwargs.pop(key, None)
+    meta.update(model_kwargs=json.dumps(kwargs), source=source)
+    if isinstance(getattr(model, "num_classes", None), int):
+        meta["num_classes"] = str(model.num_classes)
+    return meta
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.output:  # refused before anything is read
+            check_output_file(args.output, [args.weights])
         model, name, source = load_train_model(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        if repmlp.is_deploy_form(model):
+            raise ValueError(f"{args.weights or name} is already in deploy form; nothing to convert")
+        output = check_output_file(args.output or f"output/{name}_deploy.safetensors", [args.weights])
+    except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     model.eval()
-    if repmlp.is_deploy_form(model):
-        raise SystemExit(f"{name}: the model is already in deploy form; nothing to convert")
     input_size = tuple(model.pretrained_cfg["input_size"])
-    output = Path(args.output or f"output/{name}_deploy.safetensors")
     print(f"model   {name} ({source})")
 
     start = time.perf_counter()
@@ -102,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     if not all(r.passed for r in reports):
         print(f"NOT written: the deploy form does not match the train form ({output})", file=sys.stderr)
         return 1
-    repmlp.save_checkpoint(deploy, output, model_name=name, form="deploy", metadata={"source": source})
+    meta = deploy_metadata(args, model, source)
+    repmlp.save_checkpoint(deploy, output, model_name=name, form="deploy", metadata=meta)
     print(f"wrote   {output}")
     return 0
 

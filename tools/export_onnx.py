@@ -20,7 +20,6 @@ import os
 import sys
 import time
 import warnings
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
@@ -29,17 +28,34 @@ import torch  # noqa: E402
 
 import repmlp  # noqa: E402
 from repmlp.export import export_onnx  # noqa: E402
+from repmlp.guards import check_output_file  # noqa: E402
 from repmlp.int8 import QUANTIZE_MODES, data_batches, default_calibration  # noqa: E402
 from repmlp.models import load_model  # noqa: E402
 from repmlp.shipped import shipped_file  # noqa: E402
+from repmlp.training.builders import model_from_checkpoint  # noqa: E402
 from repmlp.verify import randomize_bn_stats  # noqa: E402
+
+RANDOM_DEFAULT = "repmlp_res50_light_224"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="repmlp_res50_light_224", help="timm name or package.module:factory")
-    p.add_argument("--weights", help="checkpoint to load (train or deploy form, ours or the authors')")
-    p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON kwargs for the model factory")
+    p.add_argument(
+        "--model",
+        help="timm name or package.module:factory (default: the checkpoint's metadata; "
+        f"without --weights: a random {RANDOM_DEFAULT})",
+    )
+    p.add_argument(
+        "--weights",
+        help="checkpoint to load, train or deploy form: ours (model, classes, arguments and "
+        "form read from its metadata) or the authors' (needs --model)",
+    )
+    p.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON kwargs for the model factory (default: the checkpoint's)",
+    )
     p.add_argument("--output", help="the .onnx file (default: output/<model>_deploy.onnx)")
     p.add_argument("--batch-size", type=int, default=1, help="batch of the exported (static) input shape")
     p.add_argument("--opset", type=int, default=17)
@@ -76,30 +92,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    base, _, tag = args.model.partition(".")
-    if args.weights:
-        model = load_model(
-            args.model, pretrained=True, pretrained_cfg_overlay=dict(file=args.weights), **args.model_kwargs
-        )
-        source = f"weights {args.weights}"
-    elif ":" not in args.model and tag and shipped_file(base, tag):
-        model = load_model(args.model, pretrained=True, **args.model_kwargs)
-        source = f"shipped weights {args.model}"
-    else:
-        model = randomize_bn_stats(load_model(args.model, **args.model_kwargs), args.seed)
-        source = f"RANDOM weights (seed {args.seed}) with randomised BN statistics"
-    print(f"model   {args.model} ({source})")
+    try:
+        if args.output:  # refused before anything is read
+            check_output_file(args.output, [args.weights])
+        base, _, tag = (args.model or "").partition(".")
+        if args.weights:
+            model = model_from_checkpoint(args.weights, args.model, model_kwargs=args.model_kwargs)
+            source = f"weights {args.weights}"
+        elif tag and ":" not in args.model and shipped_file(base, tag):
+            model = load_model(args.model, pretrained=True, **args.model_kwargs)
+            source = f"shipped weights {args.model}"
+        else:
+            model = randomize_bn_stats(load_model(args.model or RANDOM_DEFAULT, **args.model_kwargs), args.seed)
+            source = f"RANDOM weights (seed {args.seed}) with randomised BN statistics"
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or args.model or RANDOM_DEFAULT
+        name = args.model if source.startswith("shipped") else name  # with its tag
+        suffix = "deploy" if args.quantize == "none" else f"int8_{args.quantize}"
+        output = check_output_file(args.output or f"output/{name.replace(':', '_')}_{suffix}.onnx", [args.weights])
+    except (ValueError, OSError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"model   {name} ({source})")
     model.eval()
     if not repmlp.is_deploy_form(model):
         start = time.perf_counter()
         model = repmlp.convert_to_deploy(model, inplace=True)
         print(f"convert {time.perf_counter() - start:.3f} s")
-    suffix = "deploy" if args.quantize == "none" else f"int8_{args.quantize}"
-    output = Path(args.output or f"output/{args.model.replace(':', '_')}_{suffix}.onnx")
-    output.parent.mkdir(parents=True, exist_ok=True)
     int8 = {}
     if args.quantize != "none":
-        data = args.calibration or default_calibration(args.model)
+        data = args.calibration or default_calibration(args.model or "")
         label = data if data != "random" else "random (no dataset for this model: calibration is only indicative)"
         print(f"data    {label}")
         calibration = data_batches(data, model, args.batch_size, args.calibration_samples, "train", args.seed)

@@ -3,7 +3,7 @@
 
 Examples:
     python tools/train.py --config configs/fmnist_repmlp.yaml
-    python tools/train.py --config configs/fmnist_repmlp.yaml --set train.epochs=2 --set optimizer.lr=0.1
+    python tools/train.py --config configs/fmnist_repmlp.yaml --set train.epochs=2 --optimizer.lr 0.1
     python tools/train.py --config configs/fmnist_repmlp.yaml --resume      # continue a killed run
     torchrun --nproc_per_node 2 tools/train.py --config configs/cifar10_mlp.yaml
 """
@@ -37,24 +37,48 @@ def main(argv: list[str] | None = None) -> int:
         const=True,
         default=False,
         metavar="STATE",
-        help="continue from <output_dir>/last.pth, or from the given training state file",
+        help="continue from <output_dir>/last_state.safetensors, or from the given training state file",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an output directory that holds an earlier run, deleting its files",
     )
     args, extra = parser.parse_known_args(argv)
-    overrides = list(args.overrides)
-    for item in extra:  # dotted flags: --train.epochs=2
-        if not item.startswith("--") or "=" not in item:
-            parser.error(f"unrecognised argument {item!r}; use --set section.key=value or --section.key=value")
-        overrides.append(item[2:])
+    try:
+        overrides = list(args.overrides) + dotted_flags(extra)
+    except ValueError as err:
+        parser.error(str(err))
     if args.output:
         overrides.append(f"train.output_dir={args.output}")
     try:
         cfg = load_config(args.config, overrides)
     except ValueError as err:
         parser.error(str(err))
-    summary = train(cfg, resume=args.resume)
+    try:
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if summary.get("interrupted"):
         return 130
     return 0 if summary.get("equivalence", {}).get("passed", True) else 1
+
+
+def dotted_flags(items: list[str]) -> list[str]:
+    """``--train.epochs=2`` and ``--train.epochs 2`` as overrides 'train.epochs=2'."""
+    overrides, items = [], list(items)
+    while items:
+        item = items.pop(0)
+        if not item.startswith("--") or "." not in item.split("=")[0]:
+            raise ValueError(f"unrecognised argument {item!r}; use --set section.key=value or --section.key value")
+        if "=" in item:
+            overrides.append(item[2:])
+        elif items and not items[0].startswith("--"):
+            overrides.append(f"{item[2:]}={items.pop(0)}")
+        else:
+            raise ValueError(f"{item} needs a value: {item} VALUE or {item}=VALUE")
+    return overrides
 
 
 if __name__ == "__main__":

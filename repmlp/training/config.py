@@ -128,7 +128,59 @@ def set_value(cfg: dict, dotted_key: str, value: Any) -> None:
             f"unknown config key {dotted_key!r}; valid keys: "
             f"{sorted('.'.join(path + [k]) for k in node) if isinstance(node, dict) else 'none'}"
         )
+    _check_type(dotted_key, value)
     node[leaf] = value
+
+
+_MINIMUM = {"train.epochs": 1, "train.batch_size": 1, "train.eval_batch_size": 1}
+_KINDS = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping",
+    type(None): "null",
+}
+
+
+def _default(dotted_key: str) -> Any:
+    node: Any = DEFAULTS
+    for part in dotted_key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _fits(default: Any, value: Any) -> bool:
+    """True when ``value`` may replace ``default``: any value for a None default, an integer for a float."""
+    if default is None:
+        return True
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int) and not isinstance(default, bool):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def _check_type(dotted_key: str, value: Any) -> None:
+    """Raise unless ``value`` fits the key's default (see :func:`_fits`), so a typo fails before training starts."""
+    default = _default(dotted_key)
+    if isinstance(default, dict) and isinstance(value, dict):
+        for key, sub_value in value.items():
+            _check_type(f"{dotted_key}.{key}", sub_value)
+    if _fits(default, value):
+        if dotted_key in _MINIMUM and value < _MINIMUM[dotted_key]:
+            raise ValueError(f"config value {dotted_key}={value!r} must be at least {_MINIMUM[dotted_key]}")
+        return
+    hint = ""
+    if isinstance(value, str) and _fits(default, _parse_value(value.strip("'\""))):
+        hint = f"; write it without quotes: {dotted_key}={value.strip(chr(39) + chr(34))}"
+    raise ValueError(
+        f"config value {dotted_key}={value!r} must be {_KINDS[type(default)]} like its default "
+        f"{default!r}, not {_KINDS.get(type(value), type(value).__name__)}{hint}"
+    )
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:

@@ -160,12 +160,13 @@ def evaluate(
     env: DistEnv,
     dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Cross-entropy loss, top-1 and top-5 accuracy (%) over the whole dataset (all ranks' shares)."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     loss_sum, correct1, correct5, seen = 0.0, 0.0, 0.0, 0
-    for x, y in loader:
+    for x, y in tqdm(loader, desc="eval", dynamic_ncols=True, disable=not (progress and env.is_main), mininterval=1.0):
         x, y = _to_device(x, y, env.device, channels_last)
         with autocast(env.device, dtype):
             out = model(x)

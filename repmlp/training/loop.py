@@ -22,18 +22,30 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import atomic_write, save_checkpoint
 from ..convert import convert_to_deploy, is_deploy_form
 from ..data import build_loader, num_classes_of
+from ..guards import check_writable_dir
 from ..quantize import finish_qat, prepare_qat
 from .builders import build_data, build_datasets, build_loss, build_model
 from .distributed import DistEnv, barrier, cleanup_distributed, init_distributed, weight_divergence
 from .engine import TrainStep, amp_dtype, compare_forms, evaluate, train_one_epoch
 from .metrics_log import MetricsLog
-from .state import STATE_FILE, load_training_state, rng_states, save_training_state
+from .state import LEGACY_STATE_FILE, STATE_FILE, load_training_state, rng_states, save_training_state
 
 #: Minimum argmax agreement between train and deploy form on the validation set.
 MIN_AGREEMENT = 0.9995
+#: What a run writes in its output directory; any of them there means an earlier run.
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "metrics.png",
+    STATE_FILE,
+    LEGACY_STATE_FILE,
+    "final.json",
+    "model_train.safetensors",
+    "model_deploy.safetensors",
+)
 
 
 class StopFlag:
@@ -94,17 +106,21 @@ def hardware(env: DistEnv) -> str:
     )
 
 
-def train(cfg: dict, resume: bool | str = False) -> dict[str, Any]:
+def train(cfg: dict, resume: bool | str = False, overwrite: bool = False) -> dict[str, Any]:
     """Run training as configured; returns the final summary (also written to ``final.json``).
 
     Args:
         cfg: a config from :func:`repmlp.training.load_config`.
-        resume: False, True (``<output_dir>/last.pth``) or a training-state path.
+        resume: False, True (``<output_dir>/last_state.safetensors``) or a training-state path.
+        overwrite: start afresh in an output directory that holds an earlier run, deleting that run's files
+            (without it such a directory is refused, untouched).
     """
     env = init_distributed(cfg["train"]["device"])
     try:
+        check_output_dir(Path(cfg["train"]["output_dir"]), resume, overwrite)
+        barrier(env)  # every rank has looked before rank 0 writes anything
         run = build_run(cfg, env)
-        start = restore(run, resume) if resume else _start_fresh(run)
+        start = restore(run, resume) if resume else _start_fresh(run, overwrite)
         interrupted = fit(run, *start)
         return interrupted or finish(run)
     finally:
@@ -167,23 +183,81 @@ def build_run(cfg: dict, env: DistEnv) -> Run:
     return Run(cfg, env, model, ddp_model, train_loader, val_loader, step, num_epochs, num_classes)
 
 
-def _start_fresh(run: Run) -> tuple[int, int, int, None]:
+def earlier_run_files(out_dir: Path) -> list[str]:
+    """Names of the files of an earlier run in ``out_dir``."""
+    return [name for name in RUN_FILES if (out_dir / name).exists()]
+
+
+def check_output_dir(out_dir: Path, resume: bool | str, overwrite: bool) -> None:
+    """Refuse, before any work, an output directory that cannot be written, or one that holds an earlier run
+    when neither resuming nor overwriting."""
+    if resume and overwrite:
+        raise ValueError(
+            "--resume continues the run in the output directory and --overwrite replaces it: give one of them"
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"train.output_dir {out_dir} is a file; give a directory")
+    check_writable_dir(out_dir, f"train.output_dir {out_dir}")
+    found = earlier_run_files(out_dir)
+    if found and not resume and not overwrite:
+        raise FileExistsError(
+            f"train.output_dir {out_dir} holds an earlier run ({', '.join(found)}); continue it "
+            "with --resume, replace it with --overwrite, or give another --output directory"
+        )
+
+
+def _start_fresh(run: Run, overwrite: bool = False) -> tuple[int, int, int, None]:
     if run.env.is_main:
         run.out_dir.mkdir(parents=True, exist_ok=True)
-        (run.out_dir / "config.json").write_text(json.dumps(run.cfg, indent=2))
+        if overwrite:
+            for name in earlier_run_files(run.out_dir):
+                (run.out_dir / name).unlink()
+        text = json.dumps(run.cfg, indent=2)
+        atomic_write(run.out_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
     return 0, 0, 0, None
 
 
+def schedule_settings(run: Run) -> dict[str, Any]:
+    """The settings the LR schedule is a function of (besides the update count)."""
+    return {
+        "train.epochs": run.cfg["train"]["epochs"],
+        "optimizer.lr": run.cfg["optimizer"]["lr"],
+        "updates_per_epoch": len(run.train_loader),
+        **{f"scheduler.{k}": v for k, v in run.cfg["scheduler"].items()},
+    }
+
+
 def restore(run: Run, resume: bool | str) -> tuple[int, int, int, dict]:
-    """Load the training state; returns (epoch, step in epoch, optimizer updates, RNG states)."""
+    """Load the training state; returns (epoch, step in epoch, optimizer updates, RNG states).
+
+    Changed schedule settings (e.g. more ``train.epochs``) rebuild the LR schedule for the new settings, at the
+    saved position.
+    """
     path = run.out_dir / STATE_FILE if resume is True else Path(resume)
     s = run.step
-    state = load_training_state(path, run.model, s.optimizer, s.scheduler, s.ema, s.scaler)
+    state = load_training_state(path, run.model, s.optimizer, s.scheduler, s.ema, s.scaler, schedule_settings(run))
+    if state["epoch"] > run.num_epochs:
+        raise ValueError(
+            f"cannot resume from {path}: it has done {state['epoch']} epochs but this run is "
+            f"configured for {run.num_epochs}; set train.epochs to at least {state['epoch']}"
+        )
+    changes = state["schedule_changes"]
+    if changes and s.scheduler is not None:
+        s.scheduler.step(state["epoch"])  # set the LR the rebuilt schedule has at the saved position
+        s.scheduler.step_update(num_updates=state["num_updates"])
     rng = state["rng"][run.env.rank] if isinstance(state["rng"], list) else state["rng"]
     run.elapsed = state.get("elapsed", 0.0)
     if run.env.is_main:
         MetricsLog(run.out_dir).truncate(state["epoch"])
         print(f"resumed from {path}: epoch {state['epoch']}, step {state['step_in_epoch']}", flush=True)
+        if changes:
+            what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            print(
+                f"note: schedule settings changed since the state was saved ({what}): the LR schedule is rebuilt "
+                f"for the new settings and continues from update {state['num_updates']} (LR now "
+                f"{s.optimizer.param_groups[0]['lr']:.3g})",
+                flush=True,
+            )
     return state["epoch"], state["step_in_epoch"], state["num_updates"], rng
 
 
@@ -273,7 +347,7 @@ def _save_state(run: Run, epoch: int, step_in_epoch: int, num_updates: int) -> N
             epoch,
             step_in_epoch,
             num_updates,
-            extra={"elapsed": run.elapsed, "rng": rng},
+            extra={"elapsed": run.elapsed, "rng": rng, "schedule": schedule_settings(run)},
         )
     barrier(run.env)
 
@@ -290,7 +364,8 @@ def finish(run: Run) -> dict[str, Any]:
     if run.env.is_main:
         model = run.step.ema.module if export_ema else run.model
         summary.update(export(model, run.cfg, run.val_loader.dataset, run.num_classes, run.out_dir))
-        (run.out_dir / "final.json").write_text(json.dumps(summary, indent=2))
+        text = json.dumps(summary, indent=2)
+        atomic_write(run.out_dir / "final.json", lambda tmp: Path(tmp).write_text(text))
         print(json.dumps(summary), flush=True)
     barrier(run.env)
     return summary

@@ -1,20 +1,31 @@
-"""Resumable training state: model, optimizer, scheduler, EMA, AMP scaler, position and RNG states,
-written atomically (temporary file, then rename) so a run killed mid-write keeps its last good state."""
+"""Resumable training state: model, optimizer, scheduler, EMA, AMP scaler, position and RNG states, written
+atomically (temporary file, then rename) so a run killed mid-write keeps its last good state.
+
+The file holds no pickle, so resuming never runs code from it: one safetensors file whose tensors are the
+state's tensors and whose metadata holds everything else as JSON, tensors replaced by their names.
+"""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 from timm.utils import unwrap_model
 from torch import nn
 
 from ..checkpoint import atomic_write
 
-STATE_FILE = "last.pth"
+STATE_FILE = "last_state.safetensors"
+LEGACY_STATE_FILE = "last.pth"  # pickled by earlier versions; never loaded
+_FORMAT = "repmlp-training-state-1"
+# Tags of the JSON nodes that stand for what JSON has no type for; a dict with one of these keys is stored as items.
+_TAGS = ("__tensor__", "__tuple__", "__items__", "__ndarray__")
 
 
 def rng_states() -> dict[str, Any]:
@@ -31,6 +42,97 @@ def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], storages: set[int], where: str) -> Any:
+    """A JSON-able tree for ``obj``; its tensors are moved into ``tensors`` under numbered names."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in storages:  # safetensors refuses shared storage
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        name = str(len(tensors))
+        tensors[name] = t
+        return {"__tensor__": name}
+    if isinstance(obj, np.ndarray) and obj.dtype != object:
+        return {"__ndarray__": [str(obj.dtype), list(obj.shape), obj.ravel().tolist()]}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, storages, f"{where}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, storages, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and k not in _TAGS for k in obj):
+            return {k: _encode(v, tensors, storages, f"{where}.{k}") for k, v in obj.items()}
+        return {
+            "__items__": [
+                [_encode(k, tensors, storages, where), _encode(v, tensors, storages, f"{where}[{k!r}]")]
+                for k, v in obj.items()
+            ]
+        }
+    raise TypeError(f"training state: cannot store a {type(obj).__name__!r} (at {where}) without pickle")
+
+
+def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(node, list):
+        return [_decode(v, tensors) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if len(node) == 1 and next(iter(node)) in _TAGS:
+        tag, value = next(iter(node.items()))
+        if tag == "__tensor__":
+            return tensors[value]
+        if tag == "__tuple__":
+            return tuple(_decode(v, tensors) for v in value)
+        if tag == "__items__":
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in value}
+        dtype, shape, data = value
+        return np.array(data, dtype=np.dtype(dtype)).reshape(shape)
+    return {k: _decode(v, tensors) for k, v in node.items()}
+
+
+def write_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Write a tree of dicts, lists, tuples, numbers, strings, numpy arrays and tensors without pickle."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = json.dumps(_encode(state, tensors, set(), "state"))
+    meta = {"format": _FORMAT, "state": tree}
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """Read what :func:`write_state` wrote; any other file is a ValueError (nothing in it is executed)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"cannot resume: {path} is a directory; give the training state file "
+            f"(<output_dir>/{STATE_FILE}) or just --resume"
+        )
+    if not path.is_file():
+        hint = ""
+        if (path.parent / LEGACY_STATE_FILE).is_file():
+            hint = (
+                f"; {path.parent / LEGACY_STATE_FILE} is a pickled state of an earlier version, which is never "
+                "loaded since unpickling can run code: restart the run"
+            )
+        raise ValueError(f"cannot resume: training state {path} not found (written as <output_dir>/{STATE_FILE}){hint}")
+    try:
+        with safetensors.safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (safetensors.SafetensorError, OSError, ValueError) as err:
+        raise ValueError(
+            f"cannot resume from {path}: not a training state written by this package (a "
+            f"{_FORMAT} safetensors file); nothing in it was loaded or run ({err})"
+        ) from err
+    if meta.get("format") != _FORMAT or "state" not in meta:
+        raise ValueError(
+            f"cannot resume from {path}: a safetensors file but not a training state (format "
+            f"{meta.get('format')!r}, expected {_FORMAT!r})"
+        )
+    return _decode(json.loads(meta["state"]), tensors)
 
 
 def save_training_state(
@@ -62,7 +164,7 @@ def save_training_state(
         "rng": rng_states(),
         **(extra or {}),
     }
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    write_state(path, state)
 
 
 def load_training_state(
@@ -72,25 +174,32 @@ def load_training_state(
     scheduler: Any,
     ema: nn.Module | None,
     scaler: torch.amp.GradScaler | None,
+    schedule: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Restore the objects in place from ``path``; returns the rest (epoch, step_in_epoch, num_updates, rng, ...).
 
-    The file is our own training state (it holds optimizer and RNG objects), so it is unpickled in full:
-    only resume from files you wrote.
+    ``schedule`` holds the settings the LR schedule is built from; where they differ from the saved run's,
+    ``scheduler`` is kept as built (rebuilt for the new settings) and the differences are returned under
+    'schedule_changes' as {setting: [saved, now]}.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"cannot resume: training state {path} not found (written as <output_dir>/{STATE_FILE})")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_state(path)
+    saved_schedule = state.pop("schedule", None)
+    changes = {
+        k: [(saved_schedule or {}).get(k), v]
+        for k, v in (schedule or {}).items()
+        if saved_schedule is not None and saved_schedule.get(k) != v
+    }
     unwrap_model(model).load_state_dict(state.pop("model"))
     optimizer.load_state_dict(state.pop("optimizer"))
     for obj, key in ((scheduler, "scheduler"), (ema, "ema"), (scaler, "scaler")):
         saved = state.pop(key)
         if obj is not None and saved is not None:
-            obj.load_state_dict(saved)
+            if key != "scheduler" or not changes:
+                obj.load_state_dict(saved)
         elif (obj is None) != (saved is None):
             raise ValueError(
                 f"cannot resume from {path}: it was written {'with' if saved is not None else 'without'} "
                 f"a {key}, but this run is configured {'with' if obj is not None else 'without'} one"
             )
+    state["schedule_changes"] = changes
     return state

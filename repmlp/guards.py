@@ -1,0 +1,76 @@
+"""Guards on the files the tools write: an output is never one of the inputs, and it is checked writable before
+the work starts, so that a refusal comes first and touches nothing (the writes themselves go through
+:func:`repmlp.checkpoint.atomic_write`)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when ``a`` and ``b`` name one file: the same resolved path, or the same inode (hard links)."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_dir(directory: str | os.PathLike, what: str) -> None:
+    """Raise unless files can be created in ``directory`` (or, where it does not exist yet, in its nearest
+    existing ancestor, where it will be made).
+
+    The check writes and removes one empty temporary file: permission bits alone do not tell (root, read-only
+    mounts, ACLs).
+    """
+    existing = _nearest_existing(Path(directory))
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            f"{what}: {existing} is a file, not a directory; choose an output path whose parent folders are directories"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".repmlp-write-check.", dir=existing)
+    except OSError as err:
+        raise PermissionError(
+            f"{what}: cannot write in {existing} ({err.strerror}); choose a writable location"
+        ) from err
+    os.close(fd)
+    os.remove(probe)
+
+
+def check_output_file(
+    output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), what: str = "--output"
+) -> Path:
+    """Refuse, before any work, an output file that is one of ``inputs``, a directory, read-only or in a place
+    that cannot be written; returns it as a Path.
+
+    Args:
+        output: the file a tool is about to write (replaced atomically when it exists).
+        inputs: the files the tool reads (None entries are skipped).
+        what: the argument name used in messages, e.g. '--output'.
+    """
+    path = Path(output)
+    for source in inputs:
+        if source is not None and same_file(path, source):
+            raise ValueError(
+                f"{what} {path} is the input file {source}: writing it would destroy the input; "
+                "choose another output path"
+            )
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a directory; give the path of a file (inside it, or elsewhere)")
+    if path.exists() and not (path.stat().st_mode & 0o222 and os.access(path, os.W_OK)):
+        raise PermissionError(f"{what} {path} exists and is read-only; make it writable or choose another path")
+    check_writable_dir(path.parent, f"{what} {path}")
+    return path
