@@ -120,7 +120,7 @@ def export_onnx(
     calibration: Iterable[torch.Tensor] = (),
     check_batches: Sequence[torch.Tensor] | None = None,
     check_data: str = "random",
-    min_agreement: float = 0.99,
+    min_agreement: float = 0.97,
     reduce_range: bool | None = None,
 ) -> ExportReport:
     """Export a deploy-form model at its fixed input size in the graph layout, optionally int8, and check the file.

@@ -61,13 +61,23 @@ def data_batches(
     return list(images.split(batch_size))
 
 
-def default_calibration(model_name: str) -> str:
-    """The dataset a shipped model was trained on (``pretrained/manifest.json``), else ``'random'``."""
+def default_calibration(model_name: str | None, weights: str | Path | None = None) -> str:
+    """The data a model was trained on: the dataset (and root) a checkpoint of ours records, else a shipped
+    ``NAME.TAG``'s dataset (``pretrained/manifest.json``), else ``'random'``."""
+    import json
+
+    from .checkpoint import read_metadata
     from .shipped import shipped_models
 
-    base, _, tag = model_name.partition(".")
-    entry = next((e for e in shipped_models() if e["model"] == base and (not tag or e["tag"] == tag)), None)
-    return entry["dataset"] if entry and tag else "random"
+    if weights is not None:
+        meta = read_metadata(weights)
+        data = json.loads(meta.get("config", "{}")).get("data", {})
+        dataset = meta.get("dataset") or data.get("dataset")
+        if dataset and dataset != "synthetic":
+            return ":".join(filter(None, (dataset, data.get("root"))))
+    base, _, tag = (model_name or "").partition(".")
+    entry = next((e for e in shipped_models() if e["model"] == base and e["tag"] == tag), None)
+    return entry["dataset"] if entry else "random"
 
 
 # ------------------------------------------------------------------------------------------------ onnxruntime

@@ -142,7 +142,7 @@ def test_export_tool_quantizes_the_shipped_model_on_its_dataset(tmp_path, capsys
     assert "static int8" in printed and "on 256 fashion_mnist (val) inputs: argmax agreement" in printed
 
 
-def test_eval_tool_runs_onnx_and_pytorch_int8(tmp_path, capsys):
+def test_eval_tool_runs_an_onnx_file(tmp_path, capsys):
     path = tmp_path / "f.onnx"
     export_onnx(
         _deploy(timm.create_model("repmlp_fmnist_mlp", widths=(4, 8), head_hidden_size=16)),

@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             model = timm.create_model(
                 args.model, pretrained=bool(args.pretrained), deploy=args.form == "deploy", **args.model_kwargs
             )
-            file = model.pretrained_cfg.get("file")
+            tagged = args.pretrained or "." in args.model  # --onnx of NAME.TAG: made from the shipped weights
+            file = model.pretrained_cfg.get("file") if tagged else None
             meta = read_metadata(resolve_weights(file)) if file and resolve_weights(file).is_file() else {}
         else:
             model = model_from_checkpoint(args.checkpoint, args.model, args.form, args.model_kwargs)

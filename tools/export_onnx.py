@@ -79,7 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=256,
         help="held-out images (or random inputs) on which int8 is compared with float32",
     )
-    p.add_argument("--min-agreement", type=float, default=0.99, help="least int8/float32 argmax agreement to write")
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.97,
+        help="least int8/float32 argmax agreement to write: a check against broken quantization (the shipped model "
+        "agrees on 99.3%% of the test set, so 256 images may see 1-2%% flips); accuracy: tools/eval.py --onnx",
+    )
     p.add_argument(
         "--reduce-range",
         choices=("auto", "on", "off"),
@@ -120,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convert {time.perf_counter() - start:.3f} s")
     int8 = {}
     if args.quantize != "none":
-        data = args.calibration or default_calibration(args.model or "")
+        data = args.calibration or default_calibration(args.model, args.weights)
         label = data if data != "random" else "random (no dataset for this model: calibration is only indicative)"
         print(f"data    {label}")
         calibration = data_batches(data, model, args.batch_size, args.calibration_samples, "train", args.seed)
@@ -135,9 +141,19 @@ def main(argv: list[str] | None = None) -> int:
             reduce_range=reduce_range,
         )
     start = time.perf_counter()
-    report = export_onnx(
-        model, output, batch_size=args.batch_size, opset=args.opset, tolerance=args.tolerance, seed=args.seed, **int8
-    )
+    try:
+        report = export_onnx(
+            model,
+            output,
+            batch_size=args.batch_size,
+            opset=args.opset,
+            tolerance=args.tolerance,
+            seed=args.seed,
+            **int8,
+        )
+    except RuntimeError as err:  # a check failed: nothing written
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"export  {time.perf_counter() - start:.1f} s")
     print(f"check   {report}")
     return 0
