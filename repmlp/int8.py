@@ -122,10 +122,6 @@ def quantize_onnx(
     if mode not in ("dynamic", "static"):
         raise ValueError(f"quantize mode must be 'dynamic' or 'static', got {mode!r}")
     common = dict(per_channel=True, reduce_range=resolve_reduce_range(reduce_range), weight_type=QuantType.QInt8)
-    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process: shape inference is done at export
-    if mode == "dynamic":
-        quantize_dynamic(str(src), str(dst), **common)
-        return
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -135,15 +131,17 @@ def quantize_onnx(
             x = next(self.batches, None)
             return None if x is None else {"input": x.numpy()}
 
-    quantize_static(
-        str(src),
-        str(dst),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QUInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-        **common,
-    )
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it advises pre-processing (shape inference), which the export has done
+    try:
+        if mode == "dynamic":
+            quantize_dynamic(str(src), str(dst), **common)
+        else:
+            static = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8)
+            quantize_static(str(src), str(dst), Reader(), calibrate_method=CalibrationMethod.MinMax, **static, **common)
+    finally:
+        root.setLevel(level)
 
 
 @dataclass

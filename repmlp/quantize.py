@@ -83,7 +83,7 @@ def cpu_has_vnni() -> bool:
 
 
 def resolve_reduce_range(reduce_range: bool | None) -> bool:
-    """``reduce_range`` as given, or (None) on where this CPU lacks VNNI."""
+    """``reduce_range`` as given; None: on where this CPU lacks VNNI."""
     return not cpu_has_vnni() if reduce_range is None else reduce_range
 
 
@@ -202,8 +202,8 @@ def insert_fc3_bn(model: nn.Module, batches: Iterable[torch.Tensor], reduce_rang
     The authors' recommended route ("insert a BN after fc3 and finetune to recover the accuracy"). Each BN starts
     from the statistics of its FC3's outputs on ``batches`` with ``gamma = sqrt(var + eps)`` and ``beta = mean``,
     so the model computes the same function in eval mode and nearly so with batch statistics. Fold the BNs back
-    with :func:`fold_fc3_bn` (not ``convert_to_deploy``, which treats these blocks as already converted).
-    Returns the number of BNs inserted.
+    with :func:`fold_fc3_bn`, which also removes the fake quantization (``convert_to_deploy`` knows neither, and a
+    RepMLPNet block's conversion assumes a train-form FC3 without bias). Returns the number of BNs inserted.
     """
     perceptrons = []
     for _, block in fc3_blocks(model):
