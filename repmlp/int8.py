@@ -201,26 +201,33 @@ def quantize_pytorch(
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from .export import graph_layout
-
     if mode not in ("dynamic", "static"):
         raise ValueError(f"quantize mode must be 'dynamic' or 'static', got {mode!r}")
     reduce_range = resolve_reduce_range(reduce_range)
-    with torch.no_grad(), graph_layout(model.eval()):
-        exported = torch.export.export(model, (example,)).module()
     quantizer = x86.X86InductorQuantizer().set_global(
         x86.get_default_x86_inductor_quantization_config(is_dynamic=mode == "dynamic", reduce_range=reduce_range)
     )
-    prepared = prepare_pt2e(exported, quantizer)
+    prepared = prepare_pt2e(export_graph(model, example), quantizer)
     with torch.no_grad():
         for x in calibration if mode == "static" else [example]:
             prepared(x)
     converted = convert_pt2e(prepared)
-    if not compile:
-        return converted
-    compiled = torch.compile(converted)
-    # compiled here, on the first call, with the weights frozen into the graph and prepacked for oneDNN (passing
-    # freezing as a torch.compile option instead fails on quantized convs in torch 2.14)
+    return compile_frozen(converted, example) if compile else converted
+
+
+def export_graph(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``torch.export`` of ``model`` in the graph layout, fixed to ``example``'s shape (as an ``nn.Module``)."""
+    from .export import graph_layout
+
+    with torch.no_grad(), graph_layout(model.eval()):
+        return torch.export.export(model, (example,)).module()
+
+
+def compile_frozen(graph: nn.Module, example: torch.Tensor):
+    """``torch.compile`` (inductor) of an exported graph, compiled now on ``example`` with its weights frozen into
+    the graph (prepacked for oneDNN)."""
+    compiled = torch.compile(graph)
+    # freezing as a torch.compile option instead fails on quantized convs in torch 2.14
     with torch._inductor.config.patch(freezing=True), torch.no_grad():
         compiled(example)
     return compiled
@@ -389,18 +396,15 @@ def _int8_candidates(
     log,
 ) -> dict[str, object]:
     """A ``tensor -> logits`` callable per form, all for inputs of ``x``'s shape (ONNX files written in ``workdir``)."""
-    from .export import export_onnx, graph_layout
+    from .export import export_onnx
 
     out: dict[str, object] = {}
     for form in forms:
         runtime, precision = form.split(" ", 1)
         if form == "pytorch fp32":
             out[form] = model
-        elif form == "pytorch fp32 compiled":  # same graph layout as the int8 graphs, weights frozen
-            compiled = torch.compile(model)
-            with graph_layout(model), torch._inductor.config.patch(freezing=True), torch.no_grad():
-                compiled(x)
-            out[form] = compiled
+        elif form == "pytorch fp32 compiled":  # the float32 twin of the int8 graphs: exported, compiled, frozen
+            out[form] = compile_frozen(export_graph(model, x), x)
         elif runtime == "pytorch":
             out[form] = quantize_pytorch(model, x, precision.split()[-1], calibration)
         else:
