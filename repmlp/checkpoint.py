@@ -16,6 +16,7 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from .convert import convert_to_deploy, is_deploy_form, reparameterizable
+from .shipped import WEIGHTS_NAME, weights_file
 
 _logger = logging.getLogger(__name__)
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
@@ -83,7 +84,8 @@ def _constructor_metadata(model: nn.Module) -> dict[str, str]:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """Metadata of a safetensors file ({} for other formats)."""
+    """Metadata of a safetensors file or model folder ({} for other formats)."""
+    path = weights_file(path)
     if not str(path).endswith(".safetensors"):
         return {}
     with safetensors.safe_open(str(path), "pt") as f:
@@ -94,15 +96,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``).
 
     Unwraps {'model': ...} / {'state_dict': ...} checkpoints and strips a DistributedDataParallel
-    'module.' prefix.
+    'module.' prefix. A model folder (timm's ``local-dir:`` layout) names its ``model.safetensors``; a file
+    whose folder lists its sha256 (a shipped file) is checked against it.
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: the file is corrupted, truncated or not a checkpoint (the message names it).
     """
-    path = Path(path)
+    path = weights_file(path)
     if path.is_dir():
-        raise IsADirectoryError(f"weights path {path} is a directory; give the weights file (.safetensors or .pth)")
+        raise IsADirectoryError(
+            f"weights path {path} is a directory and no model folder; give the weights file (.safetensors or .pth) "
+            f"or a folder holding {WEIGHTS_NAME}"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
@@ -304,18 +310,23 @@ def _strict_load(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
 def route_pretrained_file(variant: str, pretrained: bool, kwargs: dict) -> None:
     """Send ``pretrained=True`` loads through the model's ``load_pretrained`` (our :func:`load_checkpoint`).
 
-    timm resets ``custom_load`` when ``pretrained_cfg_overlay`` names a file, so it is set again here; and
-    a model with no weights file configured is refused (timm would silently keep the random init).
+    timm resets ``custom_load`` when ``pretrained_cfg_overlay`` names a file, so it is set again here; a
+    ``local-dir:`` folder (timm reads it with its own loader) is loaded as a file too, so its checkpoint is
+    converted, adapted and hash-checked like any other; and a model with no weights file configured is refused
+    (timm would silently keep the random init).
     """
     if not pretrained:
         return
     import timm
 
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
-    if not {**timm.models.get_pretrained_cfg(variant).to_dict(), **overlay}.get("file"):
+    cfg = timm.models.resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
+    if not cfg.get("file"):
         raise ValueError(
             f"{variant}: no weights are shipped for this model; pass a file with "
             f"pretrained_cfg_overlay=dict(file=PATH) (ours or the authors' .pth/.safetensors)"
         )
     overlay.setdefault("custom_load", True)
+    if cfg.get("source") == "local-dir":
+        overlay["source"] = "file"
     kwargs["pretrained_cfg_overlay"] = overlay

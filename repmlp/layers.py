@@ -35,10 +35,12 @@ def _row_blocks(rows: int, row_numel: int) -> list[tuple[int, int]]:
     return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
+@torch.fx.wrap  # FX leaves (here and below): Python control flow on shapes and layouts, kept at run time
 def _is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+@torch.fx.wrap
 def partition(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(N, C, H, W) -> (N * hp * wp, C, h, w), partitions in (n, row, column) order; always a new tensor.
 
@@ -55,6 +57,7 @@ def partition(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.clone(memory_format=torch.contiguous_format).view(n * hp * wp, c, h, w)
 
 
+@torch.fx.wrap
 def unpartition(p: torch.Tensor, n: int, hp: int, wp: int, channels_last: bool = False) -> torch.Tensor:
     """Inverse of :func:`partition`: (N * hp * wp, C, h, w) -> (N, C, hp * h, wp * w), optionally channels_last."""
     c, h, w = p.shape[1:]
@@ -65,6 +68,24 @@ def unpartition(p: torch.Tensor, n: int, hp: int, wp: int, channels_last: bool =
     y = y.permute(0, 2, 3, 1, 4)  # (n*hp, c, h, wp, w)
     y = y.reshape(n, hp, c, h * wp * w).transpose(1, 2)  # (n, c, hp, h*W)
     return y.reshape(n, c, hp * h, wp * w)
+
+
+def shape_str(shape: list[int]) -> str:
+    """``(2, 3, 32, 32)``: a tensor shape as Python prints a tuple, in TorchScript too."""
+    return "(" + ", ".join([str(s) for s in shape]) + ")"
+
+
+@torch.fx.wrap
+def check_block_input(x: torch.Tensor, channels: int, H: int, W: int, h: int, w: int) -> torch.Tensor:
+    """``x``, if it is (N, channels, H, W), the input a RepMLP block is built for; else a ValueError.
+
+    Checks return their input for the caller to use: FX drops a call whose result is unused.
+    """
+    if x.dim() != 4 or x.shape[1] != channels or x.shape[2] != H or x.shape[3] != W:
+        raise ValueError(
+            f"RepMLP built for inputs (N, {channels}, {H}, {W}) with {h}x{w} partitions, got {shape_str(x.shape)}"
+        )
+    return x
 
 
 class ConvBN(nn.Module):
@@ -291,9 +312,11 @@ class LocalPerceptron(nn.Module):
         )
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
-        out = self.branches[0](p)
-        for branch in self.branches[1:]:
-            out = out + branch(p)
+        out: torch.Tensor | None = None
+        for branch in self.branches:  # no ModuleList slicing: TorchScript cannot
+            y = branch(p)
+            out = y if out is None else out + y
+        assert out is not None
         return out.reshape(p.shape[0], -1)
 
     def fused(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -387,16 +410,13 @@ class RepMLP(nn.Module):
         self.register_load_state_dict_pre_hook(_accept_authors_keys)
 
     @property
+    @torch.jit.unused  # Python-side introspection, not compiled by TorchScript
     def deploy(self) -> bool:
         gp = self.global_perceptron
         return self.partition_perceptron.deploy and self.local_perceptron is None and (gp is None or gp.deploy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, self.H, self.W):
-            raise ValueError(
-                f"RepMLP built for inputs (N, {self.in_channels}, {self.H}, {self.W}) with {self.h}x{self.w} "
-                f"partitions, got {tuple(x.shape)}"
-            )
+        x = check_block_input(x, self.in_channels, self.H, self.W, self.h, self.w)
         n, c = x.shape[:2]
         p = partition(x, self.h, self.w)
         if self.global_perceptron is not None:

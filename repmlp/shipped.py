@@ -1,39 +1,128 @@
-"""The weights shipped with the package: where they are, what the manifest says of them.
+"""The weights shipped with the package: where they are, how they are checked, how a shipped folder is written.
 
-One rule finds them: ``$REPMLP_PRETRAINED_DIR`` if set, else ``pretrained/`` beside the package.
-``pretrained/manifest.json`` lists every file ({model, tag, file, sha256, form, dataset, top1, config, command});
-the zoo's ``default_cfgs`` take their file names from it.
+One rule finds them: ``$REPMLP_PRETRAINED_DIR`` if set, else ``repmlp/pretrained/`` inside the installed
+package. They are package data, so a wheel (``pip install .``) carries them as a clone or an editable install
+does. Each shipped model is a folder ``<model>.<tag>/`` that timm's ``local-dir:`` loader reads:
+
+- ``config.json``: timm's format (``architecture``, ``num_classes``, ``pretrained_cfg``, ...) written from the
+  registry's ``pretrained_cfg``, plus ``files``: ``{name: {sha256, form}}``, the one record of the folder's files;
+- ``model.safetensors``: the train-form weights (the deploy form is converted from them on load, exactly);
+- ``README.md``: the model card (data, recipe, command, measured accuracy of both forms, licence).
+
+The registry's ``pretrained_cfg['file']`` names the folder relative to :func:`weights_dir`; every load of a file
+listed in a folder's ``config.json`` checks its sha256 (:func:`weights_file`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
+from torch import nn
+
 ENV_VAR = "REPMLP_PRETRAINED_DIR"
+WEIGHTS_NAME = "model.safetensors"  # the file timm's local-dir loader looks for first
+_SOURCE_KEYS = ("file", "url", "hf_hub_id", "hf_hub_filename", "source", "state_dict", "architecture")
 
 
 def weights_dir() -> Path:
-    """Directory of the shipped weights: ``$REPMLP_PRETRAINED_DIR`` or ``<repo>/pretrained``."""
-    return Path(os.environ.get(ENV_VAR) or Path(__file__).resolve().parent.parent / "pretrained")
+    """Directory of the shipped weights: ``$REPMLP_PRETRAINED_DIR`` or the package's ``pretrained/``."""
+    return Path(os.environ.get(ENV_VAR) or Path(__file__).resolve().parent / "pretrained")
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """A model folder's ``config.json`` ({} when there is none)."""
+    config = Path(folder) / "config.json"
+    return json.loads(config.read_text()) if config.is_file() else {}
 
 
 def shipped_models() -> list[dict]:
-    """Entries of the manifest; [] if there is none."""
-    manifest = weights_dir() / "manifest.json"
-    return json.loads(manifest.read_text()) if manifest.is_file() else []
+    """One entry per shipped file: {model, tag, folder, file (relative to :func:`weights_dir`), sha256, form}."""
+    entries = []
+    for config in sorted(weights_dir().glob("*/config.json")):
+        cfg, folder = read_config(config.parent), config.parent.name
+        for name, info in cfg.get("files", {}).items():
+            entries.append(
+                dict(
+                    model=cfg["architecture"],
+                    tag=cfg["pretrained_cfg"]["tag"],
+                    folder=folder,
+                    file=f"{folder}/{name}",
+                    **info,
+                )
+            )
+    return entries
 
 
-def shipped_file(model: str, tag: str, form: str = "train") -> str | None:
-    """File name (relative to :func:`weights_dir`) of a shipped model's weights in ``form``, or None."""
-    entry = next((e for e in shipped_models() if (e["model"], e["tag"], e["form"]) == (model, tag, form)), None)
-    return entry["file"] if entry else None
+def shipped_folder(model: str, tag: str) -> str | None:
+    """Folder (relative to :func:`weights_dir`) of a shipped model, or None."""
+    return next((e["folder"] for e in shipped_models() if (e["model"], e["tag"]) == (model, tag)), None)
 
 
 def resolve_weights(path: str | os.PathLike) -> Path:
-    """``path`` as given when it exists, else a shipped file of that name in :func:`weights_dir`."""
+    """``path`` as given when it exists, else the shipped file or folder of that name in :func:`weights_dir`."""
     path = Path(path)
-    if not path.exists() and not path.is_absolute() and (weights_dir() / path).is_file():
+    if not path.exists() and not path.is_absolute() and (weights_dir() / path).exists():
         return weights_dir() / path
     return path
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_file(path: str | os.PathLike) -> Path:
+    """The weights file ``path`` names (a model folder, one holding ``model.safetensors``, names that file),
+    checked against the sha256 its folder's ``config.json`` lists for it, if any.
+
+    Raises:
+        ValueError: the file does not match its listed sha256 (corrupted, truncated or replaced).
+    """
+    path = Path(path)
+    if path.is_dir() and (path / WEIGHTS_NAME).is_file():
+        path = path / WEIGHTS_NAME
+    listed = read_config(path.parent).get("files", {}).get(path.name)
+    if listed and path.is_file() and sha256(path) != listed["sha256"]:
+        raise ValueError(
+            f"weights file {path} is corrupted or was replaced: its sha256 {sha256(path)} is not the "
+            f"{listed['sha256']} listed in {path.parent / 'config.json'}; reinstall the package (or "
+            f"restore the file)"
+        )
+    return path
+
+
+def write_folder(model: nn.Module, folder: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model`` (train form) as a shipped folder: ``model.safetensors`` and ``config.json`` from its
+    ``pretrained_cfg`` (which names architecture and tag); a ``README.md`` model card is written by hand.
+
+    Returns:
+        The folder.
+    """
+    from .checkpoint import atomic_write, save_checkpoint  # checkpoint reads through this module
+    from .convert import is_deploy_form
+
+    folder = Path(folder)
+    cfg = dict(model.pretrained_cfg)
+    if is_deploy_form(model):
+        raise ValueError("write_folder: ships the train form (the deploy form is converted from it on load)")
+    if not cfg.get("tag"):
+        raise ValueError("write_folder: the model's pretrained_cfg has no tag (create it as timm name.tag)")
+    save_checkpoint(model, folder / WEIGHTS_NAME, model_name=cfg["architecture"], form="train", metadata=metadata)
+    config = {
+        "architecture": cfg["architecture"],
+        "num_classes": model.num_classes,
+        "num_features": model.num_features,
+        "global_pool": model.init_args.get("global_pool", "avg"),
+        "pretrained_cfg": {k: v for k, v in cfg.items() if k not in _SOURCE_KEYS and v is not None},
+        "files": {WEIGHTS_NAME: {"sha256": sha256(folder / WEIGHTS_NAME), "form": "train"}},
+    }
+    text = json.dumps(config, indent=2) + "\n"
+    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
+    return folder

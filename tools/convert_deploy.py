@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert a train-form checkpoint to its deploy form, prove the two agree, write it atomically.
 
-With no arguments: the model shipped in pretrained/ (see pretrained/manifest.json); if none is shipped,
+With no arguments: the model shipped with the package (repmlp/pretrained/, see repmlp.shipped); if none is shipped,
 a seeded random model with randomised BatchNorm statistics, labelled as such.
 """
 

@@ -5,7 +5,7 @@ Model, classes, arguments, form and dataset come from the checkpoint's metadata 
 arguments fill what a file does not record, and an argument that contradicts it is an error.
 
 Examples:
-    python tools/eval.py --checkpoint pretrained/repmlp_fmnist_mlp.fmnist.safetensors
+    python tools/eval.py --checkpoint repmlp/pretrained/repmlp_fmnist_mlp.fmnist
     python tools/eval.py --checkpoint runs/fmnist/model_train.safetensors --form deploy
     python tools/eval.py --model repmlp_fmnist_mlp.fmnist --pretrained
     python tools/eval.py --onnx output/repmlp_fmnist_mlp.fmnist_int8_static.onnx --model repmlp_fmnist_mlp.fmnist
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--checkpoint",
         "--weights",
         dest="checkpoint",
-        help="train- or deploy-form file written by this package (or the authors', with --model)",
+        help="train- or deploy-form file written by this package or a model folder (or the authors', with --model)",
     )
     source.add_argument("--pretrained", action="store_true", help="the shipped weights of --model NAME.TAG")
     source.add_argument(

@@ -1,12 +1,17 @@
-"""What every model of the zoo shares: timm's model API, the train-form twin and checkpoint loading."""
+"""What every model of the zoo shares: timm's model API, the train-form twin and checkpoint loading.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: FX copies ``forward``'s annotations into the graphs it traces,
+and TorchScript can only script those graphs when the annotations are real types, not strings.
+"""
 
 from collections.abc import Callable
 
 import torch
+from timm.layers import ClassifierHead
 from timm.models import checkpoint_seq
+from timm.models._features import feature_take_indices
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import load_checkpoint
 from ..convert import is_deploy_form
@@ -16,6 +21,9 @@ from ..shipped import resolve_weights
 class RepMLPModel(nn.Module):
     """Base of the zoo's models: ``stem`` -> ``stages`` -> ``head`` (a module with ``fc``, ``reset`` and
     ``forward(x, pre_logits)``), built from the constructor arguments it records.
+
+    ``feature_info`` lists the feature levels: the stages' outputs, preceded by the stem's output where a family
+    lists it (``module='stem'``; models with fewer than three stages do, so every model has at least three).
 
     A subclass's ``__init__`` starts with ``super().__init__(locals())``: the recorded arguments rebuild the
     model's train-form twin (:meth:`train_form_twin`), which is how a train-form checkpoint reaches a
@@ -32,11 +40,12 @@ class RepMLPModel(nn.Module):
         self.grad_checkpointing = False
 
     @property
+    @torch.jit.unused  # Python-side introspection, not compiled by TorchScript
     def deploy(self) -> bool:
         """True when no training-only module is left (derived from the modules, never stored)."""
         return is_deploy_form(self)
 
-    def train_form_twin(self) -> RepMLPModel:
+    def train_form_twin(self) -> "RepMLPModel":
         """A freshly initialised train-form model of the same architecture and classifier."""
         return type(self)(**{**self.init_args, "deploy": False})
 
@@ -62,16 +71,76 @@ class RepMLPModel(nn.Module):
             self.init_args["global_pool"] = global_pool
         self.head.reset(num_classes, global_pool)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ValueError naming both sizes unless ``x`` is an input the model is built for."""
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``, if it is an input the model is built for; else a ValueError naming both sizes."""
+        return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and stages."""
-        self.check_input(x)
+        x = self.check_input(x)
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.stages, x)
         return self.stages(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stem and stages, also returning the feature levels ``indices`` (timm's semantics).
+
+        Args:
+            x: input batch.
+            indices: the last n levels (int), the listed levels (negative from the end), or all (None).
+            norm: accepted for timm's API; no norm sits between the last stage and the head.
+            stop_early: stop after the last requested level.
+            output_fmt: 'NCHW' only.
+            intermediates_only: return only the levels.
+
+        Returns:
+            The levels, or (final features, levels); without ``stop_early`` the final features are
+            :meth:`forward_features`.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"{type(self).__name__}: output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        first = self._first_stage_level()
+        x = self.check_input(x)
+        x = self.stem(x)
+        intermediates = [x] if first and 0 in take_indices else []
+        stages = self.stages[: max_index + 1 - first] if stop_early else self.stages
+        for i, stage in enumerate(stages, start=first):
+            x = checkpoint(stage, x, use_reentrant=False) if self.grad_checkpointing else stage(x)
+            if i in take_indices:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last of the feature levels ``indices``, and the head (timm's semantics).
+
+        Returns:
+            The absolute indices of the kept levels.
+        """
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        self.stages = self.stages[: max_index + 1 - self._first_stage_level()]
+        prune_end = max_index < len(self.feature_info) - 1
+        if prune_end:  # features now end at the last kept level; the head is sized for the final ones
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:  # a parameter-free head that passes the features through
+            self.head = ClassifierHead(self.num_features, 0, pool_type="")
+            self.num_classes, self.head_hidden_size = 0, self.num_features
+        return take_indices
+
+    def _first_stage_level(self) -> int:
+        """Level of the first stage's output: 1 when the stem is listed as level 0, else 0."""
+        return int(self.feature_info[0]["module"] == "stem")
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """The head (``pre_logits``: the pooled features before the classifier)."""

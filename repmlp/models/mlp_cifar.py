@@ -19,8 +19,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from ..checkpoint import route_pretrained_file
-from ..layers import ConvBN, RepMLP
-from ..shipped import shipped_file
+from ..layers import ConvBN, RepMLP, shape_str
+from ..shipped import shipped_folder
 from ._base import RepMLPModel
 
 __all__ = ["MLPCifarNet"]
@@ -87,25 +87,43 @@ class MLPStage(nn.Sequential):
 
 
 class MlpHead(nn.Module):
-    """Pool, FC(C -> hidden)-BN-ReLU (as a 1x1 conv-BN), dropout, classifier."""
+    """Pool, FC(C -> hidden)-BN-ReLU (as a 1x1 conv-BN), dropout, classifier.
+
+    Without pooling (``pool_type=''``) every layer applies per position and the head returns maps, (N, hidden,
+    H, W) and (N, classes, H, W), as timm's heads with layers after the pooling do (``NormMlpClassifierHead``).
+    """
 
     def __init__(
         self, in_chs: int, hidden: int, num_classes: int, pool_type: str, drop_rate: float, deploy: bool = False
     ) -> None:
         super().__init__()
-        self.global_pool = SelectAdaptivePool2d(pool_type=pool_type)
+        self._set_pool(pool_type)
         self.pre_logits = ConvBN(in_chs, hidden, 1, act=True, deploy=deploy)
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
 
+    def _set_pool(self, pool_type: str) -> None:
+        pool = SelectAdaptivePool2d(pool_type=pool_type)
+        if pool.feat_mult() != 1:
+            raise ValueError(
+                f"MlpHead: global_pool={pool_type!r} changes the pooled width, which the FC after it "
+                f"is sized for; use 'avg', 'max', 'avgmax' or '' (no pooling)"
+            )
+        self.global_pool, self.per_position = pool, not pool_type
+        self.flatten = nn.Identity() if self.per_position else nn.Flatten(1)
+
     def reset(self, num_classes: int, pool_type: str | None = None) -> None:
         if pool_type is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type)
+            self._set_pool(pool_type)
         self.fc = nn.Linear(self.pre_logits.conv.out_channels, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(self.pre_logits(self.global_pool(x)).flatten(1))
-        return x if pre_logits else self.fc(x)
+        x = self.drop(self.flatten(self.pre_logits(self.global_pool(x))))
+        if pre_logits:
+            return x
+        if self.per_position:  # the classifier on each position's features
+            return self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(x)
 
 
 class MLPCifarNet(RepMLPModel):
@@ -173,16 +191,31 @@ class MLPCifarNet(RepMLPModel):
         self.feature_info = [
             dict(num_chs=out, reduction=stem_stride * 2**i, module=f"stages.{i}") for i, out in enumerate(outs)
         ]
+        if self.stem_is_level(len(widths)):
+            self.feature_info.insert(0, dict(num_chs=widths[0], reduction=stem_stride, module="stem"))
         self.num_features = outs[-1]
         self.head_hidden_size = head_hidden_size
         self.head = MlpHead(self.num_features, head_hidden_size, num_classes, global_pool, drop_rate, deploy)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_chans, self.img_size, self.img_size):
-            raise ValueError(
-                f"{type(self).__name__} is built for (N, {self.in_chans}, {self.img_size}, {self.img_size}) "
-                f"inputs (RepMLP blocks have a fixed size), got {tuple(x.shape)}"
-            )
+    @staticmethod
+    def stem_is_level(num_stages: int) -> bool:
+        """The stem's output is feature level 0 when there are fewer than three stages (timm's feature wrappers
+        expect at least three levels)."""
+        return num_stages < 3
+
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return _check_input(x, self.in_chans, self.img_size)
+
+
+@torch.fx.wrap  # FX leaf: a Python check on the traced shape, kept at run time
+def _check_input(x: torch.Tensor, chans: int, size: int) -> torch.Tensor:
+    """``x``, if it is (N, chans, size, size); else a ValueError naming both shapes."""
+    if x.dim() != 4 or x.shape[1] != chans or x.shape[2] != size or x.shape[3] != size:
+        raise ValueError(
+            f"MLPCifarNet is built for (N, {chans}, {size}, {size}) inputs (RepMLP blocks have a "
+            f"fixed size), got {shape_str(x.shape)}"
+        )
+    return x
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -195,9 +228,10 @@ MLPCifarNet.checkpoint_filter_fn = staticmethod(checkpoint_filter_fn)  # what lo
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> MLPCifarNet:
     route_pretrained_file(variant, pretrained, kwargs)
-    stages = tuple(range(len(kwargs["widths"])))
+    stages = len(kwargs["widths"])
+    levels = tuple(range(stages + MLPCifarNet.stem_is_level(stages)))
     return build_model_with_cfg(
-        MLPCifarNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=stages), **kwargs
+        MLPCifarNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=levels), **kwargs
     )
 
 
@@ -214,19 +248,48 @@ def _cfg(**kwargs) -> dict:
         "first_conv": "stem.conv",
         "classifier": "head.fc",
         "custom_load": True,
-        "paper_ids": "arXiv:2105.01883",
         "license": "mit",
+        "paper_ids": "arXiv:2105.01883",
+        "paper_name": "RepMLP: Re-parameterizing Convolutions into Fully-connected Layers for Image Recognition",
+        "origin_url": "https://github.com/DingXiaoH/RepMLP",
         **kwargs,
     }
 
 
-_FMNIST = dict(input_size=(1, 28, 28), pool_size=(7, 7), mean=(0.2860,), std=(0.3530,))
+FASHION_MNIST_LABELS = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+_FMNIST = dict(
+    input_size=(1, 28, 28), pool_size=(7, 7), mean=(0.2860,), std=(0.3530,), label_names=FASHION_MNIST_LABELS
+)
 
 default_cfgs = generate_default_cfgs(
     {
-        "repmlp_cifar_mlp": _cfg(),
-        "repmlp_cifar_wideconv": _cfg(),
-        "repmlp_fmnist_mlp.fmnist": _cfg(file=shipped_file("repmlp_fmnist_mlp", "fmnist"), **_FMNIST),
+        "repmlp_cifar_mlp": _cfg(description="Pure-MLP CIFAR model of the RepMLP paper (v1, Table 1); no weights."),
+        "repmlp_cifar_wideconv": _cfg(
+            description="Wide ConvNet baseline of the pure-MLP model (RepMLP paper v1, Table 1); no weights."
+        ),
+        "repmlp_fmnist_mlp.fmnist": _cfg(
+            file=shipped_folder("repmlp_fmnist_mlp", "fmnist"),
+            **_FMNIST,
+            description="Pure-MLP RepMLP model trained by this package on Fashion-MNIST (28x28 grey images as they "
+            "are); weights shipped with the package (train form; the deploy form is converted on load).",
+            notes=(
+                "Not a model of the paper: the paper's pure-MLP layout (RepMLP, FC, RepMLP, FC per stage) sized for a "
+                "2-core CPU: a 2x2-patch stem FC, two stages (C = 24, 48) at 14x14 and 7x7, h = w = 7, g = 4, "
+                "local perceptron k = 1, 3.",
+                "Recipe: configs/fmnist_repmlp.yaml (12 epochs SGD); model card: README.md of the weights folder.",
+            ),
+        ),
     }
 )
 

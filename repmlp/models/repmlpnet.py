@@ -41,7 +41,7 @@ from torch import nn
 from .. import ops
 from ..authors import repmlpnet_keys_to_ours
 from ..checkpoint import route_pretrained_file
-from ..layers import ConvBN, LocalPerceptron, param_like, partition, unpartition
+from ..layers import ConvBN, LocalPerceptron, param_like, partition, shape_str, unpartition
 from ._base import RepMLPModel
 
 __all__ = ["RepMLPNet", "RepMLPBlock"]
@@ -58,7 +58,7 @@ class ChannelAffine(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (-1,) + (1,) * (x.dim() - 2)
+        shape = [-1] + [1] * (x.dim() - 2)
         return torch.addcmul(self.bias.view(shape), x, self.weight.view(shape))
 
     @classmethod
@@ -80,12 +80,23 @@ class PatchEmbedding(ConvBN):
         self.patch = patch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2] % self.patch or x.shape[-1] % self.patch:
-            raise ValueError(
-                f"patch embedding {self.patch}x{self.patch}/{self.patch} needs a map size divisible by "
-                f"{self.patch}, got {x.shape[-2]}x{x.shape[-1]}"
-            )
-        return super().forward(x)
+        x = _check_patches(x, self.patch)
+        x = self.conv(x)  # ConvBN.forward, written out: TorchScript has no super()
+        if self.bn is not None:
+            x = self.bn(x)
+        return self.act(x)
+
+
+@torch.fx.wrap  # FX leaf: a Python check on the traced shape, kept at run time (and below)
+def _check_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """``x``, if its map size is divisible by ``patch``; else a ValueError (checks return their input: FX drops
+    a call whose result is unused)."""
+    if x.shape[-2] % patch != 0 or x.shape[-1] % patch != 0:
+        raise ValueError(
+            f"patch embedding {patch}x{patch}/{patch} needs a map size divisible by {patch}, "
+            f"got {x.shape[-2]}x{x.shape[-1]}"
+        )
+    return x
 
 
 class SharedFC(nn.Module):
@@ -100,12 +111,13 @@ class SharedFC(nn.Module):
 
     def __init__(self, sharesets: int, tokens: int, bias: bool = False) -> None:
         super().__init__()
+        self.sharesets, self.tokens = sharesets, tokens  # ints, not weight.shape: FX traces them as constants
         bound = 1 / math.sqrt(tokens)  # nn.Linear's default init for fan-in h*w
         self.weight = nn.Parameter(torch.empty(sharesets, tokens, tokens).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.zeros(sharesets, tokens)) if bias else None
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        s, tokens = self.weight.shape[:2]
+        s, tokens = self.sharesets, self.tokens
         if s == 1:
             return F.linear(v, self.weight[0], None if self.bias is None else self.bias[0])
         if self.graph_layout:
@@ -142,7 +154,7 @@ class ChannelPerceptron(nn.Module):
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         """(..., S, h*w) -> (..., S, h*w)."""
         y = self.fc3(v)
-        return y if self.bn is None else self.bn(y.reshape(-1, *y.shape[-2:])).reshape(y.shape)
+        return y if self.bn is None else self.bn(y.flatten(0, -3)).reshape(y.shape)
 
     def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
         """FC3 weight (S, hw, hw) and bias (S, hw) with BN(S) folded in (float64)."""
@@ -200,21 +212,15 @@ class RepMLPBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The block output, plus ``residual`` (same shape as ``x``) when given, added in the same pass."""
-        n, c, H, W = x.shape
         h, w, s = self.h, self.w, self.sharesets
-        if c != self.channels or H % h or W % w:
-            raise ValueError(
-                f"RepMLPBlock with {self.channels} channels and {h}x{w} partitions got a map of shape "
-                f"{tuple(x.shape)}: its size must be a multiple of {h}x{w}"
-            )
-        hp, wp = H // h, W // w
-        p = x if hp * wp == 1 else partition(x, h, w)  # (N*hp*wp, C, h, w)
+        x = _check_map(x, self.channels, h, w)
+        n, c, H, W = x.shape
+        p = _partitions(x, h, w)  # (N*hp*wp, C, h, w)
         v = p.reshape(-1, c // s, s, h * w)  # channel c of a partition uses set c mod S
         y = self.channel_perceptron(v)
         if self.local_perceptron is not None:
             y = y + self.local_perceptron(v.reshape(-1, s, h, w)).reshape(y.shape)
-        if hp * wp > 1:
-            y = unpartition(y.reshape(-1, c, h, w), n, hp, wp)
+        y = _join_partitions(y, n, c, H, W, h, w)
         sets = (n, c // s, s, -1)  # a view of the map that keeps y's set-major strides: no copy
         scale = self.global_perceptron(x).view(sets)
         y = y.reshape(sets)
@@ -232,6 +238,31 @@ class RepMLPBlock(nn.Module):
             weight, bias = weight + local_weight, bias + local_bias.reshape(bias.shape)
         self.channel_perceptron.load_fused(weight, bias)
         self.local_perceptron = None
+
+
+@torch.fx.wrap
+def _check_map(x: torch.Tensor, channels: int, h: int, w: int) -> torch.Tensor:
+    """``x``, if it is an (N, channels, H, W) map with H, W multiples of h, w; else a ValueError."""
+    if x.dim() != 4 or x.shape[1] != channels or x.shape[2] % h != 0 or x.shape[3] % w != 0:
+        raise ValueError(
+            f"RepMLPBlock with {channels} channels and {h}x{w} partitions got a map of shape "
+            f"{shape_str(x.shape)}: its size must be a multiple of {h}x{w}"
+        )
+    return x
+
+
+@torch.fx.wrap
+def _partitions(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The h x w partitions of ``x`` (:func:`repmlp.layers.partition`); ``x`` itself when it is one partition."""
+    return x if x.shape[2] == h and x.shape[3] == w else partition(x, h, w)
+
+
+@torch.fx.wrap
+def _join_partitions(y: torch.Tensor, n: int, c: int, H: int, W: int, h: int, w: int) -> torch.Tensor:
+    """Block outputs of the partitions as the (N, C, H, W) map; ``y`` untouched (its strides kept) for one."""
+    if H == h and W == w:
+        return y
+    return unpartition(y.reshape(-1, c, h, w), n, H // h, W // w)
 
 
 class FFNBlock(nn.Module):
@@ -254,14 +285,15 @@ class FFNBlock(nn.Module):
             return self.fc2(self.act(self.fc1(x)))
         # deploy form: the 1x1 convs as batched matmuls over (N, C, H*W), 2-3x faster than a 1x1 conv on CPU
         n, _, H, W = x.shape
-        y = _pointwise(self.fc2.conv, self.act(_pointwise(self.fc1.conv, x.flatten(2))))
+        fc1, fc2 = self.fc1.conv, self.fc2.conv
+        y = _pointwise(fc2.weight, fc2.bias, self.act(_pointwise(fc1.weight, fc1.bias, x.flatten(2))))
         return y.reshape(n, -1, H, W)
 
 
-def _pointwise(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
-    """A 1x1 conv with bias on (N, C, L) as ``bias + weight @ v`` per sample."""
-    weight = conv.weight.flatten(1).expand(v.shape[0], -1, -1)
-    return torch.baddbmm(conv.bias[:, None], weight, v)
+def _pointwise(weight: torch.Tensor, bias: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv on (N, C, L) as ``bias + weight @ v`` per sample (tensors, not the module: TorchScript)."""
+    weight = weight.flatten(1).expand(v.shape[0], -1, -1)
+    return torch.bmm(weight, v) if bias is None else torch.baddbmm(bias[:, None], weight, v)
 
 
 class RepMLPNetUnit(nn.Module):
@@ -345,6 +377,7 @@ class NormClassifierHead(nn.Module):
         self.drop = nn.Dropout(drop_rate)
 
     @property
+    @torch.jit.unused  # Python-side introspection, not compiled by TorchScript
     def deploy(self) -> bool:
         return isinstance(self.norm, ChannelAffine)
 
@@ -453,24 +486,25 @@ class RepMLPNet(RepMLPModel):
             ],
         )
 
-    def stage_sizes(self, size: _Size) -> list[_Size]:
-        """Map size of each stage for an input of spatial ``size``."""
-        return [(size[0] // r, size[1] // r) for r in self.reductions]
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return _check_input_size(x, self.reductions, self.partitions)
 
-    def check_input_size(self, size: _Size) -> None:
-        """Raise a ValueError unless every stage size is a multiple of its partition size."""
-        stage_sizes = self.stage_sizes(size)
-        if any(s % self.reductions[-1] for s in size) or any(
-            H % h or W % w for (H, W), (h, w) in zip(stage_sizes, self.partitions)
-        ):
-            raise ValueError(
-                f"{type(self).__name__}: input {size[0]}x{size[1]} gives stage sizes {stage_sizes}, which "
-                f"must be multiples of the partition sizes {self.partitions} (input a multiple of "
-                f"{self.reductions[-1]})"
-            )
 
-    def check_input(self, x: torch.Tensor) -> None:
-        self.check_input_size(tuple(x.shape[-2:]))
+@torch.fx.wrap
+def _check_input_size(x: torch.Tensor, reductions: list[int], partitions: list[_Size]) -> torch.Tensor:
+    """``x``, if every stage's map size (input size / reduction) is a multiple of its partition; else a
+    ValueError."""
+    H, W = x.shape[-2], x.shape[-1]
+    stage_sizes = [(H // r, W // r) for r in reductions]
+    fits = H % reductions[-1] == 0 and W % reductions[-1] == 0
+    for (sh, sw), (h, w) in zip(stage_sizes, partitions):
+        fits = fits and sh % h == 0 and sw % w == 0
+    if not fits:
+        raise ValueError(
+            f"RepMLPNet: input {H}x{W} gives stage sizes {stage_sizes}, which must be multiples of the "
+            f"partition sizes {partitions} (input a multiple of {reductions[-1]})"
+        )
+    return x
 
 
 RepMLPNet.checkpoint_filter_fn = staticmethod(repmlpnet_keys_to_ours)  # what load_checkpoint renames with
@@ -483,7 +517,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> RepMLPNet:
     )
 
 
-def _cfg(size: int = 224, **kwargs) -> dict:
+def _cfg(size: int, name: str, **kwargs) -> dict:
     return {
         "num_classes": 1000,
         "input_size": (3, size, size),
@@ -496,20 +530,24 @@ def _cfg(size: int = 224, **kwargs) -> dict:
         "first_conv": "stem.conv",
         "classifier": "head.fc",
         "custom_load": True,
-        "paper_ids": "arXiv:2112.11081",
         "license": "mit",
+        "paper_ids": "arXiv:2112.11081",
+        "paper_name": "RepMLPNet: Hierarchical Vision MLP with Re-parameterized Locality",
+        "origin_url": "https://github.com/DingXiaoH/RepMLP",
+        "description": f"{name} (CVPR 2022); architecture only, no ImageNet weights are shipped (the "
+        f"authors' checkpoints load through pretrained_cfg_overlay).",
         **kwargs,
     }
 
 
 default_cfgs = generate_default_cfgs(
     {
-        "repmlpnet_t224": _cfg(224),
-        "repmlpnet_b224": _cfg(224),
-        "repmlpnet_t256": _cfg(256),
-        "repmlpnet_b256": _cfg(256),
-        "repmlpnet_d256": _cfg(256),
-        "repmlpnet_l256": _cfg(256),
+        "repmlpnet_t224": _cfg(224, "RepMLPNet-T224"),
+        "repmlpnet_b224": _cfg(224, "RepMLPNet-B224"),
+        "repmlpnet_t256": _cfg(256, "RepMLPNet-T256"),
+        "repmlpnet_b256": _cfg(256, "RepMLPNet-B256"),
+        "repmlpnet_d256": _cfg(256, "RepMLPNet-D256"),
+        "repmlpnet_l256": _cfg(256, "RepMLPNet-L256"),
     }
 )
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..authors import resnet_keys_to_ours
 from ..checkpoint import route_pretrained_file
-from ..layers import ConvBN, RepMLP
+from ..layers import ConvBN, RepMLP, shape_str
 from ._base import RepMLPModel
 
 __all__ = ["RepMLPResNet"]
@@ -102,6 +102,7 @@ class RepMLPResNet(RepMLPModel):
         fc3_groups: FC3 groups in c3 and c4.
         reparam_conv_k: local perceptron kernel sizes.
         bottleneck_reduction: r of the Bottleneck block in c3 and c4.
+        widths: output channels of c2..c5 (ResNet-50's by default; the stem has a quarter of c2's).
         fc1_fc2_reduction: global perceptron reduction.
         num_classes: classifier outputs (0 for none).
         in_chans: input channels.
@@ -118,6 +119,7 @@ class RepMLPResNet(RepMLPModel):
         fc3_groups: Sequence[int] = (8, 8),
         reparam_conv_k: Sequence[int] = (1, 3, 5),
         bottleneck_reduction: Sequence[int] = (2, 4),
+        widths: Sequence[int] = (256, 512, 1024, 2048),
         fc1_fc2_reduction: int = 1,
         num_classes: int = 1000,
         in_chans: int = 3,
@@ -135,10 +137,10 @@ class RepMLPResNet(RepMLPModel):
                 f"divisible by partition={partition}, e.g. {32 * partition} or {64 * partition}"
             )
         self.img_size, self.drop_rate = img_size, drop_rate
-        self.stem = Stem(in_chans, 64, deploy)
+        self.stem = Stem(in_chans, widths[0] // 4, deploy)
 
-        depths, widths, strides = (3, 4, 6, 3), (256, 512, 1024, 2048), (1, 2, 2, 2)
-        stages, in_chs, (H, W) = [], 64, (img_size[0] // 4, img_size[1] // 4)
+        depths, strides = (3, 4, 6, 3), (1, 2, 2, 2)
+        stages, in_chs, (H, W) = [], widths[0] // 4, (img_size[0] // 4, img_size[1] // 4)
         self.feature_info = []
         for i, (depth, width, stride) in enumerate(zip(depths, widths, strides)):
             H, W = H // stride, W // stride
@@ -166,12 +168,19 @@ class RepMLPResNet(RepMLPModel):
         self.num_features = self.head_hidden_size = in_chs
         self.head = ClassifierHead(in_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"{type(self).__name__} is built for {self.img_size[0]}x{self.img_size[1]} inputs "
-                f"(RepMLP blocks have a fixed size), got input of shape {tuple(x.shape)}"
-            )
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return _check_input(x, self.img_size)
+
+
+@torch.fx.wrap  # FX leaf: a Python check on the traced shape, kept at run time
+def _check_input(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``x``, if it is an (N, C, *size) batch; else a ValueError naming both sizes."""
+    if x.dim() != 4 or x.shape[2] != size[0] or x.shape[3] != size[1]:
+        raise ValueError(
+            f"RepMLPResNet is built for {size[0]}x{size[1]} inputs (RepMLP blocks have a fixed size), "
+            f"got input of shape {shape_str(x.shape)}"
+        )
+    return x
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -203,20 +212,35 @@ def _cfg(size: int = 224, **kwargs) -> dict:
         "first_conv": "stem.conv",
         "classifier": "head.fc",
         "custom_load": True,
-        "paper_ids": "arXiv:2105.01883",
         "license": "mit",
+        "paper_ids": "arXiv:2105.01883",
+        "paper_name": "RepMLP: Re-parameterizing Convolutions into Fully-connected Layers for Image Recognition",
+        "origin_url": "https://github.com/DingXiaoH/RepMLP",
         **kwargs,
     }
 
 
+def _describe(block: str, table: str) -> str:
+    return (
+        f"RepMLP-ResNet-50 with RepMLP {block} blocks in c3 and c4 (RepMLP paper v1, {table}); architecture "
+        f"only, no ImageNet weights are shipped (the authors' checkpoints load through pretrained_cfg_overlay)."
+    )
+
+
 default_cfgs = generate_default_cfgs(
     {
-        "repmlp_res50_light_224": _cfg(),
-        "repmlp_res50_light_g4_224": _cfg(),
-        "repmlp_res50_bottleneck_224": _cfg(),
-        "repmlp_res50_bottleneck_g8g16_320": _cfg(320),
-        "repmlp_res50_bottleneck_g8g8_320": _cfg(320),
-        "repmlp_res50_bottleneck_g4g8_320": _cfg(320),
+        "repmlp_res50_light_224": _cfg(description=_describe("Light", "Table 4")),
+        "repmlp_res50_light_g4_224": _cfg(
+            description=_describe("Light", "the authors' released code"),
+            notes=(
+                "Not in the paper: FC3 groups g = 4 in c3 and c4 (Table 4 has g = 8), the preset of the authors' "
+                "released code and checkpoint RepMLP-Res50-light-224.",
+            ),
+        ),
+        "repmlp_res50_bottleneck_224": _cfg(description=_describe("Bottleneck", "Table 4")),
+        "repmlp_res50_bottleneck_g8g16_320": _cfg(320, description=_describe("Bottleneck", "Table 7, g = 8/16")),
+        "repmlp_res50_bottleneck_g8g8_320": _cfg(320, description=_describe("Bottleneck", "Table 7, g = 8/8")),
+        "repmlp_res50_bottleneck_g4g8_320": _cfg(320, description=_describe("Bottleneck", "Table 7, g = 4/8")),
     }
 )
 

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..checkpoint import load_checkpoint, read_metadata, read_state_dict, state_dict_form
 from ..data import build_dataset, build_loader, build_transform
 from ..models import load_model
+from ..shipped import weights_file
 from .distributed import DistEnv
 
 
@@ -47,7 +48,7 @@ def checkpoint_model_args(
     """
     kwargs = dict(model_kwargs or {})
     try:
-        meta = read_metadata(path) if Path(path).is_file() else None
+        meta = read_metadata(path) if weights_file(path).is_file() else None  # a model folder: its weights file
     except Exception:  # noqa: BLE001 - unreadable: read_state_dict below says why
         meta = None
     if meta is None:
