@@ -62,7 +62,7 @@ def graph_layout(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, ``model``'s layers that have a ``graph_layout`` run in it: FC3 as one linear layer per
     group, 1x1 convs as Conv2d (see :class:`repmlp.layers.GroupedLinear`). Same function, the layout that graph
     runtimes (onnxruntime, torch.export + inductor) run fast and int8 tools quantize."""
-    modules = [m for m in model.modules() if hasattr(type(m), "graph_layout")]
+    modules = [m for m in model.modules() if isinstance(getattr(m, "graph_layout", None), bool)]
     saved = [m.graph_layout for m in modules]
     for m in modules:
         m.graph_layout = True

@@ -62,22 +62,23 @@ def data_batches(
 
 
 def default_calibration(model_name: str | None, weights: str | Path | None = None) -> str:
-    """The data a model was trained on: the dataset (and root) a checkpoint of ours records, else a shipped
-    ``NAME.TAG``'s dataset (``pretrained/manifest.json``), else ``'random'``."""
+    """The data a model was trained on, as its weights file records it (dataset and root): ``weights``, else the
+    shipped weights of ``NAME.TAG``; ``'random'`` when neither names a dataset."""
     import json
 
     from .checkpoint import read_metadata
-    from .shipped import shipped_models
+    from .shipped import shipped_models, weights_dir
 
-    if weights is not None:
-        meta = read_metadata(weights)
-        data = json.loads(meta.get("config", "{}")).get("data", {})
-        dataset = meta.get("dataset") or data.get("dataset")
-        if dataset and dataset != "synthetic":
-            return ":".join(filter(None, (dataset, data.get("root"))))
-    base, _, tag = (model_name or "").partition(".")
-    entry = next((e for e in shipped_models() if e["model"] == base and e["tag"] == tag), None)
-    return entry["dataset"] if entry else "random"
+    if weights is None:
+        base, _, tag = (model_name or "").partition(".")
+        entry = next((e for e in shipped_models() if (e["model"], e["tag"], e["form"]) == (base, tag, "train")), None)
+        weights = weights_dir() / entry["file"] if entry else None
+    meta = read_metadata(weights) if weights is not None else {}
+    data = json.loads(meta.get("config", "{}")).get("data", {})
+    dataset = meta.get("dataset") or data.get("dataset")
+    if not dataset or dataset == "synthetic":
+        return "random"
+    return ":".join(filter(None, (dataset, data.get("root"))))
 
 
 # ------------------------------------------------------------------------------------------------ onnxruntime
@@ -107,6 +108,8 @@ def quantize_onnx(
     ``dynamic``: weights int8 per output channel, activations quantized per batch at run time (MatMulInteger,
     ConvInteger). ``static``: activation ranges calibrated (min/max) on ``calibration`` inputs, QDQ format
     (onnxruntime fuses it into QLinear kernels; its QOperator format gave wrong outputs for these graphs).
+    Matrix products with a batched (3-D) constant weight stay float32: onnxruntime's per-channel scales are per
+    column of the last axis, shared across the batch, which its int8 kernels then reject.
     """
     import logging
 
@@ -121,7 +124,12 @@ def quantize_onnx(
 
     if mode not in ("dynamic", "static"):
         raise ValueError(f"quantize mode must be 'dynamic' or 'static', got {mode!r}")
-    common = dict(per_channel=True, reduce_range=resolve_reduce_range(reduce_range), weight_type=QuantType.QInt8)
+    common = dict(
+        per_channel=True,
+        reduce_range=resolve_reduce_range(reduce_range),
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=batched_weight_products(src),
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -142,6 +150,16 @@ def quantize_onnx(
             quantize_static(str(src), str(dst), Reader(), calibrate_method=CalibrationMethod.MinMax, **static, **common)
     finally:
         root.setLevel(level)
+
+
+def batched_weight_products(path: str | Path) -> list[str]:
+    """Names of the MatMul nodes of an ONNX file whose constant operand has rank 3 (small shared FC3s, see
+    :class:`repmlp.models.repmlpnet.SharedFC`)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ranks = {init.name: len(init.dims) for init in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and any(ranks.get(i) == 3 for i in n.input)]
 
 
 @dataclass
@@ -204,7 +222,18 @@ def quantize_pytorch(
     if mode not in ("dynamic", "static"):
         raise ValueError(f"quantize mode must be 'dynamic' or 'static', got {mode!r}")
     reduce_range = resolve_reduce_range(reduce_range)
-    quantizer = x86.X86InductorQuantizer().set_global(
+
+    class Quantizer(x86.X86InductorQuantizer):
+        """Convs quantized on their own, not fused with a following residual add: inductor's int8 conv + add
+        fusion asserts when the residual is a view (RepMLPNet's units, torch 2.14)."""
+
+        def _annotate_conv2d_binary_unary(self, *args, **kwargs) -> None:
+            pass
+
+        def _annotate_conv2d_binary(self, *args, **kwargs) -> None:
+            pass
+
+    quantizer = Quantizer().set_global(
         x86.get_default_x86_inductor_quantization_config(is_dynamic=mode == "dynamic", reduce_range=reduce_range)
     )
     prepared = prepare_pt2e(export_graph(model, example), quantizer)
@@ -377,9 +406,11 @@ def deploy_model(name: str, seed: int = 0) -> tuple[nn.Module, str]:
 
     from .convert import convert_to_deploy
     from .models import load_model
+    from .shipped import shipped_folder
     from .verify import randomize_bn_stats
 
-    if default_calibration(name) != "random":
+    base, _, tag = name.partition(".")
+    if tag and ":" not in name and shipped_folder(base, tag):
         return timm.create_model(name, pretrained=True, deploy=True).eval(), f"shipped weights {name}"
     torch.manual_seed(seed)
     model = convert_to_deploy(randomize_bn_stats(load_model(name), seed))

@@ -156,11 +156,10 @@ class GroupedLinear(nn.Module):
     is faster there.
     """
 
-    graph_layout = False
-
     def __init__(self, in_features: int, out_features: int, groups: int = 1, bias: bool = True) -> None:
         super().__init__()
         self.in_features, self.out_features, self.groups = in_features, out_features, groups
+        self.graph_layout = False
         self.weight = nn.Parameter(torch.empty(out_features, in_features // groups))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -170,9 +169,7 @@ class GroupedLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         g = self.groups
         if self.graph_layout:
-            biases = [None] * g if self.bias is None else self.bias.chunk(g)
-            parts = zip(x.chunk(g, -1), self.weight.chunk(g), biases)
-            return torch.cat([F.linear(xi, wi, bi) for xi, wi, bi in parts], -1)
+            return self._per_group(x)
         weight = self.weight.reshape(g, self.out_features // g, -1).transpose(1, 2)
         x = x.reshape(-1, g, self.in_features // g).transpose(0, 1)  # (g, B, in/g)
         if self.bias is None:
@@ -180,6 +177,13 @@ class GroupedLinear(nn.Module):
         else:
             y = torch.baddbmm(self.bias.reshape(g, 1, -1), x, weight)
         return y.transpose(0, 1).reshape(-1, self.out_features)
+
+    @torch.jit.unused  # exported graphs only
+    def _per_group(self, x):  # no annotations: TorchScript cannot resolve postponed ones of an unused method
+        g = self.groups
+        biases = [None] * g if self.bias is None else self.bias.chunk(g)
+        parts = zip(x.chunk(g, -1), self.weight.chunk(g), biases)
+        return torch.cat([F.linear(xi, wi, bi) for xi, wi, bi in parts], -1)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, groups={self.groups}, bias={self.bias is not None}"

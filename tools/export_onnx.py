@@ -31,7 +31,7 @@ from repmlp.export import export_onnx  # noqa: E402
 from repmlp.guards import check_output_file  # noqa: E402
 from repmlp.int8 import QUANTIZE_MODES, data_batches, default_calibration  # noqa: E402
 from repmlp.models import load_model  # noqa: E402
-from repmlp.shipped import shipped_file  # noqa: E402
+from repmlp.shipped import shipped_folder  # noqa: E402
 from repmlp.training.builders import model_from_checkpoint  # noqa: E402
 from repmlp.verify import randomize_bn_stats  # noqa: E402
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.weights:
             model = model_from_checkpoint(args.weights, args.model, model_kwargs=args.model_kwargs)
             source = f"weights {args.weights}"
-        elif tag and ":" not in args.model and shipped_file(base, tag):
+        elif tag and ":" not in args.model and shipped_folder(base, tag):
             model = load_model(args.model, pretrained=True, **args.model_kwargs)
             source = f"shipped weights {args.model}"
         else:
