@@ -122,6 +122,7 @@ def export_onnx(
     check_data: str = "random",
     min_agreement: float = 0.97,
     reduce_range: bool | None = None,
+    eager_layout: bool = False,
 ) -> ExportReport:
     """Export a deploy-form model at its fixed input size in the graph layout, optionally int8, and check the file.
 
@@ -141,6 +142,7 @@ def export_onnx(
         check_data: what ``check_batches`` are, for the report.
         min_agreement: least argmax agreement of int8 with float32 on ``check_batches`` for the file to be written.
         reduce_range: 7-bit int8 weights (default: on CPUs without VNNI, see :func:`repmlp.quantize.weight_qmax`).
+        eager_layout: export the layout eager PyTorch runs (batched matmuls) instead, to compare with.
 
     Returns:
         The report. Raises ValueError for a model with training-only modules left or a tensor of rank > 5,
@@ -168,7 +170,7 @@ def export_onnx(
     def write(tmp: str) -> None:
         with tempfile.TemporaryDirectory(dir=Path(path).parent) as work:
             float_path = tmp if quantize == "none" else os.path.join(work, "float32.onnx")
-            report.max_rel_err = _export_float(model, x, float_path, opset, tolerance, str(path))
+            report.max_rel_err = _export_float(model, x, float_path, opset, tolerance, str(path), eager_layout)
             if quantize != "none":
                 _quantize_checked(float_path, tmp, report, calibration, check_batches or [x], check_data, min_agreement)
             proto = onnx.load(tmp)
@@ -179,7 +181,9 @@ def export_onnx(
     return report
 
 
-def _export_float(model: nn.Module, x: torch.Tensor, path: str, opset: int, tolerance: float, target: str) -> float:
+def _export_float(
+    model: nn.Module, x: torch.Tensor, path: str, opset: int, tolerance: float, target: str, eager_layout: bool
+) -> float:
     """Export in the graph layout; the max relative error of onnxruntime against PyTorch (RuntimeError above
     ``tolerance``, naming ``target``, the file that is then not written)."""
     from .int8 import onnx_predictor
@@ -187,7 +191,7 @@ def _export_float(model: nn.Module, x: torch.Tensor, path: str, opset: int, tole
     y = model(x)
     # The TorchScript-based exporter (deprecated in favour of the dynamo one, which needs onnxscript): shape checks
     # in forward() become constants of the fixed size, as intended.
-    with warnings.catch_warnings(), graph_layout(model):
+    with warnings.catch_warnings(), contextlib.nullcontext() if eager_layout else graph_layout(model):
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(

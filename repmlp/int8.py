@@ -383,6 +383,8 @@ INT8_FORMS = (
     "onnxruntime int8 dynamic",
     "onnxruntime int8 static",
 )
+#: Not timed by default: float32 in onnxruntime as exported before the graph layout (FC3 as batched matmuls).
+EAGER_LAYOUT_FORM = "onnxruntime fp32 eager layout"
 
 
 @dataclass
@@ -439,8 +441,9 @@ def _int8_candidates(
         elif runtime == "pytorch":
             out[form] = quantize_pytorch(model, x, precision.split()[-1], calibration)
         else:
-            mode = "none" if precision == "fp32" else precision.split()[-1]
-            path = workdir / f"{mode}_{x.shape[0]}.onnx"
+            mode = "none" if precision.startswith("fp32") else precision.split()[-1]
+            eager = form == EAGER_LAYOUT_FORM
+            path = workdir / f"{mode}{'_eager' * eager}_{x.shape[0]}.onnx"
             report = export_onnx(
                 model,
                 path,
@@ -450,6 +453,7 @@ def _int8_candidates(
                 check_batches=calibration,
                 check_data=data,
                 min_agreement=0.0,
+                eager_layout=eager,
             )
             log(f"  {form}: {report}")
             out[form] = onnx_predictor(path)

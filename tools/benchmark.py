@@ -31,7 +31,7 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", c
 from repmlp.benchmark import DTYPES, FORMS, BenchmarkConfig, format_table, plot, run_benchmark  # noqa: E402
 from repmlp.checkpoint import atomic_write  # noqa: E402
 from repmlp.guards import check_output_file  # noqa: E402
-from repmlp.int8 import INT8_FORMS, Int8BenchmarkConfig, format_int8_table, run_int8_benchmark  # noqa: E402
+from repmlp.int8 import EAGER_LAYOUT_FORM, INT8_FORMS, Int8BenchmarkConfig, format_int8_table, run_int8_benchmark  # noqa: E402
 
 
 def count(minimum: int):
@@ -60,10 +60,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
     p.add_argument(
         "--int8-forms",
         nargs="+",
-        choices=INT8_FORMS,
+        choices=(*INT8_FORMS, EAGER_LAYOUT_FORM),
         default=list(INT8_FORMS),
         metavar="FORM",
-        help=f"with --int8: the forms to time, of {INT8_FORMS}",
+        help=f"with --int8: the forms to time, of {INT8_FORMS} and {EAGER_LAYOUT_FORM!r} (exported as before the "
+        "graph layout: FC3 as batched matmuls)",
     )
     p.add_argument(
         "--baselines",
