@@ -196,6 +196,34 @@ def onnx_predictor(path: str | Path, threads: int | None = None):
     return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
 
 
+def profile_onnx(path: str | Path, x: torch.Tensor, runs: int = 5, threads: int | None = None) -> dict[str, float]:
+    """Milliseconds per run spent in each operator type of an ONNX file in onnxruntime (its profiler, after the
+    graph optimizations: fused and quantized kernels appear under their own names), largest first."""
+    import json
+
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(path).with_suffix("")) + "_profile"
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs + 1):  # the first run warms up and is not counted
+        session.run(None, {"input": x.numpy()})
+    trace = Path(session.end_profiling())  # the profiler's JSON, written next to the model
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    run_events = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    counted_from = run_events[0]["ts"] + run_events[0]["dur"]
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= counted_from:
+            totals[e["args"]["op_name"]] = totals.get(e["args"]["op_name"], 0.0) + e["dur"] / 1e3 / runs
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 # ----------------------------------------------------------------------------------------------- PyTorch int8
 
 
@@ -399,6 +427,7 @@ class Int8BenchmarkConfig:
     rounds: int = 10
     calibration_samples: int = 64
     seed: int = 0
+    profile: bool = False  # also time each onnxruntime form's operator types (its profiler)
 
 
 def deploy_model(name: str, seed: int = 0) -> tuple[nn.Module, str]:
@@ -427,11 +456,13 @@ def _int8_candidates(
     data: str,
     workdir: Path,
     log,
-) -> dict[str, object]:
-    """A ``tensor -> logits`` callable per form, all for inputs of ``x``'s shape (ONNX files written in ``workdir``)."""
+) -> tuple[dict[str, object], dict[str, Path]]:
+    """A ``tensor -> logits`` callable per form, all for inputs of ``x``'s shape, and the ONNX file of each
+    onnxruntime form (written in ``workdir``)."""
     from .export import export_onnx
 
     out: dict[str, object] = {}
+    paths: dict[str, Path] = {}
     for form in forms:
         runtime, precision = form.split(" ", 1)
         if form == "pytorch fp32":
@@ -456,8 +487,8 @@ def _int8_candidates(
                 eager_layout=eager,
             )
             log(f"  {form}: {report}")
-            out[form] = onnx_predictor(path)
-    return out
+            out[form], paths[form] = onnx_predictor(path), path
+    return out, paths
 
 
 @torch.no_grad()
@@ -476,7 +507,7 @@ def run_int8_benchmark(cfg: Int8BenchmarkConfig, workdir: str | Path, log=print)
         for bs in cfg.batch_sizes:
             calibration = data_batches(data, model, bs, max(cfg.calibration_samples, bs), seed=cfg.seed)
             x = calibration[0]
-            forms = _int8_candidates(model, cfg.forms, x, calibration, data, Path(workdir), log)
+            forms, paths = _int8_candidates(model, cfg.forms, x, calibration, data, Path(workdir), log)
             checks = {form: compare_outputs(model, f, calibration, data) for form, f in forms.items()}
             for f in forms.values():
                 for _ in range(cfg.warmup):
@@ -501,6 +532,8 @@ def run_int8_benchmark(cfg: Int8BenchmarkConfig, workdir: str | Path, log=print)
                         checked_on=checks[form].samples,
                     )
                 )
+                if cfg.profile and form in paths:
+                    results[-1]["profile_ms"] = profile_onnx(paths[form], x, cfg.rounds, cfg.threads)
             log(
                 f"{name} batch {bs}: "
                 + ", ".join(f"{form} {1e3 * statistics.median(t):.2f} ms" for form, t in times.items())
@@ -526,4 +559,8 @@ def format_int8_table(report: dict) -> str:
             f"{r['model'][:26]:26} {r['batch_size']:>5} {r['form']:26} {r['ms']:>9.2f} {r['images_per_s']:>8.1f} "
             f"{speedups[0]:>11} {speedups[1]:>10} {r['max_rel_err']:>11.1e} {r['argmax_agreement']:>10.2%}"
         )
+    for r in rows:
+        if "profile_ms" in r:
+            top = ", ".join(f"{op} {ms:.1f}" for op, ms in list(r["profile_ms"].items())[:10])
+            lines.append(f"{r['model']} batch {r['batch_size']} {r['form']}, ms per run by operator: {top}")
     return "\n".join(lines)

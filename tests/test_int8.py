@@ -167,11 +167,16 @@ def test_int8_benchmark_tool(tmp_path, capsys):
     out = tmp_path / "int8.json"
     forms = ["pytorch fp32", "onnxruntime fp32 eager layout", "onnxruntime fp32"]
     forms += ["onnxruntime int8 dynamic", "onnxruntime int8 static"]
-    options = "--int8 --models test_benchmark:tiny_model --batch-sizes 2 --rounds 2 --warmup 1 --json".split()
+    options = "--int8 --profile --models test_benchmark:tiny_model --batch-sizes 2 --rounds 2 --warmup 1 --json".split()
     assert load_tool("benchmark").main([*options, str(out), "--int8-forms", *forms]) == 0
     rows = json.loads(out.read_text())["results"]
     assert [r["form"] for r in rows] == forms
     assert all(r["ms"] > 0 and r["argmax_agreement"] >= 0.99 and r["batch_size"] == 2 for r in rows)
     assert rows[0]["max_rel_err"] == 0 and max(rows[1]["max_rel_err"], rows[2]["max_rel_err"]) < 1e-5
     assert rows[3]["max_rel_err"] > 1e-4 and rows[4]["max_rel_err"] > 1e-4  # int8
-    assert "vs ort fp32" in capsys.readouterr().out
+    assert "profile_ms" not in rows[0] and all(r["profile_ms"] for r in rows[1:])  # onnxruntime's operator times
+    assert "Gemm" in rows[2]["profile_ms"] and any(
+        "MatMul" in op for op in rows[1]["profile_ms"]
+    )  # FC3 per group, batched
+    printed = capsys.readouterr().out
+    assert "vs ort fp32" in printed and "ms per run by operator" in printed

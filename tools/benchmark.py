@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
     )
     p.add_argument("--int8", action="store_true", help="time int8 against float32 forms (see above)")
     p.add_argument(
+        "--profile", action="store_true", help="with --int8: time each onnxruntime form's operator types too"
+    )
+    p.add_argument(
         "--int8-forms",
         nargs="+",
         choices=(*INT8_FORMS, EAGER_LAYOUT_FORM),
@@ -110,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
     p.add_argument("--png", help="write a bar chart of images/s here")
     args = p.parse_args(argv)
     outputs = {"json": args.json, "png": args.png}
+    if args.profile and not args.int8:
+        p.error("--profile times onnxruntime's operators of the --int8 forms; add --int8")
     if args.int8:
         if args.png:
             p.error("--png charts the form benchmark; with --int8 write --json")
@@ -121,9 +126,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
             warmup=args.warmup,
             rounds=args.rounds,
             seed=args.seed,
+            profile=args.profile,
         )
         return cfg, outputs
-    del args.json, args.png, args.int8, args.int8_forms
+    del args.json, args.png, args.int8, args.int8_forms, args.profile
     args.models = args.models or list(d.models)
     if args.input_size:
         args.input_size = tuple(args.input_size)
