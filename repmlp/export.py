@@ -8,11 +8,16 @@ shape inference) keeps to that. Needs the ``onnx`` extra (onnx, onnxruntime).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import os
+import tempfile
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +26,9 @@ from .checkpoint import atomic_write
 from .convert import is_deploy_form
 from .models import model_input_size
 from .verify import ErrorStats
+
+if TYPE_CHECKING:
+    from .int8 import Int8Check
 
 MAX_RANK = 5
 
@@ -34,13 +42,36 @@ class ExportReport:
     opset: int
     tensors: int
     max_rank: int
-    max_rel_err: float
+    max_rel_err: float  # float32 graph in onnxruntime against PyTorch
+    quantize: str = "none"
+    reduce_range: bool | None = None
+    int8: Int8Check | None = None
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"{self.path}: input {self.input_shape}, opset {self.opset}, {self.tensors} tensors of rank <= "
-            f"{self.max_rank}, onnxruntime vs PyTorch max rel err {self.max_rel_err:.2e}"
+            f"{self.max_rank}, onnxruntime vs PyTorch max rel err {self.max_rel_err:.2e} (float32)"
         )
+        if self.int8 is not None:
+            weights = "7-bit (reduce_range)" if self.reduce_range else "8-bit"
+            text += f"\n{self.quantize} int8, {weights} per-channel weights: {self.int8}"
+        return text
+
+
+@contextlib.contextmanager
+def graph_layout(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``model``'s layers that have a ``graph_layout`` run in it: FC3 as one linear layer per
+    group, 1x1 convs as Conv2d (see :class:`repmlp.layers.GroupedLinear`). Same function, the layout that graph
+    runtimes (onnxruntime, torch.export + inductor) run fast and int8 tools quantize."""
+    modules = [m for m in model.modules() if isinstance(getattr(m, "graph_layout", None), bool)]
+    saved = [m.graph_layout for m in modules]
+    for m in modules:
+        m.graph_layout = True
+    try:
+        yield model
+    finally:
+        for m, value in zip(modules, saved):
+            m.graph_layout = value
 
 
 def tensor_ranks(model) -> dict[str, int | None]:
@@ -110,8 +141,17 @@ def export_onnx(
     opset: int = 17,
     tolerance: float = 1e-4,
     seed: int = 0,
+    quantize: str = "none",
+    calibration: Iterable[torch.Tensor] = (),
+    check_batches: Sequence[torch.Tensor] | None = None,
+    check_data: str = "random",
+    min_agreement: float = 0.97,
+    reduce_range: bool | None = None,
+    eager_layout: bool = False,
 ) -> ExportReport:
-    """Export a deploy-form model at its fixed input size and check the file.
+    """Export a deploy-form model at its fixed input size in the graph layout, optionally int8, and check the file.
+
+    The file is written under a temporary name and renamed only once every check passed.
 
     Args:
         model: a deploy-form model (see :func:`repmlp.convert_to_deploy`), float32 on the CPU.
@@ -119,43 +159,90 @@ def export_onnx(
         input_size: (C, H, W); default: the size the model is built for.
         batch_size: batch of the exported (static) input shape.
         opset: ONNX opset.
-        tolerance: max relative error of onnxruntime against PyTorch on a random input.
+        tolerance: max relative error of onnxruntime (float32) against PyTorch on a random input.
         seed: seed of that input.
+        quantize: 'none', or 'dynamic' / 'static' int8 by onnxruntime's tools (:func:`repmlp.int8.quantize_onnx`).
+        calibration: input batches for 'static'.
+        check_batches: inputs on which the int8 file is compared with the float32 one (default: the random input).
+        check_data: what ``check_batches`` are, for the report.
+        min_agreement: least argmax agreement of int8 with float32 on ``check_batches`` for the file to be written.
+        reduce_range: 7-bit int8 weights (default: on CPUs without VNNI, see :func:`repmlp.quantize.weight_qmax`).
+        eager_layout: export the layout eager PyTorch runs (batched matmuls) instead, to compare with.
 
     Returns:
         The report. Raises ValueError for a model with training-only modules left or a tensor of rank > 5,
-        RuntimeError when onnxruntime disagrees with PyTorch; then nothing is written (the file is exported
-        under a temporary name, checked, then renamed).
+        RuntimeError when onnxruntime disagrees with PyTorch or the int8 file with the float32 one; then nothing
+        is written (the file is exported under a temporary name, checked, then renamed).
     """
     import onnx
-    import onnxruntime
+
+    from .int8 import QUANTIZE_MODES
+    from .quantize import resolve_reduce_range
 
     if not is_deploy_form(model):
         raise ValueError(
             "export_onnx: the model still has training-only modules (BatchNorm or blocks not "
             "re-parameterized); convert it with repmlp.convert_to_deploy first"
         )
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"export_onnx: quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
     model = model.eval()
     shape = (batch_size, *(input_size or model_input_size(model)))
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    reduce_range = resolve_reduce_range(reduce_range)
+    report = ExportReport(str(path), shape, opset, 0, 0, 0.0, quantize, reduce_range if quantize != "none" else None)
+
+    def write(tmp: str) -> None:
+        with tempfile.TemporaryDirectory(dir=Path(path).parent) as work:
+            float_path = tmp if quantize == "none" else os.path.join(work, "float32.onnx")
+            report.max_rel_err = _export_float(model, x, float_path, opset, tolerance, str(path), eager_layout)
+            if quantize != "none":
+                _quantize_checked(float_path, tmp, report, calibration, check_batches or [x], check_data, min_agreement)
+            proto = onnx.load(tmp)
+            onnx.checker.check_model(proto)
+            report.max_rank, report.tensors = check_ranks(proto), len(tensor_ranks(proto))
+
+    atomic_write(path, write)
+    return report
+
+
+def _export_float(
+    model: nn.Module, x: torch.Tensor, path: str, opset: int, tolerance: float, target: str, eager_layout: bool
+) -> float:
+    """Export in the graph layout; the max relative error of onnxruntime against PyTorch (RuntimeError above
+    ``tolerance``, naming ``target``, the file that is then not written)."""
+    from .int8 import onnx_predictor
+
     y = model(x)
-    # The TorchScript-based exporter (deprecated in favour of the dynamo one, which needs onnxscript): shape checks
-    # in forward() become constants of the fixed size, as intended.
-    checked = {}
+    with contextlib.nullcontext() if eager_layout else graph_layout(model):
+        write_onnx(model, x, path, opset)
+    err = ErrorStats.of(y, onnx_predictor(path)(x)).max_rel_err
+    if err > tolerance:
+        raise RuntimeError(
+            f"export_onnx: onnxruntime output differs from PyTorch's: max rel err {err:.2e} > {tolerance:.0e} "
+            f"({target} not written)"
+        )
+    return err
 
-    def write_and_check(tmp: str) -> None:  # a file that fails a check never reaches ``path``
-        write_onnx(model, x, tmp, opset)
-        proto = onnx.load(tmp)
-        onnx.checker.check_model(proto)
-        checked["max_rank"], checked["tensors"] = check_ranks(proto), len(tensor_ranks(proto))
-        session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-        y_ort = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
-        checked["err"] = ErrorStats.of(y, y_ort).max_rel_err
-        if checked["err"] > tolerance:
-            raise RuntimeError(
-                f"export_onnx: onnxruntime output differs from PyTorch's: max rel err "
-                f"{checked['err']:.2e} > {tolerance:.0e} ({path} not written)"
-            )
 
-    atomic_write(path, write_and_check)
-    return ExportReport(str(path), shape, opset, checked["tensors"], checked["max_rank"], checked["err"])
+def _quantize_checked(
+    float_path: str,
+    path: str,
+    report: ExportReport,
+    calibration: Iterable[torch.Tensor],
+    check_batches: Sequence[torch.Tensor],
+    check_data: str,
+    min_agreement: float,
+) -> None:
+    """Quantize ``float_path`` into ``path`` and compare the two in onnxruntime (RuntimeError below
+    ``min_agreement``)."""
+    from .int8 import compare_outputs, onnx_predictor, quantize_onnx
+
+    quantize_onnx(float_path, path, report.quantize, calibration, report.reduce_range)
+    report.int8 = compare_outputs(onnx_predictor(float_path), onnx_predictor(path), check_batches, check_data)
+    if report.int8.argmax_agreement < min_agreement:
+        raise RuntimeError(
+            f"export_onnx: the {report.quantize} int8 model agrees with float32 on only "
+            f"{report.int8.argmax_agreement:.2%} of {report.int8.samples} {check_data} inputs "
+            f"(< {min_agreement:.0%}); {report.path} not written"
+        )

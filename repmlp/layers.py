@@ -125,16 +125,22 @@ class ConvBN(nn.Module):
 
 
 class GroupedLinear(nn.Module):
-    """A grouped FC layer run as one batched matmul over groups.
+    """A grouped FC layer run as one batched matmul over groups, or as one linear layer per group.
 
     ``weight`` has shape (out_features, in_features / groups), like a grouped 1x1 conv with the trailing
     dims dropped: group i maps inputs [i*in/g, (i+1)*in/g) to outputs [i*out/g, (i+1)*out/g). On CPU a
     batched matmul runs this several times faster than a grouped 1x1 Conv2d.
+
+    With ``graph_layout`` set (by :func:`repmlp.export.graph_layout`) each group is its own ``F.linear``: a
+    Gemm with a 2-D constant weight in ONNX, which int8 tools quantize with per-output-channel scales (they skip
+    or mis-scale the batched matmul) and onnxruntime runs faster; eager PyTorch keeps the batched matmul, which
+    is faster there.
     """
 
     def __init__(self, in_features: int, out_features: int, groups: int = 1, bias: bool = True) -> None:
         super().__init__()
         self.in_features, self.out_features, self.groups = in_features, out_features, groups
+        self.graph_layout = False
         self.weight = nn.Parameter(torch.empty(out_features, in_features // groups))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -143,6 +149,8 @@ class GroupedLinear(nn.Module):
         if self.groups == 1:
             return F.linear(x, self.weight, self.bias)
         g = self.groups
+        if self.graph_layout:
+            return self._per_group(x)
         weight = self.weight.reshape(g, self.out_features // g, -1)
         # weight @ x^T per group: the weight is the GEMM's streamed left operand, so few rows (batch 1) do not pay
         # for packing it (1.6x at 4 rows, a few % at 500)
@@ -152,6 +160,13 @@ class GroupedLinear(nn.Module):
         else:
             y = torch.baddbmm(self.bias.reshape(g, -1, 1), weight, x)
         return y.permute(2, 0, 1).reshape(-1, self.out_features)
+
+    @torch.jit.unused  # exported graphs only
+    def _per_group(self, x):  # no annotations: TorchScript cannot resolve postponed ones of an unused method
+        g = self.groups
+        biases = [None] * g if self.bias is None else self.bias.chunk(g)
+        parts = zip(x.chunk(g, -1), self.weight.chunk(g), biases)
+        return torch.cat([F.linear(xi, wi, bi) for xi, wi, bi in parts], -1)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, groups={self.groups}, bias={self.bias is not None}"
@@ -217,6 +232,18 @@ class PartitionPerceptron(nn.Module):
         if self.bn is not None:
             y = self.bn(y)
         return y
+
+    def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """FC3 weight as (groups, out/g, in/g) and bias, with the BN folded in (float64, differentiable: the
+        equivalent FC3 of :func:`repmlp.quantize.equivalent_fc3`; :meth:`RepMLP.reparameterize` computes the same
+        in place, and a test holds the two equal)."""
+        fc3 = self.fc3
+        weight, bias = fc3.weight, fc3.bias
+        if self.bn is not None:
+            weight, bias = ops.fuse_bn(weight, bias, *ops.bn_affine(self.bn))
+        elif bias is None:
+            bias = torch.zeros(fc3.out_features, dtype=torch.float64, device=weight.device)
+        return weight.double().reshape(fc3.groups, fc3.out_features // fc3.groups, -1), bias.double()
 
     @torch.no_grad()
     def load_fused(self, weight: torch.Tensor, bias: torch.Tensor) -> None:

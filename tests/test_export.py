@@ -3,16 +3,18 @@
 import pytest
 import timm
 import torch
-from conftest import load_tool
+from conftest import load_tool, rel_err
+from test_benchmark import tiny_model
 from torch import nn
 
 from repmlp import RepMLP, convert_to_deploy
 from repmlp.authors import authors_deploy_form
+from repmlp.models import model_input_size
 from repmlp.verify import randomize_bn_stats
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-from repmlp.export import check_ranks, export_onnx  # noqa: E402
+from repmlp.export import check_ranks, export_onnx, graph_layout  # noqa: E402
 
 
 def _deploy(model):
@@ -39,6 +41,19 @@ def test_repmlpnet_variant_round_trip(tmp_path):
     report = export_onnx(_deploy(model), tmp_path / "repmlpnet.onnx")
     assert report.input_shape == (1, 3, 64, 64)
     assert report.max_rank <= 5 and report.max_rel_err <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["tiny_model", "repmlpnet"])
+def test_graph_layout_is_the_same_function(name):
+    # RepMLPNet at 64x64: shared FC3 with 1 to 128 channel sets, FFN 1x1 convs as Conv2d
+    model = tiny_model() if name == "tiny_model" else timm.create_model("repmlpnet_t224", img_size=64, num_classes=10)
+    model = _deploy(model).double()
+    x = torch.randn(2, *model_input_size(model), dtype=torch.float64)
+    with graph_layout(model):
+        assert sum(getattr(m, "graph_layout", False) for m in model.modules()) >= 2
+        y = model(x)
+    assert not any(getattr(m, "graph_layout", False) for m in model.modules())  # restored
+    assert rel_err(model(x), y) <= 1e-12
 
 
 def test_train_form_is_refused(tmp_path):

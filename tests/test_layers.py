@@ -151,9 +151,11 @@ def test_official_deploy_state_dict_loads_into_deploy_form():
 # --- building blocks -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("graph_layout", [False, True])  # one batched matmul, or one linear per group
 @pytest.mark.parametrize("groups,bias", [(1, True), (4, False), (4, True)])
-def test_grouped_linear_equals_grouped_1x1_conv(groups, bias):
+def test_grouped_linear_equals_grouped_1x1_conv(groups, bias, graph_layout):
     fc = GroupedLinear(32, 48, groups, bias=bias)
+    fc.graph_layout = graph_layout
     x = torch.randn(5, 32)
     ref = F.conv2d(x[..., None, None], fc.weight[..., None, None], fc.bias, groups=groups).flatten(1)
     assert rel_err(ref, fc(x)) <= 1e-6

@@ -200,3 +200,26 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
     assert final["equivalence"]["passed"]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 3 and records[-1]["val_top1"] >= 0  # rank 0 alone logs each epoch once
+
+
+@pytest.mark.parametrize("mode", ["equivalent_fc3", "fc3_bn"])
+def test_qat_run_converts_and_exports_int8(tmp_path, mode, capsys):
+    """A few QAT steps (equivalent FC3 of the train form, or the authors' BN after a deploy FC3), then the plain
+    float form saved and exported as static int8."""
+    import onnx
+
+    qat = ["train.epochs=1", f"qat.mode={mode}", "qat.calibration_batches=2", f"train.output_dir={tmp_path}"]
+    threads = torch.get_num_threads()
+    try:
+        summary = train(load_config(None, TINY + qat))
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["equivalence"]["passed"]
+    forms = ["train", "deploy"] if mode == "equivalent_fc3" else ["deploy"]  # fc3_bn trains a deploy form
+    assert {p.name for p in tmp_path.glob("model_*.safetensors")} == {f"model_{f}.safetensors" for f in forms}
+    form = forms[0]
+    weights, out = tmp_path / f"model_{form}.safetensors", tmp_path / "int8.onnx"
+    options = "--quantize static --batch-size 4 --calibration random --calibration-samples 16 --check-samples 64"
+    code = _tool("export_onnx").main(["--weights", str(weights), "--output", str(out), *options.split()])
+    assert code == 0 and "static int8" in capsys.readouterr().out
+    assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(out)).graph.node)

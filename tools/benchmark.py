@@ -13,6 +13,11 @@ Run with OMP_WAIT_POLICY=PASSIVE on a shared machine (libgomp's default spin-wai
 slower under load). Example (README's CPU tables):
     OMP_WAIT_POLICY=PASSIVE python tools/benchmark.py --batch-sizes 1 8 32 --runtime eager compile onnxruntime \\
         --json output/bench_cpu.json
+
+With --int8: int8 against float32 instead (repmlp.int8): PyTorch eager and compiled float32, PyTorch int8 (PT2E,
+compiled), onnxruntime float32 and int8 (dynamic, static), each checked against the PyTorch float32 deploy form;
+default models the shipped Fashion-MNIST model (its weights and test images), repmlpnet_t224, repmlp_res50_light_224:
+    OMP_WAIT_POLICY=PASSIVE python tools/benchmark.py --int8 --batch-sizes 1 8 --rounds 15 --json output/bench_int8.json
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import io
 import json
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -31,6 +37,7 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", c
 from repmlp.benchmark import DTYPES, FORMS, BenchmarkConfig, format_table, plot, run_benchmark  # noqa: E402
 from repmlp.checkpoint import atomic_write  # noqa: E402
 from repmlp.guards import check_output_file  # noqa: E402
+from repmlp.int8 import EAGER_LAYOUT_FORM, INT8_FORMS, Int8BenchmarkConfig, format_int8_table, run_int8_benchmark  # noqa: E402
 from repmlp.runtime import RUNTIMES  # noqa: E402
 
 
@@ -47,14 +54,27 @@ def count(minimum: int):
     return parse
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, dict[str, str | None]]:
+def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8BenchmarkConfig, dict[str, str | None]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = BenchmarkConfig()
     p.add_argument(
         "--models",
         nargs="+",
-        default=list(d.models),
-        help="timm names or package.module:factory of models with RepMLP blocks (timed in --forms)",
+        help="timm names or package.module:factory of models with RepMLP blocks (timed in --forms); default "
+        f"{' '.join(d.models)} (with --int8: {' '.join(Int8BenchmarkConfig.models)})",
+    )
+    p.add_argument("--int8", action="store_true", help="time int8 against float32 forms (see above)")
+    p.add_argument(
+        "--profile", action="store_true", help="with --int8: time each onnxruntime form's operator types too"
+    )
+    p.add_argument(
+        "--int8-forms",
+        nargs="+",
+        choices=(*INT8_FORMS, EAGER_LAYOUT_FORM),
+        default=list(INT8_FORMS),
+        metavar="FORM",
+        help=f"with --int8: the forms to time, of {INT8_FORMS} and {EAGER_LAYOUT_FORM!r} (exported as before the "
+        "graph layout: FC3 as batched matmuls)",
     )
     p.add_argument(
         "--baselines",
@@ -122,7 +142,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, dict[str
     p.add_argument("--png", help="write a bar chart of images/s here")
     args = p.parse_args(argv)
     outputs = {"json": args.json, "png": args.png}
-    del args.json, args.png
+    if args.profile and not args.int8:
+        p.error("--profile times onnxruntime's operators of the --int8 forms; add --int8")
+    if args.int8:
+        if args.png:
+            p.error("--png charts the form benchmark; with --int8 write --json")
+        cfg = Int8BenchmarkConfig(
+            models=tuple(args.models or Int8BenchmarkConfig.models),
+            forms=tuple(args.int8_forms),
+            batch_sizes=tuple(args.batch_sizes),
+            threads=args.threads,
+            warmup=args.warmup,
+            rounds=args.rounds,
+            seed=args.seed,
+            profile=args.profile,
+        )
+        return cfg, outputs
+    del args.json, args.png, args.int8, args.int8_forms, args.profile
+    args.models = args.models or list(d.models)
     if args.input_size:
         args.input_size = tuple(args.input_size)
     if args.channels_last is None:
@@ -141,8 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    report = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr))
-    print(format_table(report))
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if isinstance(cfg, Int8BenchmarkConfig):
+        with tempfile.TemporaryDirectory() as workdir:
+            report = run_int8_benchmark(cfg, workdir, log)
+        print(format_int8_table(report))
+    else:
+        report = run_benchmark(cfg, log=log)
+        print(format_table(report))
     if outputs["json"]:
         text = json.dumps(report, indent=1)
         atomic_write(outputs["json"], lambda tmp: Path(tmp).write_text(text))

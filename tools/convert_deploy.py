@@ -24,6 +24,7 @@ import repmlp  # noqa: E402
 from repmlp.checkpoint import read_metadata  # noqa: E402
 from repmlp.flops import count_macs, count_params  # noqa: E402
 from repmlp.guards import check_output_file  # noqa: E402
+from repmlp.int8 import format_ranges, weight_ranges  # noqa: E402
 from repmlp.shipped import shipped_models  # noqa: E402
 from repmlp.training.builders import model_from_checkpoint  # noqa: E402
 from repmlp.verify import randomize_bn_stats  # noqa: E402
@@ -53,6 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=2, help="random inputs for the check (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random model and inputs")
     p.add_argument("--no-float64", action="store_true", help="skip the float64 check of the conversion")
+    p.add_argument(
+        "--ranges",
+        action="store_true",
+        help="print each deploy-form layer's weight range and int8 noise (which layers int8 hurts most)",
+    )
     return p.parse_args(argv)
 
 
@@ -123,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"convert {seconds:.3f} s")
     for report in reports:
         print(f"check   {report}")
+    if args.ranges:
+        print(format_ranges(weight_ranges(deploy)))
     if not all(r.passed for r in reports):
         print(f"NOT written: the deploy form does not match the train form ({output})", file=sys.stderr)
         return 1

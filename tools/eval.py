@@ -8,6 +8,8 @@ Examples:
     python tools/eval.py --checkpoint repmlp/pretrained/repmlp_fmnist_mlp.fmnist
     python tools/eval.py --checkpoint runs/fmnist/model_train.safetensors --form deploy
     python tools/eval.py --model repmlp_fmnist_mlp.fmnist --pretrained
+    python tools/eval.py --onnx output/repmlp_fmnist_mlp.fmnist_int8_static.onnx --model repmlp_fmnist_mlp.fmnist
+    python tools/eval.py --model repmlp_fmnist_mlp.fmnist --pretrained --int8 static    # PyTorch int8 (PT2E)
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import torch  # noqa: E402
 from repmlp.checkpoint import read_metadata  # noqa: E402
 from repmlp.convert import is_deploy_form  # noqa: E402
 from repmlp.data import DATASETS  # noqa: E402
+from repmlp.int8 import FixedBatch, data_batches, onnx_batch_size, onnx_predictor, quantize_pytorch  # noqa: E402
+from repmlp.shipped import resolve_weights  # noqa: E402
 from repmlp.training import build_eval_data, evaluate, load_config, model_from_checkpoint  # noqa: E402
 from repmlp.training.builders import agree_with_record  # noqa: E402
 from repmlp.training.distributed import DistEnv  # noqa: E402
@@ -40,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train- or deploy-form file written by this package or a model folder (or the authors', with --model)",
     )
     source.add_argument("--pretrained", action="store_true", help="the shipped weights of --model NAME.TAG")
+    source.add_argument(
+        "--onnx", help="an ONNX file (float32 or int8) run in onnxruntime; --model names its model (data transform)"
+    )
     parser.add_argument("--model", help="timm model name (default: the checkpoint's metadata)")
     parser.add_argument(
         "--model-kwargs", type=json.loads, default={}, help="JSON constructor arguments (default: the checkpoint's)"
@@ -61,9 +68,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument(
+        "--int8",
+        choices=("dynamic", "static"),
+        help="the deploy form quantized by PyTorch's x86 int8 path (repmlp.int8.quantize_pytorch)",
+    )
+    parser.add_argument("--int8-batch-size", type=int, default=8, help="static batch of the --int8 graph")
+    parser.add_argument("--calibration", help="--int8 static: 'random' or DATASET[:ROOT] (default: the dataset)")
+    parser.add_argument("--calibration-samples", type=int, default=256, help="--int8 static: training images")
     args = parser.parse_args(argv)
-    if args.pretrained and not args.model:
-        parser.error("--pretrained needs --model NAME.TAG, e.g. repmlp_fmnist_mlp.fmnist")
+    if (args.pretrained or args.onnx) and not args.model:
+        parser.error("--pretrained and --onnx need --model NAME.TAG, e.g. repmlp_fmnist_mlp.fmnist")
+    if args.onnx and args.int8:
+        parser.error("--int8 quantizes a PyTorch model; an --onnx file is run as it is")
+    if args.int8:
+        args.form = "deploy"
     return args
 
 
@@ -93,9 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        if args.pretrained:
-            model = timm.create_model(args.model, pretrained=True, deploy=args.form == "deploy", **args.model_kwargs)
-            meta = read_metadata(model.pretrained_cfg["file"]) if model.pretrained_cfg.get("file") else {}
+        if args.pretrained or args.onnx:  # --onnx: the model's pretrained_cfg gives the transform, the file the weights
+            model = timm.create_model(
+                args.model, pretrained=bool(args.pretrained), deploy=args.form == "deploy", **args.model_kwargs
+            )
+            tagged = args.pretrained or "." in args.model  # --onnx of NAME.TAG: made from the shipped weights
+            file = model.pretrained_cfg.get("file") if tagged else None
+            meta = read_metadata(resolve_weights(file)) if file and resolve_weights(file).is_file() else {}
         else:
             model = model_from_checkpoint(args.checkpoint, args.model, args.form, args.model_kwargs)
             meta = read_metadata(args.checkpoint)
@@ -104,13 +127,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    metrics = evaluate(model, loader, DistEnv(), progress=args.progress)
+    runner, form = model, "deploy" if is_deploy_form(model) else "train"
+    if args.onnx:
+        runner, form = FixedBatch(onnx_predictor(args.onnx), onnx_batch_size(args.onnx)), "onnx"
+    elif args.int8:
+        data = args.calibration or ":".join(filter(None, (cfg["data"]["dataset"], cfg["data"]["root"])))
+        batches = data_batches(data, model, args.int8_batch_size, args.calibration_samples, "train")
+        runner = FixedBatch(quantize_pytorch(model, batches[0], args.int8, batches), args.int8_batch_size)
+        form = f"deploy, PyTorch int8 {args.int8}" + (f" (calibrated on {data})" if args.int8 == "static" else "")
+    metrics = evaluate(runner, loader, DistEnv(), progress=args.progress)
     print(
         json.dumps(
             {
                 "model": model.pretrained_cfg.get("architecture", args.model),
-                "checkpoint": args.checkpoint or model.pretrained_cfg.get("file"),
-                "form": "deploy" if is_deploy_form(model) else "train",
+                "checkpoint": args.onnx or args.checkpoint or model.pretrained_cfg.get("file"),
+                "form": form,
                 "dataset": cfg["data"]["dataset"],
                 "split": args.split,
                 **metrics,

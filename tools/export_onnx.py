@@ -1,9 +1,15 @@
 #!/usr/bin/env python
-"""Export a model's deploy form to ONNX at its fixed input size, and check the file.
+"""Export a model's deploy form to ONNX at its fixed input size, optionally int8, and check the file.
 
-Converts a train-form model (random weights with randomised BN statistics unless --weights is given) to its deploy
-form, exports it with torch.onnx, refuses graphs with a tensor of rank > 5, runs the file in onnxruntime and
-compares with PyTorch (max relative error <= 1e-4). Needs the onnx extra: pip install -e .[onnx]
+Converts a train-form model (random weights with randomised BN statistics unless --weights is given or the model is
+a shipped NAME.TAG such as repmlp_fmnist_mlp.fmnist) to its deploy form, exports it with torch.onnx, refuses graphs
+with a tensor of rank > 5, runs the file in onnxruntime and compares with PyTorch (max relative error <= 1e-4).
+--quantize dynamic|static writes the int8 file made by onnxruntime's quantization tools instead, after checking it
+against the float32 one in onnxruntime (argmax agreement >= --min-agreement). The file is renamed into place only
+when every check passed. Needs the onnx extra: pip install -e .[onnx]
+
+Example (static int8 of the shipped model, calibrated on Fashion-MNIST training images):
+    python tools/export_onnx.py --model repmlp_fmnist_mlp.fmnist --quantize static --batch-size 8
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import torch  # noqa: E402
 import repmlp  # noqa: E402
 from repmlp.export import export_onnx  # noqa: E402
 from repmlp.guards import check_output_file  # noqa: E402
+from repmlp.int8 import QUANTIZE_MODES, data_batches, default_calibration  # noqa: E402
 from repmlp.models import load_model  # noqa: E402
+from repmlp.shipped import shipped_folder  # noqa: E402
 from repmlp.training.builders import model_from_checkpoint  # noqa: E402
 from repmlp.verify import randomize_bn_stats  # noqa: E402
 
@@ -53,6 +61,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--tolerance", type=float, default=1e-4, help="max rel error of onnxruntime vs PyTorch")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        default="none",
+        help="int8 by onnxruntime: 'dynamic' (no data) or 'static' (calibrated on --calibration)",
+    )
+    p.add_argument(
+        "--calibration",
+        help="'random' or DATASET[:ROOT] as in the training configs, e.g. fashion_mnist "
+        "(default: a shipped model's dataset, else random inputs)",
+    )
+    p.add_argument("--calibration-samples", type=int, default=256, help="training images that calibrate 'static'")
+    p.add_argument(
+        "--check-samples",
+        type=int,
+        default=256,
+        help="held-out images (or random inputs) on which int8 is compared with float32",
+    )
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.97,
+        help="least int8/float32 argmax agreement to write: a check against broken quantization (the shipped model "
+        "agrees on 99.3%% of the test set, so 256 images may see 1-2%% flips); accuracy: tools/eval.py --onnx",
+    )
+    p.add_argument(
+        "--reduce-range",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="7-bit int8 weights (auto: on for CPUs without VNNI, whose int8 kernels saturate otherwise)",
+    )
     return p.parse_args(argv)
 
 
@@ -62,14 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.output:  # refused before anything is read
             check_output_file(args.output, [args.weights])
+        base, _, tag = (args.model or "").partition(".")
         if args.weights:
             model = model_from_checkpoint(args.weights, args.model, model_kwargs=args.model_kwargs)
             source = f"weights {args.weights}"
+        elif tag and ":" not in args.model and shipped_folder(base, tag):
+            model = load_model(args.model, pretrained=True, **args.model_kwargs)
+            source = f"shipped weights {args.model}"
         else:
             model = randomize_bn_stats(load_model(args.model or RANDOM_DEFAULT, **args.model_kwargs), args.seed)
             source = f"RANDOM weights (seed {args.seed}) with randomised BN statistics"
         name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or args.model or RANDOM_DEFAULT
-        output = check_output_file(args.output or f"output/{name.replace(':', '_')}_deploy.onnx", [args.weights])
+        name = args.model if source.startswith("shipped") else name  # with its tag
+        suffix = "deploy" if args.quantize == "none" else f"int8_{args.quantize}"
+        output = check_output_file(args.output or f"output/{name.replace(':', '_')}_{suffix}.onnx", [args.weights])
     except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -79,10 +124,36 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         model = repmlp.convert_to_deploy(model, inplace=True)
         print(f"convert {time.perf_counter() - start:.3f} s")
+    int8 = {}
+    if args.quantize != "none":
+        data = args.calibration or default_calibration(args.model, args.weights)
+        label = data if data != "random" else "random (no dataset for this model: calibration is only indicative)"
+        print(f"data    {label}")
+        calibration = data_batches(data, model, args.batch_size, args.calibration_samples, "train", args.seed)
+        check = data_batches(data, model, args.batch_size, args.check_samples, "val", args.seed + 1)
+        reduce_range = dict(auto=None, on=True, off=False)[args.reduce_range]
+        int8 = dict(
+            quantize=args.quantize,
+            calibration=calibration,
+            check_batches=check,
+            check_data=f"{data} (val)",
+            min_agreement=args.min_agreement,
+            reduce_range=reduce_range,
+        )
     start = time.perf_counter()
-    report = export_onnx(
-        model, output, batch_size=args.batch_size, opset=args.opset, tolerance=args.tolerance, seed=args.seed
-    )
+    try:
+        report = export_onnx(
+            model,
+            output,
+            batch_size=args.batch_size,
+            opset=args.opset,
+            tolerance=args.tolerance,
+            seed=args.seed,
+            **int8,
+        )
+    except RuntimeError as err:  # a check failed: nothing written
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"export  {time.perf_counter() - start:.1f} s")
     print(f"check   {report}")
     return 0

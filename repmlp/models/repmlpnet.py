@@ -99,16 +99,24 @@ def _check_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
     return x
 
 
+GRAPH_LAYOUT_MIN_TOKENS = 128  # see SharedFC
+
+
 class SharedFC(nn.Module):
     """FC3 shared over channel sets: ``y[..., s, :] = weight[s] @ v[..., s, :] + bias[s]`` for v (..., S, h*w).
 
     Runs as one batched matmul over the S sets (a grouped 1x1 conv is several times slower on CPU); for S > 1
-    the result is a set-major strided view, which callers consume without copying.
+    the result is a set-major strided view, which callers consume without copying. With ``graph_layout`` set (see
+    :class:`repmlp.layers.GroupedLinear`) each set of at least ``GRAPH_LAYOUT_MIN_TOKENS`` (128) tokens is its own
+    ``F.linear``, which int8 tools quantize; smaller sets keep the batched matmul: their matrices gain nothing from
+    int8, and a linear per set would put 128 of them in each block of the last stage, slower in onnxruntime and
+    minutes more of inductor compilation.
     """
 
     def __init__(self, sharesets: int, tokens: int, bias: bool = False) -> None:
         super().__init__()
         self.sharesets, self.tokens = sharesets, tokens  # ints, not weight.shape: FX traces them as constants
+        self.graph_layout = False
         bound = 1 / math.sqrt(tokens)  # nn.Linear's default init for fan-in h*w
         self.weight = nn.Parameter(torch.empty(sharesets, tokens, tokens).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.zeros(sharesets, tokens)) if bias else None
@@ -117,9 +125,18 @@ class SharedFC(nn.Module):
         s, tokens = self.sharesets, self.tokens
         if s == 1:
             return F.linear(v, self.weight[0], None if self.bias is None else self.bias[0])
+        if self.graph_layout and tokens >= GRAPH_LAYOUT_MIN_TOKENS:
+            return self._per_set(v)
         rows, weight_t = v.reshape(-1, s, tokens).transpose(0, 1), self.weight.transpose(1, 2)  # (S, B, hw)
         y = torch.bmm(rows, weight_t) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), rows, weight_t)
         return y.transpose(0, 1).reshape(v.shape)
+
+    @torch.jit.unused  # exported graphs only
+    def _per_set(self, v):  # no annotations: TorchScript cannot resolve postponed ones of an unused method
+        s = self.sharesets
+        rows, biases = v.reshape(-1, s, self.tokens), [None] * s if self.bias is None else self.bias.unbind()
+        y = torch.stack([F.linear(r, w, b) for r, w, b in zip(rows.unbind(1), self.weight.unbind(), biases)], 1)
+        return y.reshape(v.shape)
 
 
 class GlobalPerceptron(nn.Module):
@@ -259,16 +276,21 @@ def _join_partitions(y: torch.Tensor, n: int, c: int, H: int, W: int, h: int, w:
 
 
 class FFNBlock(nn.Module):
-    """FFN: 1x1 conv-BN (C -> hidden) -> GELU -> 1x1 conv-BN (hidden -> C)."""
+    """FFN: 1x1 conv-BN (C -> hidden) -> GELU -> 1x1 conv-BN (hidden -> C).
+
+    The deploy form runs the 1x1 convs as batched matmuls in eager PyTorch; with ``graph_layout`` set (see
+    :class:`repmlp.layers.GroupedLinear`) as Conv2d, which graph runtimes run well and int8 tools quantize.
+    """
 
     def __init__(self, channels: int, hidden: int, deploy: bool = False) -> None:
         super().__init__()
+        self.graph_layout = False
         self.fc1 = ConvBN(channels, hidden, 1, deploy=deploy)
         self.act = nn.GELU()
         self.fc2 = ConvBN(hidden, channels, 1, deploy=deploy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fc1.bn is not None or self.fc2.bn is not None:
+        if self.fc1.bn is not None or self.fc2.bn is not None or self.graph_layout:
             return self.fc2(self.act(self.fc1(x)))
         # deploy form: the 1x1 convs as batched matmuls over (N, C, H*W), 2-3x faster than a 1x1 conv on CPU
         n, _, H, W = x.shape

@@ -62,6 +62,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "label_smoothing": 0.0,
     },
     "ema": {"enabled": False, "decay": 0.9998, "warmup": False},
+    "qat": {  # quantization-aware training (repmlp.quantize), e.g. a short fine-tune of trained weights before int8
+        "mode": "none",  # none | equivalent_fc3 (train form, fake-quantized equivalent FC3) | fc3_bn (deploy form,
+        # a BN after each FC3: the authors' post-quantization fine-tuning)
+        "reduce_range": None,  # 7-bit int8 weights, as onnxruntime on CPUs without VNNI; None: as this CPU needs
+        "calibration_batches": 8,  # fc3_bn: training batches whose FC3 outputs initialise the inserted BNs
+    },
     "train": {
         "epochs": 10,
         "batch_size": 128,  # per process

@@ -3,6 +3,7 @@ to the deploy form, check it against the train form on the validation set and sa
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -22,9 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import atomic_write, save_checkpoint
-from ..convert import convert_to_deploy
+from ..convert import convert_to_deploy, is_deploy_form
 from ..data import build_loader, num_classes_of
 from ..guards import check_writable_dir
+from ..quantize import finish_qat, prepare_qat
 from .builders import build_data, build_datasets, build_loss, build_model
 from .distributed import DistEnv, barrier, cleanup_distributed, init_distributed, weight_divergence
 from .engine import TrainStep, amp_dtype, compare_forms, evaluate, train_one_epoch
@@ -133,7 +135,8 @@ def build_run(cfg: dict, env: DistEnv) -> Run:
         torch.set_num_threads(int(t["threads"]))
     seed_everything(t["seed"])
     num_classes = num_classes_of(build_datasets(cfg, splits=("train",))[0])
-    model = build_model(cfg, num_classes)
+    qat = cfg["qat"]
+    model = build_model(cfg, num_classes, deploy=qat["mode"] == "fc3_bn")
     train_loader, val_loader = build_data(cfg, model, env)
     if t["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
@@ -145,6 +148,9 @@ def build_run(cfg: dict, env: DistEnv) -> Run:
             )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(env.device, memory_format=torch.channels_last if t["channels_last"] else torch.preserve_format)
+    if qat["mode"] != "none":  # before the optimizer, EMA and DDP see the model: fc3_bn adds parameters
+        batches = itertools.islice((x for x, _ in train_loader), qat["calibration_batches"])
+        prepare_qat(model, qat["mode"], batches, qat["reduce_range"])
     dtype = amp_dtype(t["precision"], env.device)
     optimizer = create_optimizer_v2(
         model,
@@ -366,10 +372,11 @@ def finish(run: Run) -> dict[str, Any]:
 
 
 def export(model: nn.Module, cfg: dict, val_set: Dataset, num_classes: int, out_dir: Path) -> dict[str, Any]:
-    """Convert to the deploy form, compare both forms on the whole validation set, save both forms."""
-    model = unwrap_model(model).float().eval()
+    """Convert to the deploy form, compare both forms on the whole validation set, save both forms (after QAT in
+    fc3_bn mode, the model is a deploy form: that one form)."""
+    model = finish_qat(unwrap_model(model)).float().eval()  # QAT: the plain float model, inserted FC3 BNs folded
     if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
-        plain = build_model(cfg, num_classes).to(next(model.parameters()).device)
+        plain = build_model(cfg, num_classes, deploy=is_deploy_form(model)).to(next(model.parameters()).device)
         plain.load_state_dict(model.state_dict())
         model = plain.eval()
     deploy = convert_to_deploy(model)
@@ -382,8 +389,9 @@ def export(model: nn.Module, cfg: dict, val_set: Dataset, num_classes: int, out_
         "model_kwargs": json.dumps(cfg["model"]["kwargs"]),
         "config": json.dumps(cfg),
     }
-    files = {"train": out_dir / "model_train.safetensors", "deploy": out_dir / "model_deploy.safetensors"}
-    for form, form_model in (("train", model), ("deploy", deploy)):
+    forms = {"deploy": deploy} if is_deploy_form(model) else {"train": model, "deploy": deploy}
+    files = {form: out_dir / f"model_{form}.safetensors" for form in forms}
+    for form, form_model in forms.items():
         save_checkpoint(
             form_model, files[form], cfg["model"]["name"], form, {**meta, "top1": f"{check[f'{form}_top1']:.2f}"}
         )

@@ -1,0 +1,566 @@
+"""Int8 deploy forms: onnxruntime's dynamic and static quantization, PyTorch's x86 int8 path (PT2E, torchao), the
+calibration data, the checks of int8 against float32, and the weight ranges that decide how well it goes.
+
+Models are quantized in the graph layout (:func:`repmlp.export.graph_layout`): FC3 as one linear layer per group, so
+that each group gets its own per-output-channel scales. The scheme is the one :mod:`repmlp.quantize` simulates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .quantize import FakeQuantFC3, fake_quantize_weight, resolve_reduce_range, weight_qmax
+
+QUANTIZE_MODES = ("none", "dynamic", "static")
+
+
+# ------------------------------------------------------------------------------------------ calibration data
+
+
+def data_batches(
+    spec: str, model: nn.Module, batch_size: int, samples: int, split: str = "train", seed: int = 0
+) -> list[torch.Tensor]:
+    """``samples`` inputs (whole batches of ``batch_size``) for calibration or checks, from a dataset spec.
+
+    ``spec``: ``'random'`` (seeded standard-normal inputs of the model's size) or ``DATASET[:ROOT]`` with a dataset
+    name the training configs take (``fashion_mnist``, ``cifar10:data/cifar-10-batches-py``, ``imagefolder:DIR``);
+    images get the model's evaluation transform and are drawn at random (seeded) from ``split``.
+    """
+    from timm.data import resolve_data_config
+
+    from .data import DATASETS, build_dataset, build_transform
+    from .models import model_input_size
+
+    count = max(1, samples // batch_size) * batch_size
+    gen = torch.Generator().manual_seed(seed)
+    if spec == "random":
+        return list(torch.randn((count, *model_input_size(model)), generator=gen).split(batch_size))
+    name, _, root = spec.partition(":")
+    if name not in DATASETS:
+        raise ValueError(
+            f"calibration data {spec!r}: expected 'random' or DATASET[:ROOT] with DATASET one of "
+            f"{DATASETS}, e.g. 'fashion_mnist' or 'imagefolder:data/imagenet'"
+        )
+    cfg = resolve_data_config({}, model=model)
+    dataset = build_dataset(
+        name,
+        split,
+        root or None,
+        transform=build_transform(
+            False, cfg["input_size"], cfg["mean"], cfg["std"], cfg["crop_pct"], cfg["interpolation"]
+        ),
+    )
+    if len(dataset) < count:
+        raise ValueError(f"calibration data {spec!r} has {len(dataset)} {split} images, fewer than the {count} asked")
+    images = torch.stack([dataset[i][0] for i in torch.randperm(len(dataset), generator=gen)[:count].tolist()])
+    return list(images.split(batch_size))
+
+
+def default_calibration(model_name: str | None, weights: str | Path | None = None) -> str:
+    """The data a model was trained on, as its weights file records it (dataset and root): ``weights``, else the
+    shipped weights of ``NAME.TAG``; ``'random'`` when neither names a dataset."""
+    import json
+
+    from .checkpoint import read_metadata
+    from .shipped import shipped_models, weights_dir
+
+    if weights is None:
+        base, _, tag = (model_name or "").partition(".")
+        entry = next((e for e in shipped_models() if (e["model"], e["tag"], e["form"]) == (base, tag, "train")), None)
+        weights = weights_dir() / entry["file"] if entry else None
+    meta = read_metadata(weights) if weights is not None else {}
+    data = json.loads(meta.get("config", "{}")).get("data", {})
+    dataset = meta.get("dataset") or data.get("dataset")
+    if not dataset or dataset == "synthetic":
+        return "random"
+    return ":".join(filter(None, (dataset, data.get("root"))))
+
+
+# ------------------------------------------------------------------------------------------------ onnxruntime
+
+
+def ort_session(path: str | Path, threads: int | None = None):
+    """A CPU onnxruntime session whose threads sleep between runs (they spin by default, which starves other
+    processes on a shared machine and skews interleaved timings)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def quantize_onnx(
+    src: str | Path,
+    dst: str | Path,
+    mode: str,
+    calibration: Iterable[torch.Tensor] = (),
+    reduce_range: bool | None = None,
+) -> None:
+    """Write the int8 version of the float32 ONNX file ``src`` to ``dst`` with onnxruntime's quantization tools.
+
+    ``dynamic``: weights int8 per output channel, activations quantized per batch at run time (MatMulInteger,
+    ConvInteger). ``static``: activation ranges calibrated (min/max) on ``calibration`` inputs, QDQ format
+    (onnxruntime fuses it into QLinear kernels; its QOperator format gave wrong outputs for these graphs).
+    Matrix products with a batched (3-D) constant weight stay float32: onnxruntime's per-channel scales are per
+    column of the last axis, shared across the batch, which its int8 kernels then reject.
+    """
+    import logging
+
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    if mode not in ("dynamic", "static"):
+        raise ValueError(f"quantize mode must be 'dynamic' or 'static', got {mode!r}")
+    common = dict(
+        per_channel=True,
+        reduce_range=resolve_reduce_range(reduce_range),
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=batched_weight_products(src),
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration)
+
+        def get_next(self) -> dict | None:
+            x = next(self.batches, None)
+            return None if x is None else {"input": x.numpy()}
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it advises pre-processing (shape inference), which the export has done
+    try:
+        if mode == "dynamic":
+            quantize_dynamic(str(src), str(dst), **common)
+        else:
+            static = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8)
+            quantize_static(str(src), str(dst), Reader(), calibrate_method=CalibrationMethod.MinMax, **static, **common)
+    finally:
+        root.setLevel(level)
+
+
+def batched_weight_products(path: str | Path) -> list[str]:
+    """Names of the MatMul nodes of an ONNX file whose constant operand has rank 3 (small shared FC3s, see
+    :class:`repmlp.models.repmlpnet.SharedFC`)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ranks = {init.name: len(init.dims) for init in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and any(ranks.get(i) == 3 for i in n.input)]
+
+
+@dataclass
+class Int8Check:
+    """Agreement of an int8 model with its float32 form on the same inputs."""
+
+    argmax_agreement: float
+    max_rel_err: float
+    samples: int
+    data: str
+
+    def __str__(self) -> str:
+        return (
+            f"int8 vs float32 on {self.samples} {self.data} inputs: argmax agreement {self.argmax_agreement:.2%}, "
+            f"max rel err {self.max_rel_err:.2e}"
+        )
+
+
+def compare_outputs(reference, candidate, batches: Iterable[torch.Tensor], data: str) -> Int8Check:
+    """Run two predictors (tensor -> logits) on ``batches``: argmax agreement and max relative logit error."""
+    agree = seen = 0
+    max_abs = scale = 0.0
+    for x in batches:
+        ref, out = reference(x).double(), candidate(x).double()
+        agree += (ref.argmax(-1) == out.argmax(-1)).sum().item()
+        seen += ref.shape[0]
+        max_abs, scale = max(max_abs, (ref - out).abs().max().item()), max(scale, ref.abs().max().item())
+    return Int8Check(agree / max(seen, 1), max_abs / max(scale, 1e-300), seen, data)
+
+
+def onnx_predictor(path: str | Path, threads: int | None = None):
+    """``x -> logits`` through an onnxruntime session of ``path`` (input named ``input``)."""
+    session = ort_session(path, threads)
+    return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+
+def profile_onnx(path: str | Path, x: torch.Tensor, runs: int = 5, threads: int | None = None) -> dict[str, float]:
+    """Milliseconds per run spent in each operator type of an ONNX file in onnxruntime (its profiler, after the
+    graph optimizations: fused and quantized kernels appear under their own names), largest first."""
+    import json
+
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(path).with_suffix("")) + "_profile"
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs + 1):  # the first run warms up and is not counted
+        session.run(None, {"input": x.numpy()})
+    trace = Path(session.end_profiling())  # the profiler's JSON, written next to the model
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    run_events = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    counted_from = run_events[0]["ts"] + run_events[0]["dur"]
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= counted_from:
+            totals[e["args"]["op_name"]] = totals.get(e["args"]["op_name"], 0.0) + e["dur"] / 1e3 / runs
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+# ----------------------------------------------------------------------------------------------- PyTorch int8
+
+
+def quantize_pytorch(
+    model: nn.Module,
+    example: torch.Tensor,
+    mode: str,
+    calibration: Iterable[torch.Tensor] = (),
+    reduce_range: bool | None = None,
+    compile: bool = True,
+):
+    """An int8 version of a deploy-form model for the CPU: PT2E quantization (torchao) with the x86 inductor quantizer.
+
+    The model is exported (``torch.export``, fixed to ``example``'s shape) in the graph layout, so every FC3
+    group, FC and conv is a linear or conv node the quantizer annotates (weights int8 per output channel,
+    activations uint8 per tensor: calibrated for ``static``, per batch for ``dynamic``); ``compile`` lowers it with
+    inductor (freezing on) to oneDNN int8 kernels, otherwise the reference (simulated) int8 module is returned.
+    ``reduce_range`` (default: on CPUs without VNNI) keeps activations to 7 bits, this quantizer's remedy for the
+    saturation of u8 x s8 int16 sums.
+    """
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    if mode not in ("dynamic", "static"):
+        raise ValueError(f"quantize mode must be 'dynamic' or 'static', got {mode!r}")
+    reduce_range = resolve_reduce_range(reduce_range)
+
+    class Quantizer(x86.X86InductorQuantizer):
+        """Convs quantized on their own, not fused with a following residual add: inductor's int8 conv + add
+        fusion asserts when the residual is a view (RepMLPNet's units, torch 2.14)."""
+
+        def _annotate_conv2d_binary_unary(self, *args, **kwargs) -> None:
+            pass
+
+        def _annotate_conv2d_binary(self, *args, **kwargs) -> None:
+            pass
+
+    quantizer = Quantizer().set_global(
+        x86.get_default_x86_inductor_quantization_config(is_dynamic=mode == "dynamic", reduce_range=reduce_range)
+    )
+    prepared = prepare_pt2e(export_graph(model, example), quantizer)
+    with torch.no_grad():
+        for x in calibration if mode == "static" else [example]:
+            prepared(x)
+    converted = convert_pt2e(prepared)
+    return compile_frozen(converted, example) if compile else converted
+
+
+def export_graph(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``torch.export`` of ``model`` in the graph layout, fixed to ``example``'s shape (as an ``nn.Module``)."""
+    from .export import graph_layout
+
+    with torch.no_grad(), graph_layout(model.eval()):
+        return torch.export.export(model, (example,)).module()
+
+
+def compile_frozen(graph: nn.Module, example: torch.Tensor):
+    """``torch.compile`` (inductor) of an exported graph, compiled now on ``example`` with its weights frozen into
+    the graph (prepacked for oneDNN)."""
+    compiled = torch.compile(graph)
+    # freezing as a torch.compile option instead fails on quantized convs in torch 2.14
+    with torch._inductor.config.patch(freezing=True), torch.no_grad():
+        compiled(example)
+    return compiled
+
+
+class FixedBatch(nn.Module):
+    """A ``tensor -> logits`` callable fixed to one batch size (an onnxruntime session, a compiled int8 graph) as a
+    module that takes any batch: inputs run in chunks of ``batch_size``, the last one zero-padded."""
+
+    def __init__(self, predict, batch_size: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "predict", predict)  # not a submodule: exported graphs refuse train()/eval()
+        self.batch_size = batch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for chunk in x.split(self.batch_size):
+            n = chunk.shape[0]
+            if n < self.batch_size:
+                chunk = torch.cat([chunk, chunk.new_zeros(self.batch_size - n, *chunk.shape[1:])])
+            outs.append(self.predict(chunk)[:n])
+        return torch.cat(outs)
+
+
+def onnx_batch_size(path: str | Path) -> int:
+    """The static batch of an ONNX file's input."""
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0].dim_value
+
+
+# -------------------------------------------------------------------------------------- weight range report
+
+
+@dataclass
+class WeightRange:
+    """How a layer's weights sit in int8: range, spread of per-channel ranges, quantization noise."""
+
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    p999_abs: float  # 99.9th percentile of |w|
+    median_abs: float
+    channel_ratio: float  # largest per-channel max |w| over the median per-channel max |w|
+    outliers: list[int]  # channels whose max |w| exceeds ``outlier_factor`` x the median per-channel max
+    sqnr_channel_db: float  # int8 signal-to-noise of the worst output channel, one scale per output channel
+    sqnr_tensor_db: float  # ... with one scale for the whole tensor
+
+
+def _output_rows(module: nn.Module) -> torch.Tensor:
+    """The weight as (output channels, inputs): the rows int8 tools give one scale each."""
+    weight = module.weight.detach().float()
+    return weight.flatten(1) if isinstance(module, nn.Conv2d) else weight.reshape(-1, weight.shape[-1])
+
+
+def _worst_sqnr_db(w: torch.Tensor, q: torch.Tensor) -> float:
+    """The lowest signal-to-noise ratio (dB) over the nonzero rows of ``w`` quantized as ``q``."""
+    signal, noise = w.double().pow(2).sum(1), (w - q).double().pow(2).sum(1).clamp_min(1e-300)
+    return (10 * torch.log10(signal[signal > 0] / noise[signal > 0])).min().item() if (signal > 0).any() else 0.0
+
+
+def weight_ranges(model: nn.Module, outlier_factor: float = 4.0, reduce_range: bool | None = None) -> list[WeightRange]:
+    """A :class:`WeightRange` per layer with a weight matrix (FC3s, linear layers, convs) of a deploy form."""
+    qmax = weight_qmax(reduce_range)
+    out = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() < 2 or isinstance(module, FakeQuantFC3):
+            continue
+        rows = _output_rows(module)
+        absw = rows.abs()
+        channel_max = absw.amax(1)
+        median_max = channel_max.median().clamp_min(1e-30)
+        sample = absw.flatten()[torch.randperm(absw.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 24]]
+        tensor_scale = absw.max().clamp_min(1e-30) / qmax
+        out.append(
+            WeightRange(
+                name,
+                tuple(weight.shape),
+                absw.max().item(),
+                torch.quantile(sample, 0.999).item(),
+                sample.median().item(),
+                (channel_max.max() / median_max).item(),
+                torch.nonzero(channel_max > outlier_factor * median_max).flatten().tolist(),
+                _worst_sqnr_db(rows, fake_quantize_weight(rows, qmax)),
+                _worst_sqnr_db(rows, torch.round(rows / tensor_scale).clamp(-qmax, qmax) * tensor_scale),
+            )
+        )
+    return out
+
+
+def format_ranges(ranges: list[WeightRange], outlier_factor: float = 4.0) -> str:
+    """The ranges as a table, lowest per-channel SQNR (the most quantization-sensitive layers) marked."""
+    head = (
+        f"{'layer':52} {'shape':>18} {'max|w|':>8} {'p99.9':>8} {'median':>8} {'ch max/med':>10} "
+        f"{'outlier ch':>10} {'SQNR ch dB':>10} {'tensor dB':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    worst = sorted(ranges, key=lambda r: r.sqnr_channel_db)[:3]
+    for r in ranges:
+        outliers = f"{len(r.outliers)}" + (
+            f" ({','.join(map(str, r.outliers[:3]))}{',..' * (len(r.outliers) > 3)})" if r.outliers else ""
+        )
+        lines.append(
+            f"{r.name[-52:]:52} {'x'.join(map(str, r.shape)):>18} {r.max_abs:>8.3g} {r.p999_abs:>8.3g} "
+            f"{r.median_abs:>8.3g} {r.channel_ratio:>10.1f} {outliers:>10} {r.sqnr_channel_db:>10.1f} "
+            f"{r.sqnr_tensor_db:>9.1f}" + ("  <- lowest" if r in worst else "")
+        )
+    lines.append(
+        f"outlier ch: output channels whose max |w| exceeds {outlier_factor:g}x the median channel's; SQNR: int8 "
+        "weight signal-to-noise of the worst output channel, with one scale per output channel (ch) or per tensor"
+    )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- int8 speed
+
+INT8_FORMS = (
+    "pytorch fp32",
+    "pytorch fp32 compiled",
+    "pytorch int8 dynamic",
+    "pytorch int8 static",
+    "onnxruntime fp32",
+    "onnxruntime int8 dynamic",
+    "onnxruntime int8 static",
+)
+#: Not timed by default: float32 in onnxruntime as exported before the graph layout (FC3 as batched matmuls).
+EAGER_LAYOUT_FORM = "onnxruntime fp32 eager layout"
+
+
+@dataclass
+class Int8BenchmarkConfig:
+    """What :func:`run_int8_benchmark` times (see tools/benchmark.py --int8)."""
+
+    models: Sequence[str] = ("repmlp_fmnist_mlp.fmnist", "repmlpnet_t224", "repmlp_res50_light_224")
+    forms: Sequence[str] = INT8_FORMS
+    batch_sizes: Sequence[int] = (1, 8)
+    threads: int = 2
+    warmup: int = 2
+    rounds: int = 10
+    calibration_samples: int = 64
+    seed: int = 0
+    profile: bool = False  # also time each onnxruntime form's operator types (its profiler)
+
+
+def deploy_model(name: str, seed: int = 0) -> tuple[nn.Module, str]:
+    """The deploy form of a zoo model and where its weights come from: shipped weights for ``name.tag`` with a
+    shipped file, else random weights with randomised BN statistics."""
+    import timm
+
+    from .convert import convert_to_deploy
+    from .models import load_model
+    from .shipped import shipped_folder
+    from .verify import randomize_bn_stats
+
+    base, _, tag = name.partition(".")
+    if tag and ":" not in name and shipped_folder(base, tag):
+        return timm.create_model(name, pretrained=True, deploy=True).eval(), f"shipped weights {name}"
+    torch.manual_seed(seed)
+    model = convert_to_deploy(randomize_bn_stats(load_model(name), seed))
+    return model, f"random weights (seed {seed}), randomised BN statistics"
+
+
+def _int8_candidates(
+    model: nn.Module,
+    forms: Sequence[str],
+    x: torch.Tensor,
+    calibration: list[torch.Tensor],
+    data: str,
+    workdir: Path,
+    log,
+) -> tuple[dict[str, object], dict[str, Path]]:
+    """A ``tensor -> logits`` callable per form, all for inputs of ``x``'s shape, and the ONNX file of each
+    onnxruntime form (written in ``workdir``)."""
+    from .export import export_onnx
+
+    out: dict[str, object] = {}
+    paths: dict[str, Path] = {}
+    for form in forms:
+        runtime, precision = form.split(" ", 1)
+        if form == "pytorch fp32":
+            out[form] = model
+        elif form == "pytorch fp32 compiled":  # the float32 twin of the int8 graphs: exported, compiled, frozen
+            out[form] = compile_frozen(export_graph(model, x), x)
+        elif runtime == "pytorch":
+            out[form] = quantize_pytorch(model, x, precision.split()[-1], calibration)
+        else:
+            mode = "none" if precision.startswith("fp32") else precision.split()[-1]
+            eager = form == EAGER_LAYOUT_FORM
+            path = workdir / f"{mode}{'_eager' * eager}_{x.shape[0]}.onnx"
+            report = export_onnx(
+                model,
+                path,
+                batch_size=x.shape[0],
+                quantize=mode,
+                calibration=calibration,
+                check_batches=calibration,
+                check_data=data,
+                min_agreement=0.0,
+                eager_layout=eager,
+            )
+            log(f"  {form}: {report}")
+            out[form], paths[form] = onnx_predictor(path), path
+    return out, paths
+
+
+@torch.no_grad()
+def run_int8_benchmark(cfg: Int8BenchmarkConfig, workdir: str | Path, log=print) -> dict:
+    """Median ms per batch of every form in ``cfg.forms``, timed in interleaved rounds (order rotated each round),
+    with each form's max relative logit error and argmax agreement against the PyTorch float32 deploy form."""
+    import statistics
+    import time
+
+    torch.set_num_threads(cfg.threads)
+    results = []
+    for name in cfg.models:
+        model, source = deploy_model(name, cfg.seed)
+        data = default_calibration(name)
+        log(f"{name}: {source}; calibration and check data: {data}")
+        for bs in cfg.batch_sizes:
+            calibration = data_batches(data, model, bs, max(cfg.calibration_samples, bs), seed=cfg.seed)
+            x = calibration[0]
+            forms, paths = _int8_candidates(model, cfg.forms, x, calibration, data, Path(workdir), log)
+            checks = {form: compare_outputs(model, f, calibration, data) for form, f in forms.items()}
+            for f in forms.values():
+                for _ in range(cfg.warmup):
+                    f(x)
+            order, times = list(forms), {form: [] for form in forms}
+            for r in range(cfg.rounds):
+                for form in order[r % len(order) :] + order[: r % len(order)]:
+                    start = time.perf_counter()
+                    forms[form](x)
+                    times[form].append(time.perf_counter() - start)
+            for form in forms:
+                ms = 1e3 * statistics.median(times[form])
+                results.append(
+                    dict(
+                        model=name,
+                        form=form,
+                        batch_size=bs,
+                        ms=ms,
+                        images_per_s=1e3 * bs / ms,
+                        max_rel_err=checks[form].max_rel_err,
+                        argmax_agreement=checks[form].argmax_agreement,
+                        checked_on=checks[form].samples,
+                    )
+                )
+                if cfg.profile and form in paths:
+                    results[-1]["profile_ms"] = profile_onnx(paths[form], x, cfg.rounds, cfg.threads)
+            log(
+                f"{name} batch {bs}: "
+                + ", ".join(f"{form} {1e3 * statistics.median(t):.2f} ms" for form, t in times.items())
+            )
+    return dict(config=cfg.__dict__, threads=torch.get_num_threads(), torch=torch.__version__, results=results)
+
+
+def format_int8_table(report: dict) -> str:
+    """The results with speed-ups over onnxruntime float32 and PyTorch (eager) float32 of the same model and batch."""
+    rows = report["results"]
+    ref = {(r["model"], r["batch_size"], r["form"]): r["ms"] for r in rows}
+    head = (
+        f"{'model':26} {'batch':>5} {'form':26} {'ms':>9} {'img/s':>8} {'vs ort fp32':>11} {'vs pt fp32':>10} "
+        f"{'max rel err':>11} {'argmax agr':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        speedups = []
+        for form in ("onnxruntime fp32", "pytorch fp32"):
+            base = ref.get((r["model"], r["batch_size"], form))
+            speedups.append("-" if base is None else f"x{base / r['ms']:.2f}")
+        lines.append(
+            f"{r['model'][:26]:26} {r['batch_size']:>5} {r['form']:26} {r['ms']:>9.2f} {r['images_per_s']:>8.1f} "
+            f"{speedups[0]:>11} {speedups[1]:>10} {r['max_rel_err']:>11.1e} {r['argmax_agreement']:>10.2%}"
+        )
+    for r in rows:
+        if "profile_ms" in r:
+            top = ", ".join(f"{op} {ms:.1f}" for op, ms in list(r["profile_ms"].items())[:10])
+            lines.append(f"{r['model']} batch {r['batch_size']} {r['form']}, ms per run by operator: {top}")
+    return "\n".join(lines)

@@ -1,0 +1,280 @@
+"""Quantization-aware training of RepMLP models: fake quantization, QAT on the equivalent FC3 of the train form, and
+the authors' alternative, a BN after FC3 of the deploy form for post-quantization fine-tuning.
+
+Quantization scheme (what onnxruntime's tools and PyTorch's x86 int8 path use on CPU, and what QAT simulates):
+weights int8, symmetric, one scale per output channel (per row of FC3, per (set, token) row of a shared FC3), levels
+-127..127, or -64..64 with ``reduce_range`` (see :func:`weight_qmax`); activations uint8, asymmetric, one scale per
+tensor (per batch for dynamic quantization, calibrated for static).
+The int8 models themselves (onnxruntime, PyTorch) are made in :mod:`repmlp.int8`.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from . import ops
+from .layers import RepMLP
+from .models.repmlpnet import RepMLPBlock
+
+QAT_MODES = ("none", "equivalent_fc3", "fc3_bn")
+
+
+# ----------------------------------------------------------------------------------------- equivalent FC3
+
+
+def _perceptron_name(block: nn.Module) -> str:
+    """The attribute holding a block's FC3 (with its BN in the train form)."""
+    if isinstance(block, RepMLP):
+        return "partition_perceptron"
+    if isinstance(block, RepMLPBlock):
+        return "channel_perceptron"
+    raise TypeError(f"expected a RepMLP or RepMLPBlock, got {type(block).__name__}")
+
+
+def fc3_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, block) of every RepMLP block (paper v1) and RepMLPNet block in ``model``."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (RepMLP, RepMLPBlock))]
+
+
+def equivalent_fc3(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """FC3 weight and bias of ``block``'s deploy form as a differentiable float64 function of its current form.
+
+    The partition (or channel) perceptron with its BN folded plus the local perceptron as an FC matrix (paper
+    Sec. 3.3, RepMLPNet's Locality Injection), from running BN statistics; gradients reach FC3, every conv
+    branch and every BN's affine parameters. Shapes are those of the deploy form's ``fc3.weight`` and
+    ``fc3.bias``; for a deploy-form block they are its FC3 parameters.
+    """
+    perceptron = getattr(block, _perceptron_name(block))
+    weight, bias = perceptron.fused()
+    if block.local_perceptron is not None:
+        local_weight, local_bias = block.local_perceptron.fused(block.h, block.w)
+        weight, bias = weight + local_weight, bias + local_bias.reshape(bias.shape)
+    if isinstance(block, RepMLP):
+        weight = weight.reshape(perceptron.fc3.out_features, -1)
+    return weight, bias
+
+
+# ----------------------------------------------------------------------------------------- fake quantization
+
+
+def weight_qmax(reduce_range: bool | None = None) -> int:
+    """Largest int8 weight level of onnxruntime's symmetric weights: 127, or 64 with ``reduce_range``.
+
+    Reduced range (7-bit weights) is what onnxruntime advises for CPUs without VNNI (AVX2, AVX-512 without VNNI):
+    their u8 x s8 kernels add pairs of products in int16, which saturates with full-range weights.
+    """
+    return 64 if resolve_reduce_range(reduce_range) else 127
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has int8 dot-product instructions (VNNI or AMX), where full-range int8 weights are safe."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def resolve_reduce_range(reduce_range: bool | None) -> bool:
+    """``reduce_range`` as given; None: on where this CPU lacks VNNI."""
+    return not cpu_has_vnni() if reduce_range is None else reduce_range
+
+
+def fake_quantize_weight(weight: torch.Tensor, qmax: int = 64) -> torch.Tensor:
+    """Symmetric per-row fake quantization (rows: output channels, the last dim is the input), straight-through.
+
+    Scale ``max |row| / qmax``, levels ``-qmax..qmax``, round half to even: onnxruntime's symmetric per-channel
+    int8 weights (``qmax`` from :func:`weight_qmax`).
+    """
+    rows = weight.reshape(-1, weight.shape[-1])
+    scale = rows.detach().abs().amax(1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny) / qmax
+    quantized = (torch.round(rows / scale).clamp(-qmax, qmax) * scale).reshape(weight.shape)
+    return weight + (quantized - weight).detach()
+
+
+def fake_quantize_activation(x: torch.Tensor, qmax: int = 255) -> torch.Tensor:
+    """Asymmetric per-tensor fake quantization over the tensor's own range (zero included), straight-through.
+
+    onnxruntime's dynamic uint8 quantization of an activation; static quantization fixes the range by calibration.
+    """
+    lo, hi = x.detach().amin().clamp_max(0), x.detach().amax().clamp_min(0)
+    scale = ((hi - lo) / qmax).clamp_min(torch.finfo(x.dtype).tiny)
+    zero_point = torch.round(-lo / scale)
+    quantized = (torch.round(x / scale) + zero_point).clamp(0, qmax).sub(zero_point).mul(scale)
+    return x + (quantized - x).detach()
+
+
+class FakeQuantFC3(nn.Module):
+    """An FC3 layer (``GroupedLinear`` or ``SharedFC``) run with fake-quantized weight and input.
+
+    Holds the layer's own ``weight`` and ``bias`` Parameters (state-dict keys unchanged) and runs the layer's
+    forward on their fake-quantized values; :func:`remove_fake_quant` puts the plain layer back.
+    """
+
+    def __init__(self, fc3: nn.Module, qmax: int = 64) -> None:
+        super().__init__()
+        self.weight, self.bias = fc3.weight, fc3.bias
+        self.qmax = qmax
+        object.__setattr__(self, "layer", fc3)  # not a submodule: its parameters are ours
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = {"weight": fake_quantize_weight(self.weight, self.qmax)}
+        if self.bias is not None:
+            params["bias"] = self.bias
+        return functional_call(self.layer, params, (fake_quantize_activation(x),))
+
+    def extra_repr(self) -> str:
+        return f"{self.layer!r}, weight levels -{self.qmax}..{self.qmax}"
+
+
+def remove_fake_quant(model: nn.Module) -> int:
+    """Undo :func:`enable_fc3_qat` and :func:`insert_fc3_bn`'s fake quantization in place; returns how many layers."""
+    count = 0
+    for block in [m for m in model.modules() if "_fc3_qat" in m.__dict__]:
+        del block.__dict__["forward"], block.__dict__["_fc3_qat"]
+        count += 1
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, FakeQuantFC3):
+                setattr(module, name, child.layer)
+                count += 1
+    return count
+
+
+# ------------------------------------------------------------------------ QAT on the equivalent FC3 (train form)
+
+
+def _equivalent_fc3_forward(block: nn.Module, *args, **kwargs) -> torch.Tensor:
+    """``block``'s forward as its deploy form with the equivalent FC3, fake-quantized (see :func:`enable_fc3_qat`)."""
+    shadow, name = block.__dict__["_fc3_qat"]
+    weight, bias = equivalent_fc3(block)
+    dtype = getattr(block, name).fc3.weight.dtype
+    params = {f"{name}.fc3.weight": weight.to(dtype), f"{name}.fc3.bias": bias.to(dtype)}
+    return functional_call(shadow, params, args, kwargs)
+
+
+@torch.no_grad()
+def _deploy_shadow(block: nn.Module, name: str, qmax: int) -> nn.Module:
+    """A view of ``block`` in deploy form: its own modules, FC3 a fake-quantized deploy-form skeleton on the meta
+    device (its weights are supplied at each call), no local perceptron."""
+    skeleton = copy.deepcopy(getattr(block, name)).to("meta")
+    skeleton.load_fused(*skeleton.fused())
+    skeleton.fc3 = FakeQuantFC3(skeleton.fc3, qmax)
+    shadow = object.__new__(type(block))
+    shadow.__dict__.update({k: v for k, v in block.__dict__.items() if k not in ("forward", "_fc3_qat")})
+    shadow.__dict__["_modules"] = {**block._modules, name: skeleton, "local_perceptron": None}
+    return shadow
+
+
+def enable_fc3_qat(model: nn.Module, reduce_range: bool | None = None) -> int:
+    """Train the train form through fake-quantized equivalent FC3s (the authors' QAT advice), in place.
+
+    Every train-form block then computes its deploy form: the equivalent FC3 (:func:`equivalent_fc3`, from the
+    BNs' running statistics, which stay frozen) fake-quantized per output channel, its input per tensor, so the
+    converted model meets int8 with the weights QAT trained for. Gradients reach every branch; state-dict keys do
+    not change. :func:`remove_fake_quant` restores the plain train form. Returns the number of blocks.
+    """
+    count = 0
+    for _, block in fc3_blocks(model):
+        name = _perceptron_name(block)
+        if getattr(block, name).bn is None or "_fc3_qat" in block.__dict__:
+            continue  # deploy form (nothing to merge) or already enabled
+        block.__dict__["_fc3_qat"] = (_deploy_shadow(block, name, weight_qmax(reduce_range)), name)
+        block.forward = types.MethodType(_equivalent_fc3_forward, block)
+        count += 1
+    return count
+
+
+# ------------------------------------------------------------- the authors' alternative: a BN after a deploy FC3
+
+
+@torch.no_grad()
+def insert_fc3_bn(model: nn.Module, batches: Iterable[torch.Tensor], reduce_range: bool | None = None) -> int:
+    """Give every deploy-form FC3 a BatchNorm after it and fake-quantize FC3, for post-quantization fine-tuning.
+
+    The authors' recommended route ("insert a BN after fc3 and finetune to recover the accuracy"). Each BN starts
+    from the statistics of its FC3's outputs on ``batches`` with ``gamma = sqrt(var + eps)`` and ``beta = mean``,
+    so the model computes the same function in eval mode and nearly so with batch statistics. Fold the BNs back
+    with :func:`fold_fc3_bn`, which also removes the fake quantization (``convert_to_deploy`` knows neither, and a
+    RepMLPNet block's conversion assumes a train-form FC3 without bias). Returns the number of BNs inserted.
+    """
+    perceptrons = []
+    for _, block in fc3_blocks(model):
+        perceptron = getattr(block, _perceptron_name(block))
+        if perceptron.bn is None and block.local_perceptron is None:
+            fc3 = perceptron.fc3
+            bn = nn.BatchNorm1d(fc3.weight.shape[0], momentum=None).to(fc3.weight)  # momentum None: a plain average
+            perceptrons.append((perceptron, bn))
+
+    def observe(bn: nn.BatchNorm1d, y: torch.Tensor) -> None:  # the perceptron's BN view: (N, C) or (N, S, h*w)
+        bn(y if y.dim() == 2 else y.reshape(-1, *y.shape[-2:]))
+
+    hooks = [p.fc3.register_forward_hook(lambda _m, _i, y, bn=bn: observe(bn, y)) for p, bn in perceptrons]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    for _, bn in perceptrons:
+        bn.train()
+    try:
+        for x in batches:
+            model(x.to(next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes.items():
+            m.train(mode)
+    for perceptron, bn in perceptrons:
+        bn.weight.copy_(torch.sqrt(bn.running_var + bn.eps)), bn.bias.copy_(bn.running_mean)
+        bn.momentum = 0.1
+        perceptron.bn = bn.train(perceptron.training)
+        perceptron.fc3 = FakeQuantFC3(perceptron.fc3, weight_qmax(reduce_range))
+    return len(perceptrons)
+
+
+@torch.no_grad()
+def fold_fc3_bn(model: nn.Module) -> int:
+    """Fold the BNs of :func:`insert_fc3_bn` back into their FC3s (running statistics) and drop the fake
+    quantization: the model is a deploy form again. Returns the number of BNs folded."""
+    remove_fake_quant(model)
+    count = 0
+    for _, block in fc3_blocks(model):
+        perceptron = getattr(block, _perceptron_name(block))
+        fc3 = perceptron.fc3
+        if perceptron.bn is None or fc3.bias is None:
+            continue  # not inserted by insert_fc3_bn (a train-form FC3 has no bias)
+        rows = fc3.weight.numel() // fc3.weight.shape[-1]  # BN channel c scales rows [c * per, (c + 1) * per)
+        scale, shift = (t.repeat_interleave(rows // perceptron.bn.num_features) for t in ops.bn_affine(perceptron.bn))
+        weight, bias = ops.fuse_bn(fc3.weight.reshape(rows, -1), fc3.bias.reshape(rows), scale, shift)
+        perceptron.load_fused(weight.reshape(fc3.weight.shape), bias.reshape(fc3.bias.shape))
+        count += 1
+    return count
+
+
+def prepare_qat(
+    model: nn.Module, mode: str, batches: Iterable[torch.Tensor] = (), reduce_range: bool | None = None
+) -> int:
+    """Set up a QAT mode in place: 'equivalent_fc3' (a train form, :func:`enable_fc3_qat`) or 'fc3_bn' (a deploy
+    form, :func:`insert_fc3_bn` initialised on ``batches``); 'none' does nothing. Returns the layers prepared."""
+    if mode not in QAT_MODES:
+        raise ValueError(f"QAT mode must be one of {QAT_MODES}, got {mode!r}")
+    if mode == "none":
+        return 0
+    count = (
+        enable_fc3_qat(model, reduce_range) if mode == "equivalent_fc3" else insert_fc3_bn(model, batches, reduce_range)
+    )
+    if not count:
+        form = "train" if mode == "equivalent_fc3" else "deploy"
+        raise ValueError(f"QAT mode {mode!r} needs a {form}-form model with RepMLP blocks; none found to prepare")
+    return count
+
+
+def finish_qat(model: nn.Module) -> nn.Module:
+    """The plain float model after QAT, in place: fake quantization removed, inserted FC3 BNs folded."""
+    fold_fc3_bn(model)
+    return model
