@@ -53,8 +53,8 @@ def fc3_weight_bytes(model: nn.Module) -> dict[str, int]:
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
@@ -259,24 +259,32 @@ def _time_rounds(
     """Interleaved rounds until ``cfg.rounds`` are done and every speed-up's spread is within ``cfg.spread`` (or
     ``max_rounds`` are done); returns the matmul's times and the rounds run."""
     pairs, mm = _pairs(entries), []
-    order = list(range(len(entries))) + [-1]  # -1: the matmul
     max_rounds = cfg.max_rounds or 3 * cfg.rounds
     r = 0
+    calls = [lambda e=e: e.call(e.x) for e in entries] + [matmul]
     while r < cfg.rounds or (r < max_rounds and pairs and _widest_spread(pairs) > cfg.spread):
-        for i in order[r % len(order) :] + order[: r % len(order)]:
-            call = matmul if i < 0 else (lambda e=entries[i]: e.call(e.x))
-            _sync(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            call()
-            _sync(device)
-            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-            if i < 0:
-                mm.append(elapsed)
-            else:
-                entries[i].times.append(elapsed)
-                entries[i].cpu.append(cpu)
+        *timed, (elapsed, _) = timed_round(calls, r, device)
+        mm.append(elapsed)
+        for e, (elapsed, cpu) in zip(entries, timed):
+            e.times.append(elapsed)
+            e.cpu.append(cpu)
         r += 1
     return mm, r
+
+
+def timed_round(
+    calls: Sequence[Callable[[], object]], r: int, device: torch.device | None = None
+) -> list[tuple[float, float]]:
+    """One interleaved round: every call once, starting at call ``r % len(calls)`` (so that no call is always first
+    after the same other); (wall seconds, process CPU seconds) per call, in the calls' order."""
+    out: list[tuple[float, float]] = [(0.0, 0.0)] * len(calls)
+    for i in [*range(len(calls))][r % len(calls) :] + [*range(len(calls))][: r % len(calls)]:
+        _sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        calls[i]()
+        _sync(device)
+        out[i] = (time.perf_counter() - start, time.process_time() - cpu_start)
+    return out
 
 
 def _percentile(values: list[float], p: int) -> float:

@@ -496,9 +496,11 @@ def run_int8_benchmark(cfg: Int8BenchmarkConfig, workdir: str | Path, log=print)
     """Median ms per batch of every form in ``cfg.forms``, timed in interleaved rounds (order rotated each round),
     with each form's max relative logit error and argmax agreement against the PyTorch float32 deploy form."""
     import statistics
-    import time
+
+    from .benchmark import machine_state, timed_round
 
     torch.set_num_threads(cfg.threads)
+    machine = {"start": machine_state()}
     results = []
     for name in cfg.models:
         model, source = deploy_model(name, cfg.seed)
@@ -512,12 +514,10 @@ def run_int8_benchmark(cfg: Int8BenchmarkConfig, workdir: str | Path, log=print)
             for f in forms.values():
                 for _ in range(cfg.warmup):
                     f(x)
-            order, times = list(forms), {form: [] for form in forms}
+            calls, times = [lambda f=f, x=x: f(x) for f in forms.values()], {form: [] for form in forms}
             for r in range(cfg.rounds):
-                for form in order[r % len(order) :] + order[: r % len(order)]:
-                    start = time.perf_counter()
-                    forms[form](x)
-                    times[form].append(time.perf_counter() - start)
+                for form, (elapsed, _) in zip(forms, timed_round(calls, r)):
+                    times[form].append(elapsed)
             for form in forms:
                 ms = 1e3 * statistics.median(times[form])
                 results.append(
@@ -538,7 +538,8 @@ def run_int8_benchmark(cfg: Int8BenchmarkConfig, workdir: str | Path, log=print)
                 f"{name} batch {bs}: "
                 + ", ".join(f"{form} {1e3 * statistics.median(t):.2f} ms" for form, t in times.items())
             )
-    return dict(config=cfg.__dict__, threads=torch.get_num_threads(), torch=torch.__version__, results=results)
+    machine["end"] = machine_state()
+    return dict(config=cfg.__dict__, machine=machine, torch=torch.__version__, results=results)
 
 
 def format_int8_table(report: dict) -> str:
@@ -559,6 +560,11 @@ def format_int8_table(report: dict) -> str:
             f"{r['model'][:26]:26} {r['batch_size']:>5} {r['form']:26} {r['ms']:>9.2f} {r['images_per_s']:>8.1f} "
             f"{speedups[0]:>11} {speedups[1]:>10} {r['max_rel_err']:>11.1e} {r['argmax_agreement']:>10.2%}"
         )
+    start, end = report["machine"]["start"], report["machine"]["end"]
+    lines.append(
+        f"{start['threads']} threads, OMP_WAIT_POLICY={start['omp_wait_policy']}, load average "
+        f"{start['loadavg']} at the start, {end['loadavg']} at the end"
+    )
     for r in rows:
         if "profile_ms" in r:
             top = ", ".join(f"{op} {ms:.1f}" for op, ms in list(r["profile_ms"].items())[:10])
