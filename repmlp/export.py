@@ -211,7 +211,7 @@ def _export_float(
 ) -> float:
     """Export in the graph layout; the max relative error of onnxruntime against PyTorch (RuntimeError above
     ``tolerance``, naming ``target``, the file that is then not written)."""
-    from .int8 import onnx_predictor
+    from .runtime import onnx_predictor
 
     y = model(x)
     with contextlib.nullcontext() if eager_layout else graph_layout(model):
@@ -236,7 +236,8 @@ def _quantize_checked(
 ) -> None:
     """Quantize ``float_path`` into ``path`` and compare the two in onnxruntime (RuntimeError below
     ``min_agreement``)."""
-    from .int8 import compare_outputs, onnx_predictor, quantize_onnx
+    from .int8 import compare_outputs, quantize_onnx
+    from .runtime import onnx_predictor
 
     quantize_onnx(float_path, path, report.quantize, calibration, report.reduce_range)
     report.int8 = compare_outputs(onnx_predictor(float_path), onnx_predictor(path), check_batches, check_data)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .quantize import FakeQuantFC3, fake_quantize_weight, resolve_reduce_range, weight_qmax
+from .runtime import onnx_predictor, ort_session
 
 QUANTIZE_MODES = ("none", "dynamic", "static")
 
@@ -82,18 +83,6 @@ def default_calibration(model_name: str | None, weights: str | Path | None = Non
 
 
 # ------------------------------------------------------------------------------------------------ onnxruntime
-
-
-def ort_session(path: str | Path, threads: int | None = None):
-    """A CPU onnxruntime session whose threads sleep between runs (they spin by default, which starves other
-    processes on a shared machine and skews interleaved timings)."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def quantize_onnx(
@@ -190,26 +179,12 @@ def compare_outputs(reference, candidate, batches: Iterable[torch.Tensor], data:
     return Int8Check(agree / max(seen, 1), max_abs / max(scale, 1e-300), seen, data)
 
 
-def onnx_predictor(path: str | Path, threads: int | None = None):
-    """``x -> logits`` through an onnxruntime session of ``path`` (input named ``input``)."""
-    session = ort_session(path, threads)
-    return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
-
-
 def profile_onnx(path: str | Path, x: torch.Tensor, runs: int = 5, threads: int | None = None) -> dict[str, float]:
     """Milliseconds per run spent in each operator type of an ONNX file in onnxruntime (its profiler, after the
     graph optimizations: fused and quantized kernels appear under their own names), largest first."""
     import json
 
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.enable_profiling = True
-    options.profile_file_prefix = str(Path(path).with_suffix("")) + "_profile"
-    if threads:
-        options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads, profile_prefix=str(Path(path).with_suffix("")) + "_profile")
     for _ in range(runs + 1):  # the first run warms up and is not counted
         session.run(None, {"input": x.numpy()})
     trace = Path(session.end_profiling())  # the profiler's JSON, written next to the model

@@ -27,7 +27,8 @@ import torch  # noqa: E402
 from repmlp.checkpoint import read_metadata  # noqa: E402
 from repmlp.convert import is_deploy_form  # noqa: E402
 from repmlp.data import DATASETS  # noqa: E402
-from repmlp.int8 import FixedBatch, data_batches, onnx_batch_size, onnx_predictor, quantize_pytorch  # noqa: E402
+from repmlp.int8 import FixedBatch, data_batches, onnx_batch_size, quantize_pytorch  # noqa: E402
+from repmlp.runtime import onnx_predictor  # noqa: E402
 from repmlp.shipped import resolve_weights  # noqa: E402
 from repmlp.training import build_eval_data, evaluate, load_config, model_from_checkpoint  # noqa: E402
 from repmlp.training.builders import agree_with_record  # noqa: E402
