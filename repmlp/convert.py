@@ -59,7 +59,8 @@ def _shareable_tensors(model: nn.Module) -> list[torch.Tensor]:
     return [] if any(t.is_inference() for t in tensors) else tensors
 
 
-_COPY_PROTOCOL = ("__deepcopy__", "__copy__", "__reduce_ex__", "__reduce__", "__getstate__", "__setstate__", "__new__")
+# what deepcopy would call instead of rebuilding __dict__; __setstate__ is called by both (nn.Conv2d defines one)
+_COPY_PROTOCOL = ("__deepcopy__", "__copy__", "__reduce_ex__", "__reduce__", "__getstate__", "__new__")
 
 
 def _copy_tree(model: nn.Module, memo: dict[int, object]) -> nn.Module:
@@ -73,6 +74,9 @@ def _copy_tree(model: nn.Module, memo: dict[int, object]) -> nn.Module:
     return _copy_module(model, memo)
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
 def _copy_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
     if id(module) in memo:  # a module that appears twice in the tree stays one module
         return memo[id(module)]
@@ -82,11 +86,13 @@ def _copy_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
     for key, value in module.__dict__.items():
         if key == "_modules":
             state[key] = {k: None if m is None else _copy_module(m, memo) for k, m in value.items()}
-        elif type(value) in (dict, OrderedDict) and not value:
+        elif key in ("_parameters", "_buffers") and type(value) is dict:  # shared tensors are in memo
+            state[key] = {k: memo[id(t)] if id(t) in memo else copy.deepcopy(t, memo) for k, t in value.items()}
+        elif type(value) in (dict, OrderedDict, set) and not value:
             state[key] = type(value)()
-        elif type(value) in (bool, int, float, str, type(None)):
-            state[key] = value
-        else:  # parameters and buffers (shared ones are in memo), hooks, lists, configs
+        elif type(value) in _PLAIN or (type(value) is tuple and all(type(v) in _PLAIN for v in value)):
+            state[key] = value  # immutable
+        else:  # hooks, lists, configs
             state[key] = copy.deepcopy(value, memo)
     new.__setstate__(state)
     return new

@@ -68,12 +68,10 @@ def default_calibration(model_name: str | None, weights: str | Path | None = Non
     import json
 
     from .checkpoint import read_metadata
-    from .shipped import shipped_models, weights_dir
+    from .shipped import shipped_weights
 
-    if weights is None:
-        base, _, tag = (model_name or "").partition(".")
-        entry = next((e for e in shipped_models() if (e["model"], e["tag"], e["form"]) == (base, tag, "train")), None)
-        weights = weights_dir() / entry["file"] if entry else None
+    if weights is None and model_name:
+        weights = shipped_weights(model_name)
     meta = read_metadata(weights) if weights is not None else {}
     data = json.loads(meta.get("config", "{}")).get("data", {})
     dataset = meta.get("dataset") or data.get("dataset")

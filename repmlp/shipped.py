@@ -61,6 +61,14 @@ def shipped_folder(model: str, tag: str) -> str | None:
     return next((e["folder"] for e in shipped_models() if (e["model"], e["tag"]) == (model, tag)), None)
 
 
+def shipped_weights(name: str) -> Path | None:
+    """The (train-form) weights file of a shipped ``NAME.TAG``, e.g. ``repmlp_fmnist_mlp.fmnist``; None for a name
+    without a tag or with no shipped folder. Its metadata records the model's dataset, classes and arguments."""
+    base, _, tag = name.partition(".")
+    entry = next((e for e in shipped_models() if (e["model"], e["tag"], e["form"]) == (base, tag, "train")), None)
+    return weights_file(weights_dir() / entry["file"]) if tag and entry else None
+
+
 def resolve_weights(path: str | os.PathLike) -> Path:
     """``path`` as given when it exists, else the shipped file or folder of that name in :func:`weights_dir`."""
     path = Path(path)

@@ -163,6 +163,24 @@ def test_eval_tool_runs_an_onnx_file(tmp_path, capsys):
         evaluate.main(["--onnx", str(path), *synthetic])  # no --model: no data transform
 
 
+@pytest.mark.parametrize("source", ["--pretrained", "--onnx"])
+def test_eval_tool_reads_a_shipped_models_dataset(tmp_path, capsys, source):
+    """NAME.TAG needs no --dataset: the shipped weights record Fashion-MNIST (here a small set in its format)."""
+    from test_data import _write_fmnist
+
+    _write_fmnist(tmp_path, n_test=20)
+    args = ["--model", "repmlp_fmnist_mlp.fmnist", "--data-root", str(tmp_path), "--batch-size", "10"]
+    if source == "--onnx":
+        path = tmp_path / "f.onnx"
+        export_onnx(timm.create_model("repmlp_fmnist_mlp.fmnist", pretrained=True, deploy=True), path, batch_size=10)
+        args += ["--onnx", str(path)]
+    else:
+        args += ["--pretrained"]
+    assert load_tool("eval").main(args) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["dataset"] == "fashion_mnist" and result["count"] == 20
+
+
 def test_int8_benchmark_tool(tmp_path, capsys):
     out = tmp_path / "int8.json"
     forms = ["pytorch fp32", "onnxruntime fp32 eager layout", "onnxruntime fp32"]

@@ -29,7 +29,7 @@ from repmlp.convert import is_deploy_form  # noqa: E402
 from repmlp.data import DATASETS  # noqa: E402
 from repmlp.int8 import FixedBatch, data_batches, onnx_batch_size, quantize_pytorch  # noqa: E402
 from repmlp.runtime import onnx_predictor  # noqa: E402
-from repmlp.shipped import resolve_weights  # noqa: E402
+from repmlp.shipped import shipped_weights  # noqa: E402
 from repmlp.training import build_eval_data, evaluate, load_config, model_from_checkpoint  # noqa: E402
 from repmlp.training.builders import agree_with_record  # noqa: E402
 from repmlp.training.distributed import DistEnv  # noqa: E402
@@ -117,9 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             model = timm.create_model(
                 args.model, pretrained=bool(args.pretrained), deploy=args.form == "deploy", **args.model_kwargs
             )
-            tagged = args.pretrained or "." in args.model  # --onnx of NAME.TAG: made from the shipped weights
-            file = model.pretrained_cfg.get("file") if tagged else None
-            meta = read_metadata(resolve_weights(file)) if file and resolve_weights(file).is_file() else {}
+            shipped = shipped_weights(args.model)  # NAME.TAG: its dataset is recorded with the shipped weights
+            meta = read_metadata(shipped) if shipped else {}
         else:
             model = model_from_checkpoint(args.checkpoint, args.model, args.form, args.model_kwargs)
             meta = read_metadata(args.checkpoint)
