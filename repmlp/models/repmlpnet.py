@@ -117,6 +117,7 @@ class SharedFC(nn.Module):
         super().__init__()
         self.sharesets, self.tokens = sharesets, tokens  # ints, not weight.shape: FX traces them as constants
         self.graph_layout = False
+        self.per_set_in_graphs = tokens >= GRAPH_LAYOUT_MIN_TOKENS  # an attribute: TorchScript reads no globals
         bound = 1 / math.sqrt(tokens)  # nn.Linear's default init for fan-in h*w
         self.weight = nn.Parameter(torch.empty(sharesets, tokens, tokens).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.zeros(sharesets, tokens)) if bias else None
@@ -125,7 +126,7 @@ class SharedFC(nn.Module):
         s, tokens = self.sharesets, self.tokens
         if s == 1:
             return F.linear(v, self.weight[0], None if self.bias is None else self.bias[0])
-        if self.graph_layout and tokens >= GRAPH_LAYOUT_MIN_TOKENS:
+        if self.graph_layout and self.per_set_in_graphs:
             return self._per_set(v)
         rows, weight_t = v.reshape(-1, s, tokens).transpose(0, 1), self.weight.transpose(1, 2)  # (S, B, hw)
         y = torch.bmm(rows, weight_t) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), rows, weight_t)
