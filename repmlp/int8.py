@@ -410,11 +410,10 @@ def deploy_model(name: str, seed: int = 0) -> tuple[nn.Module, str]:
 
     from .convert import convert_to_deploy
     from .models import load_model
-    from .shipped import shipped_folder
+    from .shipped import shipped_weights
     from .verify import randomize_bn_stats
 
-    base, _, tag = name.partition(".")
-    if tag and ":" not in name and shipped_folder(base, tag):
+    if shipped_weights(name):
         return timm.create_model(name, pretrained=True, deploy=True).eval(), f"shipped weights {name}"
     torch.manual_seed(seed)
     model = convert_to_deploy(randomize_bn_stats(load_model(name), seed))
