@@ -44,6 +44,22 @@ class NCHWStage(nn.Sequential):
         return x
 
 
+def pretrained_cfg(family: dict, **kwargs) -> dict:
+    """A timm ``pretrained_cfg``: the fields every family shares (fixed input size, stem and head names, our loader,
+    the authors' repository and license), updated with the ``family``'s, then with a model's ``kwargs``."""
+    return {
+        "fixed_input_size": True,
+        "interpolation": "bilinear",
+        "first_conv": "stem.conv",
+        "classifier": "head.fc",
+        "custom_load": True,
+        "license": "mit",
+        "origin_url": "https://github.com/DingXiaoH/RepMLP",
+        **family,
+        **kwargs,
+    }
+
+
 class RepMLPModel(nn.Module):
     """Base of the zoo's models: ``stem`` -> ``stages`` -> ``head`` (a module with ``fc``, ``reset`` and
     ``forward(x, pre_logits)``), built from the constructor arguments it records.

@@ -21,7 +21,7 @@ from torch import nn
 from ..checkpoint import route_pretrained_file
 from ..layers import ConvBN, RepMLP, shape_str
 from ..shipped import shipped_folder
-from ._base import RepMLPModel
+from ._base import RepMLPModel, pretrained_cfg
 
 __all__ = ["MLPCifarNet"]
 
@@ -237,24 +237,19 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> MLPCifarNet:
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "num_classes": 10,
-        "input_size": (3, 32, 32),
-        "fixed_input_size": True,
-        "pool_size": (8, 8),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": (0.4914, 0.4822, 0.4465),
-        "std": (0.2470, 0.2435, 0.2616),
-        "first_conv": "stem.conv",
-        "classifier": "head.fc",
-        "custom_load": True,
-        "license": "mit",
-        "paper_ids": "arXiv:2105.01883",
-        "paper_name": "RepMLP: Re-parameterizing Convolutions into Fully-connected Layers for Image Recognition",
-        "origin_url": "https://github.com/DingXiaoH/RepMLP",
+    return pretrained_cfg(
+        dict(
+            num_classes=10,
+            input_size=(3, 32, 32),
+            pool_size=(8, 8),
+            crop_pct=1.0,
+            mean=(0.4914, 0.4822, 0.4465),
+            std=(0.2470, 0.2435, 0.2616),
+            paper_ids="arXiv:2105.01883",
+            paper_name="RepMLP: Re-parameterizing Convolutions into Fully-connected Layers for Image Recognition",
+        ),
         **kwargs,
-    }
+    )
 
 
 FASHION_MNIST_LABELS = (

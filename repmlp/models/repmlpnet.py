@@ -42,7 +42,7 @@ from .. import ops
 from ..authors import repmlpnet_keys_to_ours
 from ..checkpoint import route_pretrained_file
 from ..layers import ConvBN, LocalPerceptron, param_like, partition, shape_str, unpartition
-from ._base import RepMLPModel
+from ._base import RepMLPModel, pretrained_cfg
 
 __all__ = ["RepMLPNet", "RepMLPBlock"]
 
@@ -533,26 +533,21 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> RepMLPNet:
 
 
 def _cfg(size: int, name: str, **kwargs) -> dict:
-    return {
-        "num_classes": 1000,
-        "input_size": (3, size, size),
-        "pool_size": (size // 32, size // 32),
-        "fixed_input_size": True,
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv",
-        "classifier": "head.fc",
-        "custom_load": True,
-        "license": "mit",
-        "paper_ids": "arXiv:2112.11081",
-        "paper_name": "RepMLPNet: Hierarchical Vision MLP with Re-parameterized Locality",
-        "origin_url": "https://github.com/DingXiaoH/RepMLP",
-        "description": f"{name} (CVPR 2022); architecture only, no ImageNet weights are shipped (the "
-        f"authors' checkpoints load through pretrained_cfg_overlay).",
+    return pretrained_cfg(
+        dict(
+            num_classes=1000,
+            input_size=(3, size, size),
+            pool_size=(size // 32, size // 32),
+            crop_pct=1.0,
+            mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD,
+            paper_ids="arXiv:2112.11081",
+            paper_name="RepMLPNet: Hierarchical Vision MLP with Re-parameterized Locality",
+            description=f"{name} (CVPR 2022); architecture only, no ImageNet weights are shipped (the "
+            f"authors' checkpoints load through pretrained_cfg_overlay).",
+        ),
         **kwargs,
-    }
+    )
 
 
 default_cfgs = generate_default_cfgs(

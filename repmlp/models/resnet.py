@@ -18,7 +18,7 @@ from torch import nn
 from ..authors import resnet_keys_to_ours
 from ..checkpoint import route_pretrained_file
 from ..layers import ConvBN, RepMLP, shape_str
-from ._base import NCHWStage, RepMLPModel
+from ._base import NCHWStage, RepMLPModel, pretrained_cfg
 
 __all__ = ["RepMLPResNet"]
 
@@ -208,24 +208,19 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> RepMLPResNet:
 
 
 def _cfg(size: int = 224, **kwargs) -> dict:
-    return {
-        "num_classes": 1000,
-        "input_size": (3, size, size),
-        "pool_size": (size // 32, size // 32),
-        "fixed_input_size": True,
-        "crop_pct": 0.875,
-        "interpolation": "bilinear",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv",
-        "classifier": "head.fc",
-        "custom_load": True,
-        "license": "mit",
-        "paper_ids": "arXiv:2105.01883",
-        "paper_name": "RepMLP: Re-parameterizing Convolutions into Fully-connected Layers for Image Recognition",
-        "origin_url": "https://github.com/DingXiaoH/RepMLP",
+    return pretrained_cfg(
+        dict(
+            num_classes=1000,
+            input_size=(3, size, size),
+            pool_size=(size // 32, size // 32),
+            crop_pct=0.875,
+            mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD,
+            paper_ids="arXiv:2105.01883",
+            paper_name="RepMLP: Re-parameterizing Convolutions into Fully-connected Layers for Image Recognition",
+        ),
         **kwargs,
-    }
+    )
 
 
 def _describe(block: str, table: str) -> str:
