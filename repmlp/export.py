@@ -95,7 +95,10 @@ def tensor_ranks(model) -> dict[str, int | None]:
 
 def check_ranks(model, max_rank: int = MAX_RANK) -> int:
     """The largest tensor rank of an ONNX model; raises ValueError above ``max_rank`` or where a rank is unknown."""
-    ranks = tensor_ranks(model)
+    return _checked_max_rank(tensor_ranks(model), max_rank)
+
+
+def _checked_max_rank(ranks: dict[str, int | None], max_rank: int) -> int:
     too_high = {name: rank for name, rank in ranks.items() if rank is not None and rank > max_rank}
     unknown = [name for name, rank in ranks.items() if rank is None]
     if too_high:
@@ -200,7 +203,8 @@ def export_onnx(
                 _quantize_checked(float_path, tmp, report, calibration, check_batches or [x], check_data, min_agreement)
             proto = onnx.load(tmp)
             onnx.checker.check_model(proto)
-            report.max_rank, report.tensors = check_ranks(proto), len(tensor_ranks(proto))
+            ranks = tensor_ranks(proto)  # ONNX shape inference, once
+            report.max_rank, report.tensors = _checked_max_rank(ranks, MAX_RANK), len(ranks)
 
     atomic_write(path, write)
     return report
