@@ -147,9 +147,10 @@ def build_candidates(cfg: BenchmarkConfig) -> tuple[list[Candidate], dict[str, d
     cands, conversions = [], {}
     for name in cfg.models:
         torch.manual_seed(cfg.seed)
-        train = randomize_bn_stats(load_model(name, **cfg.model_kwargs), cfg.seed).eval()
+        with torch.inference_mode(False):  # built as users build it (ordinary tensors), and converted so
+            train = randomize_bn_stats(load_model(name, **cfg.model_kwargs), cfg.seed).eval()
+            conversions[name] = time_conversion(train, cfg.convert_rounds) if cfg.convert_rounds else {}
         size = tuple(cfg.input_size or model_input_size(train))
-        conversions[name] = time_conversion(train, cfg.convert_rounds) if cfg.convert_rounds else {}
         if cfg.conversion_only:
             continue
         deploy = convert_to_deploy(train)

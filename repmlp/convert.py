@@ -33,10 +33,10 @@ def convert_to_deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
         _reparameterize_tree(model)
         return model.eval()
     shared = _shareable_tensors(model)
-    versions = {id(t): t._version for t in shared}
+    versions = {id(t): t._version for t in shared if not t.is_inference()}  # inference tensors keep no version
     deploy = _copy_tree(model, {id(t): t for t in shared})
     _reparameterize_tree(deploy)
-    if any(t._version != versions[id(t)] for t in shared):
+    if any(t._version != versions[id(t)] for t in shared if id(t) in versions):
         raise RuntimeError(
             "convert_to_deploy: a reparameterize() wrote into a tensor of the train-form model; "
             "it must build new tensors (see repmlp.convert)"
@@ -50,13 +50,13 @@ def _shareable_tensors(model: nn.Module) -> list[torch.Tensor]:
 
     Every ``reparameterize()`` in this package builds new tensors and never writes into existing ones, so the
     copy for conversion needs no tensor data: the big train-form weights (FC3, conv-BN pairs) are read once
-    and replaced, and only what survives unchanged is cloned afterwards. Models holding foreign
-    re-parameterizable modules, or inference tensors (no version counter to check), get a plain deep copy.
+    and replaced, and only what survives unchanged is cloned afterwards (the version counters check that nothing
+    was written; inference tensors keep none, and rely on the same modules being checked in ordinary tensors).
+    Models holding foreign re-parameterizable modules get a plain deep copy.
     """
     if any(not type(m).__module__.startswith(__package__ + ".") for _, m in reparameterizable(model)):
         return []
-    tensors = list(itertools.chain(model.parameters(), model.buffers()))
-    return [] if any(t.is_inference() for t in tensors) else tensors
+    return list(itertools.chain(model.parameters(), model.buffers()))
 
 
 # what deepcopy would call instead of rebuilding __dict__; __setstate__ is called by both (nn.Conv2d defines one)

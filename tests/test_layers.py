@@ -1,6 +1,7 @@
 """The RepMLP block: train form == deploy form per element, the authors' fixtures, bad input."""
 
 import copy
+import itertools
 import json
 
 import pytest
@@ -67,15 +68,22 @@ def test_timm_reparameterize_model_uses_the_block():
     assert rel_err(model(x), fused(x)) <= 1e-5
 
 
-def test_convert_leaves_input_untouched_and_uses_running_stats():
-    block = _block(BLOCK_CASES[0]).train()
-    before = copy.deepcopy(block.state_dict())
-    deploy = convert_to_deploy(block)
+@pytest.mark.parametrize("inference_mode", [False, True], ids=["ordinary", "inference_mode"])
+def test_convert_leaves_input_untouched_and_uses_running_stats(inference_mode):
+    """Also for a model built and converted under torch.inference_mode (its tensors keep no version counter):
+    the copy shares no tensor with it."""
+    with torch.inference_mode(inference_mode):
+        block = _block(BLOCK_CASES[0]).train()
+        before = copy.deepcopy(block.state_dict())
+        deploy = convert_to_deploy(block)
     assert block.training and not deploy.training
     assert all(torch.equal(before[k], v) for k, v in block.state_dict().items())
     assert all(p.grad_fn is None for p in deploy.parameters())
+    ours = {t.data_ptr() for t in itertools.chain(block.parameters(), block.buffers())}
+    assert not ours & {t.data_ptr() for t in itertools.chain(deploy.parameters(), deploy.buffers())}
     x = torch.randn(2, 8, 12, 10)
-    assert rel_err(block.eval()(x), deploy(x)) <= 1e-5
+    with torch.inference_mode(inference_mode):
+        assert rel_err(block.eval()(x), deploy(x)) <= 1e-5
 
 
 class _OwnCopy(torch.nn.Identity):
