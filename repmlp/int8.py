@@ -408,7 +408,7 @@ def deploy_model(name: str, seed: int = 0) -> tuple[nn.Module, str]:
     shipped file, else random weights with randomised BN statistics."""
     import timm
 
-    from .convert import convert_to_deploy
+    from .convert import convert_to_deploy, is_deploy_form
     from .models import load_model
     from .shipped import shipped_weights
     from .verify import randomize_bn_stats
@@ -417,6 +417,11 @@ def deploy_model(name: str, seed: int = 0) -> tuple[nn.Module, str]:
         return timm.create_model(name, pretrained=True, deploy=True).eval(), f"shipped weights {name}"
     torch.manual_seed(seed)
     model = convert_to_deploy(randomize_bn_stats(load_model(name), seed))
+    if not is_deploy_form(model):
+        raise ValueError(
+            f"{name} keeps training-only modules after conversion (BatchNorms outside RepMLP blocks), so it "
+            "has no deploy form to quantize; the int8 benchmark takes the zoo's models (timm.list_models('repmlp*'))"
+        )
     return model, f"random weights (seed {seed}), randomised BN statistics"
 
 
@@ -474,8 +479,8 @@ def run_int8_benchmark(cfg: Int8BenchmarkConfig, workdir: str | Path, log=print)
     torch.set_num_threads(cfg.threads)
     machine = {"start": machine_state()}
     results = []
-    for name in cfg.models:
-        model, source = deploy_model(name, cfg.seed)
+    models = {name: deploy_model(name, cfg.seed) for name in cfg.models}  # every model refused or built first
+    for name, (model, source) in models.items():
         data = default_calibration(name)
         log(f"{name}: {source}; calibration and check data: {data}")
         for bs in cfg.batch_sizes:

@@ -312,6 +312,12 @@ CASES = [
         ("--json {tmp}/run is a directory",),
     ),
     Case("benchmark --rounds 0", lambda t: _tool("benchmark", "--rounds", "0"), 2, ("--rounds", "got 0")),
+    Case(
+        "int8 benchmark of a model without a deploy form",
+        lambda t: _tool("benchmark", "--int8", "--models", "repmlp_cifar_mlp", "resnet18", "--batch-sizes", "1"),
+        2,
+        ("resnet18 keeps training-only modules", "timm.list_models('repmlp*')"),
+    ),
     # data
     Case(
         "val class unknown to train",

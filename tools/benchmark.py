@@ -180,8 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if isinstance(cfg, Int8BenchmarkConfig):
-        with tempfile.TemporaryDirectory() as workdir:
-            report = run_int8_benchmark(cfg, workdir, log)
+        try:
+            with tempfile.TemporaryDirectory() as workdir:
+                report = run_int8_benchmark(cfg, workdir, log)
+        except ValueError as err:  # a model it cannot quantize, refused before any timing
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         print(format_int8_table(report))
     else:
         report = run_benchmark(cfg, log=log)
