@@ -48,12 +48,16 @@ def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, *_args(out, *extra)], env=ENV, capture_output=True, text=True, timeout=300)
 
 
-def _resume_in_process(out: Path) -> dict:
-    threads = torch.get_num_threads()
+def _train_in_process(out: Path, *extra: str, resume: bool = False) -> dict:
+    threads = torch.get_num_threads()  # train() sets its own
     try:
-        return train(load_config(None, TINY + [f"train.output_dir={out}"]), resume=True)
+        return train(load_config(None, TINY + [*extra, f"train.output_dir={out}"]), resume=resume)
     finally:
         torch.set_num_threads(threads)
+
+
+def _resume_in_process(out: Path, *extra: str) -> dict:
+    return _train_in_process(out, *extra, resume=True)
 
 
 def _tool(name: str):
@@ -63,8 +67,9 @@ def _tool(name: str):
     return module
 
 
-def _start(out: Path) -> subprocess.Popen:
-    return subprocess.Popen([PYTHON, *_args(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _start(out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [PYTHON, *_args(out, *extra)]
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for_epochs(out: Path, proc: subprocess.Popen, epochs: int) -> None:
@@ -156,13 +161,8 @@ def test_training_options_run_on_cpu(tmp_path):
         "optimizer.opt=adamw",
         "optimizer.lr=1e-3",
         "optimizer.clip_grad=5.0",
-        f"train.output_dir={tmp_path}",
     ]
-    threads = torch.get_num_threads()
-    try:
-        summary = train(load_config(None, TINY + options))
-    finally:
-        torch.set_num_threads(threads)
+    summary = _train_in_process(tmp_path, *options)
     assert summary["equivalence"]["passed"]
     assert "ema_val_top1" in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
 
@@ -176,6 +176,21 @@ def test_killed_run_resumes_to_the_same_weights(reference_run, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1, 2]
     assert _max_abs_diff(reference_run / "model_train.safetensors", tmp_path / "model_train.safetensors") <= 1e-6
+
+
+@pytest.mark.parametrize("mode", ["equivalent_fc3", "fc3_bn"])
+def test_killed_qat_run_resumes_to_the_same_weights(tmp_path, mode):
+    """QAT's own modules (fake-quantized equivalent FC3s, the BNs put back after FC3) resume like the rest."""
+    qat = [f"qat.mode={mode}", "qat.calibration_batches=2"]
+    reference, out = tmp_path / "uninterrupted", tmp_path / "killed"
+    proc = _start(out, *qat)
+    _wait_for_epochs(out, proc, 1)
+    proc.kill()
+    proc.wait()
+    assert _resume_in_process(out, *qat)["equivalence"]["passed"]
+    _train_in_process(reference, *qat)
+    form = "train" if mode == "equivalent_fc3" else "deploy"  # fc3_bn fine-tunes a deploy form
+    assert _max_abs_diff(reference / f"model_{form}.safetensors", out / f"model_{form}.safetensors") <= 1e-6
 
 
 def test_sigterm_mid_epoch_saves_and_resumes_exactly(reference_run, tmp_path):
@@ -208,12 +223,7 @@ def test_qat_run_converts_and_exports_int8(tmp_path, mode, capsys):
     float form saved and exported as static int8."""
     import onnx
 
-    qat = ["train.epochs=1", f"qat.mode={mode}", "qat.calibration_batches=2", f"train.output_dir={tmp_path}"]
-    threads = torch.get_num_threads()
-    try:
-        summary = train(load_config(None, TINY + qat))
-    finally:
-        torch.set_num_threads(threads)
+    summary = _train_in_process(tmp_path, "train.epochs=1", f"qat.mode={mode}", "qat.calibration_batches=2")
     assert summary["equivalence"]["passed"]
     forms = ["train", "deploy"] if mode == "equivalent_fc3" else ["deploy"]  # fc3_bn trains a deploy form
     assert {p.name for p in tmp_path.glob("model_*.safetensors")} == {f"model_{f}.safetensors" for f in forms}
