@@ -170,6 +170,23 @@ CASES = [
         2,
         ("32 samples", "train.batch_size=64", "at most 32"),
     ),
+    *(
+        Case(
+            f"train.py unknown argument in {key}",
+            lambda t, key=key, value=value: _tool(
+                "train", *TINY_ARGS, "--output", t / "new", "--set", f"{key}={value}"
+            ),
+            2,
+            (f"{key}: {name!r} is not an argument here", *more),
+        )
+        for key, value, name, more in [
+            ("model.kwargs", "{widthz: [4, 8]}", "widthz", ("MLPCifarNet",)),
+            ("data.synthetic", "{num_samples:96}", "num_samples:96", ("a space after the colon",)),
+            ("data.train_transform", "{colour_jitter: 0.1}", "colour_jitter", ("create_transform",)),
+            ("optimizer.kwargs", "{betaz: [0.9, 0.99]}", "betaz", ()),
+            ("scheduler.kwargs", "{cycle_mull: 2}", "cycle_mull", ("create_scheduler_v2",)),
+        ]
+    ),
     Case(
         "train.py resume from a text file",
         lambda t: _tool("train", *TINY_ARGS, "--output", t / "run", "--resume", _text_file(t)),

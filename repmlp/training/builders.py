@@ -16,14 +16,21 @@ from ..checkpoint import load_checkpoint, read_metadata, read_state_dict, state_
 from ..data import build_dataset, build_loader, build_transform
 from ..models import load_model
 from ..shipped import weights_file
+from .config import call_configured
 from .distributed import DistEnv
 
 
 def build_model(cfg: dict, num_classes: int, deploy: bool = False) -> nn.Module:
     """``timm.create_model`` with the config's name, pretrained flag and kwargs."""
     m = cfg["model"]
-    return timm.create_model(
-        m["name"], pretrained=m["pretrained"], num_classes=num_classes, deploy=deploy, **m["kwargs"]
+    return call_configured(
+        "model.kwargs",
+        timm.create_model,
+        m["name"],
+        pretrained=m["pretrained"],
+        num_classes=num_classes,
+        deploy=deploy,
+        **m["kwargs"],
     )
 
 
@@ -105,7 +112,9 @@ def build_data(cfg: dict, model: nn.Module, env: DistEnv) -> tuple[DataLoader, D
         interpolation=data_cfg["interpolation"],
     )
     train_set, val_set = build_datasets(cfg, data_cfg["input_size"])
-    train_set.transform = build_transform(True, crop_padding=d["crop_padding"], **common, **d["train_transform"])
+    train_set.transform = call_configured(
+        "data.train_transform", build_transform, True, crop_padding=d["crop_padding"], **common, **d["train_transform"]
+    )
     val_set.transform = build_transform(False, crop_pct=data_cfg["crop_pct"], **common)
     train_loader = build_loader(train_set, t["batch_size"], True, d["num_workers"], env.rank, env.world_size, t["seed"])
     val_loader = build_loader(val_set, t["eval_batch_size"], False, d["num_workers"], env.rank, env.world_size)
@@ -138,7 +147,9 @@ def build_datasets(
         extra = dict(d["synthetic"])
         if input_size is not None:
             extra.update(in_chans=input_size[0], img_size=input_size[-1])
-    return tuple(build_dataset(d["dataset"], split, d["root"], **extra) for split in splits)
+    return tuple(
+        call_configured("data.synthetic", build_dataset, d["dataset"], split, d["root"], **extra) for split in splits
+    )
 
 
 def build_loss(cfg: dict, num_classes: int) -> tuple[nn.Module, Mixup | None]:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {
@@ -107,6 +109,20 @@ def _parse_value(text: str) -> Any:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError:
         return text
+
+
+def call_configured(key: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``, where some keywords come from the free-form config mapping ``key`` (e.g.
+    ``model.kwargs``): a keyword that nothing down the call takes is a ValueError naming the config key, not a
+    TypeError from deep inside."""
+    try:
+        return fn(*args, **kwargs)
+    except TypeError as err:
+        bad = re.search(r"unexpected keyword argument '([^']*)'", str(err))
+        if bad is None or bad.group(1) not in kwargs:
+            raise
+        hint = " (YAML needs a space after the colon: {name: value})" if ":" in bad.group(1) else ""
+        raise ValueError(f"{key}: {bad.group(1)!r} is not an argument here: {err}{hint}") from None
 
 
 def set_value(cfg: dict, dotted_key: str, value: Any) -> None:

@@ -28,6 +28,7 @@ from ..data import build_loader, num_classes_of
 from ..guards import check_writable_dir
 from ..quantize import finish_qat, prepare_qat
 from .builders import build_data, build_datasets, build_loss, build_model
+from .config import call_configured
 from .distributed import DistEnv, barrier, cleanup_distributed, init_distributed, weight_divergence
 from .engine import TrainStep, amp_dtype, compare_forms, evaluate, train_one_epoch
 from .metrics_log import MetricsLog
@@ -152,7 +153,9 @@ def build_run(cfg: dict, env: DistEnv) -> Run:
         batches = itertools.islice((x for x, _ in train_loader), qat["calibration_batches"])
         prepare_qat(model, qat["mode"], batches, qat["reduce_range"])
     dtype = amp_dtype(t["precision"], env.device)
-    optimizer = create_optimizer_v2(
+    optimizer = call_configured(
+        "optimizer.kwargs",
+        create_optimizer_v2,
         model,
         opt=o["opt"],
         lr=o["lr"],
@@ -161,7 +164,9 @@ def build_run(cfg: dict, env: DistEnv) -> Run:
         filter_bias_and_bn=o["filter_bias_and_bn"],
         **o["kwargs"],
     )
-    scheduler, num_epochs = create_scheduler_v2(
+    scheduler, num_epochs = call_configured(
+        "scheduler.kwargs",
+        create_scheduler_v2,
         optimizer,
         sched=s["sched"],
         num_epochs=t["epochs"],
