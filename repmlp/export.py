@@ -135,6 +135,11 @@ def write_onnx(
         )
 
 
+#: Opsets export_onnx writes: from 11 (the first whose shape inference gives every rank, which the rank check needs) to
+#: the newest the TorchScript-based exporter supports.
+OPSETS = range(11, getattr(getattr(torch.onnx, "_constants", None), "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20) + 1)
+
+
 @torch.no_grad()
 def export_onnx(
     model: nn.Module,
@@ -187,6 +192,8 @@ def export_onnx(
             "export_onnx: the model still has training-only modules (BatchNorm or blocks not "
             "re-parameterized); convert it with repmlp.convert_to_deploy first"
         )
+    if opset not in OPSETS:
+        raise ValueError(f"export_onnx: opset must be from {OPSETS.start} to {OPSETS.stop - 1}, got {opset}")
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"export_onnx: quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
     model = model.eval()

@@ -1,13 +1,31 @@
-"""Guards on the files the tools write: an output is never one of the inputs, and it is checked writable before
-the work starts, so that a refusal comes first and touches nothing (the writes themselves go through
+"""Guards the tools run before any work, so that a refusal comes first and touches nothing: numeric arguments in
+range, and an output that is never one of the inputs and is checked writable (the writes themselves go through
 :func:`repmlp.checkpoint.atomic_write`)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+
+def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (and <= ``maximum``); argparse's error names the argument."""
+
+    def parse(text: str) -> int:
+        span = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {text}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -21,6 +21,7 @@ from PIL import Image
 import repmlp
 from repmlp.checkpoint import read_state_dict
 from repmlp.data import build_dataset
+from repmlp.export import export_onnx
 from repmlp.layers import RepMLP
 from repmlp.training import load_config, model_from_checkpoint
 from repmlp.training.state import LEGACY_STATE_FILE, STATE_FILE, read_state
@@ -329,6 +330,24 @@ CASES = [
         ("--json {tmp}/run is a directory",),
     ),
     Case("benchmark --rounds 0", lambda t: _tool("benchmark", "--rounds", "0"), 2, ("--rounds", "got 0")),
+    Case(
+        "convert_deploy --batch-size -1",
+        lambda t: _tool("convert_deploy", "--batch-size", "-1"),
+        2,
+        ("--batch-size: must be an integer >= 1, got -1",),
+    ),
+    Case(
+        "export_onnx --opset 9",
+        lambda t: _tool("export_onnx", "--weights", t / DEPLOY, "--output", t / "x.onnx", "--opset", "9"),
+        2,
+        ("--opset: must be an integer from 11 to",),
+    ),
+    Case(
+        "export_onnx(opset=9)",
+        lambda t: partial(export_onnx, model_from_checkpoint(t / DEPLOY), t / "x.onnx", opset=9),
+        ValueError,
+        ("opset must be from 11 to",),
+    ),
     Case(
         "int8 benchmark of a model without a deploy form",
         lambda t: _tool("benchmark", "--int8", "--models", "repmlp_cifar_mlp", "resnet18", "--batch-sizes", "1"),

@@ -36,22 +36,9 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", c
 
 from repmlp.benchmark import DTYPES, FORMS, BenchmarkConfig, format_table, plot, run_benchmark  # noqa: E402
 from repmlp.checkpoint import atomic_write  # noqa: E402
-from repmlp.guards import check_output_file  # noqa: E402
+from repmlp.guards import check_output_file, integer  # noqa: E402
 from repmlp.int8 import EAGER_LAYOUT_FORM, INT8_FORMS, Int8BenchmarkConfig, format_int8_table, run_int8_benchmark  # noqa: E402
 from repmlp.runtime import RUNTIMES  # noqa: E402
-
-
-def count(minimum: int):
-    """An argparse type: an integer >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"  # argparse names the type in its messages
-    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8BenchmarkConfig, dict[str, str | None]]:
@@ -90,9 +77,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
         help='JSON kwargs for every --models factory, e.g. \'{"img_size": 64, "partition": 4}\'',
     )
     p.add_argument(
-        "--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="input size (default: each model's own)"
+        "--input-size", type=integer(1), nargs=3, metavar=("C", "H", "W"), help="input size (default: each model's own)"
     )
-    p.add_argument("--batch-sizes", type=count(1), nargs="+", default=list(d.batch_sizes))
+    p.add_argument("--batch-sizes", type=integer(1), nargs="+", default=list(d.batch_sizes))
     p.add_argument("--device", default=d.device, help="cpu or cuda[:i]")
     p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
     p.add_argument(
@@ -109,12 +96,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
         choices=RUNTIMES,
         help="runtimes to run every candidate in (outputs checked against eager PyTorch first)",
     )
-    p.add_argument("--threads", type=count(1), default=d.threads, help="CPU threads (default 2)")
-    p.add_argument("--warmup", type=count(0), default=d.warmup, help="untimed calls per candidate after the first")
-    p.add_argument("--rounds", type=count(1), default=d.rounds, help="timed, interleaved rounds (at least)")
+    p.add_argument("--threads", type=integer(1), default=d.threads, help="CPU threads (default 2)")
+    p.add_argument("--warmup", type=integer(0), default=d.warmup, help="untimed calls per candidate after the first")
+    p.add_argument("--rounds", type=integer(1), default=d.rounds, help="timed, interleaved rounds (at least)")
     p.add_argument(
         "--max-rounds",
-        type=count(1),
+        type=integer(1),
         help="rounds at most while a speed-up's spread is wider than --spread (default 3 x --rounds)",
     )
     p.add_argument(
@@ -123,12 +110,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
         default=d.spread,
         help="target interquartile range of every per-round speed-up, relative to its median",
     )
-    p.add_argument("--matmul-size", type=count(1), help="n of the reference n^3 matmul (default 1024 CPU, 8192 CUDA)")
+    p.add_argument("--matmul-size", type=integer(1), help="n of the reference n^3 matmul (default 1024 CPU, 8192 CUDA)")
     p.add_argument("--no-macs", dest="macs", action="store_false", help="skip fvcore MAC counts")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory measurement")
     p.add_argument(
         "--convert-rounds",
-        type=count(0),
+        type=integer(0),
         default=d.convert_rounds,
         help="time the train -> deploy conversion this many times per model (0: skip)",
     )
@@ -137,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
         action="store_true",
         help="only race the conversion against the authors' (emulated), --convert-rounds times per model",
     )
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=integer(0), default=d.seed)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--png", help="write a bar chart of images/s here")
     args = p.parse_args(argv)

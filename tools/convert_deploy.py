@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import repmlp  # noqa: E402
 from repmlp.checkpoint import read_metadata  # noqa: E402
 from repmlp.flops import count_macs, count_params  # noqa: E402
-from repmlp.guards import check_output_file  # noqa: E402
+from repmlp.guards import check_output_file, integer  # noqa: E402
 from repmlp.int8 import format_ranges, weight_ranges  # noqa: E402
 from repmlp.shipped import shipped_models  # noqa: E402
 from repmlp.training.builders import model_from_checkpoint  # noqa: E402
@@ -51,8 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="JSON constructor arguments, e.g. '{\"num_classes\": 10}' (default: the checkpoint's)",
     )
     p.add_argument("--output", help="deploy-form .safetensors to write (default: output/<model>_deploy.safetensors)")
-    p.add_argument("--batch-size", type=int, default=2, help="random inputs for the check (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random model and inputs")
+    p.add_argument("--batch-size", type=integer(1), default=2, help="random inputs for the check (default 2)")
+    p.add_argument("--seed", type=integer(0), default=0, help="seed of the random model and inputs")
     p.add_argument("--no-float64", action="store_true", help="skip the float64 check of the conversion")
     p.add_argument(
         "--ranges",

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from repmlp.checkpoint import read_metadata  # noqa: E402
 from repmlp.convert import is_deploy_form  # noqa: E402
 from repmlp.data import DATASETS  # noqa: E402
+from repmlp.guards import integer  # noqa: E402
 from repmlp.int8 import FixedBatch, data_batches, onnx_batch_size, quantize_pytorch  # noqa: E402
 from repmlp.runtime import onnx_predictor  # noqa: E402
 from repmlp.shipped import shipped_weights  # noqa: E402
@@ -65,18 +66,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--split", choices=("train", "val"), default="val", help="'val' is the test set of CIFAR and Fashion-MNIST"
     )
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--batch-size", type=integer(1), default=500)
+    parser.add_argument("--workers", type=integer(0), default=1)
+    parser.add_argument("--threads", type=integer(1), help="torch CPU threads")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument(
         "--int8",
         choices=("dynamic", "static"),
         help="the deploy form quantized by PyTorch's x86 int8 path (repmlp.int8.quantize_pytorch)",
     )
-    parser.add_argument("--int8-batch-size", type=int, default=8, help="static batch of the --int8 graph")
+    parser.add_argument("--int8-batch-size", type=integer(1), default=8, help="static batch of the --int8 graph")
     parser.add_argument("--calibration", help="--int8 static: 'random' or DATASET[:ROOT] (default: the dataset)")
-    parser.add_argument("--calibration-samples", type=int, default=256, help="--int8 static: training images")
+    parser.add_argument("--calibration-samples", type=integer(1), default=256, help="--int8 static: training images")
     args = parser.parse_args(argv)
     if (args.pretrained or args.onnx) and not args.model:
         parser.error("--pretrained and --onnx need --model NAME.TAG, e.g. repmlp_fmnist_mlp.fmnist")

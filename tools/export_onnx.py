@@ -27,8 +27,8 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", c
 import torch  # noqa: E402
 
 import repmlp  # noqa: E402
-from repmlp.export import export_onnx  # noqa: E402
-from repmlp.guards import check_output_file  # noqa: E402
+from repmlp.export import OPSETS, export_onnx  # noqa: E402
+from repmlp.guards import check_output_file, integer  # noqa: E402
 from repmlp.int8 import QUANTIZE_MODES, data_batches, default_calibration  # noqa: E402
 from repmlp.models import load_model  # noqa: E402
 from repmlp.shipped import shipped_weights  # noqa: E402
@@ -57,10 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="JSON kwargs for the model factory (default: the checkpoint's)",
     )
     p.add_argument("--output", help="the .onnx file (default: output/<model>_deploy.onnx)")
-    p.add_argument("--batch-size", type=int, default=1, help="batch of the exported (static) input shape")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--batch-size", type=integer(1), default=1, help="batch of the exported (static) input shape")
+    p.add_argument("--opset", type=integer(OPSETS.start, OPSETS.stop - 1), default=17, help="ONNX opset (default 17)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max rel error of onnxruntime vs PyTorch")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=integer(0), default=0)
     p.add_argument(
         "--quantize",
         choices=QUANTIZE_MODES,
@@ -72,10 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="'random' or DATASET[:ROOT] as in the training configs, e.g. fashion_mnist "
         "(default: a shipped model's dataset, else random inputs)",
     )
-    p.add_argument("--calibration-samples", type=int, default=256, help="training images that calibrate 'static'")
+    p.add_argument(
+        "--calibration-samples", type=integer(1), default=256, help="training images that calibrate 'static'"
+    )
     p.add_argument(
         "--check-samples",
-        type=int,
+        type=integer(1),
         default=256,
         help="held-out images (or random inputs) on which int8 is compared with float32",
     )
