@@ -13,18 +13,27 @@ from pathlib import Path
 
 def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer >= ``minimum`` (and <= ``maximum``); argparse's error names the argument."""
+    return _ranged(int, "an integer", minimum, maximum)
 
-    def parse(text: str) -> int:
-        span = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+
+def number(minimum: float, maximum: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a number >= ``minimum`` (and <= ``maximum``), not NaN."""
+    return _ranged(float, "a number", minimum, maximum)
+
+
+def _ranged(kind: type, noun: str, minimum, maximum) -> Callable[[str], object]:
+    span = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
             value = None
-        if value is None or value < minimum or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {text}")
+        if value is None or not minimum <= value <= (value if maximum is None else maximum):  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be {noun} {span}, got {text}")
         return value
 
-    parse.__name__ = "integer"  # argparse names the type in its messages
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
 
 

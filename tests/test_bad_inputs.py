@@ -343,6 +343,12 @@ CASES = [
         ("--opset: must be an integer from 11 to",),
     ),
     Case(
+        "export_onnx --min-agreement as a percentage",
+        lambda t: _tool("export_onnx", "--min-agreement", "97"),
+        2,
+        ("--min-agreement: must be a number from 0 to 1, got 97",),
+    ),
+    Case(
         "export_onnx(opset=9)",
         lambda t: partial(export_onnx, model_from_checkpoint(t / DEPLOY), t / "x.onnx", opset=9),
         ValueError,

@@ -36,7 +36,7 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", c
 
 from repmlp.benchmark import DTYPES, FORMS, BenchmarkConfig, format_table, plot, run_benchmark  # noqa: E402
 from repmlp.checkpoint import atomic_write  # noqa: E402
-from repmlp.guards import check_output_file, integer  # noqa: E402
+from repmlp.guards import check_output_file, integer, number  # noqa: E402
 from repmlp.int8 import EAGER_LAYOUT_FORM, INT8_FORMS, Int8BenchmarkConfig, format_int8_table, run_int8_benchmark  # noqa: E402
 from repmlp.runtime import RUNTIMES  # noqa: E402
 
@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
     )
     p.add_argument(
         "--spread",
-        type=float,
+        type=number(0),
         default=d.spread,
         help="target interquartile range of every per-round speed-up, relative to its median",
     )

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 import repmlp  # noqa: E402
 from repmlp.export import OPSETS, export_onnx  # noqa: E402
-from repmlp.guards import check_output_file, integer  # noqa: E402
+from repmlp.guards import check_output_file, integer, number  # noqa: E402
 from repmlp.int8 import QUANTIZE_MODES, data_batches, default_calibration  # noqa: E402
 from repmlp.models import load_model  # noqa: E402
 from repmlp.shipped import shipped_weights  # noqa: E402
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", help="the .onnx file (default: output/<model>_deploy.onnx)")
     p.add_argument("--batch-size", type=integer(1), default=1, help="batch of the exported (static) input shape")
     p.add_argument("--opset", type=integer(OPSETS.start, OPSETS.stop - 1), default=17, help="ONNX opset (default 17)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max rel error of onnxruntime vs PyTorch")
+    p.add_argument("--tolerance", type=number(0), default=1e-4, help="max rel error of onnxruntime vs PyTorch")
     p.add_argument("--seed", type=integer(0), default=0)
     p.add_argument(
         "--quantize",
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--min-agreement",
-        type=float,
+        type=number(0, 1),
         default=0.97,
         help="least int8/float32 argmax agreement to write: a check against broken quantization, not a measure of "
         "accuracy (a few flips in 256 images are normal; accuracy: tools/eval.py --onnx)",
