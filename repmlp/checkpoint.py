@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -116,6 +118,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = safetensors.torch.load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            raise ValueError(_needs_unpickling(path, err)) from None
+        raise ValueError(f"cannot read weights file {path}: corrupted, truncated or not a checkpoint ({err})") from err
     except Exception as err:  # noqa: BLE001 - whatever a parser raises (a text file: KeyError) means a bad file
         raise ValueError(
             f"cannot read weights file {path}: corrupted, truncated or not a checkpoint ({type(err).__name__}: {err})"
@@ -130,6 +136,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
+
+
+def _needs_unpickling(path: Path, err: Exception) -> str:
+    """What a torch file holds that ``weights_only=True`` does not read, and what to do."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    what = f"a {found.group(1)} object" if found else "Python objects"
+    return (
+        f"weights file {path} holds {what} besides tensors and plain containers; it is not unpickled (that can run "
+        "code). If you trust it, save its state dict alone and load that: torch.save(torch.load(path, "
+        "weights_only=False)['state_dict'], 'weights.pth') (or the key that holds the tensors)"
+    )
 
 
 def state_dict_form(state: dict[str, torch.Tensor]) -> str:
@@ -187,7 +204,7 @@ def prepare_state_dict(
     model, is loaded into a train-form twin whose matching blocks are re-parameterized first, and converted.
     Such a file offered to a train-form model raises a ValueError: the branches cannot be recovered.
     """
-    filter_fn = filter_fn or getattr(model, "checkpoint_filter_fn", None)
+    raw, filter_fn = state, filter_fn or getattr(model, "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, model)
     expected = model.state_dict()
@@ -203,6 +220,8 @@ def prepare_state_dict(
             "(e.g. timm.create_model(name, deploy=True))."
         )
     if twin is None:
+        if getattr(model, "key_layouts", None):
+            raise ValueError(_no_layout_matches(raw, model, train_model_factory, source))
         return state  # the strict load lists what does not match
     _strict_load(twin, state, f"{source} (as a train-form twin)")
     return convert_to_deploy(twin, inplace=True).state_dict()
@@ -216,13 +235,64 @@ def _matching_twin(
     factory = factory or getattr(model, "train_form_twin", None)
     if factory is None:
         return None, False
-    twin, keys, reparameterized = factory(), set(state), False
+    twin, reparameterized = _reparameterized_where_missing(factory(), set(state))
+    return (twin if set(twin.state_dict()) == set(state) else None), reparameterized
+
+
+def _reparameterized_where_missing(twin: nn.Module, keys: set[str]) -> tuple[nn.Module, bool]:
+    """``twin`` with the blocks re-parameterized (innermost first) whose train-only keys ``keys`` lacks, in place,
+    and whether any were."""
+    reparameterized = False
     for name, module in reversed(reparameterizable(twin)):
         prefix = f"{name}." if name else ""
         if not getattr(module, "deploy", False) and not all(prefix + k in keys for k in module.state_dict()):
             module.reparameterize()
             reparameterized = True
-    return (twin if set(twin.state_dict()) == keys else None), reparameterized
+    return twin, reparameterized
+
+
+def _no_layout_matches(
+    state: dict[str, torch.Tensor], model: nn.Module, factory: Callable[[], nn.Module] | None, source: str
+) -> str:
+    """The error for a file that fits ``model`` in none of its family's ``key_layouts``: each layout's rename of the
+    file is compared with the model's form, the train form and the (partly) re-parameterized form its keys suggest
+    (all built on the meta device), and the closest comparison's mismatches are named."""
+    factory = factory or getattr(model, "train_form_twin", None)
+    forms = [{k: v.shape for k, v in model.state_dict().items()}]
+    if factory is not None:
+        with torch.device("meta"):
+            forms.append({k: v.shape for k, v in factory().state_dict().items()})
+    closest = None
+    for layout in model.key_layouts:
+        renamed = layout.to_ours(dict(state), model)
+        candidates = forms
+        if factory is not None:
+            with torch.device("meta"):
+                twin, _ = _reparameterized_where_missing(factory(), set(renamed))
+            candidates = [*forms, {k: v.shape for k, v in twin.state_dict().items()}]
+        for expected in candidates:
+            found = _mismatches(expected, renamed)
+            if closest is None or sum(map(len, found)) < sum(map(len, closest[1])):
+                closest = layout.name, found
+    missing, unexpected, shapes = closest[1]
+    tried = ", ".join(layout.name for layout in model.key_layouts)
+    return (
+        f"{source} does not match the model: missing keys {_show(missing)}, unexpected keys {_show(unexpected)}, "
+        f"shape mismatches {_show(shapes)} (keys in our names; the file read as {closest[0]}, the closest of the "
+        f"layouts tried: {tried})"
+    )
+
+
+def _mismatches(expected: dict[str, torch.Size], state: dict[str, torch.Tensor]) -> tuple[list, list, list]:
+    """Keys ``state`` lacks, keys it has in excess, and 'key: file (shape) vs model (shape)' for the others."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+        for k in expected
+        if k in state and state[k].shape != expected[k]
+    ]
+    return missing, unexpected, shapes
 
 
 def _check_values(state: dict, expected: dict, source: str, allow_nonfinite: bool) -> None:
@@ -291,14 +361,7 @@ def _show(keys: list[str]) -> str:
 
 
 def _strict_load(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
+    missing, unexpected, shapes = _mismatches({k: v.shape for k, v in model.state_dict().items()}, state)
     if missing or unexpected or shapes:
         raise ValueError(
             f"{source} does not match the model: missing keys {_show(missing)}, "
@@ -312,7 +375,7 @@ def route_pretrained_file(variant: str, pretrained: bool, kwargs: dict) -> None:
 
     timm resets ``custom_load`` when ``pretrained_cfg_overlay`` names a file, so it is set again here; a
     ``local-dir:`` folder (timm reads it with its own loader) is loaded as a file too, so its checkpoint is
-    converted, adapted and hash-checked like any other; and a model with no weights file configured is refused
+    converted, adapted and hash-checked like any other; and a model with no weights file or URL configured is refused
     (timm would silently keep the random init).
     """
     if not pretrained:
@@ -321,7 +384,7 @@ def route_pretrained_file(variant: str, pretrained: bool, kwargs: dict) -> None:
 
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
     cfg = timm.models.resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
-    if not cfg.get("file"):
+    if not (cfg.get("file") or cfg.get("url")):
         raise ValueError(
             f"{variant}: no weights are shipped for this model; pass a file with "
             f"pretrained_cfg_overlay=dict(file=PATH) (ours or the authors' .pth/.safetensors)"
