@@ -211,6 +211,7 @@ def prepare_state_dict(
     _check_values(state, expected, source, allow_nonfinite)
     state = _adapt_for_finetuning(state, model, expected, source)
     if set(state) == set(expected):
+        _refuse_unless_it_fits(raw, state, model, model, train_model_factory, source)
         return state
     twin, reparameterized = _matching_twin(model, state, train_model_factory)
     if not is_deploy_form(model) and (reparameterized if twin else state_dict_form(state) == "deploy"):
@@ -219,9 +220,8 @@ def prepare_state_dict(
             "recovered, so it loads only into a deploy-form model: build it with deploy=True "
             "(e.g. timm.create_model(name, deploy=True))."
         )
+    _refuse_unless_it_fits(raw, state, model, twin, train_model_factory, source)
     if twin is None:
-        if getattr(model, "key_layouts", None):
-            raise ValueError(_no_layout_matches(raw, model, train_model_factory, source))
         return state  # the strict load lists what does not match
     _strict_load(twin, state, f"{source} (as a train-form twin)")
     return convert_to_deploy(twin, inplace=True).state_dict()
@@ -239,16 +239,34 @@ def _matching_twin(
     return (twin if set(twin.state_dict()) == set(state) else None), reparameterized
 
 
-def _reparameterized_where_missing(twin: nn.Module, keys: set[str]) -> tuple[nn.Module, bool]:
-    """``twin`` with the blocks re-parameterized (innermost first) whose train-only keys ``keys`` lacks, in place,
-    and whether any were."""
+def _reparameterized_where_missing(twin: nn.Module, keys: set[str], most: bool = False) -> tuple[nn.Module, bool]:
+    """``twin`` with the blocks re-parameterized (innermost first) whose train-form keys ``keys`` lacks (any of them,
+    or with ``most`` more than half: a near miss's guess), in place, and whether any were."""
     reparameterized = False
     for name, module in reversed(reparameterizable(twin)):
         prefix = f"{name}." if name else ""
-        if not getattr(module, "deploy", False) and not all(prefix + k in keys for k in module.state_dict()):
+        own = list(module.state_dict())
+        lacking = sum(prefix + k not in keys for k in own)
+        if not getattr(module, "deploy", False) and lacking > (len(own) // 2 if most else 0):
             module.reparameterize()
             reparameterized = True
     return twin, reparameterized
+
+
+def _refuse_unless_it_fits(
+    raw: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    model: nn.Module,
+    target: nn.Module | None,
+    factory: Callable[[], nn.Module] | None,
+    source: str,
+) -> None:
+    """For a model whose family lists its ``key_layouts``: a ValueError naming the closest layout unless ``state``
+    (``raw`` renamed) has exactly the keys and shapes of ``target`` (the model, or the twin it loads through)."""
+    if not getattr(model, "key_layouts", None):
+        return
+    if target is None or any(_mismatches({k: v.shape for k, v in target.state_dict().items()}, state)):
+        raise ValueError(_no_layout_matches(raw, model, factory, source))
 
 
 def _no_layout_matches(
@@ -256,7 +274,7 @@ def _no_layout_matches(
 ) -> str:
     """The error for a file that fits ``model`` in none of its family's ``key_layouts``: each layout's rename of the
     file is compared with the model's form, the train form and the (partly) re-parameterized form its keys suggest
-    (all built on the meta device), and the closest comparison's mismatches are named."""
+    (twins built on the meta device), and the closest comparison's mismatches are named."""
     factory = factory or getattr(model, "train_form_twin", None)
     forms = [{k: v.shape for k, v in model.state_dict().items()}]
     if factory is not None:
@@ -268,7 +286,7 @@ def _no_layout_matches(
         candidates = forms
         if factory is not None:
             with torch.device("meta"):
-                twin, _ = _reparameterized_where_missing(factory(), set(renamed))
+                twin, _ = _reparameterized_where_missing(factory(), set(renamed), most=True)
             candidates = [*forms, {k: v.shape for k, v in twin.state_dict().items()}]
         for expected in candidates:
             found = _mismatches(expected, renamed)
@@ -307,7 +325,10 @@ def _check_values(state: dict, expected: dict, source: str, allow_nonfinite: boo
     lower = [
         k
         for k, v in state.items()
-        if k in expected and v.is_floating_point() and torch.finfo(v.dtype).bits < torch.finfo(expected[k].dtype).bits
+        if k in expected
+        and v.is_floating_point()
+        and expected[k].is_floating_point()
+        and torch.finfo(v.dtype).bits < torch.finfo(expected[k].dtype).bits
     ]
     if lower:
         _logger.warning(
