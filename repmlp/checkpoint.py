@@ -143,9 +143,10 @@ def _needs_unpickling(path: Path, err: Exception) -> str:
     found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
     what = f"a {found.group(1)} object" if found else "Python objects"
     return (
-        f"weights file {path} holds {what} besides tensors and plain containers; it is not unpickled (that can run "
-        "code). If you trust it, save its state dict alone and load that: torch.save(torch.load(path, "
-        "weights_only=False)['state_dict'], 'weights.pth') (or the key that holds the tensors)"
+        f"cannot read weights file {path}: it holds {what} besides tensors and plain containers, and is not "
+        "unpickled (that can run code). If you trust it, save its state dict alone and load that: "
+        "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth') (or the key that holds the "
+        "tensors)"
     )
 
 

@@ -17,6 +17,7 @@ from timm.data import create_transform, resolve_data_config
 
 import repmlp
 from repmlp.models.repmlpnet import RepMLPBlock
+from repmlp.training import build_eval_data, load_config
 
 MMPRETRAIN = Path(__file__).resolve().parent / "fixtures" / "mmpretrain"
 CONFIG = json.loads((MMPRETRAIN / "tiny_config.json").read_text())["ours"]
@@ -129,14 +130,17 @@ def test_the_tags_are_listed():
 
 @pytest.mark.parametrize("tag", TAGS)
 def test_tag_cfg(tag):
-    """mmpretrain's url, the eval transform behind its published accuracy, licence, origin and the note that the
-    accuracy was not measured here."""
+    """mmpretrain's url, the eval transform behind its published accuracy (timm's and our tools'), licence, origin
+    and the note that the accuracy was not measured here."""
     file, resize, crop = TAGS[tag]
     cfg = timm.models.get_pretrained_cfg(tag).to_dict()
     assert cfg["url"] == f"https://download.openmmlab.com/mmclassification/v0/repmlp/{file}"
-    transform = create_transform(**resolve_data_config(pretrained_cfg=cfg))
-    resize_op, crop_op = transform.transforms[:2]
-    assert (resize_op.size, resize_op.interpolation.value, crop_op.size) == (resize, "bilinear", (crop, crop))
+    with torch.device("meta"):
+        model = timm.create_model(tag)
+    tools = build_eval_data(load_config(None, ["data.dataset=synthetic", "data.num_workers=0"]), model).dataset
+    for transform in create_transform(**resolve_data_config(pretrained_cfg=cfg)), tools.transform:  # timm's, ours
+        resize_op, crop_op = transform.transforms[:2]
+        assert (resize_op.size, resize_op.interpolation.value, crop_op.size) == (resize, "bilinear", (crop, crop))
     assert cfg["license"] == "apache-2.0" and "mmpretrain" in cfg["origin_url"]
     assert any("not measured here" in note for note in cfg["notes"])
     assert any("github.com/DingXiaoH/RepMLP" in note for note in cfg["notes"])
@@ -200,7 +204,10 @@ class _NotAPlainContainer:
 def test_a_file_that_needs_unpickling_is_refused(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save({"meta": {"config": _NotAPlainContainer()}, "state_dict": mmpretrain_file("train")["state_dict"]}, path)
-    with pytest.raises(ValueError, match=r"holds a .*_NotAPlainContainer object .* not unpickled .*torch\.save"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot read weights file .*: it holds a .*_NotAPlainContainer object .* not unpickled .*torch\.save",
+    ):
         repmlp.load_checkpoint(timm.create_model("repmlpnet_b224", **TINY), path)
 
 
