@@ -137,7 +137,8 @@ def test_tag_cfg(tag):
     assert cfg["url"] == f"https://download.openmmlab.com/mmclassification/v0/repmlp/{file}"
     with torch.device("meta"):
         model = timm.create_model(tag)
-    tools = build_eval_data(load_config(None, ["data.dataset=synthetic", "data.num_workers=0"]), model).dataset
+    data = ["data.dataset=synthetic", "data.synthetic={num_samples: 1}", "data.num_workers=0"]
+    tools = build_eval_data(load_config(None, data), model).dataset
     for transform in create_transform(**resolve_data_config(pretrained_cfg=cfg)), tools.transform:  # timm's, ours
         resize_op, crop_op = transform.transforms[:2]
         assert (resize_op.size, resize_op.interpolation.value, crop_op.size) == (resize, "bilinear", (crop, crop))
@@ -171,13 +172,21 @@ def test_tag_loads_from_the_torch_hub_cache(tmp_path, monkeypatch, tag, file_for
 
 
 def test_tools_take_their_files(tmp_path, capsys):
-    """tools/export_onnx.py --weights writes from their deploy-form file an ONNX file that reproduces mmpretrain's
-    logits; tools/eval.py --weights evaluates their train-form file as our deploy form (on synthetic images at the
-    tiny model's size: there is no ImageNet here)."""
+    """tools/export_onnx.py --weights writes from their deploy-form file (its form judged by structure) an ONNX file
+    that reproduces mmpretrain's logits; tools/eval.py --weights evaluates their train-form file as our deploy form
+    (on synthetic images at the tiny model's size: there is no ImageNet here)."""
     weights = str(MMPRETRAIN / "tiny_deploy.pth")
     output = tmp_path / "tiny.onnx"
-    kwargs = json.dumps({**TINY, "deploy": True})
-    argv = ["--weights", weights, "--model", "repmlpnet_b224", "--model-kwargs", kwargs, "--output", str(output)]
+    argv = [
+        "--weights",
+        weights,
+        "--model",
+        "repmlpnet_b224",
+        "--model-kwargs",
+        json.dumps(TINY),
+        "--output",
+        str(output),
+    ]
     assert load_tool("export_onnx").main(argv) == 0
     session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name

@@ -40,9 +40,8 @@ from torch import nn
 
 from .. import ops
 from ..authors import REPMLPNET_LAYOUTS, repmlpnet_keys_to_ours
-from ..checkpoint import route_pretrained_file
 from ..layers import ConvBN, LocalPerceptron, param_like, partition, shape_str, unpartition
-from ._base import RepMLPModel, pretrained_cfg
+from ._base import RepMLPModel, pretrained_cfg, route_pretrained_file
 
 __all__ = ["RepMLPNet", "RepMLPBlock"]
 
