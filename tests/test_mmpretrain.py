@@ -13,6 +13,7 @@ import timm
 import torch
 from conftest import REFERENCE, load_tool, rel_err
 from safetensors.torch import load_file
+from test_repmlpnet import TINY as AUTHORS_TINY  # the authors' tiny RepMLPNet as our arguments
 from timm.data import create_transform, resolve_data_config
 
 import repmlp
@@ -239,19 +240,6 @@ def _authors(form: str) -> dict:
     return load_file(REFERENCE / f"repmlpnet_tiny_{form}.safetensors")
 
 
-def _authors_tiny_kwargs() -> dict:
-    """The authors' tiny RepMLPNet (tests/fixtures/official/repmlpnet_tiny_config.json) as our arguments."""
-    cfg = json.loads((REFERENCE / "repmlpnet_tiny_config.json").read_text())
-    return dict(
-        img_size=64,
-        channels=cfg["channels"],
-        depths=cfg["num_blocks"],
-        sharesets=cfg["sharesets_nums"],
-        reparam_conv_k=cfg["reparam_conv_k"],
-        num_classes=cfg["num_class"],
-    )
-
-
 LAYOUTS = "ours, the authors' RepMLPNet, mmpretrain's RepMLPNet"
 
 # (file, model arguments, closest layout, what the message names)
@@ -280,7 +268,7 @@ NEAR_MISSES = {
     ),
     "authors_train_extra_key": (
         lambda: {**_authors("train"), "stages.0.0.repmlp_block.fc4.weight": torch.zeros(1)},
-        _authors_tiny_kwargs(),
+        AUTHORS_TINY,
         "the authors' RepMLPNet",
         "missing keys [], unexpected keys [stages.0.blocks.0.repmlp_block.fc4.weight]",
     ),
