@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import os
-import tempfile
+import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,31 +19,11 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from .convert import convert_to_deploy, is_deploy_form, reparameterizable
-from .shipped import WEIGHTS_NAME, weights_file
+from .guards import atomic_write
+from .shipped import _SOURCE_KEYS, WEIGHTS_NAME, sha256, weights_file
 
 _logger = logging.getLogger(__name__)
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it over ``path``.
-
-    A run killed midway leaves the previous file intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> the usual permissions of a new file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_checkpoint(
@@ -116,6 +99,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = safetensors.torch.load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            raise ValueError(_needs_unpickling(path, err)) from None
+        raise ValueError(f"cannot read weights file {path}: corrupted, truncated or not a checkpoint ({err})") from err
     except Exception as err:  # noqa: BLE001 - whatever a parser raises (a text file: KeyError) means a bad file
         raise ValueError(
             f"cannot read weights file {path}: corrupted, truncated or not a checkpoint ({type(err).__name__}: {err})"
@@ -132,10 +119,34 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def state_dict_form(state: dict[str, torch.Tensor]) -> str:
-    """'train' when the state dict holds BatchNorm statistics, else 'deploy' (a hint for files without a model;
-    :func:`load_checkpoint` judges a file against the model's own structure)."""
-    return "train" if any(k.endswith("running_var") for k in state) else "deploy"
+def _needs_unpickling(path: Path, err: Exception) -> str:
+    """What a torch file holds that ``weights_only=True`` does not read, and what to do."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    what = f"a {found.group(1)} object" if found else "Python objects"
+    return (
+        f"cannot read weights file {path}: it holds {what} besides tensors and plain containers, and is not "
+        "unpickled (that can run code). If you trust it, save its state dict alone and load that: "
+        "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth') (or the key that holds the "
+        "tensors)"
+    )
+
+
+def file_form(
+    state: dict[str, torch.Tensor],
+    model: nn.Module,
+    filter_fn: Callable[[dict, nn.Module], dict] | None = None,
+    train_model_factory: Callable[[], nn.Module] | None = None,
+) -> str | None:
+    """The form of a state dict, judged against ``model``'s structure (the one rule for it, which
+    :func:`prepare_state_dict` and the tools both apply): 'train' when, renamed into our layout, it has the keys of
+    the train-form twin; 'deploy' when it has them of a twin with some or all blocks re-parameterized (our deploy
+    form, the authors' inference forms); None when it matches neither (a strict load then lists the mismatches)."""
+    filter_fn = filter_fn or getattr(model, "checkpoint_filter_fn", None)
+    state = filter_fn(state, model) if filter_fn is not None else state
+    twin, reparameterized = _matching_twin(model, state, train_model_factory)
+    if twin is None:
+        return None
+    return "deploy" if reparameterized else "train"
 
 
 def load_checkpoint(
@@ -187,21 +198,23 @@ def prepare_state_dict(
     model, is loaded into a train-form twin whose matching blocks are re-parameterized first, and converted.
     Such a file offered to a train-form model raises a ValueError: the branches cannot be recovered.
     """
-    filter_fn = filter_fn or getattr(model, "checkpoint_filter_fn", None)
+    raw, filter_fn = state, filter_fn or getattr(model, "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, model)
     expected = model.state_dict()
     _check_values(state, expected, source, allow_nonfinite)
     state = _adapt_for_finetuning(state, model, expected, source)
     if set(state) == set(expected):
+        _refuse_unless_it_fits(raw, state, model, model, train_model_factory, source)
         return state
     twin, reparameterized = _matching_twin(model, state, train_model_factory)
-    if not is_deploy_form(model) and (reparameterized if twin else state_dict_form(state) == "deploy"):
+    if not is_deploy_form(model) and twin is not None and reparameterized:
         raise ValueError(
             f"{source} holds a deploy-form (re-parameterized) checkpoint; its conv and BN branches cannot be "
             "recovered, so it loads only into a deploy-form model: build it with deploy=True "
             "(e.g. timm.create_model(name, deploy=True))."
         )
+    _refuse_unless_it_fits(raw, state, model, twin, train_model_factory, source)
     if twin is None:
         return state  # the strict load lists what does not match
     _strict_load(twin, state, f"{source} (as a train-form twin)")
@@ -214,15 +227,86 @@ def _matching_twin(
     """A train-form twin of ``model`` with the blocks re-parameterized whose train-only keys ``state`` lacks
     (innermost first), and whether any were; (None, ...) when no such twin has the file's keys."""
     factory = factory or getattr(model, "train_form_twin", None)
+    if factory is None and not is_deploy_form(model):
+        factory = functools.partial(copy.deepcopy, model)  # a train-form model is its own twin
     if factory is None:
         return None, False
-    twin, keys, reparameterized = factory(), set(state), False
+    twin, reparameterized = _reparameterized_where_missing(factory(), set(state))
+    return (twin if set(twin.state_dict()) == set(state) else None), reparameterized
+
+
+def _reparameterized_where_missing(twin: nn.Module, keys: set[str], most: bool = False) -> tuple[nn.Module, bool]:
+    """``twin`` with the blocks re-parameterized (innermost first) whose train-form keys ``keys`` lacks (any of them,
+    or with ``most`` more than half: a near miss's guess), in place, and whether any were."""
+    reparameterized = False
     for name, module in reversed(reparameterizable(twin)):
         prefix = f"{name}." if name else ""
-        if not getattr(module, "deploy", False) and not all(prefix + k in keys for k in module.state_dict()):
+        own = list(module.state_dict())
+        lacking = sum(prefix + k not in keys for k in own)
+        if not getattr(module, "deploy", False) and lacking > (len(own) // 2 if most else 0):
             module.reparameterize()
             reparameterized = True
-    return (twin if set(twin.state_dict()) == keys else None), reparameterized
+    return twin, reparameterized
+
+
+def _refuse_unless_it_fits(
+    raw: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    model: nn.Module,
+    target: nn.Module | None,
+    factory: Callable[[], nn.Module] | None,
+    source: str,
+) -> None:
+    """For a model whose family lists its ``key_layouts``: a ValueError naming the closest layout unless ``state``
+    (``raw`` renamed) has exactly the keys and shapes of ``target`` (the model, or the twin it loads through)."""
+    if not getattr(model, "key_layouts", None):
+        return
+    if target is None or any(_mismatches({k: v.shape for k, v in target.state_dict().items()}, state)):
+        raise ValueError(_no_layout_matches(raw, model, factory, source))
+
+
+def _no_layout_matches(
+    state: dict[str, torch.Tensor], model: nn.Module, factory: Callable[[], nn.Module] | None, source: str
+) -> str:
+    """The error for a file that fits ``model`` in none of its family's ``key_layouts``: each layout's rename of the
+    file is compared with the model's form, the train form and the (partly) re-parameterized form its keys suggest
+    (twins built on the meta device), and the closest comparison's mismatches are named."""
+    factory = factory or getattr(model, "train_form_twin", None)
+    forms = [{k: v.shape for k, v in model.state_dict().items()}]
+    if factory is not None:
+        with torch.device("meta"):
+            forms.append({k: v.shape for k, v in factory().state_dict().items()})
+    closest = None
+    for layout in model.key_layouts:
+        renamed = layout.to_ours(dict(state), model)
+        candidates = forms
+        if factory is not None:
+            with torch.device("meta"):
+                twin, _ = _reparameterized_where_missing(factory(), set(renamed), most=True)
+            candidates = [*forms, {k: v.shape for k, v in twin.state_dict().items()}]
+        for expected in candidates:
+            found = _mismatches(expected, renamed)
+            if closest is None or sum(map(len, found)) < sum(map(len, closest[1])):
+                closest = layout.name, found
+    missing, unexpected, shapes = closest[1]
+    tried = ", ".join(layout.name for layout in model.key_layouts)
+    return (
+        f"{source} does not match the model: missing keys {_show(missing)}, unexpected keys {_show(unexpected)}, "
+        f"shape mismatches {_show(shapes)} (keys in our names; the file read as {closest[0]}, the closest of the "
+        f"layouts tried: {tried})"
+    )
+
+
+def _mismatches(expected: dict[str, torch.Size], state: dict[str, torch.Tensor]) -> tuple[list, list, list]:
+    """Keys ``state`` lacks, keys it has in excess, and 'key: file (shape) vs model (shape)' for the others."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+        for k in expected
+        if k in state and state[k].shape != expected[k]
+    ]
+    return missing, unexpected, shapes
 
 
 def _check_values(state: dict, expected: dict, source: str, allow_nonfinite: bool) -> None:
@@ -237,7 +321,10 @@ def _check_values(state: dict, expected: dict, source: str, allow_nonfinite: boo
     lower = [
         k
         for k, v in state.items()
-        if k in expected and v.is_floating_point() and torch.finfo(v.dtype).bits < torch.finfo(expected[k].dtype).bits
+        if k in expected
+        and v.is_floating_point()
+        and expected[k].is_floating_point()
+        and torch.finfo(v.dtype).bits < torch.finfo(expected[k].dtype).bits
     ]
     if lower:
         _logger.warning(
@@ -291,14 +378,7 @@ def _show(keys: list[str]) -> str:
 
 
 def _strict_load(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
+    missing, unexpected, shapes = _mismatches({k: v.shape for k, v in model.state_dict().items()}, state)
     if missing or unexpected or shapes:
         raise ValueError(
             f"{source} does not match the model: missing keys {_show(missing)}, "
@@ -307,26 +387,28 @@ def _strict_load(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     model.load_state_dict(state, strict=True)
 
 
-def route_pretrained_file(variant: str, pretrained: bool, kwargs: dict) -> None:
-    """Send ``pretrained=True`` loads through the model's ``load_pretrained`` (our :func:`load_checkpoint`).
+def write_folder(model: nn.Module, folder: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model`` (train form) as a shipped folder: ``model.safetensors`` and ``config.json`` from its
+    ``pretrained_cfg`` (which names architecture and tag); a ``README.md`` model card is written by hand.
 
-    timm resets ``custom_load`` when ``pretrained_cfg_overlay`` names a file, so it is set again here; a
-    ``local-dir:`` folder (timm reads it with its own loader) is loaded as a file too, so its checkpoint is
-    converted, adapted and hash-checked like any other; and a model with no weights file configured is refused
-    (timm would silently keep the random init).
+    Returns:
+        The folder.
     """
-    if not pretrained:
-        return
-    import timm
-
-    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
-    cfg = timm.models.resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
-    if not cfg.get("file"):
-        raise ValueError(
-            f"{variant}: no weights are shipped for this model; pass a file with "
-            f"pretrained_cfg_overlay=dict(file=PATH) (ours or the authors' .pth/.safetensors)"
-        )
-    overlay.setdefault("custom_load", True)
-    if cfg.get("source") == "local-dir":
-        overlay["source"] = "file"
-    kwargs["pretrained_cfg_overlay"] = overlay
+    folder = Path(folder)
+    cfg = dict(model.pretrained_cfg)
+    if is_deploy_form(model):
+        raise ValueError("write_folder: ships the train form (the deploy form is converted from it on load)")
+    if not cfg.get("tag"):
+        raise ValueError("write_folder: the model's pretrained_cfg has no tag (create it as timm name.tag)")
+    save_checkpoint(model, folder / WEIGHTS_NAME, model_name=cfg["architecture"], form="train", metadata=metadata)
+    config = {
+        "architecture": cfg["architecture"],
+        "num_classes": model.num_classes,
+        "num_features": model.num_features,
+        "global_pool": model.init_args.get("global_pool", "avg"),
+        "pretrained_cfg": {k: v for k, v in cfg.items() if k not in _SOURCE_KEYS and v is not None},
+        "files": {WEIGHTS_NAME: {"sha256": sha256(folder / WEIGHTS_NAME), "form": "train"}},
+    }
+    text = json.dumps(config, indent=2) + "\n"
+    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
+    return folder

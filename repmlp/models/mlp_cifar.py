@@ -18,10 +18,9 @@ from timm.layers import SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from ..checkpoint import route_pretrained_file
 from ..layers import ConvBN, RepMLP, shape_str
 from ..shipped import shipped_folder
-from ._base import RepMLPModel, check_rate, pretrained_cfg
+from ._base import RepMLPModel, check_rate, pretrained_cfg, route_pretrained_file
 
 __all__ = ["MLPCifarNet"]
 

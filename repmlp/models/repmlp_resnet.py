@@ -16,10 +16,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import drop_blocks
 from torch import nn
 
-from ..authors import resnet_keys_to_ours
-from ..checkpoint import route_pretrained_file
+from ..authors import AUTHORS_RESNET, OURS, KeyLayout, keys_to_ours
 from ..layers import ConvBN, RepMLP, shape_str
-from ._base import NCHWStage, RepMLPModel, check_rate, drop_path, drop_path_rates, pretrained_cfg
+from ._base import NCHWStage, RepMLPModel, check_rate, drop_path, drop_path_rates, pretrained_cfg, route_pretrained_file
 
 __all__ = ["RepMLPResNet"]
 
@@ -227,13 +226,21 @@ def _check_input(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x
 
 
+def _ours_and_repmlp_01(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    return {re.sub(r"^fc\.", "head.fc.", k): v for k, v in state_dict.items()}  # 0.1: a root classifier
+
+
+#: The layouts a RepMLP-ResNet file may come in: ours (and repmlp 0.1's), the authors' (train and inference form).
+KEY_LAYOUTS = (KeyLayout(OURS.name, OURS.marker, _ours_and_repmlp_01), AUTHORS_RESNET)
+
+
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Key renames only: the authors' RepMLP-ResNet layouts (train and inference form) and repmlp 0.1's."""
-    state_dict = {re.sub(r"^fc\.", "head.fc.", k): v for k, v in state_dict.items()}  # 0.1: a root classifier
-    return resnet_keys_to_ours(state_dict, model)
+    """Key renames only, from the layout of :data:`KEY_LAYOUTS` the keys show."""
+    return keys_to_ours(state_dict, model, KEY_LAYOUTS)
 
 
 RepMLPResNet.checkpoint_filter_fn = staticmethod(checkpoint_filter_fn)  # what load_checkpoint renames with
+RepMLPResNet.key_layouts = KEY_LAYOUTS  # what a file that matches none is compared with
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> RepMLPResNet:
