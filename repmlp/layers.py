@@ -143,8 +143,15 @@ class GroupedLinear(nn.Module):
         self.in_features, self.out_features, self.groups = in_features, out_features, groups
         self.graph_layout = False
         self.weight = nn.Parameter(torch.empty(out_features, in_features // groups))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """nn.Linear's weight initialisation (for fan-in in_features / groups); a zero bias."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            self.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.groups == 1:

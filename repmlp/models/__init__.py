@@ -7,8 +7,8 @@ import importlib
 from torch import nn
 
 from .mlp_cifar import MLPCifarNet
+from .repmlp_resnet import RepMLPResNet
 from .repmlpnet import RepMLPNet
-from .resnet import RepMLPResNet
 
 
 def load_model(spec: str, **kwargs) -> nn.Module:

@@ -4,10 +4,13 @@ No ``from __future__ import annotations`` here: FX copies ``forward``'s annotati
 and TorchScript can only script those graphs when the annotations are real types, not strings.
 """
 
-from collections.abc import Callable
+import contextlib
+import functools
+import inspect
+from collections.abc import Callable, Sequence
 
 import torch
-from timm.layers import ClassifierHead
+from timm.layers import ClassifierHead, DropPath
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -60,6 +63,53 @@ def pretrained_cfg(family: dict, **kwargs) -> dict:
     }
 
 
+def drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> list[list[float]]:
+    """Stochastic depth rates per stage and block: rising linearly from 0 at the first block to ``drop_path_rate``
+    at the last (the rule of timm's ResNet and of the stochastic depth paper)."""
+    check_rate("drop_path_rate", drop_path_rate)
+    total = sum(depths)
+    rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+    starts = [sum(depths[:i]) for i in range(len(depths))]
+    return [rates[start : start + depth] for start, depth in zip(starts, depths)]
+
+
+def drop_path(rate: float) -> nn.Module:
+    """timm's ``DropPath`` for a residual branch, or an identity for rate 0 (nothing in the module tree to run)."""
+    return DropPath(rate) if rate > 0 else nn.Identity()
+
+
+def check_rate(name: str, value: float, family: str | None = None, why: str = "") -> None:
+    """A ValueError unless ``value`` is a probability in [0, 1); with ``family``, unless it is 0 (the family has no
+    place for that regularizer, ``why``)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    if family is not None and value:
+        raise ValueError(f"{family} takes no {name} ({why}); got {name}={value!r}, use 0")
+
+
+def _family_constructor(init: Callable) -> Callable:
+    """A family's constructor ``init``, taking timm's factory kwargs too: ``device`` (every tensor is created there,
+    ``'meta'`` included) and ``dtype`` (a floating dtype for every floating parameter and buffer). Once ``init`` has
+    run, what scripted code reads of ``feature_info`` (a list of dicts of mixed types, which TorchScript cannot
+    type) is kept as ints."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, device: torch.device | str | None = None, dtype: torch.dtype | None = None, **kwargs):
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"{type(self).__name__}: dtype must be a floating torch.dtype, got {dtype!r}")
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            init(self, *args, **kwargs)
+        if dtype is not None:
+            self.to(dtype=dtype)
+        self.num_feature_levels = len(self.feature_info)
+        self.first_stage_level = int(self.feature_info[0]["module"] == "stem")  # 1 when the stem is level 0
+
+    signature = inspect.signature(init)
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in ("device", "dtype")]
+    __init__.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
+    return __init__
+
+
 class RepMLPModel(nn.Module):
     """Base of the zoo's models: ``stem`` -> ``stages`` -> ``head`` (a module with ``fc``, ``reset`` and
     ``forward(x, pre_logits)``), built from the constructor arguments it records.
@@ -69,7 +119,8 @@ class RepMLPModel(nn.Module):
 
     A subclass's ``__init__`` starts with ``super().__init__(locals())``: the recorded arguments rebuild the
     model's train-form twin (:meth:`train_form_twin`), which is how a train-form checkpoint reaches a
-    deploy-form model.
+    deploy-form model. Every subclass's ``__init__`` also takes timm's factory kwargs ``device`` and ``dtype``
+    (keyword-only, not recorded: placement is not architecture), added here for all of them.
     """
 
     #: Maps a foreign (the authors') state dict to our keys; a pure rename (see :mod:`repmlp.authors`).
@@ -80,10 +131,16 @@ class RepMLPModel(nn.Module):
     #: caller's layout. A family where it does not pay sets False.
     channels_last: bool = True
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _family_constructor(cls.__init__)
+
     def __init__(self, init_args: dict) -> None:
         super().__init__()
         self.init_args = {k: v for k, v in init_args.items() if k not in ("self", "__class__")}
         self.num_classes = self.init_args.get("num_classes", 0)
+        self.in_chans = self.init_args["in_chans"]
         self.grad_checkpointing = False
         self.channels_last = type(self).channels_last  # an instance attribute, which TorchScript reads
 
@@ -112,12 +169,27 @@ class RepMLPModel(nn.Module):
         """The classifier layer."""
         return self.head.fc
 
+    @torch.jit.ignore
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer as the constructor does (e.g. after ``to_empty``): each module's
+        ``reset_parameters``, the one initialisation of every layer here."""
+        for module in self.modules():
+            if module is not self and callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier with one of ``num_classes`` outputs (0 removes it), optionally the pooling."""
+        """Replace the classifier with one of ``num_classes`` outputs (0 removes it), and the pooling if
+        ``global_pool`` is given (None keeps it); new layers take the model's device, dtype and mode."""
         self.num_classes = self.init_args["num_classes"] = num_classes
         if global_pool is not None:
             self.init_args["global_pool"] = global_pool
-        self.head.reset(num_classes, global_pool)
+        old = set(self.head.modules())
+        like = next(self.parameters())
+        with torch.device(like.device):
+            self.head.reset(num_classes, global_pool)
+        for module in self.head.modules():
+            if module not in old:
+                module.to(dtype=like.dtype).train(self.training)
 
     def check_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x``, if it is an input the model is built for; else a ValueError naming both sizes."""
@@ -166,18 +238,23 @@ class RepMLPModel(nn.Module):
             features are :meth:`forward_features`.
         """
         if output_fmt != "NCHW":
-            raise ValueError(f"{type(self).__name__}: output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        first = self._first_stage_level()
+            raise ValueError(f"forward_intermediates: output_fmt must be 'NCHW', got '{output_fmt}'")
+        take_indices, max_index = feature_take_indices(self.num_feature_levels, indices)
+        first = self.first_stage_level
         x = self.check_input(x)
         y = self.stem(in_layout(x, self.channels_last))
         intermediates = [like_input_layout(y, x)] if first and 0 in take_indices else []
-        stages = self.stages[: max_index + 1 - first] if stop_early else self.stages
-        for i, stage in enumerate(stages, start=first):
-            y = checkpoint(stage, y, use_reentrant=False) if self.grad_checkpointing else stage(y)
-            if i in take_indices:
-                intermediates.append(like_input_layout(y, x))
-        return intermediates if intermediates_only else (like_input_layout(y, x), intermediates)
+        for i, stage in enumerate(self.stages):  # no slicing or break: TorchScript unrolls this loop
+            if not stop_early or i + first <= max_index:
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    y = checkpoint(stage, y, use_reentrant=False)
+                else:
+                    y = stage(y)
+                if i + first in take_indices:
+                    intermediates.append(like_input_layout(y, x))
+        if intermediates_only:
+            return intermediates
+        return like_input_layout(y, x), intermediates
 
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
@@ -187,19 +264,15 @@ class RepMLPModel(nn.Module):
         Returns:
             The absolute indices of the kept levels.
         """
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        self.stages = self.stages[: max_index + 1 - self._first_stage_level()]
-        prune_end = max_index < len(self.feature_info) - 1
+        take_indices, max_index = feature_take_indices(self.num_feature_levels, indices)
+        self.stages = self.stages[: max_index + 1 - self.first_stage_level]
+        prune_end = max_index < self.num_feature_levels - 1
         if prune_end:  # features now end at the last kept level; the head is sized for the final ones
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
         if prune_head or prune_end:  # a parameter-free head that passes the features through
             self.head = ClassifierHead(self.num_features, 0, pool_type="")
             self.num_classes, self.head_hidden_size = 0, self.num_features
         return take_indices
-
-    def _first_stage_level(self) -> int:
-        """Level of the first stage's output: 1 when the stem is listed as level 0, else 0."""
-        return int(self.feature_info[0]["module"] == "stem")
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """The head (``pre_logits``: the pooled features before the classifier)."""

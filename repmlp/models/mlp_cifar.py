@@ -20,7 +20,7 @@ from torch import nn
 
 from ..layers import ConvBN, RepMLP, shape_str
 from ..shipped import shipped_folder
-from ._base import RepMLPModel, pretrained_cfg, route_pretrained_file
+from ._base import RepMLPModel, check_rate, pretrained_cfg, route_pretrained_file
 
 __all__ = ["MLPCifarNet"]
 
@@ -142,6 +142,8 @@ class MLPCifarNet(RepMLPModel):
         head_hidden_size: width of the FC between pooling and the classifier.
         drop_rate: dropout before the classifier.
         global_pool: timm pooling type of the head.
+        drop_path_rate: refused unless 0: the paper's layout has no residual branches for stochastic depth.
+        drop_block_rate: refused unless 0: no DropBlock placement in this family (the paper's recipe has none).
         deploy: build the deploy form directly.
     """
 
@@ -160,9 +162,13 @@ class MLPCifarNet(RepMLPModel):
         head_hidden_size: int = 512,
         drop_rate: float = 0.0,
         global_pool: str = "avg",
+        drop_path_rate: float = 0.0,
+        drop_block_rate: float = 0.0,
         deploy: bool = False,
     ) -> None:
         super().__init__(locals())
+        check_rate("drop_path_rate", drop_path_rate, "MLPCifarNet", "no residual branches for stochastic depth to drop")
+        check_rate("drop_block_rate", drop_block_rate, "MLPCifarNet", "no DropBlock placement in this family")
         if mixer not in ("repmlp", "conv"):
             raise ValueError(f"MLPCifarNet: mixer must be 'repmlp' or 'conv', got {mixer!r}")
         if isinstance(img_size, Sequence):
@@ -177,7 +183,7 @@ class MLPCifarNet(RepMLPModel):
                 f"(e.g. 32 with 8, 28 with 7)"
             )
         sizes = [int(s) for s in sizes]
-        self.in_chans, self.img_size, self.drop_rate = in_chans, img_size, drop_rate
+        self.img_size, self.drop_rate = img_size, drop_rate
 
         self.stem = ConvBN(in_chans, widths[0], stem_stride, stride=stem_stride, act=True, deploy=deploy)
         outs = list(widths[1:]) + [widths[-1]]

@@ -41,7 +41,7 @@ from torch import nn
 from .. import ops
 from ..authors import REPMLPNET_LAYOUTS, repmlpnet_keys_to_ours
 from ..layers import ConvBN, LocalPerceptron, param_like, partition, shape_str, unpartition
-from ._base import RepMLPModel, pretrained_cfg, route_pretrained_file
+from ._base import RepMLPModel, check_rate, drop_path, drop_path_rates, pretrained_cfg, route_pretrained_file
 
 __all__ = ["RepMLPNet", "RepMLPBlock"]
 
@@ -53,8 +53,15 @@ class ChannelAffine(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
+        self.weight = nn.Parameter(torch.empty(channels))
+        self.bias = nn.Parameter(torch.empty(channels))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The identity: weight 1, bias 0."""
+        self.weight.fill_(1)
+        self.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = [-1] + [1] * (x.dim() - 2)
@@ -117,9 +124,17 @@ class SharedFC(nn.Module):
         self.sharesets, self.tokens = sharesets, tokens  # ints, not weight.shape: FX traces them as constants
         self.graph_layout = False
         self.per_set_in_graphs = tokens >= GRAPH_LAYOUT_MIN_TOKENS  # an attribute: TorchScript reads no globals
-        bound = 1 / math.sqrt(tokens)  # nn.Linear's default init for fan-in h*w
-        self.weight = nn.Parameter(torch.empty(sharesets, tokens, tokens).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.zeros(sharesets, tokens)) if bias else None
+        self.weight = nn.Parameter(torch.empty(sharesets, tokens, tokens))
+        self.bias = nn.Parameter(torch.empty(sharesets, tokens)) if bias else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """nn.Linear's default weight initialisation for fan-in h*w; a zero bias."""
+        bound = 1 / math.sqrt(self.tokens)
+        self.weight.uniform_(-bound, bound)
+        if self.bias is not None:
+            self.bias.zero_()
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         s, tokens = self.sharesets, self.tokens
@@ -306,7 +321,10 @@ def _pointwise(weight: torch.Tensor, bias: torch.Tensor | None, v: torch.Tensor)
 
 
 class RepMLPNetUnit(nn.Module):
-    """``y = x + RepMLPBlock(BN(x)); z = y + FFN(BN(y))``; the deploy form folds the second BN into the FFN."""
+    """``y = x + RepMLPBlock(BN(x)); z = y + FFN(BN(y))``; the deploy form folds the second BN into the FFN.
+
+    With ``drop_path_rate`` > 0, training drops each of the two residual branches per sample (stochastic depth).
+    """
 
     def __init__(
         self,
@@ -317,20 +335,26 @@ class RepMLPNetUnit(nn.Module):
         gp_reduction: int,
         ffn_expand: int,
         deploy: bool = False,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.norm1 = ChannelAffine(channels) if deploy else nn.BatchNorm2d(channels)
         self.repmlp = RepMLPBlock(channels, *size, sharesets, reparam_conv_k, gp_reduction, deploy)
         self.norm2 = None if deploy else nn.BatchNorm2d(channels)
         self.ffn = FFNBlock(channels, channels * ffn_expand, deploy)
+        self.drop_path = drop_path(drop_path_rate)
+        self.drops_paths = drop_path_rate > 0
 
     @property
     def deploy(self) -> bool:
         return self.norm2 is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.repmlp(self.norm1(x), residual=x)
-        return x + self.ffn(x if self.norm2 is None else self.norm2(x))
+        if self.drops_paths and self.training:
+            x = x + self.drop_path(self.repmlp(self.norm1(x)))
+        else:  # the residual added inside the block, in the same pass
+            x = self.repmlp(self.norm1(x), residual=x)
+        return x + self.drop_path(self.ffn(x if self.norm2 is None else self.norm2(x)))
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -361,13 +385,14 @@ class RepMLPNetStage(nn.Module):
         ffn_expand: int,
         downsample: bool,
         deploy: bool = False,
+        unit_drop_path_rates: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.downsample = PatchEmbedding(in_chs, chs, 2, deploy) if downsample else nn.Identity()
         self.blocks = nn.Sequential(
             *[
-                RepMLPNetUnit(chs, size, sharesets, reparam_conv_k, gp_reduction, ffn_expand, deploy)
-                for _ in range(depth)
+                RepMLPNetUnit(chs, size, sharesets, reparam_conv_k, gp_reduction, ffn_expand, deploy, rate)
+                for rate in unit_drop_path_rates or [0.0] * depth
             ]
         )
 
@@ -422,6 +447,9 @@ class RepMLPNet(RepMLPModel):
         in_chans: input channels.
         global_pool: timm pooling type.
         drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth: the largest rate of dropping a residual branch (rising linearly over the
+            units); identity in eval, so conversion is unaffected.
+        drop_block_rate: refused unless 0: RepMLPNet has no conv feature maps for DropBlock.
         deploy: build the deploy form directly.
     """
 
@@ -444,9 +472,12 @@ class RepMLPNet(RepMLPModel):
         in_chans: int = 3,
         global_pool: str = "avg",
         drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        drop_block_rate: float = 0.0,
         deploy: bool = False,
     ) -> None:
         super().__init__(locals())
+        check_rate("drop_block_rate", drop_block_rate, "RepMLPNet", "an MLP: no conv feature maps to drop blocks of")
         img_size = to_2tuple(img_size)
         if not len(channels) == len(depths) == len(sharesets) == len(partitions or channels):
             raise ValueError(
@@ -464,6 +495,7 @@ class RepMLPNet(RepMLPModel):
 
         self.stem = PatchEmbedding(in_chans, channels[0], patch_size, deploy)
         stages, self.feature_info, in_chs = [], [], channels[0]
+        rates = drop_path_rates(drop_path_rate, depths)
         for i, (chs, depth) in enumerate(zip(channels, depths)):
             stages.append(
                 RepMLPNetStage(
@@ -477,6 +509,7 @@ class RepMLPNet(RepMLPModel):
                     ffn_expand,
                     downsample=i > 0,
                     deploy=deploy,
+                    unit_drop_path_rates=rates[i],
                 )
             )
             self.feature_info.append(dict(num_chs=chs, reduction=self.reductions[i], module=f"stages.{i}"))

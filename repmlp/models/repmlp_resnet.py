@@ -13,11 +13,12 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import drop_blocks
 from torch import nn
 
 from ..authors import AUTHORS_RESNET, OURS, KeyLayout, keys_to_ours
 from ..layers import ConvBN, RepMLP, shape_str
-from ._base import NCHWStage, RepMLPModel, pretrained_cfg, route_pretrained_file
+from ._base import NCHWStage, RepMLPModel, check_rate, drop_path, drop_path_rates, pretrained_cfg, route_pretrained_file
 
 __all__ = ["RepMLPResNet"]
 
@@ -37,9 +38,21 @@ class Stem(ConvBN):
 
 
 class Bottleneck(nn.Module):
-    """ResNet bottleneck (stride on the 3x3 conv); the deploy form fuses every conv-BN."""
+    """ResNet bottleneck (stride on the 3x3 conv); the deploy form fuses every conv-BN.
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, deploy: bool = False) -> None:
+    ``drop_block`` follows the 3x3 conv-BN-ReLU, where timm's ResNet puts it (after the BN, before the ReLU there:
+    the same, as the ReLU commutes with a 0/1 mask and a positive scale); ``drop_path`` drops the residual branch.
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        stride: int = 1,
+        deploy: bool = False,
+        drop_path_rate: float = 0.0,
+        drop_block: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         mid = out_chs // 4
         self.shortcut = (
@@ -47,11 +60,13 @@ class Bottleneck(nn.Module):
         )
         self.conv1 = ConvBN(in_chs, mid, 1, act=True, deploy=deploy)
         self.conv2 = ConvBN(mid, mid, 3, stride, act=True, deploy=deploy)
+        self.drop_block = drop_block or nn.Identity()
         self.conv3 = ConvBN(mid, out_chs, 1, deploy=deploy)
+        self.drop_path = drop_path(drop_path_rate)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv3(self.conv2(self.conv1(x)))
+        y = self.drop_path(self.conv3(self.drop_block(self.conv2(self.conv1(x)))))
         y += self.shortcut(x)  # in place, as timm's ResNet: no fresh buffer to fault in (a cost at batch 1)
         return self.act(y)
 
@@ -59,16 +74,19 @@ class Bottleneck(nn.Module):
 class RepMLPLightBlock(nn.Module):
     """Light block (paper Fig. 3): 1x1 conv (C -> C/8), RepMLP, ReLU, 1x1 conv (C/8 -> C), identity."""
 
-    def __init__(self, chs: int, size: tuple[int, int], repmlp_kwargs: dict, deploy: bool = False) -> None:
+    def __init__(
+        self, chs: int, size: tuple[int, int], repmlp_kwargs: dict, deploy: bool = False, drop_path_rate: float = 0.0
+    ) -> None:
         super().__init__()
         mid = chs // 8
         self.conv1 = ConvBN(chs, mid, 1, act=True, deploy=deploy)
         self.repmlp = RepMLP(mid, mid, *size, deploy=deploy, **repmlp_kwargs)
         self.conv3 = ConvBN(mid, chs, 1, deploy=deploy)
+        self.drop_path = drop_path(drop_path_rate)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv3(self.act(self.repmlp(self.conv1(x))))
+        y = self.drop_path(self.conv3(self.act(self.repmlp(self.conv1(x)))))
         y += x
         return self.act(y)
 
@@ -78,7 +96,13 @@ class RepMLPBottleneckBlock(nn.Module):
     1x1 (-> C), identity."""
 
     def __init__(
-        self, chs: int, size: tuple[int, int], reduction: int, repmlp_kwargs: dict, deploy: bool = False
+        self,
+        chs: int,
+        size: tuple[int, int],
+        reduction: int,
+        repmlp_kwargs: dict,
+        deploy: bool = False,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         mid = chs // 4
@@ -88,10 +112,11 @@ class RepMLPBottleneckBlock(nn.Module):
         self.repmlp = RepMLP(inner, inner, *size, deploy=deploy, **repmlp_kwargs)
         self.conv4 = ConvBN(inner, mid, 3, act=True, deploy=deploy)
         self.conv5 = ConvBN(mid, chs, 1, deploy=deploy)
+        self.drop_path = drop_path(drop_path_rate)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv5(self.conv4(self.act(self.repmlp(self.conv2(self.conv1(x))))))
+        y = self.drop_path(self.conv5(self.conv4(self.act(self.repmlp(self.conv2(self.conv1(x)))))))
         y += x
         return self.act(y)
 
@@ -112,6 +137,10 @@ class RepMLPResNet(RepMLPModel):
         in_chans: input channels.
         global_pool: timm pooling type.
         drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth: the largest rate of dropping a block's residual branch (rising
+            linearly over the blocks); identity in eval, so conversion is unaffected.
+        drop_block_rate: DropBlock in the ResNet bottlenecks of c4 and c5, as in timm's ResNet (RepMLP blocks
+            have none); identity in eval.
         deploy: build the deploy form directly (no BatchNorm, three-FC RepMLP blocks).
     """
 
@@ -129,9 +158,12 @@ class RepMLPResNet(RepMLPModel):
         in_chans: int = 3,
         global_pool: str = "avg",
         drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        drop_block_rate: float = 0.0,
         deploy: bool = False,
     ) -> None:
         super().__init__(locals())
+        check_rate("drop_block_rate", drop_block_rate)  # drop_path_rate: by drop_path_rates
         if block_type not in ("light", "bottleneck"):
             raise ValueError(f"block_type must be 'light' or 'bottleneck', got {block_type!r}")
         img_size = to_2tuple(img_size)
@@ -146,11 +178,13 @@ class RepMLPResNet(RepMLPModel):
         depths, strides = (3, 4, 6, 3), (1, 2, 2, 2)
         stages, in_chs, (H, W) = [], widths[0] // 4, (img_size[0] // 4, img_size[1] // 4)
         self.feature_info = []
-        for i, (depth, width, stride) in enumerate(zip(depths, widths, strides)):
+        stage_drop_blocks = drop_blocks(drop_block_rate)  # timm ResNet's: DropBlock in c4 and c5
+        rates = drop_path_rates(drop_path_rate, depths)
+        for i, (width, stride, stage_rates) in enumerate(zip(widths, strides, rates)):
             H, W = H // stride, W // stride
-            blocks = [Bottleneck(in_chs, width, stride, deploy)]
-            for _ in range(1, depth):
-                if i in (1, 2):  # c3 and c4
+            blocks = []
+            for j, rate in enumerate(stage_rates):
+                if j > 0 and i in (1, 2):  # c3 and c4
                     kw = dict(
                         h=partition,
                         w=partition,
@@ -159,12 +193,14 @@ class RepMLPResNet(RepMLPModel):
                         fc3_groups=fc3_groups[i - 1],
                     )
                     blocks.append(
-                        RepMLPLightBlock(width, (H, W), kw, deploy)
+                        RepMLPLightBlock(width, (H, W), kw, deploy, rate)
                         if block_type == "light"
-                        else RepMLPBottleneckBlock(width, (H, W), bottleneck_reduction[i - 1], kw, deploy)
+                        else RepMLPBottleneckBlock(width, (H, W), bottleneck_reduction[i - 1], kw, deploy, rate)
                     )
                 else:
-                    blocks.append(Bottleneck(width, width, 1, deploy))
+                    drop_block = stage_drop_blocks[i]() if stage_drop_blocks[i] else None
+                    chs_in, block_stride = (width, 1) if j else (in_chs, stride)
+                    blocks.append(Bottleneck(chs_in, width, block_stride, deploy, rate, drop_block))
             # c5 (7x7 maps at 224, 512-2048 channels) runs NCHW: its 3x3 convs measured 1.5x (batch 1) and 1.25x
             # (batch 8) faster than in NHWC here; c2-c4 and the max-pool are faster in NHWC
             stages.append(NCHWStage(*blocks) if i == 3 else nn.Sequential(*blocks))
