@@ -182,7 +182,8 @@ def prepare_state_dict(
 
     Steps: rename keys (``filter_fn``); check values (an integer tensor for a float parameter, NaN or Inf are
     errors); adapt for fine-tuning as timm does (another ``num_classes`` keeps the model's fresh classifier,
-    another ``in_chans`` adapts the first conv); then judge the file against the model's structure. A file in
+    another ``in_chans`` adapts the first conv; weights trained at another number of partitions keep the model's
+    fresh global perceptrons, see :func:`_adapt_to_partitions`); then judge the file against the model's structure. A file in
     the model's form loads as it is. A file whose blocks are (partly) re-parameterized, offered to a deploy-form
     model, is loaded into a train-form twin whose matching blocks are re-parameterized first, and converted.
     Such a file offered to a train-form model raises a ValueError: the branches cannot be recovered.
@@ -193,6 +194,14 @@ def prepare_state_dict(
     expected = model.state_dict()
     _check_values(state, expected, source, allow_nonfinite)
     state = _adapt_for_finetuning(state, model, expected, source)
+    resized = _resized_children(state, model, expected)
+    if resized and state_dict_form(state) == "train" and is_deploy_form(model):
+        twin = (train_model_factory or model.train_form_twin)()  # adapted in the train form, then converted
+        expected = twin.state_dict()
+        twin_state = _adapt_to_partitions(state, expected, _resized_children(state, twin, expected), source)
+        _strict_load(twin, twin_state, f"{source} (as a train-form twin)")
+        return convert_to_deploy(twin, inplace=True).state_dict()
+    state = _adapt_to_partitions(state, expected, resized, source)
     if set(state) == set(expected):
         return state
     twin, reparameterized = _matching_twin(model, state, train_model_factory)
@@ -283,6 +292,47 @@ def _adapt_for_finetuning(state: dict, model: nn.Module, expected: dict, source:
                 ", ".join(theirs),
                 getattr(model, "num_classes", "?"),
             )
+    return state
+
+
+def _resized_children(state: dict, model: nn.Module, expected: dict) -> list[str]:
+    """Key prefixes of the children whose shape depends on the number of partitions (a block's
+    ``partition_dependent``: the RepMLP v1 global perceptron, fc1/fc2 over C * hp * wp) where ``state`` differs
+    from the model: weights trained at another input size (another grid, or no global perceptron at one partition).
+    """
+    prefixes = [
+        f"{name}.{child}." if name else f"{child}."
+        for name, m in model.named_modules()
+        for child in getattr(m, "partition_dependent", ())
+    ]
+    return [
+        p
+        for p in prefixes
+        if {k: v.shape for k, v in state.items() if k.startswith(p)}
+        != {k: v.shape for k, v in expected.items() if k.startswith(p)}
+    ]
+
+
+def _adapt_to_partitions(state: dict, expected: dict, resized: list[str], source: str) -> dict:
+    """Under each of the ``resized`` prefixes, the model's freshly initialised fc1/fc2 stay (the paper's recipe,
+    v1 Sec. 4.4), the BN loads from the file where both have it, and keys the model lacks are dropped; everything
+    else loads as it is (any other mismatch stays an error of the strict load)."""
+    if not resized:
+        return state
+    state = dict(state)
+    for prefix in resized:
+        ours = {k: v for k, v in expected.items() if k.startswith(prefix)}
+        for key in [k for k in state if k.startswith(prefix)]:
+            fc = key[len(prefix) :].split(".")[0] in ("fc1", "fc2")
+            if fc or key not in ours or state[key].shape != ours[key].shape:
+                del state[key]
+        state.update({k: v for k, v in ours.items() if k not in state})
+    _logger.warning(
+        "%s: trained at another number of partitions; %d global perceptrons keep their fresh fc1/fc2: %s",
+        source,
+        len(resized),
+        _show([p.rstrip(".") for p in resized]),
+    )
     return state
 
 

@@ -227,13 +227,9 @@ class GlobalPerceptron(nn.Module):
     added to every pixel of its partition. The deploy form folds the BN into fc1.
 
     fc1 and fc2 act on C * hp * wp features, so they are the only weights whose shape depends on the number of
-    partitions: at another input size they are built anew (``partition_dependent``; the paper's recipe, v1
-    Sec. 4.4) while everything else of a RepMLP block carries over.
+    partitions: at another input size they are built anew (the paper's recipe, v1 Sec. 4.4) while everything else
+    of a RepMLP block carries over.
     """
-
-    #: Read by :func:`repmlp.checkpoint.prepare_state_dict`: a file's fc1/fc2 of another shape (trained at another
-    #: number of partitions) leave this module's fresh ones in place.
-    partition_dependent = True
 
     def __init__(
         self, channels: int, hp: int, wp: int, h: int, w: int, reduction: int = 1, deploy: bool = False
@@ -401,6 +397,10 @@ class RepMLP(nn.Module):
         fc3_groups: groups of FC3 and of the local convs; must divide C and O.
         deploy: build the deploy form (three FC layers) directly.
     """
+
+    #: Children whose shape depends on the number of partitions (read by :func:`repmlp.checkpoint.prepare_state_dict`:
+    #: weights trained at another input size keep this block's fresh fc1/fc2 there).
+    partition_dependent = ("global_perceptron",)
 
     def __init__(
         self,
