@@ -183,10 +183,11 @@ def prepare_state_dict(
     Steps: rename keys (``filter_fn``); check values (an integer tensor for a float parameter, NaN or Inf are
     errors); adapt for fine-tuning as timm does (another ``num_classes`` keeps the model's fresh classifier,
     another ``in_chans`` adapts the first conv; weights trained at another number of partitions keep the model's
-    fresh global perceptrons, see :func:`_adapt_to_partitions`); then judge the file against the model's structure. A file in
-    the model's form loads as it is. A file whose blocks are (partly) re-parameterized, offered to a deploy-form
-    model, is loaded into a train-form twin whose matching blocks are re-parameterized first, and converted.
-    Such a file offered to a train-form model raises a ValueError: the branches cannot be recovered.
+    fresh global perceptrons, see :func:`_adapt_to_partitions`); then judge the file against the model's
+    structure. A file in the model's form loads as it is. A file whose blocks are (partly) re-parameterized,
+    offered to a deploy-form model, is loaded into a train-form twin whose matching blocks are re-parameterized
+    first, and converted. Such a file offered to a train-form model raises a ValueError: the branches cannot be
+    recovered.
     """
     filter_fn = filter_fn or getattr(model, "checkpoint_filter_fn", None)
     if filter_fn is not None:

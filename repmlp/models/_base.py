@@ -7,8 +7,7 @@ and TorchScript can only script those graphs when the annotations are real types
 from collections.abc import Callable
 
 import torch
-from timm.layers import ClassifierHead
-from timm.layers import to_2tuple
+from timm.layers import ClassifierHead, to_2tuple
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 from timm.models._input import update_model_input_size

@@ -45,7 +45,18 @@ from torch import nn
 from .. import ops
 from ..authors import repmlpnet_keys_to_ours
 from ..checkpoint import route_pretrained_file
-from ..layers import ConvBN, LocalPerceptron, PatchEmbedding, cells, crop, param_like, partition, shape_str, unpartition
+from ..layers import (
+    ConvBN,
+    LocalPerceptron,
+    PatchEmbedding,
+    cells,
+    crop,
+    pad_to_multiple,
+    param_like,
+    partition,
+    shape_str,
+    unpartition,
+)
 from ._base import RepMLPModel, pretrained_cfg
 
 __all__ = ["RepMLPNet", "RepMLPBlock"]

@@ -174,7 +174,8 @@ class RepMLPResNet(RepMLPModel):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
         img_size = tuple(to_2tuple(img_size))
         reductions = _per_stage(fc1_fc2_reduction, "fc1_fc2_reduction")
-        self.img_size, self.partition, self.output_stride, self.drop_rate = img_size, partition, output_stride, drop_rate
+        self.img_size, self.partition, self.output_stride = img_size, partition, output_stride
+        self.drop_rate = drop_rate
         self.stem = Stem(in_chans, widths[0] // 4, deploy)
 
         depths, strides, sizes = (3, 4, 6, 3), stage_strides(output_stride), stage_sizes(*img_size, output_stride)
