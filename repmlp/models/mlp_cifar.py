@@ -299,7 +299,7 @@ default_cfgs = generate_default_cfgs(
         "repmlp_cifar_mlp": _cfg(description="Pure-MLP CIFAR model of the RepMLP paper (v1, Table 1); no weights."),
         "repmlp_cifar_wideconv": _cfg(
             fixed_input_size=False,  # no RepMLP: any size runs
-            description="Wide ConvNet baseline of the pure-MLP model (RepMLP paper v1, Table 1); no weights."
+            description="Wide ConvNet baseline of the pure-MLP model (RepMLP paper v1, Table 1); no weights.",
         ),
         "repmlp_fmnist_mlp.fmnist": _cfg(
             file=shipped_folder("repmlp_fmnist_mlp", "fmnist"),
