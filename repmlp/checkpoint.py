@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,31 +17,11 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from .convert import convert_to_deploy, is_deploy_form, reparameterizable
-from .shipped import WEIGHTS_NAME, weights_file
+from .guards import atomic_write
+from .shipped import _SOURCE_KEYS, WEIGHTS_NAME, sha256, weights_file
 
 _logger = logging.getLogger(__name__)
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it over ``path``.
-
-    A run killed midway leaves the previous file intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> the usual permissions of a new file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_checkpoint(
@@ -132,10 +113,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def state_dict_form(state: dict[str, torch.Tensor]) -> str:
-    """'train' when the state dict holds BatchNorm statistics, else 'deploy' (a hint for files without a model;
-    :func:`load_checkpoint` judges a file against the model's own structure)."""
-    return "train" if any(k.endswith("running_var") for k in state) else "deploy"
+def file_form(
+    state: dict[str, torch.Tensor],
+    model: nn.Module,
+    filter_fn: Callable[[dict, nn.Module], dict] | None = None,
+    train_model_factory: Callable[[], nn.Module] | None = None,
+) -> str | None:
+    """The form of a state dict, judged against ``model``'s structure (the one rule for it, which
+    :func:`prepare_state_dict` and the tools both apply): 'train' when, renamed into our layout, it has the keys of
+    the train-form twin; 'deploy' when it has them of a twin with some or all blocks re-parameterized (our deploy
+    form, the authors' inference forms); None when it matches neither (a strict load then lists the mismatches)."""
+    filter_fn = filter_fn or getattr(model, "checkpoint_filter_fn", None)
+    state = filter_fn(state, model) if filter_fn is not None else state
+    twin, reparameterized = _matching_twin(model, state, train_model_factory)
+    if twin is None:
+        return None
+    return "deploy" if reparameterized else "train"
 
 
 def load_checkpoint(
@@ -196,17 +189,19 @@ def prepare_state_dict(
     _check_values(state, expected, source, allow_nonfinite)
     state = _adapt_for_finetuning(state, model, expected, source)
     resized = _resized_children(state, model, expected)
-    if resized and state_dict_form(state) == "train" and is_deploy_form(model):
-        twin = (train_model_factory or model.train_form_twin)()  # adapted in the train form, then converted
-        expected = twin.state_dict()
-        twin_state = _adapt_to_partitions(state, expected, _resized_children(state, twin, expected), source)
-        _strict_load(twin, twin_state, f"{source} (as a train-form twin)")
-        return convert_to_deploy(twin, inplace=True).state_dict()
+    factory = train_model_factory or getattr(model, "train_form_twin", None)
+    if resized and factory is not None and is_deploy_form(model):  # a train-form file is adapted so, then converted
+        twin = factory()
+        twin_expected = twin.state_dict()
+        twin_state = _adapt_to_partitions(state, twin_expected, _resized_children(state, twin, twin_expected), source)
+        if set(twin_state) == set(twin_expected):  # the twin's keys: a train-form file
+            _strict_load(twin, twin_state, f"{source} (as a train-form twin)")
+            return convert_to_deploy(twin, inplace=True).state_dict()
     state = _adapt_to_partitions(state, expected, resized, source)
     if set(state) == set(expected):
         return state
     twin, reparameterized = _matching_twin(model, state, train_model_factory)
-    if not is_deploy_form(model) and (reparameterized if twin else state_dict_form(state) == "deploy"):
+    if not is_deploy_form(model) and twin is not None and reparameterized:
         raise ValueError(
             f"{source} holds a deploy-form (re-parameterized) checkpoint; its conv and BN branches cannot be "
             "recovered, so it loads only into a deploy-form model: build it with deploy=True "
@@ -224,6 +219,8 @@ def _matching_twin(
     """A train-form twin of ``model`` with the blocks re-parameterized whose train-only keys ``state`` lacks
     (innermost first), and whether any were; (None, ...) when no such twin has the file's keys."""
     factory = factory or getattr(model, "train_form_twin", None)
+    if factory is None and not is_deploy_form(model):
+        factory = functools.partial(copy.deepcopy, model)  # a train-form model is its own twin
     if factory is None:
         return None, False
     twin, keys, reparameterized = factory(), set(state), False
@@ -358,26 +355,28 @@ def _strict_load(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     model.load_state_dict(state, strict=True)
 
 
-def route_pretrained_file(variant: str, pretrained: bool, kwargs: dict) -> None:
-    """Send ``pretrained=True`` loads through the model's ``load_pretrained`` (our :func:`load_checkpoint`).
+def write_folder(model: nn.Module, folder: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model`` (train form) as a shipped folder: ``model.safetensors`` and ``config.json`` from its
+    ``pretrained_cfg`` (which names architecture and tag); a ``README.md`` model card is written by hand.
 
-    timm resets ``custom_load`` when ``pretrained_cfg_overlay`` names a file, so it is set again here; a
-    ``local-dir:`` folder (timm reads it with its own loader) is loaded as a file too, so its checkpoint is
-    converted, adapted and hash-checked like any other; and a model with no weights file configured is refused
-    (timm would silently keep the random init).
+    Returns:
+        The folder.
     """
-    if not pretrained:
-        return
-    import timm
-
-    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
-    cfg = timm.models.resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
-    if not cfg.get("file"):
-        raise ValueError(
-            f"{variant}: no weights are shipped for this model; pass a file with "
-            f"pretrained_cfg_overlay=dict(file=PATH) (ours or the authors' .pth/.safetensors)"
-        )
-    overlay.setdefault("custom_load", True)
-    if cfg.get("source") == "local-dir":
-        overlay["source"] = "file"
-    kwargs["pretrained_cfg_overlay"] = overlay
+    folder = Path(folder)
+    cfg = dict(model.pretrained_cfg)
+    if is_deploy_form(model):
+        raise ValueError("write_folder: ships the train form (the deploy form is converted from it on load)")
+    if not cfg.get("tag"):
+        raise ValueError("write_folder: the model's pretrained_cfg has no tag (create it as timm name.tag)")
+    save_checkpoint(model, folder / WEIGHTS_NAME, model_name=cfg["architecture"], form="train", metadata=metadata)
+    config = {
+        "architecture": cfg["architecture"],
+        "num_classes": model.num_classes,
+        "num_features": model.num_features,
+        "global_pool": model.init_args.get("global_pool", "avg"),
+        "pretrained_cfg": {k: v for k, v in cfg.items() if k not in _SOURCE_KEYS and v is not None},
+        "files": {WEIGHTS_NAME: {"sha256": sha256(folder / WEIGHTS_NAME), "form": "train"}},
+    }
+    text = json.dumps(config, indent=2) + "\n"
+    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
+    return folder

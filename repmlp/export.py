@@ -9,26 +9,24 @@ shape inference) keeps to that. Needs the ``onnx`` extra (onnx, onnxruntime).
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
 import os
 import tempfile
-import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
 from .convert import is_deploy_form
+from .guards import atomic_write
+from .int8 import QUANTIZE_MODES, Int8Check, compare_outputs, quantize_onnx
+from .layers import graph_layout
 from .models import model_input_size
+from .onnx_io import onnx_predictor, write_onnx
+from .quantize import resolve_reduce_range
 from .verify import ErrorStats
-
-if TYPE_CHECKING:
-    from .int8 import Int8Check
 
 MAX_RANK = 5
 
@@ -56,22 +54,6 @@ class ExportReport:
             weights = "7-bit (reduce_range)" if self.reduce_range else "8-bit"
             text += f"\n{self.quantize} int8, {weights} per-channel weights: {self.int8}"
         return text
-
-
-@contextlib.contextmanager
-def graph_layout(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, ``model``'s layers that have a ``graph_layout`` run in it: FC3 as one linear layer per
-    group, 1x1 convs as Conv2d (see :class:`repmlp.layers.GroupedLinear`). Same function, the layout that graph
-    runtimes (onnxruntime, torch.export + inductor) run fast and int8 tools quantize."""
-    modules = [m for m in model.modules() if isinstance(getattr(m, "graph_layout", None), bool)]
-    saved = [m.graph_layout for m in modules]
-    for m in modules:
-        m.graph_layout = True
-    try:
-        yield model
-    finally:
-        for m, value in zip(modules, saved):
-            m.graph_layout = value
 
 
 def tensor_ranks(model) -> dict[str, int | None]:
@@ -109,30 +91,6 @@ def _checked_max_rank(ranks: dict[str, int | None], max_rank: int) -> int:
     if unknown:
         raise ValueError(f"ONNX shape inference left the rank of {len(unknown)} tensors unknown, e.g. {unknown[:5]}")
     return max(ranks.values(), default=0)
-
-
-@torch.no_grad()
-def write_onnx(
-    model: nn.Module, x: torch.Tensor, f: str | os.PathLike | io.BytesIO, opset: int = 17, dynamic_batch: bool = False
-) -> None:
-    """``torch.onnx.export`` of ``model`` traced on ``x`` (input ``input``, output ``output``), optionally with a
-    dynamic batch dimension."""
-    axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
-    # The TorchScript-based exporter (deprecated in favour of the dynamo one, which needs onnxscript): shape checks
-    # in forward() become constants of the fixed size, as intended.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            model,
-            (x,),
-            f,
-            dynamo=False,
-            input_names=["input"],
-            output_names=["output"],
-            opset_version=opset,
-            dynamic_axes=axes,
-        )
 
 
 #: Opsets export_onnx writes: from 11 (the first whose shape inference gives every rank, which the rank check needs) to
@@ -184,9 +142,6 @@ def export_onnx(
     """
     import onnx
 
-    from .int8 import QUANTIZE_MODES
-    from .quantize import resolve_reduce_range
-
     if not is_deploy_form(model):
         raise ValueError(
             "export_onnx: the model still has training-only modules (BatchNorm or blocks not "
@@ -222,8 +177,6 @@ def _export_float(
 ) -> float:
     """Export in the graph layout; the max relative error of onnxruntime against PyTorch (RuntimeError above
     ``tolerance``, naming ``target``, the file that is then not written)."""
-    from .runtime import onnx_predictor
-
     y = model(x)
     with contextlib.nullcontext() if eager_layout else graph_layout(model):
         write_onnx(model, x, path, opset)
@@ -247,9 +200,6 @@ def _quantize_checked(
 ) -> None:
     """Quantize ``float_path`` into ``path`` and compare the two in onnxruntime (RuntimeError below
     ``min_agreement``)."""
-    from .int8 import compare_outputs, quantize_onnx
-    from .runtime import onnx_predictor
-
     quantize_onnx(float_path, path, report.quantize, calibration, report.reduce_range)
     report.int8 = compare_outputs(onnx_predictor(float_path), onnx_predictor(path), check_batches, check_data)
     if report.int8.argmax_agreement < min_agreement:

@@ -1,6 +1,6 @@
 """Guards the tools run before any work, so that a refusal comes first and touches nothing: numeric arguments in
 range, and an output that is never one of the inputs and is checked writable (the writes themselves go through
-:func:`repmlp.checkpoint.atomic_write`)."""
+:func:`atomic_write`)."""
 
 from __future__ import annotations
 
@@ -101,3 +101,24 @@ def check_output_file(
         raise PermissionError(f"{what} {path} exists and is read-only; make it writable or choose another path")
     check_writable_dir(path.parent, f"{what} {path}")
     return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it over ``path``.
+
+    A run killed midway leaves the previous file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> the usual permissions of a new file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,21 +1,22 @@
 """Int8 deploy forms: onnxruntime's dynamic and static quantization, PyTorch's x86 int8 path (PT2E, torchao), the
 calibration data, the checks of int8 against float32, and the weight ranges that decide how well it goes.
 
-Models are quantized in the graph layout (:func:`repmlp.export.graph_layout`): FC3 as one linear layer per group, so
+Models are quantized in the graph layout (:func:`repmlp.layers.graph_layout`): FC3 as one linear layer per group, so
 that each group gets its own per-output-channel scales. The scheme is the one :mod:`repmlp.quantize` simulates.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .layers import graph_layout
+from .onnx_io import ort_session
 from .quantize import FakeQuantFC3, fake_quantize_weight, resolve_reduce_range, weight_qmax
-from .runtime import onnx_predictor, ort_session
 
 QUANTIZE_MODES = ("none", "dynamic", "static")
 
@@ -60,24 +61,6 @@ def data_batches(
         raise ValueError(f"calibration data {spec!r} has {len(dataset)} {split} images, fewer than the {count} asked")
     images = torch.stack([dataset[i][0] for i in torch.randperm(len(dataset), generator=gen)[:count].tolist()])
     return list(images.split(batch_size))
-
-
-def default_calibration(model_name: str | None, weights: str | Path | None = None) -> str:
-    """The data a model was trained on, as its weights file records it (dataset and root): ``weights``, else the
-    shipped weights of ``NAME.TAG``; ``'random'`` when neither names a dataset."""
-    import json
-
-    from .checkpoint import read_metadata
-    from .shipped import shipped_weights
-
-    if weights is None and model_name:
-        weights = shipped_weights(model_name)
-    meta = read_metadata(weights) if weights is not None else {}
-    data = json.loads(meta.get("config", "{}")).get("data", {})
-    dataset = meta.get("dataset") or data.get("dataset")
-    if not dataset or dataset == "synthetic":
-        return "random"
-    return ":".join(filter(None, (dataset, data.get("root"))))
 
 
 # ------------------------------------------------------------------------------------------------ onnxruntime
@@ -247,8 +230,6 @@ def quantize_pytorch(
 
 def export_graph(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """``torch.export`` of ``model`` in the graph layout, fixed to ``example``'s shape (as an ``nn.Module``)."""
-    from .export import graph_layout
-
     with torch.no_grad(), graph_layout(model.eval()):
         return torch.export.export(model, (example,)).module()
 
@@ -370,180 +351,4 @@ def format_ranges(ranges: list[WeightRange], outlier_factor: float = 4.0) -> str
         f"outlier ch: output channels whose max |w| exceeds {outlier_factor:g}x the median channel's; SQNR: int8 "
         "weight signal-to-noise of the worst output channel, with one scale per output channel (ch) or per tensor"
     )
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------- int8 speed
-
-INT8_FORMS = (
-    "pytorch fp32",
-    "pytorch fp32 compiled",
-    "pytorch int8 dynamic",
-    "pytorch int8 static",
-    "onnxruntime fp32",
-    "onnxruntime int8 dynamic",
-    "onnxruntime int8 static",
-)
-#: Not timed by default: float32 in onnxruntime as exported before the graph layout (FC3 as batched matmuls).
-EAGER_LAYOUT_FORM = "onnxruntime fp32 eager layout"
-
-
-@dataclass
-class Int8BenchmarkConfig:
-    """What :func:`run_int8_benchmark` times (see tools/benchmark.py --int8)."""
-
-    models: Sequence[str] = ("repmlp_fmnist_mlp.fmnist", "repmlpnet_t224", "repmlp_res50_light_224")
-    forms: Sequence[str] = INT8_FORMS
-    batch_sizes: Sequence[int] = (1, 8)
-    threads: int = 2
-    warmup: int = 2
-    rounds: int = 10
-    calibration_samples: int = 64
-    seed: int = 0
-    profile: bool = False  # also time each onnxruntime form's operator types (its profiler)
-
-
-def deploy_model(name: str, seed: int = 0) -> tuple[nn.Module, str]:
-    """The deploy form of a zoo model and where its weights come from: shipped weights for ``name.tag`` with a
-    shipped file, else random weights with randomised BN statistics."""
-    import timm
-
-    from .convert import convert_to_deploy, is_deploy_form
-    from .models import load_model
-    from .shipped import shipped_weights
-    from .verify import randomize_bn_stats
-
-    if shipped_weights(name):
-        return timm.create_model(name, pretrained=True, deploy=True).eval(), f"shipped weights {name}"
-    torch.manual_seed(seed)
-    model = convert_to_deploy(randomize_bn_stats(load_model(name), seed))
-    if not is_deploy_form(model):
-        raise ValueError(
-            f"{name} keeps training-only modules after conversion (BatchNorms outside RepMLP blocks), so it "
-            "has no deploy form to quantize; the int8 benchmark takes the zoo's models (timm.list_models('repmlp*'))"
-        )
-    return model, f"random weights (seed {seed}), randomised BN statistics"
-
-
-def _int8_candidates(
-    model: nn.Module,
-    forms: Sequence[str],
-    x: torch.Tensor,
-    calibration: list[torch.Tensor],
-    data: str,
-    workdir: Path,
-    log,
-) -> tuple[dict[str, object], dict[str, Path]]:
-    """A ``tensor -> logits`` callable per form, all for inputs of ``x``'s shape, and the ONNX file of each
-    onnxruntime form (written in ``workdir``)."""
-    from .export import export_onnx
-
-    out: dict[str, object] = {}
-    paths: dict[str, Path] = {}
-    for form in forms:
-        runtime, precision = form.split(" ", 1)
-        if form == "pytorch fp32":
-            out[form] = model
-        elif form == "pytorch fp32 compiled":  # the float32 twin of the int8 graphs: exported, compiled, frozen
-            out[form] = compile_frozen(export_graph(model, x), x)
-        elif runtime == "pytorch":
-            out[form] = quantize_pytorch(model, x, precision.split()[-1], calibration)
-        else:
-            mode = "none" if precision.startswith("fp32") else precision.split()[-1]
-            eager = form == EAGER_LAYOUT_FORM
-            path = workdir / f"{mode}{'_eager' * eager}_{x.shape[0]}.onnx"
-            report = export_onnx(
-                model,
-                path,
-                batch_size=x.shape[0],
-                quantize=mode,
-                calibration=calibration,
-                check_batches=calibration,
-                check_data=data,
-                min_agreement=0.0,
-                eager_layout=eager,
-            )
-            log(f"  {form}: {report}")
-            out[form], paths[form] = onnx_predictor(path), path
-    return out, paths
-
-
-@torch.no_grad()
-def run_int8_benchmark(cfg: Int8BenchmarkConfig, workdir: str | Path, log=print) -> dict:
-    """Median ms per batch of every form in ``cfg.forms``, timed in interleaved rounds (order rotated each round),
-    with each form's max relative logit error and argmax agreement against the PyTorch float32 deploy form."""
-    import statistics
-
-    from .benchmark import machine_state, timed_round
-
-    torch.set_num_threads(cfg.threads)
-    machine = {"start": machine_state()}
-    results = []
-    models = {name: deploy_model(name, cfg.seed) for name in cfg.models}  # every model refused or built first
-    for name, (model, source) in models.items():
-        data = default_calibration(name)
-        log(f"{name}: {source}; calibration and check data: {data}")
-        for bs in cfg.batch_sizes:
-            calibration = data_batches(data, model, bs, max(cfg.calibration_samples, bs), seed=cfg.seed)
-            x = calibration[0]
-            forms, paths = _int8_candidates(model, cfg.forms, x, calibration, data, Path(workdir), log)
-            checks = {form: compare_outputs(model, f, calibration, data) for form, f in forms.items()}
-            for f in forms.values():
-                for _ in range(cfg.warmup):
-                    f(x)
-            calls, times = [lambda f=f, x=x: f(x) for f in forms.values()], {form: [] for form in forms}
-            for r in range(cfg.rounds):
-                for form, (elapsed, _) in zip(forms, timed_round(calls, r)):
-                    times[form].append(elapsed)
-            for form in forms:
-                ms = 1e3 * statistics.median(times[form])
-                results.append(
-                    dict(
-                        model=name,
-                        form=form,
-                        batch_size=bs,
-                        ms=ms,
-                        images_per_s=1e3 * bs / ms,
-                        max_rel_err=checks[form].max_rel_err,
-                        argmax_agreement=checks[form].argmax_agreement,
-                        checked_on=checks[form].samples,
-                    )
-                )
-                if cfg.profile and form in paths:
-                    results[-1]["profile_ms"] = profile_onnx(paths[form], x, cfg.rounds, cfg.threads)
-            log(
-                f"{name} batch {bs}: "
-                + ", ".join(f"{form} {1e3 * statistics.median(t):.2f} ms" for form, t in times.items())
-            )
-    machine["end"] = machine_state()
-    return dict(config=cfg.__dict__, machine=machine, torch=torch.__version__, results=results)
-
-
-def format_int8_table(report: dict) -> str:
-    """The results with speed-ups over onnxruntime float32 and PyTorch (eager) float32 of the same model and batch."""
-    rows = report["results"]
-    ref = {(r["model"], r["batch_size"], r["form"]): r["ms"] for r in rows}
-    head = (
-        f"{'model':26} {'batch':>5} {'form':26} {'ms':>9} {'img/s':>8} {'vs ort fp32':>11} {'vs pt fp32':>10} "
-        f"{'max rel err':>11} {'argmax agr':>10}"
-    )
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        speedups = []
-        for form in ("onnxruntime fp32", "pytorch fp32"):
-            base = ref.get((r["model"], r["batch_size"], form))
-            speedups.append("-" if base is None else f"x{base / r['ms']:.2f}")
-        lines.append(
-            f"{r['model'][:26]:26} {r['batch_size']:>5} {r['form']:26} {r['ms']:>9.2f} {r['images_per_s']:>8.1f} "
-            f"{speedups[0]:>11} {speedups[1]:>10} {r['max_rel_err']:>11.1e} {r['argmax_agreement']:>10.2%}"
-        )
-    start, end = report["machine"]["start"], report["machine"]["end"]
-    lines.append(
-        f"{start['threads']} threads, OMP_WAIT_POLICY={start['omp_wait_policy']}, load average "
-        f"{start['loadavg']} at the start, {end['loadavg']} at the end"
-    )
-    for r in rows:
-        if "profile_ms" in r:
-            top = ", ".join(f"{op} {ms:.1f}" for op, ms in list(r["profile_ms"].items())[:10])
-            lines.append(f"{r['model']} batch {r['batch_size']} {r['form']}, ms per run by operator: {top}")
     return "\n".join(lines)

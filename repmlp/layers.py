@@ -7,8 +7,9 @@ uses live in :mod:`repmlp.ops`.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -181,7 +182,7 @@ class GroupedLinear(nn.Module):
     dims dropped: group i maps inputs [i*in/g, (i+1)*in/g) to outputs [i*out/g, (i+1)*out/g). On CPU a
     batched matmul runs this several times faster than a grouped 1x1 Conv2d.
 
-    With ``graph_layout`` set (by :func:`repmlp.export.graph_layout`) each group is its own ``F.linear``: a
+    With ``graph_layout`` set (by :func:`graph_layout`) each group is its own ``F.linear``: a
     Gemm with a 2-D constant weight in ONNX, which int8 tools quantize with per-output-channel scales (they skip
     or mis-scale the batched matmul) and onnxruntime runs faster; eager PyTorch keeps the batched matmul, which
     is faster there.
@@ -535,3 +536,19 @@ class RepMLP(nn.Module):
 def _accept_authors_keys(module: RepMLP, state_dict: dict, prefix: str, *args) -> None:
     """Load-state-dict pre-hook: the authors' block state dicts load as they are (:mod:`repmlp.authors`)."""
     block_keys_to_ours(state_dict, prefix, module.reparam_conv_k)
+
+
+@contextlib.contextmanager
+def graph_layout(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``model``'s layers that have a ``graph_layout`` run in it: FC3 as one linear layer per
+    group, 1x1 convs as Conv2d (see :class:`repmlp.layers.GroupedLinear`). Same function, the layout that graph
+    runtimes (onnxruntime, torch.export + inductor) run fast and int8 tools quantize."""
+    modules = [m for m in model.modules() if isinstance(getattr(m, "graph_layout", None), bool)]
+    saved = [m.graph_layout for m in modules]
+    for m in modules:
+        m.graph_layout = True
+    try:
+        yield model
+    finally:
+        for m, value in zip(modules, saved):
+            m.graph_layout = value

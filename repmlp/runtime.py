@@ -8,15 +8,14 @@ compile, and the first call):
 - ``compile``: ``torch.compile`` with inductor and ``freezing`` on (weights folded into the compiled graph as
   constants, so oneDNN prepacks them once); the graph is specialised to the example's shape and is rebuilt for
   another batch size. Needs a C++ compiler on CPU. Later changes to the model's weights are not seen.
-- ``onnxruntime``: the model exported to ONNX (:func:`repmlp.export.write_onnx`, dynamic batch) and run by an
-  onnxruntime CPU session (:func:`ort_session`) with the same number of threads as PyTorch, whose threads do
-  not spin between runs unless ``OMP_WAIT_POLICY=ACTIVE``. Needs the ``onnx`` extra.
+- ``onnxruntime``: the model exported to ONNX (:func:`repmlp.onnx_io.write_onnx`, dynamic batch) and run by
+  an onnxruntime CPU session (:func:`repmlp.onnx_io.ort_session`) with the same number of threads as PyTorch,
+  whose threads do not spin between runs unless ``OMP_WAIT_POLICY=ACTIVE``. Needs the ``onnx`` extra.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .onnx_io import onnx_predictor, write_onnx
 from .verify import TOLERANCES, ErrorStats
 
 RUNTIMES = ("eager", "compile", "onnxruntime")
@@ -63,38 +63,11 @@ def _compiled(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor
 
 
 def _onnxruntime(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    from .export import write_onnx
-
     if example.device.type != "cpu":
         raise ValueError(f"the onnxruntime runtime runs on the CPU; got an example on {example.device}")
     graph = io.BytesIO()
     write_onnx(model, example, graph, dynamic_batch=True)
     return onnx_predictor(graph.getvalue())
-
-
-def ort_session(model: str | os.PathLike | bytes, threads: int | None = None, profile_prefix: str | None = None):
-    """A CPU onnxruntime session for an ONNX file or its bytes: ``threads`` intra-op threads (default PyTorch's),
-    one inter-op thread, and threads that sleep between runs unless ``OMP_WAIT_POLICY=ACTIVE`` (onnxruntime's
-    spin-waiting starves other processes on a shared machine and skews interleaved timings). With
-    ``profile_prefix``, onnxruntime's profiler writes its trace there."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads or torch.get_num_threads(), 1
-    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "ACTIVE":
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if profile_prefix:
-        options.enable_profiling, options.profile_file_prefix = True, profile_prefix
-    source = model if isinstance(model, bytes) else str(model)
-    return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def onnx_predictor(
-    model: str | os.PathLike | bytes, threads: int | None = None
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x -> output`` through an :func:`ort_session` of an ONNX file or its bytes (input named ``input``)."""
-    session = ort_session(model, threads)
-    return lambda x: torch.from_numpy(session.run(None, {"input": x.detach().contiguous().numpy()})[0])
 
 
 _BUILDERS = {"eager": _eager, "compile": _compiled, "onnxruntime": _onnxruntime}

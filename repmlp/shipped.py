@@ -20,8 +20,6 @@ import json
 import os
 from pathlib import Path
 
-from torch import nn
-
 ENV_VAR = "REPMLP_PRETRAINED_DIR"
 WEIGHTS_NAME = "model.safetensors"  # the file timm's local-dir loader looks for first
 _SOURCE_KEYS = ("file", "url", "hf_hub_id", "hf_hub_filename", "source", "state_dict", "architecture")
@@ -104,33 +102,3 @@ def weights_file(path: str | os.PathLike) -> Path:
             f"restore the file)"
         )
     return path
-
-
-def write_folder(model: nn.Module, folder: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``model`` (train form) as a shipped folder: ``model.safetensors`` and ``config.json`` from its
-    ``pretrained_cfg`` (which names architecture and tag); a ``README.md`` model card is written by hand.
-
-    Returns:
-        The folder.
-    """
-    from .checkpoint import atomic_write, save_checkpoint  # checkpoint reads through this module
-    from .convert import is_deploy_form
-
-    folder = Path(folder)
-    cfg = dict(model.pretrained_cfg)
-    if is_deploy_form(model):
-        raise ValueError("write_folder: ships the train form (the deploy form is converted from it on load)")
-    if not cfg.get("tag"):
-        raise ValueError("write_folder: the model's pretrained_cfg has no tag (create it as timm name.tag)")
-    save_checkpoint(model, folder / WEIGHTS_NAME, model_name=cfg["architecture"], form="train", metadata=metadata)
-    config = {
-        "architecture": cfg["architecture"],
-        "num_classes": model.num_classes,
-        "num_features": model.num_features,
-        "global_pool": model.init_args.get("global_pool", "avg"),
-        "pretrained_cfg": {k: v for k, v in cfg.items() if k not in _SOURCE_KEYS and v is not None},
-        "files": {WEIGHTS_NAME: {"sha256": sha256(folder / WEIGHTS_NAME), "form": "train"}},
-    }
-    text = json.dumps(config, indent=2) + "\n"
-    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
-    return folder

@@ -8,6 +8,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from repmlp.data import FASHION_MNIST_ROOT  # noqa: E402
+
 REFERENCE = Path(__file__).resolve().parent / "fixtures" / "official"  # the authors' outputs, as data
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
@@ -25,6 +27,12 @@ def rel_err(reference: torch.Tensor, candidate: torch.Tensor) -> float:
 
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+#: Tests that read the real Fashion-MNIST (Debian's package; CI installs it, a new user's machine may not have it).
+needs_fashion_mnist = pytest.mark.skipif(
+    not Path(FASHION_MNIST_ROOT).is_dir(),
+    reason="Fashion-MNIST not installed here: apt-get install -y dataset-fashion-mnist",
+)
 
 
 def official_state_dict(keys_file, seed=0):

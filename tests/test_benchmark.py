@@ -9,8 +9,8 @@ from conftest import load_tool, rel_err
 from torch import nn
 
 from repmlp import RepMLP, convert_to_deploy
-from repmlp.authors import AuthorsRepMLP, authors_deploy_form
-from repmlp.benchmark import fc3_weight_bytes
+from repmlp.benchmark.emulation import AuthorsRepMLP, authors_deploy_form
+from repmlp.benchmark.forms import fc3_weight_bytes
 from repmlp.layers import ConvBN
 from repmlp.models import model_input_size
 from repmlp.verify import randomize_bn_stats

@@ -8,13 +8,14 @@ from test_benchmark import tiny_model
 from torch import nn
 
 from repmlp import RepMLP, convert_to_deploy
-from repmlp.authors import authors_deploy_form
+from repmlp.benchmark.emulation import authors_deploy_form
 from repmlp.models import model_input_size
 from repmlp.verify import randomize_bn_stats
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-from repmlp.export import check_ranks, export_onnx, graph_layout  # noqa: E402
+from repmlp.export import check_ranks, export_onnx  # noqa: E402
+from repmlp.layers import graph_layout  # noqa: E402
 
 
 def _deploy(model):

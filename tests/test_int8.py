@@ -7,7 +7,7 @@ import onnx
 import pytest
 import timm
 import torch
-from conftest import load_tool, rel_err
+from conftest import load_tool, needs_fashion_mnist, rel_err
 from test_benchmark import tiny_model
 
 from repmlp import convert_to_deploy, randomize_bn_stats
@@ -16,7 +16,6 @@ from repmlp.int8 import (
     FixedBatch,
     compare_outputs,
     data_batches,
-    default_calibration,
     format_ranges,
     onnx_batch_size,
     quantize_pytorch,
@@ -103,8 +102,10 @@ def test_calibration_data_specs(tmp_path):
         data_batches("nope", model, 4, 8)
     with pytest.raises(ValueError, match="Fashion-MNIST file"):
         data_batches(f"fashion_mnist:{tmp_path}", model, 4, 8)
-    assert default_calibration("repmlp_fmnist_mlp.fmnist").startswith("fashion_mnist")  # as its weights record
-    assert default_calibration("repmlp_fmnist_mlp") == default_calibration("repmlpnet_t224") == "random"
+    from repmlp.sources import model_source
+
+    assert model_source("repmlp_fmnist_mlp.fmnist", pretrained=True).dataset.startswith("fashion_mnist")  # recorded
+    assert model_source("repmlp_fmnist_mlp").dataset is None
 
 
 def test_weight_ranges_find_outlier_channels():
@@ -121,6 +122,7 @@ def test_weight_ranges_find_outlier_channels():
     assert "1.partition_perceptron.fc3" in table and "SQNR" in table
 
 
+@needs_fashion_mnist
 def test_export_tool_quantizes_the_shipped_model_on_its_dataset(tmp_path, capsys):
     # calibrated on Fashion-MNIST training images, checked on test images (/usr/share/datasets/fashion-mnist)
     out = tmp_path / "fmnist_int8.onnx"
@@ -128,6 +130,7 @@ def test_export_tool_quantizes_the_shipped_model_on_its_dataset(tmp_path, capsys
         [
             "--model",
             "repmlp_fmnist_mlp.fmnist",
+            "--pretrained",
             "--quantize",
             "static",
             "--batch-size",
@@ -142,7 +145,7 @@ def test_export_tool_quantizes_the_shipped_model_on_its_dataset(tmp_path, capsys
     )
     assert code == 0 and onnx_batch_size(out) == 8
     printed = capsys.readouterr().out
-    assert "shipped weights repmlp_fmnist_mlp.fmnist" in printed and "data    fashion_mnist" in printed
+    assert "registered weights repmlp_fmnist_mlp.fmnist" in printed and "data    fashion_mnist" in printed
     assert "static int8" in printed and "on 256 fashion_mnist:/usr/share/datasets/fashion-mnist (val) inputs" in printed
 
 

@@ -263,10 +263,11 @@ def test_local_dir_loads_the_shipped_folder_in_both_forms(folder):
 
 @pytest.mark.parametrize("folder", SHIPPED)
 def test_tools_read_a_model_folder_as_its_weights_file(folder):
-    from repmlp.training.builders import checkpoint_model_args
+    from repmlp.sources import model_from_checkpoint, recorded_model_args
 
-    name, form, kwargs = checkpoint_model_args(weights_dir() / folder)
-    assert (name, form, kwargs["num_classes"]) == (read_config(weights_dir() / folder)["architecture"], "train", 10)
+    name, kwargs, _ = recorded_model_args(weights_dir() / folder)
+    assert (name, kwargs["num_classes"]) == (read_config(weights_dir() / folder)["architecture"], 10)
+    assert not repmlp.is_deploy_form(model_from_checkpoint(weights_dir() / folder))  # a train-form file, by structure
 
 
 def test_a_corrupted_shipped_file_is_a_clear_error(tmp_path, monkeypatch):

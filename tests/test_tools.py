@@ -49,7 +49,7 @@ def test_convert_deploy_from_a_train_checkpoint(tmp_path):
 def test_convert_deploy_default_is_the_shipped_model(tmp_path):
     res = _run("tools/convert_deploy.py", "--output", str(tmp_path / "d.safetensors"), "--no-float64", "--ranges")
     assert res.returncode == 0, res.stderr
-    assert "shipped weights repmlp_fmnist_mlp.fmnist" in res.stdout and "PASS (float32)" in res.stdout
+    assert "registered weights repmlp_fmnist_mlp.fmnist" in res.stdout and "PASS (float32)" in res.stdout
     # the range report: one row per deploy-form weight matrix, the FC3s among them
     rows = [line for line in res.stdout.splitlines() if line.startswith(("stem.", "stages.", "head."))]
     assert len(rows) == 15 and sum("partition_perceptron.fc3" in row for row in rows) == 4 and "SQNR" in res.stdout

@@ -34,10 +34,20 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
 
-from repmlp.benchmark import DTYPES, FORMS, BenchmarkConfig, format_table, plot, run_benchmark  # noqa: E402
-from repmlp.checkpoint import atomic_write  # noqa: E402
-from repmlp.guards import check_output_file, integer, number  # noqa: E402
-from repmlp.int8 import EAGER_LAYOUT_FORM, INT8_FORMS, Int8BenchmarkConfig, format_int8_table, run_int8_benchmark  # noqa: E402
+from repmlp.benchmark.forms import DTYPES, FORMS, BenchmarkConfig, format_table, plot, run_benchmark  # noqa: E402
+from repmlp.benchmark.int8 import (  # noqa: E402
+    EAGER_LAYOUT_FORM,
+    INT8_FORMS,
+    Int8BenchmarkConfig,
+    format_int8_table,
+    run_int8_benchmark,
+)
+from repmlp.guards import (  # noqa: E402
+    atomic_write,  # noqa: E402
+    check_output_file,
+    integer,
+    number,
+)
 from repmlp.runtime import RUNTIMES  # noqa: E402
 
 

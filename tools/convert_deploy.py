@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Convert a train-form checkpoint to its deploy form, prove the two agree, write it atomically.
 
-With no arguments: the model shipped with the package (repmlp/pretrained/, see repmlp.shipped); if none is shipped,
-a seeded random model with randomised BatchNorm statistics, labelled as such.
+Where the model comes from (repmlp.sources, the rule of every tool): --weights FILE, or --model NAME[.TAG]
+--pretrained (registered weights), else seeded random weights with randomised BatchNorm statistics, labelled as
+such. With no arguments: the model shipped with the package, repmlp_fmnist_mlp.fmnist --pretrained.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
 
-import timm  # noqa: E402
 import torch  # noqa: E402
 
 import repmlp  # noqa: E402
@@ -25,31 +25,14 @@ from repmlp.checkpoint import read_metadata  # noqa: E402
 from repmlp.flops import count_macs, count_params  # noqa: E402
 from repmlp.guards import check_output_file, integer  # noqa: E402
 from repmlp.int8 import format_ranges, weight_ranges  # noqa: E402
-from repmlp.shipped import shipped_models  # noqa: E402
-from repmlp.training.builders import model_from_checkpoint  # noqa: E402
-from repmlp.verify import randomize_bn_stats  # noqa: E402
+from repmlp.sources import add_model_arguments, model_source  # noqa: E402
 
-RANDOM_DEFAULT = "repmlp_res50_light_224"
+DEFAULT = "repmlp_fmnist_mlp.fmnist"  # with --pretrained: the shipped model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--model",
-        help="timm model name (default: the checkpoint's metadata; without --weights: the "
-        f"shipped model, else a random {RANDOM_DEFAULT})",
-    )
-    p.add_argument(
-        "--weights",
-        help="train-form checkpoint: ours (.safetensors; model, classes and arguments read "
-        "from its metadata) or the authors' (.pth; needs --model)",
-    )
-    p.add_argument(
-        "--model-kwargs",
-        type=json.loads,
-        default={},
-        help="JSON constructor arguments, e.g. '{\"num_classes\": 10}' (default: the checkpoint's)",
-    )
+    add_model_arguments(p, f"{DEFAULT} --pretrained, the shipped model", "train-form weights file or model folder")
     p.add_argument("--output", help="deploy-form .safetensors to write (default: output/<model>_deploy.safetensors)")
     p.add_argument("--batch-size", type=integer(1), default=2, help="random inputs for the check (default 2)")
     p.add_argument("--seed", type=integer(0), default=0, help="seed of the random model and inputs")
@@ -63,20 +46,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_train_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str, str]:
-    """The train-form model, its name and a label saying where its weights come from."""
-    if args.weights:
-        model = model_from_checkpoint(args.weights, args.model, model_kwargs=args.model_kwargs)
-        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or args.model.replace(":", "_")
-        return model, name, f"weights {args.weights}"
-    shipped = [e for e in shipped_models() if e["form"] == "train"]
-    entry = next((e for e in shipped if not args.model or e["model"] == args.model), None)
-    if entry and not args.model_kwargs:
-        name = f"{entry['model']}.{entry['tag']}"
-        return timm.create_model(name, pretrained=True), entry["model"], f"shipped weights {name}"
-    name = args.model or RANDOM_DEFAULT
-    torch.manual_seed(args.seed)
-    model = randomize_bn_stats(timm.create_model(name, **args.model_kwargs), args.seed)
-    return model, name, f"RANDOM weights (seed {args.seed}) with randomised BN statistics, no trained model"
+    """The train-form model, its name (for file names) and a label saying where its weights come from."""
+    default = args.model is None and args.weights is None
+    source = model_source(
+        args.model or (None if args.weights else DEFAULT),
+        args.weights,
+        args.pretrained or default,
+        args.model_kwargs,
+        form="train" if not args.weights else None,
+        seed=args.seed,
+    )
+    name = (source.model.pretrained_cfg or {}).get("architecture") or source.name.replace(":", "_")
+    return source.model, name, source.weights
 
 
 def deploy_metadata(args: argparse.Namespace, model: torch.nn.Module, source: str) -> dict[str, str]:

@@ -24,15 +24,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-from repmlp.checkpoint import read_metadata  # noqa: E402
 from repmlp.convert import is_deploy_form  # noqa: E402
 from repmlp.data import DATASETS  # noqa: E402
 from repmlp.guards import integer  # noqa: E402
 from repmlp.int8 import FixedBatch, data_batches, onnx_batch_size, quantize_pytorch  # noqa: E402
-from repmlp.runtime import onnx_predictor  # noqa: E402
+from repmlp.onnx_io import onnx_predictor  # noqa: E402
 from repmlp.shipped import shipped_weights  # noqa: E402
-from repmlp.training import build_eval_data, evaluate, load_config, model_from_checkpoint  # noqa: E402
-from repmlp.training.builders import agree_with_record  # noqa: E402
+from repmlp.sources import agree_with_record, model_source, read_record  # noqa: E402
+from repmlp.training import build_eval_data, evaluate, load_config  # noqa: E402
 from repmlp.training.distributed import DistEnv  # noqa: E402
 
 
@@ -114,15 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        if args.pretrained or args.onnx:  # --onnx: the model's pretrained_cfg gives the transform, the file the weights
-            model = timm.create_model(
-                args.model, pretrained=bool(args.pretrained), deploy=args.form == "deploy", **args.model_kwargs
-            )
-            shipped = shipped_weights(args.model)  # NAME.TAG: its dataset is recorded with the shipped weights
-            meta = read_metadata(shipped) if shipped else {}
+        if args.onnx:  # the model's pretrained_cfg gives the transform, NAME.TAG's registered weights the dataset
+            model = timm.create_model(args.model, **args.model_kwargs)
+            registered = shipped_weights(args.model)  # NAME.TAG
+            meta = read_record(registered) if registered else {}
         else:
-            model = model_from_checkpoint(args.checkpoint, args.model, args.form, args.model_kwargs)
-            meta = read_metadata(args.checkpoint)
+            source = model_source(args.model, args.checkpoint, args.pretrained, args.model_kwargs, form=args.form)
+            model, meta = source.model, source.record
+            print(f"model   {source.name} ({source.weights})", file=sys.stderr)
         cfg = eval_config(args, meta)
         loader = build_eval_data(cfg, model, args.split)
     except (ValueError, OSError, RuntimeError) as err:

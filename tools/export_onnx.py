@@ -15,7 +15,6 @@ Example (static int8 of the shipped model, calibrated on Fashion-MNIST training 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,32 +28,16 @@ import torch  # noqa: E402
 import repmlp  # noqa: E402
 from repmlp.export import OPSETS, export_onnx  # noqa: E402
 from repmlp.guards import check_output_file, integer, number  # noqa: E402
-from repmlp.int8 import QUANTIZE_MODES, data_batches, default_calibration  # noqa: E402
-from repmlp.models import load_model  # noqa: E402
-from repmlp.shipped import shipped_weights  # noqa: E402
-from repmlp.training.builders import model_from_checkpoint  # noqa: E402
-from repmlp.verify import randomize_bn_stats  # noqa: E402
+from repmlp.int8 import QUANTIZE_MODES, data_batches  # noqa: E402
+from repmlp.sources import add_model_arguments, model_source  # noqa: E402
 
 RANDOM_DEFAULT = "repmlp_res50_light_224"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--model",
-        help="timm name or package.module:factory (default: the checkpoint's metadata; "
-        f"without --weights: a random {RANDOM_DEFAULT})",
-    )
-    p.add_argument(
-        "--weights",
-        help="checkpoint to load, train or deploy form: ours (model, classes, arguments and "
-        "form read from its metadata) or the authors' (needs --model)",
-    )
-    p.add_argument(
-        "--model-kwargs",
-        type=json.loads,
-        default={},
-        help="JSON kwargs for the model factory (default: the checkpoint's)",
+    add_model_arguments(
+        p, f"{RANDOM_DEFAULT} with random weights", "weights file or model folder, train or deploy form"
     )
     p.add_argument("--output", help="the .onnx file (default: output/<model>_deploy.onnx)")
     p.add_argument("--batch-size", type=integer(1), default=1, help="batch of the exported (static) input shape")
@@ -103,23 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.output:  # refused before anything is read
             check_output_file(args.output, [args.weights])
-        if args.weights:
-            model = model_from_checkpoint(args.weights, args.model, model_kwargs=args.model_kwargs)
-            source = f"weights {args.weights}"
-        elif args.model and shipped_weights(args.model):
-            model = load_model(args.model, pretrained=True, **args.model_kwargs)
-            source = f"shipped weights {args.model}"
-        else:
-            model = randomize_bn_stats(load_model(args.model or RANDOM_DEFAULT, **args.model_kwargs), args.seed)
-            source = f"RANDOM weights (seed {args.seed}) with randomised BN statistics"
-        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or args.model or RANDOM_DEFAULT
-        name = args.model if source.startswith("shipped") else name  # with its tag
+        source = model_source(
+            args.model, args.weights, args.pretrained, args.model_kwargs, seed=args.seed, default=RANDOM_DEFAULT
+        )
+        model, name = source.model, source.name
         suffix = "deploy" if args.quantize == "none" else f"int8_{args.quantize}"
         output = check_output_file(args.output or f"output/{name.replace(':', '_')}_{suffix}.onnx", [args.weights])
     except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"model   {name} ({source})")
+    print(f"model   {name} ({source.weights})")
     model.eval()
     if not repmlp.is_deploy_form(model):
         start = time.perf_counter()
@@ -127,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convert {time.perf_counter() - start:.3f} s")
     int8 = {}
     if args.quantize != "none":
-        data = args.calibration or default_calibration(args.model, args.weights)
+        data = args.calibration or source.dataset or "random"
         label = data if data != "random" else "random (no dataset for this model: calibration is only indicative)"
         print(f"data    {label}")
         calibration = data_batches(data, model, args.batch_size, args.calibration_samples, "train", args.seed)

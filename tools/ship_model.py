@@ -20,9 +20,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import timm  # noqa: E402
 
 import repmlp  # noqa: E402
-from repmlp.checkpoint import read_metadata  # noqa: E402
+from repmlp.checkpoint import (
+    read_metadata,  # noqa: E402
+    write_folder,
+)
 from repmlp.guards import check_output_file  # noqa: E402
-from repmlp.shipped import WEIGHTS_NAME, weights_dir, weights_file, write_folder  # noqa: E402
+from repmlp.shipped import WEIGHTS_NAME, weights_dir, weights_file  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

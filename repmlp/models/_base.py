@@ -242,3 +242,28 @@ class RepMLPModel(nn.Module):
         """timm ``custom_load`` hook (``pretrained=True``): :func:`repmlp.load_checkpoint` of ours or the
         authors' file, train or deploy form; a shipped file may be named relative to the weights directory."""
         load_checkpoint(self, resolve_weights(path))
+
+
+def route_pretrained_file(variant: str, pretrained: bool, kwargs: dict) -> None:
+    """Send ``pretrained=True`` loads through the model's ``load_pretrained`` (our :func:`load_checkpoint`).
+
+    timm resets ``custom_load`` when ``pretrained_cfg_overlay`` names a file, so it is set again here; a
+    ``local-dir:`` folder (timm reads it with its own loader) is loaded as a file too, so its checkpoint is
+    converted, adapted and hash-checked like any other; and a model with no weights file configured is refused
+    (timm would silently keep the random init).
+    """
+    if not pretrained:
+        return
+    import timm
+
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    cfg = timm.models.resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
+    if not cfg.get("file"):
+        raise ValueError(
+            f"{variant}: no weights are shipped for this model; pass a file with "
+            f"pretrained_cfg_overlay=dict(file=PATH) (ours or the authors' .pth/.safetensors)"
+        )
+    overlay.setdefault("custom_load", True)
+    if cfg.get("source") == "local-dir":
+        overlay["source"] = "file"
+    kwargs["pretrained_cfg_overlay"] = overlay

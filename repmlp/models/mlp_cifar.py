@@ -23,10 +23,9 @@ from timm.layers import SelectAdaptivePool2d, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from ..checkpoint import route_pretrained_file
 from ..layers import ConvBN, PatchEmbedding, RepMLP, cells, shape_str
 from ..shipped import shipped_folder
-from ._base import RepMLPModel, pretrained_cfg
+from ._base import RepMLPModel, pretrained_cfg, route_pretrained_file
 
 __all__ = ["MLPCifarNet"]
 

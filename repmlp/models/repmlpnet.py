@@ -44,7 +44,6 @@ from torch import nn
 
 from .. import ops
 from ..authors import repmlpnet_keys_to_ours
-from ..checkpoint import route_pretrained_file
 from ..layers import (
     ConvBN,
     LocalPerceptron,
@@ -57,7 +56,7 @@ from ..layers import (
     shape_str,
     unpartition,
 )
-from ._base import RepMLPModel, pretrained_cfg
+from ._base import RepMLPModel, pretrained_cfg, route_pretrained_file
 
 __all__ = ["RepMLPNet", "RepMLPBlock"]
 

@@ -23,9 +23,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from ..authors import resnet_keys_to_ours
-from ..checkpoint import route_pretrained_file
 from ..layers import ConvBN, RepMLP, cells, shape_str
-from ._base import NCHWStage, RepMLPModel, pretrained_cfg
+from ._base import NCHWStage, RepMLPModel, pretrained_cfg, route_pretrained_file
 
 __all__ = ["RepMLPResNet"]
 

@@ -1,6 +1,7 @@
 """Training on real data: configs, the training run (single process or torchrun), evaluation."""
 
-from .builders import build_eval_data, model_from_checkpoint
+from ..sources import model_from_checkpoint
+from .builders import build_eval_data
 from .config import DEFAULTS, load_config
 from .engine import compare_forms, evaluate
 from .loop import train

@@ -1,10 +1,7 @@
 """Objects a training run is made of, built from a config: model, datasets and loaders with timm
-transforms, loss and Mixup; and a trained model rebuilt from its checkpoint."""
+transforms, loss and Mixup."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import timm
 from timm.data import Mixup, resolve_data_config
@@ -12,10 +9,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import load_checkpoint, read_metadata, read_state_dict, state_dict_form
 from ..data import build_dataset, build_loader, build_transform
-from ..models import load_model
-from ..shipped import weights_file
 from .config import call_configured
 from .distributed import DistEnv
 
@@ -32,66 +26,6 @@ def build_model(cfg: dict, num_classes: int, deploy: bool = False) -> nn.Module:
         deploy=deploy,
         **m["kwargs"],
     )
-
-
-def agree_with_record(what: str, given: object, saved: object, path: str | Path) -> object:
-    """``given`` where the file at ``path`` records nothing, else the recorded value; a contradiction is a ValueError
-    naming both."""
-    if given is not None and saved is not None and given != saved:
-        raise ValueError(
-            f"{what} {given!r} contradicts {path}, which records {what} {saved!r}; drop the argument "
-            "or give the recorded value"
-        )
-    return saved if given is None else given
-
-
-def checkpoint_model_args(
-    path: str | Path, model_name: str | None = None, form: str | None = None, model_kwargs: dict | None = None
-) -> tuple[str, str, dict]:
-    """(model name, form, constructor kwargs) of a checkpoint: its metadata (model, model_kwargs, num_classes, form)
-    merged with the arguments, which fill what it lacks; a contradiction is a ValueError naming both values.
-
-    ``model_kwargs`` may hold ``deploy`` (a form request) and ``num_classes``; ``form`` None means the file's.
-    """
-    kwargs = dict(model_kwargs or {})
-    try:
-        meta = read_metadata(path) if weights_file(path).is_file() else None  # a model folder: its weights file
-    except Exception:  # noqa: BLE001 - unreadable: read_state_dict below says why
-        meta = None
-    if meta is None:
-        read_state_dict(path)  # raises its clear error for a missing, directory or corrupted file
-        meta = {}
-    if "deploy" in kwargs:
-        form = agree_with_record("form", form, "deploy" if kwargs.pop("deploy") else "train", "--model-kwargs")
-    saved_name = meta.get("model") or None
-    untagged = model_name.split(".")[0] if model_name and ":" not in model_name else model_name  # timm NAME.TAG
-    agree_with_record("model", untagged, saved_name, path)
-    name = model_name or saved_name
-    if not name:
-        raise ValueError(
-            f"{path} does not record its model (no 'model' metadata, e.g. the authors' files); "
-            "pass the model name (--model NAME)"
-        )
-    saved = json.loads(meta.get("model_kwargs", "{}"))
-    if "num_classes" in meta:
-        saved["num_classes"] = int(meta["num_classes"])
-    for key in set(kwargs) & set(saved):
-        agree_with_record(f"model argument {key}", kwargs[key], saved[key], path)
-    form = form or meta.get("form") or state_dict_form(read_state_dict(path))
-    if form not in ("train", "deploy"):
-        raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
-    return name, form, {**saved, **kwargs}
-
-
-def model_from_checkpoint(
-    path: str | Path, model_name: str | None = None, form: str | None = None, model_kwargs: dict | None = None
-) -> nn.Module:
-    """Build the model a checkpoint describes (see :func:`checkpoint_model_args`) in the requested form (default:
-    the file's) and load it; a train-form file loads into a deploy-form model by conversion. ``model_name`` is a
-    timm name or ``package.module:factory``."""
-    name, form, kwargs = checkpoint_model_args(path, model_name, form, model_kwargs)
-    model = load_model(name, **kwargs, **({"deploy": True} if form == "deploy" else {}))
-    return load_checkpoint(model, path, train_model_factory=lambda: load_model(name, **kwargs))
 
 
 def data_config(cfg: dict, model: nn.Module) -> dict:

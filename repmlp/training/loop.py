@@ -22,10 +22,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import atomic_write, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..convert import convert_to_deploy, is_deploy_form
 from ..data import build_loader, num_classes_of
-from ..guards import check_writable_dir
+from ..guards import atomic_write, check_writable_dir
 from ..quantize import finish_qat, prepare_qat
 from .builders import build_data, build_datasets, build_loss, build_model
 from .config import call_configured

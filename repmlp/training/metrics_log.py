@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_write
+from ..guards import atomic_write
 
 
 class MetricsLog:

@@ -19,7 +19,7 @@ import torch
 from timm.utils import unwrap_model
 from torch import nn
 
-from ..checkpoint import atomic_write
+from ..guards import atomic_write
 
 STATE_FILE = "last_state.safetensors"
 LEGACY_STATE_FILE = "last.pth"  # pickled by earlier versions; never loaded

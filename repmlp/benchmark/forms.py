@@ -14,8 +14,8 @@ max relative error against the train form and against eager PyTorch, and the bui
 records thread count, OpenMP wait policy and load average: with 2 threads on a loaded machine libgomp's default
 (spinning) wait policy made runs up to 12x slower here; run with ``OMP_WAIT_POLICY=PASSIVE``.
 
-The authors' deploy form and conversion are **emulations** (:mod:`repmlp.authors`): our weights run op for op the
-way the authors' code runs and converts them. Their code itself is not used.
+The authors' deploy form and conversion are **emulations** (:mod:`repmlp.benchmark.emulation`): our weights run op
+for op the way the authors' code runs and converts them. Their code itself is not used.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -33,12 +32,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .authors import authors_convert, authors_form
-from .convert import convert_to_deploy
-from .flops import count_macs, count_params
-from .models import load_model, model_input_size
-from .runtime import RUNTIMES, RuntimeModel, check_against_eager, in_runtime
-from .verify import ErrorStats, randomize_bn_stats
+from ..convert import convert_to_deploy
+from ..flops import count_macs, count_params
+from ..models import load_model, model_input_size
+from ..runtime import RUNTIMES, RuntimeModel, check_against_eager, in_runtime
+from ..sources import model_source
+from ..verify import ErrorStats
+from .emulation import authors_convert, authors_form
+from .timing import machine_state, percentile, spread, sync, timed_round
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMS = ("train", "deploy", "authors")
@@ -51,11 +52,6 @@ def fc3_weight_bytes(model: nn.Module) -> dict[str, int]:
         for name, m in model.named_modules()
         if name.rsplit(".", 1)[-1] == "fc3" and isinstance(getattr(m, "weight", None), torch.Tensor)
     }
-
-
-def _sync(device: torch.device | None) -> None:
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def matmul_time(device: torch.device, dtype: torch.dtype, n: int) -> Callable[[], None]:
@@ -73,11 +69,11 @@ def peak_forward_bytes(module: nn.Module, x: torch.Tensor) -> int:
     outside PyTorch's allocator are not seen).
     """
     if x.device.type == "cuda":
-        _sync(x.device)
+        sync(x.device)
         before = torch.cuda.memory_allocated(x.device)
         torch.cuda.reset_peak_memory_stats(x.device)
         module(x)
-        _sync(x.device)
+        sync(x.device)
         return torch.cuda.max_memory_allocated(x.device) - before
     from torch.profiler import ProfilerActivity, profile
 
@@ -85,16 +81,6 @@ def peak_forward_bytes(module: nn.Module, x: torch.Tensor) -> int:
         module(x)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     return max(itertools.accumulate(nbytes for _, nbytes in events), default=0)
-
-
-def machine_state() -> dict:
-    """What else decides a timing on a shared machine: threads, OpenMP wait policy, load average."""
-    return dict(
-        threads=torch.get_num_threads(),
-        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"),
-        loadavg=[round(v, 2) for v in os.getloadavg()],
-        cpus=os.cpu_count(),
-    )
 
 
 @dataclass
@@ -146,9 +132,8 @@ def build_candidates(cfg: BenchmarkConfig) -> tuple[list[Candidate], dict[str, d
     """Candidates in fp32 on CPU (checked against their train form) and per-model conversion timings."""
     cands, conversions = [], {}
     for name in cfg.models:
-        torch.manual_seed(cfg.seed)
         with torch.inference_mode(False):  # built as users build it (ordinary tensors), and converted so
-            train = randomize_bn_stats(load_model(name, **cfg.model_kwargs), cfg.seed).eval()
+            train = model_source(name, model_kwargs=cfg.model_kwargs, seed=cfg.seed).model.eval()
             conversions[name] = time_conversion(train, cfg.convert_rounds) if cfg.convert_rounds else {}
         size = tuple(cfg.input_size or model_input_size(train))
         if cfg.conversion_only:
@@ -176,12 +161,6 @@ def build_candidates(cfg: BenchmarkConfig) -> tuple[list[Candidate], dict[str, d
     return cands, conversions
 
 
-def _spread(ratios: list[float]) -> dict:
-    """Median, interquartile range and extremes of per-round ratios."""
-    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
-    return dict(median=statistics.median(ratios), p25=q1, p75=q3, min=min(ratios), max=max(ratios), rounds=len(ratios))
-
-
 def time_conversion(train: nn.Module, rounds: int) -> dict:
     """Median seconds of :func:`convert_to_deploy` with its copy and in place (on a deep copy made untimed), and of the
     authors' conversion (emulated, :func:`repmlp.authors.authors_convert`) where it applies, interleaved; the
@@ -207,7 +186,7 @@ def time_conversion(train: nn.Module, rounds: int) -> dict:
     report = {f"{kind}_s": statistics.median(t) for kind, t in times.items() if t}
     report["rounds"] = rounds
     if times["authors"] and len(times["authors"]) == len(times["with_copy"]):
-        report["speedup_vs_authors"] = _spread([a / o for a, o in zip(times["authors"], times["with_copy"])])
+        report["speedup_vs_authors"] = spread([a / o for a, o in zip(times["authors"], times["with_copy"])])
     return report
 
 
@@ -249,7 +228,7 @@ def _round_ratios(pair: tuple[str, _Entry, _Entry]) -> list[float]:
 def _widest_spread(pairs: list) -> float:
     widest = 0.0
     for pair in pairs:
-        s = _spread(_round_ratios(pair))
+        s = spread(_round_ratios(pair))
         widest = max(widest, (s["p75"] - s["p25"]) / s["median"])
     return widest
 
@@ -271,25 +250,6 @@ def _time_rounds(
             e.cpu.append(cpu)
         r += 1
     return mm, r
-
-
-def timed_round(
-    calls: Sequence[Callable[[], object]], r: int, device: torch.device | None = None
-) -> list[tuple[float, float]]:
-    """One interleaved round: every call once, starting at call ``r % len(calls)`` (so that no call is always first
-    after the same other); (wall seconds, process CPU seconds) per call, in the calls' order."""
-    out: list[tuple[float, float]] = [(0.0, 0.0)] * len(calls)
-    for i in [*range(len(calls))][r % len(calls) :] + [*range(len(calls))][: r % len(calls)]:
-        _sync(device)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        calls[i]()
-        _sync(device)
-        out[i] = (time.perf_counter() - start, time.process_time() - cpu_start)
-    return out
-
-
-def _percentile(values: list[float], p: int) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[p - 1] if len(values) > 1 else values[0]
 
 
 @torch.inference_mode()
@@ -349,7 +309,7 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> d
                     batch_size=bs,
                     channels_last=c.form in cfg.channels_last,
                     ms=1e3 * sec,
-                    ms_p90=1e3 * _percentile(e.times, 90),
+                    ms_p90=1e3 * percentile(e.times, 90),
                     ms_min=1e3 * min(e.times),
                     cpu_ms=1e3 * statistics.median(e.cpu),
                     images_per_s=bs / sec,
@@ -366,7 +326,7 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> d
                 )
             )
         for versus, deploy, ref in pairs:
-            per_round = _spread(_round_ratios((versus, deploy, ref)))
+            per_round = spread(_round_ratios((versus, deploy, ref)))
             ratios.append(
                 dict(
                     model=deploy.cand.model,

@@ -1,0 +1,175 @@
+"""Where a tool's model comes from: one rule for every tool, as timm's own scripts have it.
+
+- ``--weights FILE``: the file (ours, a model folder, or a foreign layout with ``--model``); model name, constructor
+  arguments and classes from what the file records, filled in by the arguments; its form judged by structure
+  (:func:`repmlp.checkpoint.file_form`) unless a form is asked for.
+- ``--model NAME[.TAG] --pretrained``: the registered weights of ``NAME.TAG`` (timm's default tag without one).
+- otherwise: seeded random weights with randomised BN statistics, labelled as such.
+
+Every tool prints :attr:`ModelSource.weights`, so a run always says which of the three it used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import file_form, load_checkpoint, read_metadata, read_state_dict
+from .convert import convert_to_deploy
+from .models import load_model
+from .shipped import shipped_weights, weights_file
+from .verify import randomize_bn_stats
+
+
+@dataclass
+class ModelSource:
+    """A tool's model and what is known of its weights."""
+
+    model: nn.Module
+    name: str  # timm NAME.TAG for registered weights, else the model name (or factory spec)
+    weights: str  # where the weights come from, for the tool to print
+    record: dict[str, str] = field(default_factory=dict)  # what the weights file records (dataset, config, ...)
+    path: Path | None = None  # the weights file, where there is one
+
+    @property
+    def dataset(self) -> str | None:
+        """``DATASET[:ROOT]`` the weights were trained on, as their file records it (None: not recorded, or
+        synthetic data)."""
+        return recorded_dataset(self.record)
+
+
+def recorded_dataset(record: dict[str, str]) -> str | None:
+    """``DATASET[:ROOT]`` named by a weights file's metadata (its ``dataset``, else its training config's), or None
+    for none or synthetic data."""
+    data = json.loads(record.get("config", "{}")).get("data", {})
+    dataset = record.get("dataset") or data.get("dataset")
+    if not dataset or dataset == "synthetic":
+        return None
+    return ":".join(filter(None, (dataset, data.get("root"))))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default: str, weights_help: str = "") -> None:
+    """``--model``, ``--pretrained``, ``--weights`` and ``--model-kwargs``, as every tool takes them."""
+    parser.add_argument("--model", help=f"timm name NAME[.TAG] or package.module:factory (default: {default})")
+    parser.add_argument(
+        "--pretrained", action="store_true", help="load the registered weights of --model NAME[.TAG] (as timm does)"
+    )
+    parser.add_argument(
+        "--weights",
+        help=weights_help
+        or "weights file or model folder: ours (model, classes and arguments read from it) or a foreign layout "
+        "(needs --model)",
+    )
+    parser.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON constructor arguments, e.g. '{\"num_classes\": 10}' (default: what the weights record)",
+    )
+
+
+def model_source(
+    model: str | None = None,
+    weights: str | Path | None = None,
+    pretrained: bool = False,
+    model_kwargs: dict | None = None,
+    form: str | None = None,
+    seed: int = 0,
+    default: str = "repmlp_res50_light_224",
+) -> ModelSource:
+    """The model the rule of this module gives (``form``: 'train', 'deploy' or None for the weights' own form;
+    random and registered weights are train form unless 'deploy' is asked for).
+
+    Raises:
+        ValueError: contradicting arguments, or weights that do not fit the model (the message says which).
+    """
+    kwargs = dict(model_kwargs or {})
+    if weights is not None:
+        if pretrained:
+            raise ValueError("--pretrained and --weights both name weights; give one of them")
+        built = model_from_checkpoint(weights, model, form, kwargs)
+        name = model or (getattr(built, "pretrained_cfg", None) or {}).get("architecture") or "model"
+        return ModelSource(built, name, f"weights {weights}", read_record(weights), weights_file(weights))
+    name = model or default
+    deploy = {"deploy": True} if form == "deploy" else {}
+    if pretrained:
+        built = load_model(name, pretrained=True, **kwargs, **deploy)
+        cfg = built.pretrained_cfg
+        tagged = f"{cfg['architecture']}.{cfg['tag']}" if cfg.get("tag") else name
+        path = shipped_weights(tagged)
+        return ModelSource(built, tagged, f"registered weights {tagged}", read_record(path) if path else {}, path)
+    torch.manual_seed(seed)
+    built = randomize_bn_stats(load_model(name, **kwargs), seed)
+    if deploy:
+        built = convert_to_deploy(built, inplace=True)
+    return ModelSource(built, name, f"RANDOM weights (seed {seed}) with randomised BN statistics, no trained model")
+
+
+def read_record(path: str | Path) -> dict[str, str]:
+    """What a weights file (or model folder) records of its model and data; {} where it records nothing."""
+    try:
+        return read_metadata(path) if weights_file(path).is_file() else {}
+    except Exception:  # noqa: BLE001 - unreadable: read_state_dict says why when the weights are loaded
+        return {}
+
+
+def agree_with_record(what: str, given: object, saved: object, path: str | Path) -> object:
+    """``given`` where the file at ``path`` records nothing, else the recorded value; a contradiction is a ValueError
+    naming both."""
+    if given is not None and saved is not None and given != saved:
+        raise ValueError(
+            f"{what} {given!r} contradicts {path}, which records {what} {saved!r}; drop the argument "
+            "or give the recorded value"
+        )
+    return saved if given is None else given
+
+
+def recorded_model_args(
+    path: str | Path, model_name: str | None = None, model_kwargs: dict | None = None
+) -> tuple[str, dict, str | None]:
+    """(model name, constructor kwargs, requested form) of a weights file: its metadata (model, model_kwargs,
+    num_classes) merged with the arguments, which fill what it lacks; a contradiction is a ValueError naming both.
+    ``model_kwargs`` may hold ``deploy`` (a form request) and ``num_classes``."""
+    kwargs = dict(model_kwargs or {})
+    meta = read_record(path)
+    if not meta:
+        read_state_dict(path)  # raises its clear error for a missing, directory or corrupted file
+    requested = ("deploy" if kwargs.pop("deploy") else "train") if "deploy" in kwargs else None
+    saved_name = meta.get("model") or None
+    untagged = model_name.split(".")[0] if model_name and ":" not in model_name else model_name  # timm NAME.TAG
+    agree_with_record("model", untagged, saved_name, path)
+    name = model_name or saved_name
+    if not name:
+        raise ValueError(
+            f"{path} does not record its model (no 'model' metadata, e.g. the authors' files); "
+            "pass the model name (--model NAME)"
+        )
+    saved = json.loads(meta.get("model_kwargs", "{}"))
+    if "num_classes" in meta:
+        saved["num_classes"] = int(meta["num_classes"])
+    for key in set(kwargs) & set(saved):
+        agree_with_record(f"model argument {key}", kwargs[key], saved[key], path)
+    return name, {**saved, **kwargs}, requested
+
+
+def model_from_checkpoint(
+    path: str | Path, model_name: str | None = None, form: str | None = None, model_kwargs: dict | None = None
+) -> nn.Module:
+    """Build the model a weights file describes (see :func:`recorded_model_args`) in the requested form (default:
+    the file's, judged by structure) and load it; a train-form file loads into a deploy-form model by conversion.
+    ``model_name`` is a timm name or ``package.module:factory``."""
+    name, kwargs, requested = recorded_model_args(path, model_name, model_kwargs)
+    form = agree_with_record("form", form, requested, "--model-kwargs") if requested else form
+    if form not in (None, "train", "deploy"):
+        raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
+    train = load_model(name, **kwargs)
+    form = form or file_form(read_state_dict(path), train) or "train"  # no match: the strict load says why
+    if form == "train":
+        return load_checkpoint(train, path)
+    model = load_model(name, **kwargs, deploy=True)
+    return load_checkpoint(model, path, train_model_factory=lambda: load_model(name, **kwargs))
