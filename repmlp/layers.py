@@ -488,7 +488,7 @@ class RepMLP(nn.Module):
         like = self.partition_perceptron.fc3.weight
         self._set_size(H, W, reduction, deploy=self.partition_perceptron.deploy)
         if self.global_perceptron is not None:
-            self.global_perceptron.to(device=like.device, dtype=like.dtype)
+            self.global_perceptron.to(device=like.device, dtype=like.dtype).train(self.training)
 
     @property
     @torch.jit.unused  # Python-side introspection, not compiled by TorchScript
