@@ -60,6 +60,8 @@ from ._base import RepMLPModel, pretrained_cfg, route_pretrained_file
 
 __all__ = ["RepMLPNet", "RepMLPBlock"]
 
+torch.fx.wrap("pad_to_multiple")  # a leaf in this module's graphs too (FX wraps a name per module)
+
 _Size = tuple[int, int]
 
 
