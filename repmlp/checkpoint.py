@@ -303,12 +303,13 @@ def _resized_children(state: dict, model: nn.Module, expected: dict) -> list[str
         for name, m in model.named_modules()
         for child in getattr(m, "partition_dependent", ())
     ]
-    return [
-        p
-        for p in prefixes
-        if {k: v.shape for k, v in state.items() if k.startswith(p)}
-        != {k: v.shape for k, v in expected.items() if k.startswith(p)}
-    ]
+
+    def fc_shapes(tensors: dict, prefix: str) -> dict:  # fc1/fc2 only: a deploy-form file has no BN there
+        return {
+            k: v.shape for k, v in tensors.items() if k.startswith(prefix + "fc1.") or k.startswith(prefix + "fc2.")
+        }
+
+    return [p for p in prefixes if fc_shapes(state, p) != fc_shapes(expected, p)]
 
 
 def _adapt_to_partitions(state: dict, expected: dict, resized: list[str], source: str) -> dict:

@@ -171,7 +171,8 @@ class MLPCifarNet(RepMLPModel):
             raise ValueError(f"MLPCifarNet: mixer must be 'repmlp' or 'conv', got {mixer!r}")
         img_size = tuple(to_2tuple(img_size))
         self.in_chans, self.img_size, self.drop_rate = in_chans, img_size, drop_rate
-        self.partition, self.stem_stride = partition, stem_stride
+        self.stem_stride = stem_stride
+        self.grid_partition = partition if mixer == "repmlp" else 0  # what cuts the stage maps (0: nothing)
         sizes = stage_sizes(*img_size, stem_stride, len(widths))
 
         self.stem = PatchEmbedding(in_chans, widths[0], stem_stride, deploy)
@@ -209,8 +210,7 @@ class MLPCifarNet(RepMLPModel):
         return dict(fc1_fc2_reduction=reduction)
 
     def check_input(self, x: torch.Tensor) -> torch.Tensor:
-        grids = self.partition if self.init_args["mixer"] == "repmlp" else 0
-        return _check_input(x, self.in_chans, self.img_size, self.stem_stride, len(self.stages), grids)
+        return _check_input(x, self.in_chans, self.img_size, self.stem_stride, len(self.stages), self.grid_partition)
 
 
 def stage_sizes(H: int, W: int, stem_stride: int, num_stages: int) -> list[tuple[int, int]]:
