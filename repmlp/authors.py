@@ -1,10 +1,11 @@
 """The authors' checkpoint key layouts (DingXiaoH/RepMLP), mapped to ours by pure renames.
 
-Train and inference forms are both renamed; the authors' RepMLPNet inference form ("locality injection": FC3 with
-a bias, every other BN kept) is a partly re-parameterized state that :func:`repmlp.load_checkpoint` matches
-structurally, so nothing here converts weights. A leaf module: it imports nothing of the package, so blocks and
-models can read it while they load. Emulations of the authors' inference code are in
-:mod:`repmlp.benchmark.emulation`.
+Train and inference forms are both renamed, each family's layouts listed as :class:`KeyLayout` entries detected by
+a marker key: the authors' and, for RepMLPNet, mmpretrain's (its files are the authors' release under mmpretrain's
+module names). The RepMLPNet inference forms ("locality injection": FC3 with a bias, every other BN kept) are partly
+re-parameterized states that :func:`repmlp.load_checkpoint` matches structurally, so nothing here converts weights.
+A leaf module: it imports nothing of the package, so blocks and models can read it while they load. Emulations of
+the authors' inference code are in :mod:`repmlp.benchmark.emulation`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -47,6 +49,19 @@ _REPMLPNET: _Renames = (
     (r"\.ffn_block\.ffn_(fc\d)\.", r".ffn.\1."),
     (r"^head_norm\.", "head.norm."),
     (r"^head\.(weight|bias)$", r"head.fc.\1"),
+)
+
+#: mmpretrain's RepMLPNet (``ImageClassifier``: ``backbone.``, ``head.fc``) to the authors' names, whose table then
+#: leads to ours. Their deploy form (``switch_to_deploy``) is the authors' locality-injected form under these names.
+_MMPRETRAIN_REPMLPNET: _Renames = (
+    (r"^backbone\.patch_embed\.projection\.", "conv_embedding.conv."),
+    (r"^backbone\.patch_embed\.norm\.", "conv_embedding.bn."),
+    (r"^backbone\.downsample_layers\.(\d+)\.", r"embeds.\1."),
+    (r"^backbone\.final_norm\.", "head_norm."),
+    (r"^backbone\.stages\.(\d+)\.(\d+)\.norm(\d)\.", r"stages.\1.\2.prebn\3."),
+    (r"^backbone\.stages\.", "stages."),
+    (r"\.repmlp_block\.gp\.conv(\d)\.conv\.", r".repmlp_block.gp.fc\1."),
+    (r"^head\.fc\.", "head."),
 )
 
 
@@ -94,11 +109,15 @@ def resnet_keys_to_ours(state_dict: dict[str, torch.Tensor], model: nn.Module) -
     return out
 
 
-def repmlpnet_keys_to_ours(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+def _reshaped(value: torch.Tensor, *shape: int) -> torch.Tensor:
+    """``value`` reshaped, or as it is when its size does not fit (the strict load then names the mismatch)."""
+    known = math.prod(s for s in shape if s != -1)
+    return value.reshape(shape) if known and value.numel() % known == 0 else value
+
+
+def authors_repmlpnet_keys_to_ours(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """The authors' RepMLPNet keys and shapes (1x1-conv FCs, FC3 as a grouped conv, ``repconv{k}``), train or
     locality-injected form, renamed and reshaped to ours; other keys pass through."""
-    if "stem.conv.weight" in state_dict:  # ours
-        return state_dict
     branch = {int(k): i for i, k in enumerate(model.init_args["reparam_conv_k"])}
     out = {}
     for key, value in state_dict.items():
@@ -108,12 +127,65 @@ def repmlpnet_keys_to_ours(state_dict: dict[str, torch.Tensor], model: nn.Module
             lambda m: f".repmlp.local_perceptron.branches.{branch.get(int(m.group(1)), m.group(1))}.",
             key,
         )
+        stage = re.match(r"stages\.(\d+)\.", key)
         if ".global_perceptron.fc" in key and value.dim() == 4:
             value = value.flatten(1)
         elif key.endswith("channel_perceptron.fc3.weight"):  # (S*hw, hw, 1, 1), S groups
-            value = value.reshape(-1, value.shape[1], value.shape[1])
-        elif key.endswith("channel_perceptron.fc3.bias"):
-            stage = int(key.split(".")[1])
-            value = value.reshape(-1, math.prod(model.partitions[stage]))
+            value = _reshaped(value, -1, value.shape[1], value.shape[1])
+        elif key.endswith("channel_perceptron.fc3.bias") and stage and int(stage[1]) < len(model.partitions):
+            value = _reshaped(value, -1, math.prod(model.partitions[int(stage[1])]))
         out[key] = value
     return out
+
+
+def mmpretrain_repmlpnet_keys_to_ours(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """mmpretrain's RepMLPNet keys (train form, or its deploy form: FC3 with a bias, every other BN kept), renamed
+    to the authors' names and from there to ours."""
+    return authors_repmlpnet_keys_to_ours({_rename(k, _MMPRETRAIN_REPMLPNET): v for k, v in state_dict.items()}, model)
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """A checkpoint key layout of one model family: whose it is, a key only its files hold, its rename to ours.
+
+    Attributes:
+        name: who writes files in it ("mmpretrain's RepMLPNet").
+        marker: the key that identifies its files (after a ``module.`` prefix is stripped).
+        to_ours: ``(state_dict, model) -> state_dict`` in our keys and shapes; a pure rename and reshape that never
+            raises (a value that does not fit is passed on as it is, for the strict load to name).
+    """
+
+    name: str
+    marker: str
+    to_ours: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
+
+
+def _as_it_is(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    return state_dict
+
+
+OURS = KeyLayout("ours", "stem.conv.weight", _as_it_is)
+AUTHORS_RESNET = KeyLayout("the authors' RepMLP-ResNet (paper v1)", "stage0.0.conv.weight", resnet_keys_to_ours)
+AUTHORS_REPMLPNET = KeyLayout("the authors' RepMLPNet", "conv_embedding.conv.weight", authors_repmlpnet_keys_to_ours)
+MMPRETRAIN_REPMLPNET = KeyLayout(
+    "mmpretrain's RepMLPNet", "backbone.patch_embed.projection.weight", mmpretrain_repmlpnet_keys_to_ours
+)
+REPMLPNET_LAYOUTS = (OURS, AUTHORS_REPMLPNET, MMPRETRAIN_REPMLPNET)
+
+
+def detect_layout(state_dict: dict[str, torch.Tensor], layouts: tuple[KeyLayout, ...]) -> KeyLayout | None:
+    """The layout whose marker key ``state_dict`` holds, or None."""
+    return next((layout for layout in layouts if layout.marker in state_dict), None)
+
+
+def keys_to_ours(
+    state_dict: dict[str, torch.Tensor], model: nn.Module, layouts: tuple[KeyLayout, ...]
+) -> dict[str, torch.Tensor]:
+    """``state_dict`` renamed to ours from the layout its keys show; as it is when they show none of ``layouts``."""
+    layout = detect_layout(state_dict, layouts)
+    return state_dict if layout is None else layout.to_ours(state_dict, model)
+
+
+def repmlpnet_keys_to_ours(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A RepMLPNet state dict in any of :data:`REPMLPNET_LAYOUTS` (ours, the authors', mmpretrain's), in ours."""
+    return keys_to_ours(state_dict, model, REPMLPNET_LAYOUTS)

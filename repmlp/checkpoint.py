@@ -7,6 +7,8 @@ import functools
 import json
 import logging
 import os
+import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,6 +99,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = safetensors.torch.load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            raise ValueError(_needs_unpickling(path, err)) from None
+        raise ValueError(f"cannot read weights file {path}: corrupted, truncated or not a checkpoint ({err})") from err
     except Exception as err:  # noqa: BLE001 - whatever a parser raises (a text file: KeyError) means a bad file
         raise ValueError(
             f"cannot read weights file {path}: corrupted, truncated or not a checkpoint ({type(err).__name__}: {err})"
@@ -111,6 +117,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
+
+
+def _needs_unpickling(path: Path, err: Exception) -> str:
+    """What a torch file holds that ``weights_only=True`` does not read, and what to do."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    what = f"a {found.group(1)} object" if found else "Python objects"
+    return (
+        f"cannot read weights file {path}: it holds {what} besides tensors and plain containers, and is not "
+        "unpickled (that can run code). If you trust it, save its state dict alone and load that: "
+        "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth') (or the key that holds the "
+        "tensors)"
+    )
 
 
 def file_form(
@@ -182,7 +200,7 @@ def prepare_state_dict(
     first, and converted. Such a file offered to a train-form model raises a ValueError: the branches cannot be
     recovered.
     """
-    filter_fn = filter_fn or getattr(model, "checkpoint_filter_fn", None)
+    raw, filter_fn = state, filter_fn or getattr(model, "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, model)
     expected = model.state_dict()
@@ -199,6 +217,7 @@ def prepare_state_dict(
             return convert_to_deploy(twin, inplace=True).state_dict()
     state = _adapt_to_partitions(state, expected, resized, source)
     if set(state) == set(expected):
+        _refuse_unless_it_fits(raw, state, model, model, train_model_factory, source)
         return state
     twin, reparameterized = _matching_twin(model, state, train_model_factory)
     if not is_deploy_form(model) and twin is not None and reparameterized:
@@ -207,6 +226,7 @@ def prepare_state_dict(
             "recovered, so it loads only into a deploy-form model: build it with deploy=True "
             "(e.g. timm.create_model(name, deploy=True))."
         )
+    _refuse_unless_it_fits(raw, state, model, twin, train_model_factory, source)
     if twin is None:
         return state  # the strict load lists what does not match
     _strict_load(twin, state, f"{source} (as a train-form twin)")
@@ -223,13 +243,82 @@ def _matching_twin(
         factory = functools.partial(copy.deepcopy, model)  # a train-form model is its own twin
     if factory is None:
         return None, False
-    twin, keys, reparameterized = factory(), set(state), False
+    twin, reparameterized = _reparameterized_where_missing(factory(), set(state))
+    return (twin if set(twin.state_dict()) == set(state) else None), reparameterized
+
+
+def _reparameterized_where_missing(twin: nn.Module, keys: set[str], most: bool = False) -> tuple[nn.Module, bool]:
+    """``twin`` with the blocks re-parameterized (innermost first) whose train-form keys ``keys`` lacks (any of them,
+    or with ``most`` more than half: a near miss's guess), in place, and whether any were."""
+    reparameterized = False
     for name, module in reversed(reparameterizable(twin)):
         prefix = f"{name}." if name else ""
-        if not getattr(module, "deploy", False) and not all(prefix + k in keys for k in module.state_dict()):
+        own = list(module.state_dict())
+        lacking = sum(prefix + k not in keys for k in own)
+        if not getattr(module, "deploy", False) and lacking > (len(own) // 2 if most else 0):
             module.reparameterize()
             reparameterized = True
-    return (twin if set(twin.state_dict()) == keys else None), reparameterized
+    return twin, reparameterized
+
+
+def _refuse_unless_it_fits(
+    raw: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    model: nn.Module,
+    target: nn.Module | None,
+    factory: Callable[[], nn.Module] | None,
+    source: str,
+) -> None:
+    """For a model whose family lists its ``key_layouts``: a ValueError naming the closest layout unless ``state``
+    (``raw`` renamed) has exactly the keys and shapes of ``target`` (the model, or the twin it loads through)."""
+    if not getattr(model, "key_layouts", None):
+        return
+    if target is None or any(_mismatches({k: v.shape for k, v in target.state_dict().items()}, state)):
+        raise ValueError(_no_layout_matches(raw, model, factory, source))
+
+
+def _no_layout_matches(
+    state: dict[str, torch.Tensor], model: nn.Module, factory: Callable[[], nn.Module] | None, source: str
+) -> str:
+    """The error for a file that fits ``model`` in none of its family's ``key_layouts``: each layout's rename of the
+    file is compared with the model's form, the train form and the (partly) re-parameterized form its keys suggest
+    (twins built on the meta device), and the closest comparison's mismatches are named."""
+    factory = factory or getattr(model, "train_form_twin", None)
+    forms = [{k: v.shape for k, v in model.state_dict().items()}]
+    if factory is not None:
+        with torch.device("meta"):
+            forms.append({k: v.shape for k, v in factory().state_dict().items()})
+    closest = None
+    for layout in model.key_layouts:
+        renamed = layout.to_ours(dict(state), model)
+        candidates = forms
+        if factory is not None:
+            with torch.device("meta"):
+                twin, _ = _reparameterized_where_missing(factory(), set(renamed), most=True)
+            candidates = [*forms, {k: v.shape for k, v in twin.state_dict().items()}]
+        for expected in candidates:
+            found = _mismatches(expected, renamed)
+            if closest is None or sum(map(len, found)) < sum(map(len, closest[1])):
+                closest = layout.name, found
+    missing, unexpected, shapes = closest[1]
+    tried = ", ".join(layout.name for layout in model.key_layouts)
+    return (
+        f"{source} does not match the model: missing keys {_show(missing)}, unexpected keys {_show(unexpected)}, "
+        f"shape mismatches {_show(shapes)} (keys in our names; the file read as {closest[0]}, the closest of the "
+        f"layouts tried: {tried})"
+    )
+
+
+def _mismatches(expected: dict[str, torch.Size], state: dict[str, torch.Tensor]) -> tuple[list, list, list]:
+    """Keys ``state`` lacks, keys it has in excess, and 'key: file (shape) vs model (shape)' for the others."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+        for k in expected
+        if k in state and state[k].shape != expected[k]
+    ]
+    return missing, unexpected, shapes
 
 
 def _check_values(state: dict, expected: dict, source: str, allow_nonfinite: bool) -> None:
@@ -244,7 +333,10 @@ def _check_values(state: dict, expected: dict, source: str, allow_nonfinite: boo
     lower = [
         k
         for k, v in state.items()
-        if k in expected and v.is_floating_point() and torch.finfo(v.dtype).bits < torch.finfo(expected[k].dtype).bits
+        if k in expected
+        and v.is_floating_point()
+        and expected[k].is_floating_point()
+        and torch.finfo(v.dtype).bits < torch.finfo(expected[k].dtype).bits
     ]
     if lower:
         _logger.warning(
@@ -340,14 +432,7 @@ def _show(keys: list[str]) -> str:
 
 
 def _strict_load(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
+    missing, unexpected, shapes = _mismatches({k: v.shape for k, v in model.state_dict().items()}, state)
     if missing or unexpected or shapes:
         raise ValueError(
             f"{source} does not match the model: missing keys {_show(missing)}, "

@@ -277,17 +277,19 @@ def build_transform(
     crop_pct: float = 1.0,
     interpolation: str = "bilinear",
     crop_padding: int = 0,
+    crop_mode: str = "center",
     **train_args,
 ) -> Callable:
     """timm's train or eval transform; ``crop_padding`` > 0 prepends a pad-and-random-crop (the CIFAR
-    recipe) and then keeps timm's random-resized crop at full scale so it does not resize.
+    recipe) and then keeps timm's random-resized crop at full scale so it does not resize. ``crop_mode`` is timm's
+    for evaluation ('center': resize the short edge to size / crop_pct; 'squash': both edges).
 
     ``train_args`` go to :func:`timm.data.create_transform` (hflip, scale, ratio, color_jitter,
     auto_augment, re_prob, ...) for training and are ignored for evaluation.
     """
     common = dict(input_size=tuple(input_size), mean=tuple(mean), std=tuple(std), interpolation=interpolation)
     if not is_training:
-        return create_transform(is_training=False, crop_pct=crop_pct, **common)
+        return create_transform(is_training=False, crop_pct=crop_pct, crop_mode=crop_mode, **common)
     if crop_padding:
         train_args = dict(train_args, scale=(1.0, 1.0), ratio=(1.0, 1.0))
     transform = create_transform(is_training=True, **common, **train_args)

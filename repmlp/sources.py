@@ -172,4 +172,4 @@ def model_from_checkpoint(
     if form == "train":
         return load_checkpoint(train, path)
     model = load_model(name, **kwargs, deploy=True)
-    return load_checkpoint(model, path, train_model_factory=lambda: load_model(name, **kwargs))
+    return load_checkpoint(model, path, train_model_factory=lambda: train)  # the twin, built once

@@ -21,11 +21,10 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", c
 import torch  # noqa: E402
 
 import repmlp  # noqa: E402
-from repmlp.checkpoint import read_metadata  # noqa: E402
 from repmlp.flops import count_macs, count_params  # noqa: E402
 from repmlp.guards import check_output_file, integer  # noqa: E402
 from repmlp.int8 import format_ranges, weight_ranges  # noqa: E402
-from repmlp.sources import add_model_arguments, model_source  # noqa: E402
+from repmlp.sources import ModelSource, add_model_arguments, model_source  # noqa: E402
 
 DEFAULT = "repmlp_fmnist_mlp.fmnist"  # with --pretrained: the shipped model
 
@@ -45,8 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_train_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str, str]:
-    """The train-form model, its name (for file names) and a label saying where its weights come from."""
+def load_train_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str, ModelSource]:
+    """The train-form model, its name (for file names) and where its weights come from."""
     default = args.model is None and args.weights is None
     source = model_source(
         args.model or (None if args.weights else DEFAULT),
@@ -57,18 +56,18 @@ def load_train_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str, st
         seed=args.seed,
     )
     name = (source.model.pretrained_cfg or {}).get("architecture") or source.name.replace(":", "_")
-    return source.model, name, source.weights
+    return source.model, name, source
 
 
-def deploy_metadata(args: argparse.Namespace, model: torch.nn.Module, source: str) -> dict[str, str]:
+def deploy_metadata(args: argparse.Namespace, model: torch.nn.Module, source: ModelSource) -> dict[str, str]:
     """What the deploy-form file records so that tools can rebuild it alone: the train-form file's dataset and
     config, the constructor arguments used and the number of classes."""
-    saved = read_metadata(args.weights) if args.weights else {}
+    saved = source.record
     meta = {k: v for k, v in saved.items() if k in ("dataset", "config")}
     kwargs = {**json.loads(saved.get("model_kwargs", "{}")), **args.model_kwargs}
     for key in ("num_classes", "deploy"):
         kwargs.pop(key, None)
-    meta.update(model_kwargs=json.dumps(kwargs), source=source)
+    meta.update(model_kwargs=json.dumps(kwargs), source=source.weights)
     if isinstance(getattr(model, "num_classes", None), int):
         meta["num_classes"] = str(model.num_classes)
     return meta
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model.eval()
     input_size = tuple(model.pretrained_cfg["input_size"])
-    print(f"model   {name} ({source})")
+    print(f"model   {name} ({source.weights})")
 
     start = time.perf_counter()
     deploy = repmlp.convert_to_deploy(model)

@@ -249,8 +249,8 @@ def route_pretrained_file(variant: str, pretrained: bool, kwargs: dict) -> None:
 
     timm resets ``custom_load`` when ``pretrained_cfg_overlay`` names a file, so it is set again here; a
     ``local-dir:`` folder (timm reads it with its own loader) is loaded as a file too, so its checkpoint is
-    converted, adapted and hash-checked like any other; and a model with no weights file configured is refused
-    (timm would silently keep the random init).
+    converted, adapted and hash-checked like any other; and a model with no weights file or URL configured is
+    refused (timm would silently keep the random init).
     """
     if not pretrained:
         return
@@ -258,7 +258,7 @@ def route_pretrained_file(variant: str, pretrained: bool, kwargs: dict) -> None:
 
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
     cfg = timm.models.resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
-    if not cfg.get("file"):
+    if not (cfg.get("file") or cfg.get("url")):
         raise ValueError(
             f"{variant}: no weights are shipped for this model; pass a file with "
             f"pretrained_cfg_overlay=dict(file=PATH) (ours or the authors' .pth/.safetensors)"

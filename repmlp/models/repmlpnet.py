@@ -43,7 +43,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from .. import ops
-from ..authors import repmlpnet_keys_to_ours
+from ..authors import REPMLPNET_LAYOUTS, repmlpnet_keys_to_ours
 from ..layers import (
     ConvBN,
     LocalPerceptron,
@@ -505,6 +505,7 @@ def _check_input(x: torch.Tensor, chans: int) -> torch.Tensor:
 
 
 RepMLPNet.checkpoint_filter_fn = staticmethod(repmlpnet_keys_to_ours)  # what load_checkpoint renames with
+RepMLPNet.key_layouts = REPMLPNET_LAYOUTS  # what a file that matches none is compared with
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> RepMLPNet:
@@ -533,12 +534,52 @@ def _cfg(size: int, name: str, **kwargs) -> dict:
     )
 
 
+_MMPRETRAIN = "https://download.openmmlab.com/mmclassification/v0/repmlp/"
+
+
+def _mmpretrain_cfg(size: int, name: str, file: str, top1: float, top5: float, **transform) -> dict:
+    """mmpretrain's release of the authors' ImageNet weights, with the eval transform of its published accuracy."""
+    return _cfg(
+        size,
+        name,
+        url=_MMPRETRAIN + file,
+        license="apache-2.0",
+        origin_url="https://github.com/open-mmlab/mmpretrain/tree/main/configs/repmlp",
+        description=f"{name} (CVPR 2022), ImageNet-1k weights: the authors' release as converted by mmpretrain "
+        f"({file}); train form, loads into either form.",
+        notes=(
+            f"top-1 {top1} / top-5 {top5} on ImageNet-1k val is mmpretrain's published figure (configs/repmlp/"
+            "metafile.yml), with this eval transform; it was not measured here",
+            "converted by mmpretrain from the authors' release (https://github.com/DingXiaoH/RepMLP, MIT license)",
+        ),
+        **transform,
+    )
+
+
 default_cfgs = generate_default_cfgs(
     {
         "repmlpnet_t224": _cfg(224, "RepMLPNet-T224"),
-        "repmlpnet_b224": _cfg(224, "RepMLPNet-B224"),
+        # mmpretrain's test pipeline: Resize((256, 256)) (squash), CenterCrop(224), bilinear
+        "repmlpnet_b224.mmpretrain_in1k": _mmpretrain_cfg(
+            224,
+            "RepMLPNet-B224",
+            "repmlp-base_3rdparty_8xb64_in1k_20220330-1cb1f11b.pth",
+            80.41,
+            95.14,
+            crop_pct=0.875,
+            crop_mode="squash",
+        ),
         "repmlpnet_t256": _cfg(256, "RepMLPNet-T256"),
-        "repmlpnet_b256": _cfg(256, "RepMLPNet-B256"),
+        # mmpretrain's test pipeline: ResizeEdge(292, 'short'), CenterCrop(256), bilinear (floor(256 / 0.8767) = 292)
+        "repmlpnet_b256.mmpretrain_in1k": _mmpretrain_cfg(
+            256,
+            "RepMLPNet-B256",
+            "repmlp-base_3rdparty_8xb64_in1k-256px_20220330-7c5a91ce.pth",
+            81.11,
+            95.50,
+            crop_pct=0.8767,
+            crop_mode="center",
+        ),
         "repmlpnet_d256": _cfg(256, "RepMLPNet-D256"),
         "repmlpnet_l256": _cfg(256, "RepMLPNet-L256"),
     }

@@ -22,7 +22,7 @@ from timm.layers import ClassifierHead, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from ..authors import resnet_keys_to_ours
+from ..authors import AUTHORS_RESNET, OURS, KeyLayout, keys_to_ours
 from ..layers import ConvBN, RepMLP, cells, shape_str
 from ._base import NCHWStage, RepMLPModel, pretrained_cfg, route_pretrained_file
 
@@ -247,13 +247,21 @@ def _check_input(x: torch.Tensor, size: tuple[int, int], partition: int, output_
     return x
 
 
+def _ours_and_repmlp_01(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    return {re.sub(r"^fc\.", "head.fc.", k): v for k, v in state_dict.items()}  # 0.1: a root classifier
+
+
+#: The layouts a RepMLP-ResNet file may come in: ours (and repmlp 0.1's), the authors' (train and inference form).
+KEY_LAYOUTS = (KeyLayout(OURS.name, OURS.marker, _ours_and_repmlp_01), AUTHORS_RESNET)
+
+
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Key renames only: the authors' RepMLP-ResNet layouts (train and inference form) and repmlp 0.1's."""
-    state_dict = {re.sub(r"^fc\.", "head.fc.", k): v for k, v in state_dict.items()}  # 0.1: a root classifier
-    return resnet_keys_to_ours(state_dict, model)
+    """Key renames only, from the layout of :data:`KEY_LAYOUTS` the keys show."""
+    return keys_to_ours(state_dict, model, KEY_LAYOUTS)
 
 
 RepMLPResNet.checkpoint_filter_fn = staticmethod(checkpoint_filter_fn)  # what load_checkpoint renames with
+RepMLPResNet.key_layouts = KEY_LAYOUTS  # what a file that matches none is compared with
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> RepMLPResNet:

@@ -29,7 +29,8 @@ def build_model(cfg: dict, num_classes: int, deploy: bool = False) -> nn.Module:
 
 
 def data_config(cfg: dict, model: nn.Module) -> dict:
-    """Input size, mean, std, crop_pct and interpolation: the model's pretrained_cfg, overridden by data.*."""
+    """Input size, mean, std, crop_pct, interpolation (overridden by data.*) and crop_mode: the model's
+    pretrained_cfg's."""
     d = cfg["data"]
     keys = ("input_size", "mean", "std", "crop_pct", "interpolation")
     return resolve_data_config({k: d[k] for k in keys if d[k] is not None}, model=model)
@@ -49,7 +50,7 @@ def build_data(cfg: dict, model: nn.Module, env: DistEnv) -> tuple[DataLoader, D
     train_set.transform = call_configured(
         "data.train_transform", build_transform, True, crop_padding=d["crop_padding"], **common, **d["train_transform"]
     )
-    val_set.transform = build_transform(False, crop_pct=data_cfg["crop_pct"], **common)
+    val_set.transform = build_transform(False, crop_pct=data_cfg["crop_pct"], crop_mode=data_cfg["crop_mode"], **common)
     train_loader = build_loader(train_set, t["batch_size"], True, d["num_workers"], env.rank, env.world_size, t["seed"])
     val_loader = build_loader(val_set, t["eval_batch_size"], False, d["num_workers"], env.rank, env.world_size)
     return train_loader, val_loader
@@ -65,6 +66,7 @@ def build_eval_data(cfg: dict, model: nn.Module, split: str = "val") -> DataLoad
         data_cfg["std"],
         data_cfg["crop_pct"],
         data_cfg["interpolation"],
+        crop_mode=data_cfg["crop_mode"],
     )
     dataset = build_datasets(cfg, data_cfg["input_size"], splits=(split,))[0]
     dataset.transform = transform
