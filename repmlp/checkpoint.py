@@ -193,10 +193,12 @@ def prepare_state_dict(
 
     Steps: rename keys (``filter_fn``); check values (an integer tensor for a float parameter, NaN or Inf are
     errors); adapt for fine-tuning as timm does (another ``num_classes`` keeps the model's fresh classifier,
-    another ``in_chans`` adapts the first conv); then judge the file against the model's structure. A file in
-    the model's form loads as it is. A file whose blocks are (partly) re-parameterized, offered to a deploy-form
-    model, is loaded into a train-form twin whose matching blocks are re-parameterized first, and converted.
-    Such a file offered to a train-form model raises a ValueError: the branches cannot be recovered.
+    another ``in_chans`` adapts the first conv; weights trained at another number of partitions keep the model's
+    fresh global perceptrons, see :func:`_adapt_to_partitions`); then judge the file against the model's
+    structure. A file in the model's form loads as it is. A file whose blocks are (partly) re-parameterized,
+    offered to a deploy-form model, is loaded into a train-form twin whose matching blocks are re-parameterized
+    first, and converted. Such a file offered to a train-form model raises a ValueError: the branches cannot be
+    recovered.
     """
     raw, filter_fn = state, filter_fn or getattr(model, "checkpoint_filter_fn", None)
     if filter_fn is not None:
@@ -204,6 +206,16 @@ def prepare_state_dict(
     expected = model.state_dict()
     _check_values(state, expected, source, allow_nonfinite)
     state = _adapt_for_finetuning(state, model, expected, source)
+    resized = _resized_children(state, model, expected)
+    factory = train_model_factory or getattr(model, "train_form_twin", None)
+    if resized and factory is not None and is_deploy_form(model):  # a train-form file is adapted so, then converted
+        twin = factory()
+        twin_expected = twin.state_dict()
+        twin_state = _adapt_to_partitions(state, twin_expected, _resized_children(state, twin, twin_expected), source)
+        if set(twin_state) == set(twin_expected):  # the twin's keys: a train-form file
+            _strict_load(twin, twin_state, f"{source} (as a train-form twin)")
+            return convert_to_deploy(twin, inplace=True).state_dict()
+    state = _adapt_to_partitions(state, expected, resized, source)
     if set(state) == set(expected):
         _refuse_unless_it_fits(raw, state, model, model, train_model_factory, source)
         return state
@@ -370,6 +382,48 @@ def _adapt_for_finetuning(state: dict, model: nn.Module, expected: dict, source:
                 ", ".join(theirs),
                 getattr(model, "num_classes", "?"),
             )
+    return state
+
+
+def _resized_children(state: dict, model: nn.Module, expected: dict) -> list[str]:
+    """Key prefixes of the children whose shape depends on the number of partitions (a block's
+    ``partition_dependent``: the RepMLP v1 global perceptron, fc1/fc2 over C * hp * wp) where ``state`` differs
+    from the model: weights trained at another input size (another grid, or no global perceptron at one partition).
+    """
+    prefixes = [
+        f"{name}.{child}." if name else f"{child}."
+        for name, m in model.named_modules()
+        for child in getattr(m, "partition_dependent", ())
+    ]
+
+    def fc_shapes(tensors: dict, prefix: str) -> dict:  # fc1/fc2 only: a deploy-form file has no BN there
+        return {
+            k: v.shape for k, v in tensors.items() if k.startswith(prefix + "fc1.") or k.startswith(prefix + "fc2.")
+        }
+
+    return [p for p in prefixes if fc_shapes(state, p) != fc_shapes(expected, p)]
+
+
+def _adapt_to_partitions(state: dict, expected: dict, resized: list[str], source: str) -> dict:
+    """Under each of the ``resized`` prefixes, the model's freshly initialised fc1/fc2 stay (the paper's recipe,
+    v1 Sec. 4.4), the BN loads from the file where both have it, and keys the model lacks are dropped; everything
+    else loads as it is (any other mismatch stays an error of the strict load)."""
+    if not resized:
+        return state
+    state = dict(state)
+    for prefix in resized:
+        ours = {k: v for k, v in expected.items() if k.startswith(prefix)}
+        for key in [k for k in state if k.startswith(prefix)]:
+            fc = key[len(prefix) :].split(".")[0] in ("fc1", "fc2")
+            if fc or key not in ours or state[key].shape != ours[key].shape:
+                del state[key]
+        state.update({k: v for k, v in ours.items() if k not in state})
+    _logger.warning(
+        "%s: trained at another number of partitions; %d global perceptrons keep their fresh fc1/fc2: %s",
+        source,
+        len(resized),
+        _show([p.rstrip(".") for p in resized]),
+    )
     return state
 
 

@@ -9,6 +9,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .ops import is_batch_norm
+
 
 def reparameterizable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules (name, module) that define ``reparameterize()``, outermost first."""
@@ -120,8 +122,8 @@ def _reparameterize_tree(module: nn.Module) -> None:
 
 
 def is_deploy_form(model: nn.Module) -> bool:
-    """True when no training-only module is left: no BatchNorm, and every re-parameterizable module reports
-    ``deploy`` (a module that cannot say is not taken as converted)."""
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    """True when no training-only module is left: no BatchNorm (frozen ones included), and every
+    re-parameterizable module reports ``deploy`` (a module that cannot say is not taken as converted)."""
+    if any(is_batch_norm(m) for m in model.modules()):
         return False
     return all(getattr(m, "deploy", False) for _, m in reparameterizable(model))

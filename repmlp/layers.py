@@ -59,6 +59,32 @@ def unpartition(p: torch.Tensor, n: int, hp: int, wp: int, channels_last: bool =
     return y.reshape(n, c, hp * h, wp * w)
 
 
+def cells(size: int, step: int) -> int:
+    """How many ``step``-sized cells cover ``size`` pixels: ``ceil(size / step)`` (the padding rule below)."""
+    return -(-size // step)
+
+
+@torch.fx.wrap
+def pad_to_multiple(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``x`` zero-padded at the bottom and right to the next multiple of (h, w); ``x`` itself when it is one.
+
+    The one rule for sizes that do not divide: every map a partition (or a patch) cuts is padded so, and the result
+    cropped back to the map's size (:func:`crop`). Both forms of a block pad alike, so conversion stays exact.
+    """
+    H, W = x.shape[-2], x.shape[-1]
+    if H % h == 0 and W % w == 0:
+        return x
+    return F.pad(x, (0, cells(W, w) * w - W, 0, cells(H, h) * h - H))
+
+
+@torch.fx.wrap
+def crop(y: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The top-left H x W of ``y``: undoes :func:`pad_to_multiple`; ``y`` itself when nothing was padded."""
+    if y.shape[-2] == H and y.shape[-1] == W:
+        return y
+    return y[..., :H, :W]
+
+
 def shape_str(shape: list[int]) -> str:
     """``(2, 3, 32, 32)``: a tensor shape as Python prints a tuple, in TorchScript too."""
     return "(" + ", ".join([str(s) for s in shape]) + ")"
@@ -66,13 +92,20 @@ def shape_str(shape: list[int]) -> str:
 
 @torch.fx.wrap
 def check_block_input(x: torch.Tensor, channels: int, H: int, W: int, h: int, w: int) -> torch.Tensor:
-    """``x``, if it is (N, channels, H, W), the input a RepMLP block is built for; else a ValueError.
+    """``x``, if it is (N, channels, H', W') cut into the partition grid of the (H, W) a RepMLP block is built for
+    (``cells(H', h) == cells(H, h)``, likewise W); else a ValueError.
 
     Checks return their input for the caller to use: FX drops a call whose result is unused.
     """
-    if x.dim() != 4 or x.shape[1] != channels or x.shape[2] != H or x.shape[3] != W:
+    if (
+        x.dim() != 4
+        or x.shape[1] != channels
+        or cells(x.shape[2], h) != cells(H, h)
+        or cells(x.shape[3], w) != cells(W, w)
+    ):
         raise ValueError(
-            f"RepMLP built for inputs (N, {channels}, {H}, {W}) with {h}x{w} partitions, got {shape_str(x.shape)}"
+            f"RepMLP built for inputs (N, {channels}, {H}, {W}) with {h}x{w} partitions (a {cells(H, h)}x"
+            f"{cells(W, w)} grid; any size padding to that grid runs), got {shape_str(x.shape)}"
         )
     return x
 
@@ -123,6 +156,23 @@ class ConvBN(nn.Module):
         self.conv.weight = param_like(like, weight)
         self.conv.bias = param_like(like, bias)
         self.bn = None
+
+
+class PatchEmbedding(ConvBN):
+    """Non-overlapping k x k / k conv-BN-ReLU (stem and between stages); a map that is no multiple of k is
+    zero-padded to the next one (:func:`repmlp.layers.pad_to_multiple`), so no pixel is dropped."""
+
+    def __init__(self, in_chs: int, out_chs: int, patch: int, deploy: bool = False) -> None:
+        super().__init__(in_chs, out_chs, patch, stride=patch, act=True, deploy=deploy)
+        self.conv.padding = (0, 0)
+        self.patch = patch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # ConvBN.forward, written out: TorchScript has no super()
+        x = self.conv(pad_to_multiple(x, self.patch, self.patch))
+        if self.bn is not None:
+            x = self.bn(x)
+        return self.act(x)
 
 
 class GroupedLinear(nn.Module):
@@ -182,13 +232,18 @@ class GroupedLinear(nn.Module):
 
 class GlobalPerceptron(nn.Module):
     """Global perceptron (paper Sec. 3.2): per-partition channel means -> BN -> fc1 -> ReLU -> fc2,
-    added to every pixel of its partition. The deploy form folds the BN into fc1."""
+    added to every pixel of its partition. The deploy form folds the BN into fc1.
+
+    fc1 and fc2 act on C * hp * wp features, so they are the only weights whose shape depends on the number of
+    partitions: at another input size they are built anew (the paper's recipe, v1 Sec. 4.4) while everything else
+    of a RepMLP block carries over.
+    """
 
     def __init__(
         self, channels: int, hp: int, wp: int, h: int, w: int, reduction: int = 1, deploy: bool = False
     ) -> None:
         super().__init__()
-        self.hp, self.wp, self.h, self.w = hp, wp, h, w
+        self.hp, self.wp, self.h, self.w, self.reduction = hp, wp, h, w, reduction
         features = channels * hp * wp
         self.bn = None if deploy else nn.BatchNorm2d(channels)
         self.fc1 = nn.Linear(features, features // reduction)
@@ -341,14 +396,19 @@ class RepMLP(nn.Module):
         out_channels: output channels O.
         H: input height the block is built for.
         W: input width the block is built for.
-        h: partition height (H % h == 0).
-        w: partition width (W % w == 0).
+        h: partition height; an H that is no multiple of h is zero-padded to the next one (and the output
+            cropped back), so the block has ``ceil(H / h)`` partition rows.
+        w: partition width; likewise.
         reparam_conv_k: local perceptron branches: odd kernel sizes, or (k, dilation) pairs; empty or
             None for no local perceptron.
         fc1_fc2_reduction: global perceptron hidden reduction.
         fc3_groups: groups of FC3 and of the local convs; must divide C and O.
         deploy: build the deploy form (three FC layers) directly.
     """
+
+    #: Children whose shape depends on the number of partitions (read by :func:`repmlp.checkpoint.prepare_state_dict`:
+    #: weights trained at another input size keep this block's fresh fc1/fc2 there).
+    partition_dependent = ("global_perceptron",)
 
     def __init__(
         self,
@@ -376,35 +436,66 @@ class RepMLP(nn.Module):
         ).items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"RepMLP: {name} must be a positive int, got {value!r}")
-        if H % h or W % w:
-            raise ValueError(
-                f"RepMLP: input size H x W = {H}x{W} is not divisible by the partition "
-                f"size h x w = {h}x{w}; choose h dividing {H} and w dividing {W}"
-            )
         if in_channels % fc3_groups or out_channels % fc3_groups:
             raise ValueError(
                 f"RepMLP: fc3_groups={fc3_groups} must divide in_channels={in_channels} and out_channels={out_channels}"
             )
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.H, self.W, self.h, self.w = H, W, h, w
-        self.hp, self.wp = H // h, W // w
+        self.h, self.w = h, w
         self.fc3_groups = fc3_groups
         kernels = _kernel_specs(reparam_conv_k)
         self.reparam_conv_k = kernels
-
-        self.global_perceptron = None
-        if self.hp * self.wp > 1:
-            if (in_channels * self.hp * self.wp) % fc1_fc2_reduction:
-                raise ValueError(
-                    f"RepMLP: fc1_fc2_reduction={fc1_fc2_reduction} must divide C * hp * wp = "
-                    f"{in_channels * self.hp * self.wp}"
-                )
-            self.global_perceptron = GlobalPerceptron(in_channels, self.hp, self.wp, h, w, fc1_fc2_reduction, deploy)
+        self.global_perceptron: GlobalPerceptron | None = None
+        self._set_size(H, W, fc1_fc2_reduction, deploy)
         self.partition_perceptron = PartitionPerceptron(in_channels, out_channels, h, w, fc3_groups, deploy)
         self.local_perceptron = None
         if kernels and not deploy:
             self.local_perceptron = LocalPerceptron(in_channels, out_channels, kernels, fc3_groups)
         self.register_load_state_dict_pre_hook(_accept_authors_keys)
+
+    def _check_size(self, H: int, W: int, fc1_fc2_reduction: int) -> None:
+        """Refuse (H, W, reduction) before anything changes: sizes positive, the reduction dividing C * hp * wp."""
+        for name, value in dict(H=H, W=W, fc1_fc2_reduction=fc1_fc2_reduction).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"RepMLP: {name} must be a positive int, got {value!r}")
+        features = self.in_channels * cells(H, self.h) * cells(W, self.w)
+        if features > self.in_channels and features % fc1_fc2_reduction:
+            raise ValueError(
+                f"RepMLP: fc1_fc2_reduction={fc1_fc2_reduction} must divide C * hp * wp = {features} "
+                f"(at {H}x{W} with {self.h}x{self.w} partitions)"
+            )
+
+    def _set_size(self, H: int, W: int, fc1_fc2_reduction: int, deploy: bool) -> None:
+        self._check_size(H, W, fc1_fc2_reduction)
+        self.H, self.W = H, W
+        self.hp, self.wp = cells(H, self.h), cells(W, self.w)
+        self.fc1_fc2_reduction = fc1_fc2_reduction
+        gp = self.global_perceptron
+        if self.hp * self.wp == 1:
+            self.global_perceptron = None
+        elif gp is None or (gp.hp, gp.wp, gp.reduction) != (self.hp, self.wp, fc1_fc2_reduction):
+            self.global_perceptron = GlobalPerceptron(
+                self.in_channels, self.hp, self.wp, self.h, self.w, fc1_fc2_reduction, deploy
+            )
+
+    def set_input_size(self, H: int, W: int, fc1_fc2_reduction: int | None = None) -> None:
+        """Run at (H, W) from now on; the partitions keep their size and tile the new map.
+
+        FC3 and the local perceptron are unchanged. The global perceptron (the only part whose shape depends on
+        the number of partitions) is built anew, freshly initialised, when the partition grid or the reduction
+        changes (the paper's recipe, v1 Sec. 4.4), else kept. Refused before anything changes.
+
+        Args:
+            H: new input height.
+            W: new input width.
+            fc1_fc2_reduction: global perceptron hidden reduction at the new size; default: the current one.
+        """
+        reduction = self.fc1_fc2_reduction if fc1_fc2_reduction is None else fc1_fc2_reduction
+        self._check_size(H, W, reduction)
+        like = self.partition_perceptron.fc3.weight
+        self._set_size(H, W, reduction, deploy=self.partition_perceptron.deploy)
+        if self.global_perceptron is not None:
+            self.global_perceptron.to(device=like.device, dtype=like.dtype).train(self.training)
 
     @property
     @torch.jit.unused  # Python-side introspection, not compiled by TorchScript
@@ -414,7 +505,8 @@ class RepMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = check_block_input(x, self.in_channels, self.H, self.W, self.h, self.w)
-        n, c = x.shape[:2]
+        n, c, H, W = x.shape
+        x = pad_to_multiple(x, self.h, self.w)
         p = partition(x, self.h, self.w)
         if self.global_perceptron is not None:
             # added to the partitions (a new tensor) rather than to x: one contiguous broadcast over h*w, in place
@@ -424,7 +516,7 @@ class RepMLP(nn.Module):
         if self.local_perceptron is not None:
             y = y + self.local_perceptron(p)
         y = y.reshape(-1, self.out_channels, self.h, self.w)
-        return unpartition(y, n, self.hp, self.wp, channels_last=_is_channels_last(x))
+        return crop(unpartition(y, n, self.hp, self.wp, channels_last=_is_channels_last(x)), H, W)
 
     @torch.no_grad()
     def reparameterize(self) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 _Pair = tuple[int, int]
 
@@ -22,8 +23,15 @@ def _pair(v: int | _Pair) -> _Pair:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BatchNorm as ``y = scale * x + shift`` per channel (float64).
+def is_batch_norm(module: nn.Module) -> bool:
+    """True for a BatchNorm: PyTorch's (any ``_BatchNorm``) or a frozen one (torchvision's ``FrozenBatchNorm2d``,
+    which timm's ``freeze_batch_norm_2d`` and torchvision's detection backbones put in place of BatchNorm2d)."""
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d))
+
+
+def bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm (or a frozen one, :func:`is_batch_norm`) as ``y = scale * x + shift`` per channel
+    (float64).
 
     ``scale = gamma / sqrt(running_var + eps)``, ``shift = beta - running_mean * scale``.
     """

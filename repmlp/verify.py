@@ -12,6 +12,7 @@ from torch import nn
 
 from .convert import convert_to_deploy, reparameterizable
 from .models import model_input_size
+from .ops import is_batch_norm
 
 #: Max relative error (max |y_ref - y| / max |y_ref|) accepted per dtype of the compared run.
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-3}
@@ -179,14 +180,14 @@ def verify_conversion(train: nn.Module, dtype: torch.dtype = torch.float64, **kw
 
 @torch.no_grad()
 def randomize_bn_stats(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm random affine parameters and running statistics (in place).
+    """Give every BatchNorm (frozen ones included) random affine parameters and running statistics (in place).
 
     Freshly initialised BNs are identities (mean 0, var 1, gamma 1, beta 0), which would hide errors in
     BN folding; tests and the convert tool's embedded default use this instead.
     """
     gen = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if is_batch_norm(m):
             targets = [(m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0)]
             if m.weight is not None:
                 targets += [(m.weight, 0.5, 1.5), (m.bias, -0.3, 0.3)]

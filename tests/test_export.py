@@ -38,7 +38,7 @@ def test_resnet_variant_round_trip(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not timm.list_models("repmlpnet*"), reason="no RepMLPNet variants registered")
 def test_repmlpnet_variant_round_trip(tmp_path):
-    model = timm.create_model(timm.list_models("repmlpnet*")[0], img_size=64, num_classes=10)
+    model = timm.create_model(timm.list_models("repmlpnet*")[0], img_size=64, partitions=(16, 8, 4, 2), num_classes=10)
     report = export_onnx(_deploy(model), tmp_path / "repmlpnet.onnx")
     assert report.input_shape == (1, 3, 64, 64)
     assert report.max_rank <= 5 and report.max_rel_err <= 1e-4
@@ -47,7 +47,11 @@ def test_repmlpnet_variant_round_trip(tmp_path):
 @pytest.mark.parametrize("name", ["tiny_model", "repmlpnet"])
 def test_graph_layout_is_the_same_function(name):
     # RepMLPNet at 64x64: shared FC3 with 1 to 128 channel sets, FFN 1x1 convs as Conv2d
-    model = tiny_model() if name == "tiny_model" else timm.create_model("repmlpnet_t224", img_size=64, num_classes=10)
+    model = (
+        tiny_model()
+        if name == "tiny_model"
+        else timm.create_model("repmlpnet_t224", img_size=64, partitions=(16, 8, 4, 2), num_classes=10)
+    )
     model = _deploy(model).double()
     x = torch.randn(2, *model_input_size(model), dtype=torch.float64)
     with graph_layout(model):

@@ -183,8 +183,8 @@ def test_partition_round_trip_and_order():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(H=12, h=5), "not divisible"),
-        (dict(W=10, w=4), "not divisible"),
+        (dict(H=0), "positive"),
+        (dict(H=12, h=5, fc1_fc2_reduction=7), r"fc1_fc2_reduction=7 must divide C \* hp \* wp = 48"),
         (dict(reparam_conv_k=(2,)), "odd"),
         (dict(reparam_conv_k=(3, (4, 1))), "odd"),
         (dict(fc3_groups=3), "fc3_groups=3"),

@@ -35,6 +35,7 @@ def _tiny_kwargs() -> dict:
     cfg = json.loads((REFERENCE / "repmlpnet_tiny_config.json").read_text())
     return dict(
         img_size=64,
+        partitions=(16, 8, 4, 2),  # one partition per stage at 64x64
         channels=cfg["channels"],
         depths=cfg["num_blocks"],
         sharesets=cfg["sharesets_nums"],
@@ -80,8 +81,14 @@ def test_conversion_is_exact_with_the_authors_param_counts(name):
     assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in deploy.state_dict().items()}
 
 
-# partitions per stage (h = w or (h, w)) and input size; None: one partition per stage at img_size
-LAYOUTS = [(None, (64, 64)), (None, (128, 64)), ((8, 4, 2, 1), (64, 64)), (((8, 4), (4, 2), (2, 1), (1, 1)), (64, 96))]
+# partitions per stage (h = w or (h, w)) and input size
+LAYOUTS = [
+    ((16, 8, 4, 2), (64, 64)),
+    ((16, 8, 4, 2), (128, 64)),
+    ((8, 4, 2, 1), (64, 64)),
+    (((8, 4), (4, 2), (2, 1), (1, 1)), (64, 96)),
+    ((16, 8, 4, 2), (50, 75)),  # padded to the partitions' multiples
+]
 
 
 @pytest.mark.parametrize("partitions,size", LAYOUTS)
@@ -109,19 +116,21 @@ def test_partitioned_block_applies_fc3_and_local_perceptron_per_partition():
 
 
 @pytest.mark.parametrize("size", [(3, 64, 60), (3, 48, 64), (3, 96, 96), (3, 66, 64)])
-def test_input_sizes_that_do_not_partition_are_refused(size):
+def test_input_sizes_that_do_not_partition_are_padded_and_convert_exactly(size):
+    """Any size runs in one model object (maps padded to the next multiple of patch and partition, outputs
+    cropped back), the features keep the stages' reductions (rounded up), and both forms agree."""
     model = _tiny()
-    with pytest.raises(ValueError, match=rf"input {size[1]}x{size[2]} gives stage sizes"):
-        model(torch.randn(1, *size))
-    features = timm.create_model("repmlpnet_t224", features_only=True, **TINY)
-    with pytest.raises(ValueError, match="multiple of|divisible by"):
-        features(torch.randn(1, *size))
+    deploy = repmlp.convert_to_deploy(model)
+    assert repmlp.verify_equivalence(model, deploy, input_size=size).passed
+    features = timm.create_model("repmlpnet_t224", features_only=True, **TINY).eval()
+    maps = features(torch.randn(1, *size))
+    assert [m.shape[-2:] for m in maps] == [(-(-size[1] // r), -(-size[2] // r)) for r in (4, 8, 16, 32)]
 
 
-def test_the_error_names_the_partition_sizes():
+def test_the_error_names_the_expected_input():
     model = timm.create_model("repmlpnet_t224", deploy=True)
-    with pytest.raises(ValueError, match=r"partition sizes \[\(56, 56\), \(28, 28\), \(14, 14\), \(7, 7\)\]"):
-        model(torch.randn(1, 3, 256, 256))
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\) inputs of any size, got \(1, 1, 256, 256\)"):
+        model(torch.randn(1, 1, 256, 256))
 
 
 @pytest.mark.parametrize("deploy", [False, True])

@@ -10,9 +10,10 @@ import inspect
 from collections.abc import Callable, Sequence
 
 import torch
-from timm.layers import ClassifierHead, DropPath
+from timm.layers import ClassifierHead, DropPath, to_2tuple
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
+from timm.models._input import update_model_input_size
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -194,6 +195,35 @@ class RepMLPModel(nn.Module):
     def check_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x``, if it is an input the model is built for; else a ValueError naming both sizes."""
         return x
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, **size_args) -> None:
+        """Build the model for ``img_size`` in place (timm's contract): afterwards it equals a model created at
+        that size holding the same state dict, and a refused size leaves it unchanged.
+
+        Partitions keep their size and tile the new maps; only the parts whose shape depends on the number of
+        partitions change (the RepMLP v1 global perceptron, re-initialised; see the family's ``_resize``). The
+        recorded constructor arguments and timm's traits (``timm.data.resolve_input_data_config``) follow;
+        ``pretrained_cfg`` describes the weights' source and is left as it is, as timm's own models do.
+
+        Args:
+            img_size: new input size (H, W) or one int for both; None keeps the current one.
+            **size_args: the family's size-dependent arguments (RepMLP-ResNet and the CIFAR models:
+                ``fc1_fc2_reduction``).
+        """
+        size = self.img_size if img_size is None else img_size
+        if isinstance(size, bool) or not all(isinstance(s, int) and s > 0 for s in to_2tuple(size)):
+            raise ValueError(f"{type(self).__name__}: img_size must be a positive int or (H, W), got {img_size!r}")
+        size = tuple(to_2tuple(size))
+        recorded = self._resize(size, **size_args)  # validates everything first, then changes the model
+        self.img_size = size
+        self.init_args.update(img_size=size, **recorded)
+        update_model_input_size(self, size, **recorded)
+
+    def _resize(self, size: tuple[int, int], **size_args) -> dict:
+        """Rebuild what depends on the input size for ``size``, refusing before any change; returns the constructor
+        arguments that changed besides ``img_size``."""
+        raise NotImplementedError
 
     def _store_run_layout(self) -> None:
         """Store 4-D weights in the layout each part runs in (the last step of every constructor; loading and

@@ -6,6 +6,11 @@ FC(C -> next C)`` with max-pooling between stages; head avgpool -> FC(C3 -> 512)
 BN follows every conv/FC (the RepMLP ends with its own FC3 BN); ReLU follows every RepMLP and conv-BN.
 FCs are 1x1 :class:`~repmlp.layers.ConvBN` so their BNs fuse in the deploy form. The Wide ConvNet swaps
 each RepMLP for a 3x3 conv-BN-ReLU.
+
+Sizes. The stem pads to a multiple of its stride, max-pooling rounds up, and a map that is no multiple of the
+partition is zero-padded inside each RepMLP block, so any size builds. A model accepts every input whose stage maps
+cut into its partition grids (the global perceptrons are sized for them); ``set_input_size`` moves it to another
+grid. The Wide ConvNet accepts any size.
 """
 
 from __future__ import annotations
@@ -14,11 +19,11 @@ import re
 from collections.abc import Sequence
 
 import torch
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import SelectAdaptivePool2d, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from ..layers import ConvBN, RepMLP, shape_str
+from ..layers import ConvBN, PatchEmbedding, RepMLP, cells, shape_str
 from ..shipped import shipped_folder
 from ._base import RepMLPModel, check_rate, pretrained_cfg, route_pretrained_file
 
@@ -31,7 +36,7 @@ class RepMLPUnit(nn.Sequential):
     def __init__(
         self,
         channels: int,
-        size: int,
+        size: tuple[int, int],
         partition: int,
         fc3_groups: int,
         reparam_conv_k: Sequence[int],
@@ -42,8 +47,7 @@ class RepMLPUnit(nn.Sequential):
             RepMLP(
                 channels,
                 channels,
-                size,
-                size,
+                *size,
                 partition,
                 partition,
                 reparam_conv_k=reparam_conv_k,
@@ -62,7 +66,7 @@ class MLPStage(nn.Sequential):
         self,
         channels: int,
         out_channels: int,
-        size: int,
+        size: tuple[int, int],
         downsample: bool,
         mixer: str,
         partition: int,
@@ -77,7 +81,7 @@ class MLPStage(nn.Sequential):
             return RepMLPUnit(channels, size, partition, fc3_groups, reparam_conv_k, fc1_fc2_reduction, deploy)
 
         super().__init__(
-            nn.MaxPool2d(2) if downsample else nn.Identity(),
+            nn.MaxPool2d(2, ceil_mode=True) if downsample else nn.Identity(),  # rounds up: no row dropped
             token_mixer(),
             ConvBN(channels, channels, 1, act=True, deploy=deploy),
             token_mixer(),
@@ -131,7 +135,7 @@ class MLPCifarNet(RepMLPModel):
     Args:
         num_classes: classifier outputs; 0 for no classifier.
         in_chans: input channels.
-        img_size: input height and width; each stage after the first halves it.
+        img_size: input size (H, W), or one int for both; each stage after the first halves it (rounding up).
         widths: channels C of the stages (the paper: three).
         stem_stride: the stem FC reads non-overlapping ``stem_stride`` x ``stem_stride`` patches (1: pixels).
         mixer: ``'repmlp'`` (pure MLP) or ``'conv'`` (Wide ConvNet: 3x3 conv-BN-ReLU).
@@ -151,7 +155,7 @@ class MLPCifarNet(RepMLPModel):
         self,
         num_classes: int = 10,
         in_chans: int = 3,
-        img_size: int = 32,
+        img_size: int | tuple[int, int] = 32,
         widths: Sequence[int] = (16, 32, 64),
         stem_stride: int = 1,
         mixer: str = "repmlp",
@@ -171,21 +175,13 @@ class MLPCifarNet(RepMLPModel):
         check_rate("drop_block_rate", drop_block_rate, "MLPCifarNet", "no DropBlock placement in this family")
         if mixer not in ("repmlp", "conv"):
             raise ValueError(f"MLPCifarNet: mixer must be 'repmlp' or 'conv', got {mixer!r}")
-        if isinstance(img_size, Sequence):
-            if len(set(img_size)) != 1:
-                raise ValueError(f"MLPCifarNet: square inputs only, got img_size={img_size!r}")
-            img_size = img_size[0]
-        sizes = [img_size / stem_stride / 2**i for i in range(len(widths))]
-        if any(s % 1 or (mixer == "repmlp" and s % partition) for s in sizes):
-            raise ValueError(
-                f"MLPCifarNet: img_size={img_size} with stem_stride={stem_stride} gives stage resolutions "
-                f"{sizes}; each must be an integer divisible by partition={partition} "
-                f"(e.g. 32 with 8, 28 with 7)"
-            )
-        sizes = [int(s) for s in sizes]
-        self.img_size, self.drop_rate = img_size, drop_rate
+        img_size = tuple(to_2tuple(img_size))
+        self.in_chans, self.img_size, self.drop_rate = in_chans, img_size, drop_rate
+        self.stem_stride = stem_stride
+        self.grid_partition = partition if mixer == "repmlp" else 0  # what cuts the stage maps (0: nothing)
+        sizes = stage_sizes(*img_size, stem_stride, len(widths))
 
-        self.stem = ConvBN(in_chans, widths[0], stem_stride, stride=stem_stride, act=True, deploy=deploy)
+        self.stem = PatchEmbedding(in_chans, widths[0], stem_stride, deploy)
         outs = list(widths[1:]) + [widths[-1]]
         self.stages = nn.Sequential(
             *[
@@ -209,17 +205,47 @@ class MLPCifarNet(RepMLPModel):
         expect at least three levels)."""
         return num_stages < 3
 
+    def _resize(self, size: tuple[int, int], fc1_fc2_reduction: int | None = None) -> dict:
+        reduction = self.init_args["fc1_fc2_reduction"] if fc1_fc2_reduction is None else fc1_fc2_reduction
+        sizes = stage_sizes(*size, self.stem_stride, len(self.init_args["widths"]))
+        blocks = [(i, m) for i, stage in enumerate(self.stages) for m in stage.modules() if isinstance(m, RepMLP)]
+        for i, block in blocks:  # every block checked before any changes
+            block._check_size(*sizes[i], reduction)
+        for i, block in blocks:
+            block.set_input_size(*sizes[i], reduction)
+        return dict(fc1_fc2_reduction=reduction)
+
     def check_input(self, x: torch.Tensor) -> torch.Tensor:
-        return _check_input(x, self.in_chans, self.img_size)
+        return _check_input(x, self.in_chans, self.img_size, self.stem_stride, len(self.stages), self.grid_partition)
+
+
+def stage_sizes(H: int, W: int, stem_stride: int, num_stages: int) -> list[tuple[int, int]]:
+    """Map sizes of the stages for an H x W input: the stem's patches, then halved (rounding up) per stage."""
+    H, W = cells(H, stem_stride), cells(W, stem_stride)
+    sizes = [(H, W)]
+    for _ in range(1, num_stages):
+        H, W = cells(H, 2), cells(W, 2)
+        sizes.append((H, W))
+    return sizes
 
 
 @torch.fx.wrap  # FX leaf: a Python check on the traced shape, kept at run time
-def _check_input(x: torch.Tensor, chans: int, size: int) -> torch.Tensor:
-    """``x``, if it is (N, chans, size, size); else a ValueError naming both shapes."""
-    if x.dim() != 4 or x.shape[1] != chans or x.shape[2] != size or x.shape[3] != size:
+def _check_input(
+    x: torch.Tensor, chans: int, size: tuple[int, int], stem_stride: int, num_stages: int, partition: int
+) -> torch.Tensor:
+    """``x``, if it is (N, chans, H, W) whose stage maps cut into the partition grids of ``size`` (any size for
+    ``partition`` 0, no RepMLP); else a ValueError naming both shapes."""
+    ok = x.dim() == 4 and x.shape[1] == chans
+    if ok and partition > 0:
+        built = stage_sizes(size[0], size[1], stem_stride, num_stages)
+        given = stage_sizes(x.shape[2], x.shape[3], stem_stride, num_stages)
+        for b, g in zip(built, given):
+            for d in (0, 1):
+                ok = ok and cells(b[d], partition) == cells(g[d], partition)
+    if not ok:
         raise ValueError(
-            f"MLPCifarNet is built for (N, {chans}, {size}, {size}) inputs (RepMLP blocks have a "
-            f"fixed size), got {shape_str(x.shape)}"
+            f"MLPCifarNet is built for (N, {chans}, {size[0]}, {size[1]}) inputs (its RepMLP blocks for the "
+            f"partition grids at that size; set_input_size changes it), got {shape_str(x.shape)}"
         )
     return x
 
@@ -277,7 +303,8 @@ default_cfgs = generate_default_cfgs(
     {
         "repmlp_cifar_mlp": _cfg(description="Pure-MLP CIFAR model of the RepMLP paper (v1, Table 1); no weights."),
         "repmlp_cifar_wideconv": _cfg(
-            description="Wide ConvNet baseline of the pure-MLP model (RepMLP paper v1, Table 1); no weights."
+            fixed_input_size=False,  # no RepMLP: any size runs
+            description="Wide ConvNet baseline of the pure-MLP model (RepMLP paper v1, Table 1); no weights.",
         ),
         "repmlp_fmnist_mlp.fmnist": _cfg(
             file=shipped_folder("repmlp_fmnist_mlp", "fmnist"),

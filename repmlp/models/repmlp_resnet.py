@@ -2,6 +2,13 @@
 
 ResNet-50 whose stride-1 bottlenecks in c3 and c4 (3 and 5 blocks) are RepMLP Light or Bottleneck
 blocks; the first block of every stage stays a ResNet bottleneck.
+
+Sizes. Every stride-2 layer pads, so a stage's map is ``ceil`` of the previous one's half, and a c3/c4 map that is
+no multiple of the partition is zero-padded to the next one inside each RepMLP block. A model accepts every input
+whose c3 and c4 maps cut into its partition grids (the global perceptrons' fc1/fc2 are sized for them);
+``set_input_size`` moves it to another grid. ``output_stride`` 16 or 8 runs c5 (and for 8 also c4) at stride 1, as
+the paper ran Cityscapes (v1 Sec. 4.4, following PSPNet-50): c4 is not dilated, c5's 3x3 convs are dilated by
+32 / output_stride.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from timm.models.resnet import drop_blocks
 from torch import nn
 
 from ..authors import AUTHORS_RESNET, OURS, KeyLayout, keys_to_ours
-from ..layers import ConvBN, RepMLP, shape_str
+from ..layers import ConvBN, RepMLP, cells, shape_str
 from ._base import NCHWStage, RepMLPModel, check_rate, drop_path, drop_path_rates, pretrained_cfg, route_pretrained_file
 
 __all__ = ["RepMLPResNet"]
@@ -52,6 +59,7 @@ class Bottleneck(nn.Module):
         deploy: bool = False,
         drop_path_rate: float = 0.0,
         drop_block: nn.Module | None = None,
+        dilation: int = 1,
     ) -> None:
         super().__init__()
         mid = out_chs // 4
@@ -59,7 +67,7 @@ class Bottleneck(nn.Module):
             ConvBN(in_chs, out_chs, 1, stride, deploy=deploy) if stride != 1 or in_chs != out_chs else nn.Identity()
         )
         self.conv1 = ConvBN(in_chs, mid, 1, act=True, deploy=deploy)
-        self.conv2 = ConvBN(mid, mid, 3, stride, act=True, deploy=deploy)
+        self.conv2 = ConvBN(mid, mid, 3, stride, dilation=dilation, act=True, deploy=deploy)
         self.drop_block = drop_block or nn.Identity()
         self.conv3 = ConvBN(mid, out_chs, 1, deploy=deploy)
         self.drop_path = drop_path(drop_path_rate)
@@ -121,18 +129,45 @@ class RepMLPBottleneckBlock(nn.Module):
         return self.act(y)
 
 
+def stage_strides(output_stride: int = 32) -> list[int]:
+    """Strides of c2..c5: ResNet's (1, 2, 2, 2), with c5's (16) or c4's and c5's (8) removed."""
+    return [1, 2, 2 if output_stride >= 16 else 1, 2 if output_stride >= 32 else 1]
+
+
+def stage_sizes(H: int, W: int, output_stride: int = 32) -> list[tuple[int, int]]:
+    """Map sizes of c2..c5 for an H x W input: the stem conv and max-pool (both stride 2, padded) give
+    ceil(H / 4), and each stage of stride 2 halves its input, rounding up."""
+    H, W = cells(cells(H, 2), 2), cells(cells(W, 2), 2)
+    sizes: list[tuple[int, int]] = []
+    for stride in stage_strides(output_stride):
+        H, W = cells(H, stride), cells(W, stride)
+        sizes.append((H, W))
+    return sizes
+
+
+def _per_stage(value: int | Sequence[int], name: str) -> list[int]:
+    """An int for c3 and c4 alike, or one per stage (c3, c4)."""
+    values = [value, value] if isinstance(value, int) else list(value)
+    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ValueError(f"{name} must be a positive int or one per stage (c3, c4), got {value!r}")
+    return values
+
+
 class RepMLPResNet(RepMLPModel):
     """ResNet-50 with RepMLP blocks in c3 and c4.
 
     Args:
         block_type: 'light' or 'bottleneck'.
-        img_size: the fixed input resolution (RepMLP blocks are built for one size).
+        img_size: the input resolution the RepMLP blocks are built for (any size; see the module docstring for
+            the sizes a model accepts).
         partition: RepMLP partition size h = w.
         fc3_groups: FC3 groups in c3 and c4.
         reparam_conv_k: local perceptron kernel sizes.
         bottleneck_reduction: r of the Bottleneck block in c3 and c4.
         widths: output channels of c2..c5 (ResNet-50's by default; the stem has a quarter of c2's).
-        fc1_fc2_reduction: global perceptron reduction.
+        fc1_fc2_reduction: global perceptron hidden reduction, one for c3 and c4 or one per stage (the paper's
+            Cityscapes backbone: (4, 8)).
+        output_stride: 32, 16 (c5 at stride 1, dilated 2) or 8 (c4 and c5 at stride 1, c5 dilated 4).
         num_classes: classifier outputs (0 for none).
         in_chans: input channels.
         global_pool: timm pooling type.
@@ -153,7 +188,8 @@ class RepMLPResNet(RepMLPModel):
         reparam_conv_k: Sequence[int] = (1, 3, 5),
         bottleneck_reduction: Sequence[int] = (2, 4),
         widths: Sequence[int] = (256, 512, 1024, 2048),
-        fc1_fc2_reduction: int = 1,
+        fc1_fc2_reduction: int | Sequence[int] = 1,
+        output_stride: int = 32,
         num_classes: int = 1000,
         in_chans: int = 3,
         global_pool: str = "avg",
@@ -166,22 +202,21 @@ class RepMLPResNet(RepMLPModel):
         check_rate("drop_block_rate", drop_block_rate)  # drop_path_rate: by drop_path_rates
         if block_type not in ("light", "bottleneck"):
             raise ValueError(f"block_type must be 'light' or 'bottleneck', got {block_type!r}")
-        img_size = to_2tuple(img_size)
-        if any(s % 32 or (s // 16) % partition for s in img_size):
-            raise ValueError(
-                f"img_size={img_size} must be multiples of 32 whose c4 resolution (img_size / 16) is "
-                f"divisible by partition={partition}, e.g. {32 * partition} or {64 * partition}"
-            )
-        self.img_size, self.drop_rate = img_size, drop_rate
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
+        img_size = tuple(to_2tuple(img_size))
+        reductions = _per_stage(fc1_fc2_reduction, "fc1_fc2_reduction")
+        self.img_size, self.partition, self.output_stride = img_size, partition, output_stride
+        self.drop_rate = drop_rate
         self.stem = Stem(in_chans, widths[0] // 4, deploy)
 
-        depths, strides = (3, 4, 6, 3), (1, 2, 2, 2)
-        stages, in_chs, (H, W) = [], widths[0] // 4, (img_size[0] // 4, img_size[1] // 4)
+        depths, strides, sizes = (3, 4, 6, 3), stage_strides(output_stride), stage_sizes(*img_size, output_stride)
+        stages, in_chs, reduction = [], widths[0] // 4, 4
         self.feature_info = []
         stage_drop_blocks = drop_blocks(drop_block_rate)  # timm ResNet's: DropBlock in c4 and c5
         rates = drop_path_rates(drop_path_rate, depths)
-        for i, (width, stride, stage_rates) in enumerate(zip(widths, strides, rates)):
-            H, W = H // stride, W // stride
+        for i, (width, stride, size, stage_rates) in enumerate(zip(widths, strides, sizes, rates)):
+            dilation = 32 // output_stride if i == 3 else 1  # c5 only: the paper leaves c4 undilated
             blocks = []
             for j, rate in enumerate(stage_rates):
                 if j > 0 and i in (1, 2):  # c3 and c4
@@ -189,39 +224,62 @@ class RepMLPResNet(RepMLPModel):
                         h=partition,
                         w=partition,
                         reparam_conv_k=reparam_conv_k,
-                        fc1_fc2_reduction=fc1_fc2_reduction,
+                        fc1_fc2_reduction=reductions[i - 1],
                         fc3_groups=fc3_groups[i - 1],
                     )
                     blocks.append(
-                        RepMLPLightBlock(width, (H, W), kw, deploy, rate)
+                        RepMLPLightBlock(width, size, kw, deploy, rate)
                         if block_type == "light"
-                        else RepMLPBottleneckBlock(width, (H, W), bottleneck_reduction[i - 1], kw, deploy, rate)
+                        else RepMLPBottleneckBlock(width, size, bottleneck_reduction[i - 1], kw, deploy, rate)
                     )
                 else:
                     drop_block = stage_drop_blocks[i]() if stage_drop_blocks[i] else None
                     chs_in, block_stride = (width, 1) if j else (in_chs, stride)
-                    blocks.append(Bottleneck(chs_in, width, block_stride, deploy, rate, drop_block))
+                    blocks.append(Bottleneck(chs_in, width, block_stride, deploy, rate, drop_block, dilation))
             # c5 (7x7 maps at 224, 512-2048 channels) runs NCHW: its 3x3 convs measured 1.5x (batch 1) and 1.25x
             # (batch 8) faster than in NHWC here; c2-c4 and the max-pool are faster in NHWC
             stages.append(NCHWStage(*blocks) if i == 3 else nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=width, reduction=img_size[0] // H, module=f"stages.{i}"))
+            reduction *= stride
+            self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"stages.{i}"))
             in_chs = width
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = in_chs
         self.head = ClassifierHead(in_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate)
         self._store_run_layout()
 
+    def _repmlp_blocks(self) -> list[tuple[int, RepMLP]]:
+        """(stage index, block) of every RepMLP block left in the model (a pruned model has fewer stages)."""
+        return [(i, m) for i, stage in enumerate(self.stages) for m in stage.modules() if isinstance(m, RepMLP)]
+
+    def _resize(self, size: tuple[int, int], fc1_fc2_reduction: int | Sequence[int] | None = None) -> dict:
+        given = self.init_args["fc1_fc2_reduction"] if fc1_fc2_reduction is None else fc1_fc2_reduction
+        reductions = _per_stage(given, "fc1_fc2_reduction")
+        sizes = stage_sizes(*size, self.output_stride)
+        blocks = self._repmlp_blocks()
+        for i, block in blocks:  # every block checked before any changes
+            block._check_size(*sizes[i], reductions[i - 1])
+        for i, block in blocks:
+            block.set_input_size(*sizes[i], reductions[i - 1])
+        return dict(fc1_fc2_reduction=given)
+
     def check_input(self, x: torch.Tensor) -> torch.Tensor:
-        return _check_input(x, self.img_size)
+        return _check_input(x, self.img_size, self.partition, self.output_stride)
 
 
 @torch.fx.wrap  # FX leaf: a Python check on the traced shape, kept at run time
-def _check_input(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``x``, if it is an (N, C, *size) batch; else a ValueError naming both sizes."""
-    if x.dim() != 4 or x.shape[2] != size[0] or x.shape[3] != size[1]:
+def _check_input(x: torch.Tensor, size: tuple[int, int], partition: int, output_stride: int) -> torch.Tensor:
+    """``x``, if it is an (N, C, H, W) batch whose c3 and c4 maps cut into the partition grids of ``size``; else a
+    ValueError naming both sizes."""
+    ok = x.dim() == 4
+    if ok:
+        built, given = stage_sizes(size[0], size[1], output_stride), stage_sizes(x.shape[2], x.shape[3], output_stride)
+        for i in (1, 2):
+            for d in (0, 1):
+                ok = ok and cells(built[i][d], partition) == cells(given[i][d], partition)
+    if not ok:
         raise ValueError(
-            f"RepMLPResNet is built for {size[0]}x{size[1]} inputs (RepMLP blocks have a fixed size), "
-            f"got input of shape {shape_str(x.shape)}"
+            f"RepMLPResNet is built for {size[0]}x{size[1]} inputs (its RepMLP blocks for the partition grids of "
+            f"c3 and c4 at that size; set_input_size changes it), got input of shape {shape_str(x.shape)}"
         )
     return x
 

@@ -12,13 +12,17 @@ RepMLP Block (paper Sec. 3.2) on a C-channel map with partition size (h, w) and 
 * Local Perceptron: depthwise (groups=S) conv-BN branches over the same S-channel view; merged into FC3
   by Locality Injection.
 
-Partition layout. The presets use one partition per stage (h, w = stage resolution). A map of size
-(hp*h, wp*w) is cut into hp x wp partitions (:func:`repmlp.layers.partition`, partitions in
-(n, row, column) order); within each partition channel c uses set ``c mod S``, the local perceptron pads
-with zeros at partition borders, and BN(S) pools over all partitions. The global perceptron pools over the
-whole map, so every partition of a channel shares one scale. With hp = wp = 1 this is exactly the
-authors' block (theirs is inconsistent for more partitions); any input whose stage sizes are multiples of
-the stage's (h, w) runs, other sizes raise a ValueError.
+Partition layout. The presets use one partition per stage (h, w = stage resolution at the preset's size; they keep
+them at any ``img_size``). A map of size (hp*h, wp*w) is cut into hp x wp partitions
+(:func:`repmlp.layers.partition`, partitions in (n, row, column) order); within each partition channel c uses set
+``c mod S``, the local perceptron pads with zeros at partition borders, and BN(S) pools over all partitions. The
+global perceptron pools over the whole map, so every partition of a channel shares one scale. With hp = wp = 1 this
+is exactly the authors' block (theirs is inconsistent for more partitions).
+
+Sizes. Any input runs, in one model object: a map that is no multiple of the patch (stem 4x4/4, embeddings 2x2/2) or
+of the partition is zero-padded at the bottom and right to the next multiple
+(:func:`repmlp.layers.pad_to_multiple`), and a block's output is cropped back to its input's size; nothing of the
+model depends on the number of partitions.
 
 Deploy form (beyond the authors' locality injection, which keeps every other BN): local perceptron and
 BN(S) merged into FC3 (run as a batched matmul); stem, embedding and FFN conv-BNs fused; the BN before
@@ -40,10 +44,23 @@ from torch import nn
 
 from .. import ops
 from ..authors import REPMLPNET_LAYOUTS, repmlpnet_keys_to_ours
-from ..layers import ConvBN, LocalPerceptron, param_like, partition, shape_str, unpartition
+from ..layers import (
+    ConvBN,
+    LocalPerceptron,
+    PatchEmbedding,
+    cells,
+    crop,
+    pad_to_multiple,
+    param_like,
+    partition,
+    shape_str,
+    unpartition,
+)
 from ._base import RepMLPModel, check_rate, drop_path, drop_path_rates, pretrained_cfg, route_pretrained_file
 
 __all__ = ["RepMLPNet", "RepMLPBlock"]
+
+torch.fx.wrap("pad_to_multiple")  # a leaf in this module's graphs too (FX wraps a name per module)
 
 _Size = tuple[int, int]
 
@@ -68,41 +85,13 @@ class ChannelAffine(nn.Module):
         return torch.addcmul(self.bias.view(shape), x, self.weight.view(shape))
 
     @classmethod
-    def from_bn(cls, bn: nn.modules.batchnorm._BatchNorm) -> ChannelAffine:
-        """The eval-mode affine of ``bn``, in its dtype and on its device."""
-        affine = cls(bn.num_features).to(bn.running_var)
+    def from_bn(cls, bn: nn.Module) -> ChannelAffine:
+        """The eval-mode affine of ``bn`` (a BatchNorm or a frozen one), in its dtype and on its device."""
+        affine = cls(bn.running_var.shape[0]).to(bn.running_var)
         scale, shift = ops.bn_affine(bn)
         with torch.no_grad():
             affine.weight.copy_(scale), affine.bias.copy_(shift)
         return affine
-
-
-class PatchEmbedding(ConvBN):
-    """Non-overlapping k x k / k conv-BN-ReLU (stem and between stages); refuses sizes it would crop."""
-
-    def __init__(self, in_chs: int, out_chs: int, patch: int, deploy: bool = False) -> None:
-        super().__init__(in_chs, out_chs, patch, stride=patch, act=True, deploy=deploy)
-        self.conv.padding = (0, 0)
-        self.patch = patch
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_patches(x, self.patch)
-        x = self.conv(x)  # ConvBN.forward, written out: TorchScript has no super()
-        if self.bn is not None:
-            x = self.bn(x)
-        return self.act(x)
-
-
-@torch.fx.wrap  # FX leaf: a Python check on the traced shape, kept at run time (and below)
-def _check_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """``x``, if its map size is divisible by ``patch``; else a ValueError (checks return their input: FX drops
-    a call whose result is unused)."""
-    if x.shape[-2] % patch != 0 or x.shape[-1] % patch != 0:
-        raise ValueError(
-            f"patch embedding {patch}x{patch}/{patch} needs a map size divisible by {patch}, "
-            f"got {x.shape[-2]}x{x.shape[-1]}"
-        )
-    return x
 
 
 GRAPH_LAYOUT_MIN_TOKENS = 128  # see SharedFC
@@ -238,9 +227,10 @@ class RepMLPBlock(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The block output, plus ``residual`` (same shape as ``x``) when given, added in the same pass."""
         h, w, s = self.h, self.w, self.sharesets
-        x = _check_map(x, self.channels, h, w)
+        x = _check_map(x, self.channels)
         n, c, H, W = x.shape
-        p = _partitions(x, h, w)  # (N*hp*wp, C, h, w)
+        padded = pad_to_multiple(x, h, w)
+        p = _partitions(padded, h, w)  # (N*hp*wp, C, h, w)
         v = p.reshape(-1, c // s, s, h * w)  # channel c of a partition uses set c mod S
         y = self.channel_perceptron(v)
         if self.local_perceptron is not None:
@@ -266,13 +256,10 @@ class RepMLPBlock(nn.Module):
 
 
 @torch.fx.wrap
-def _check_map(x: torch.Tensor, channels: int, h: int, w: int) -> torch.Tensor:
-    """``x``, if it is an (N, channels, H, W) map with H, W multiples of h, w; else a ValueError."""
-    if x.dim() != 4 or x.shape[1] != channels or x.shape[2] % h != 0 or x.shape[3] % w != 0:
-        raise ValueError(
-            f"RepMLPBlock with {channels} channels and {h}x{w} partitions got a map of shape "
-            f"{shape_str(x.shape)}: its size must be a multiple of {h}x{w}"
-        )
+def _check_map(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """``x``, if it is an (N, channels, H, W) map (any H, W); else a ValueError."""
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"RepMLPBlock with {channels} channels got a map of shape {shape_str(x.shape)}")
     return x
 
 
@@ -284,10 +271,12 @@ def _partitions(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 @torch.fx.wrap
 def _join_partitions(y: torch.Tensor, n: int, c: int, H: int, W: int, h: int, w: int) -> torch.Tensor:
-    """Block outputs of the partitions as the (N, C, H, W) map; ``y`` untouched (its strides kept) for one."""
-    if H == h and W == w:
-        return y
-    return unpartition(y.reshape(-1, c, h, w), n, H // h, W // w)
+    """Block outputs of the partitions as the (N, C, H, W) map, cropped to H x W where the map was padded;
+    ``y`` untouched (its strides kept) for one partition and no padding."""
+    Hp, Wp = cells(H, h) * h, cells(W, w) * w
+    if Hp == h and Wp == w:
+        return y if H == h and W == w else crop(y.reshape(n, c, h, w), H, W)
+    return crop(unpartition(y.reshape(-1, c, h, w), n, Hp // h, Wp // w), H, W)
 
 
 class FFNBlock(nn.Module):
@@ -434,11 +423,11 @@ class RepMLPNet(RepMLPModel):
     """RepMLPNet.
 
     Args:
-        img_size: resolution the model is built for; sets the default partition sizes.
+        img_size: nominal input resolution (any size runs); sets the default partition sizes.
         channels: channels per stage.
         depths: units per stage.
         sharesets: channel sets S per stage.
-        partitions: (h, w) (or h = w) per stage; default: each stage's resolution at ``img_size``.
+        partitions: (h, w) (or h = w) per stage; default: each stage's resolution at ``img_size`` (rounded up).
         reparam_conv_k: local perceptron kernel sizes.
         gp_reduction: global perceptron hidden reduction.
         ffn_expand: FFN hidden expansion.
@@ -484,12 +473,10 @@ class RepMLPNet(RepMLPModel):
                 f"channels, depths, sharesets and partitions need one entry per stage, got {channels}, "
                 f"{depths}, {sharesets}, {partitions}"
             )
-        self.img_size = img_size
+        self.img_size, self.in_chans = img_size, in_chans
         self.reductions = [patch_size * 2**i for i in range(len(channels))]
         if partitions is None:
-            if any(s % self.reductions[-1] for s in img_size):
-                raise ValueError(f"img_size={img_size} must be a multiple of {self.reductions[-1]}")
-            partitions = [(img_size[0] // r, img_size[1] // r) for r in self.reductions]
+            partitions = [(cells(img_size[0], r), cells(img_size[1], r)) for r in self.reductions]
         self.partitions = [to_2tuple(p) for p in partitions]
         self.drop_rate = drop_rate
 
@@ -533,24 +520,20 @@ class RepMLPNet(RepMLPModel):
             ],
         )
 
+    def _resize(self, size: tuple[int, int]) -> dict:
+        """Nothing depends on the input size; the partitions, derived from ``img_size`` when not given, are recorded
+        so that the model rebuilt from its arguments keeps them."""
+        return dict(partitions=[list(p) for p in self.partitions])
+
     def check_input(self, x: torch.Tensor) -> torch.Tensor:
-        return _check_input_size(x, self.reductions, self.partitions)
+        return _check_input(x, self.in_chans)
 
 
 @torch.fx.wrap
-def _check_input_size(x: torch.Tensor, reductions: list[int], partitions: list[_Size]) -> torch.Tensor:
-    """``x``, if every stage's map size (input size / reduction) is a multiple of its partition; else a
-    ValueError."""
-    H, W = x.shape[-2], x.shape[-1]
-    stage_sizes = [(H // r, W // r) for r in reductions]
-    fits = H % reductions[-1] == 0 and W % reductions[-1] == 0
-    for (sh, sw), (h, w) in zip(stage_sizes, partitions):
-        fits = fits and sh % h == 0 and sw % w == 0
-    if not fits:
-        raise ValueError(
-            f"RepMLPNet: input {H}x{W} gives stage sizes {stage_sizes}, which must be multiples of the "
-            f"partition sizes {partitions} (input a multiple of {reductions[-1]})"
-        )
+def _check_input(x: torch.Tensor, chans: int) -> torch.Tensor:
+    """``x``, if it is an (N, chans, H, W) batch (any H, W); else a ValueError."""
+    if x.dim() != 4 or x.shape[1] != chans:
+        raise ValueError(f"RepMLPNet takes (N, {chans}, H, W) inputs of any size, got {shape_str(x.shape)}")
     return x
 
 
@@ -572,6 +555,7 @@ def _cfg(size: int, name: str, **kwargs) -> dict:
             input_size=(3, size, size),
             pool_size=(size // 32, size // 32),
             crop_pct=1.0,
+            fixed_input_size=False,  # any size runs (module docstring)
             mean=IMAGENET_DEFAULT_MEAN,
             std=IMAGENET_DEFAULT_STD,
             paper_ids="arXiv:2112.11081",
@@ -640,37 +624,43 @@ _D = dict(channels=(80, 160, 320, 640), depths=(2, 2, 18, 2), sharesets=(1, 4, 1
 _L = dict(channels=(96, 192, 384, 768), depths=(2, 2, 18, 2), sharesets=(1, 4, 32, 256))
 
 
+def _at(size: int) -> dict:
+    """A preset's size: ``img_size`` and its partitions, one per stage (the stage's resolution at that size).
+    The partitions are part of the architecture (FC3's shape): at another ``img_size`` they tile."""
+    return dict(img_size=size, partitions=tuple(size // r for r in (4, 8, 16, 32)))
+
+
 @register_model
 def repmlpnet_t224(pretrained: bool = False, **kwargs) -> RepMLPNet:
     """RepMLPNet-T224 (38.29M train-form params)."""
-    return _create("repmlpnet_t224", pretrained, **{**_T, "img_size": 224, **kwargs})
+    return _create("repmlpnet_t224", pretrained, **{**_T, **_at(224), **kwargs})
 
 
 @register_model
 def repmlpnet_b224(pretrained: bool = False, **kwargs) -> RepMLPNet:
     """RepMLPNet-B224 (68.24M train-form params)."""
-    return _create("repmlpnet_b224", pretrained, **{**_B, "img_size": 224, **kwargs})
+    return _create("repmlpnet_b224", pretrained, **{**_B, **_at(224), **kwargs})
 
 
 @register_model
 def repmlpnet_t256(pretrained: bool = False, **kwargs) -> RepMLPNet:
     """RepMLPNet-T256 (58.69M train-form params)."""
-    return _create("repmlpnet_t256", pretrained, **{**_T, "img_size": 256, **kwargs})
+    return _create("repmlpnet_t256", pretrained, **{**_T, **_at(256), **kwargs})
 
 
 @register_model
 def repmlpnet_b256(pretrained: bool = False, **kwargs) -> RepMLPNet:
     """RepMLPNet-B256 (96.45M train-form params)."""
-    return _create("repmlpnet_b256", pretrained, **{**_B, "img_size": 256, **kwargs})
+    return _create("repmlpnet_b256", pretrained, **{**_B, **_at(256), **kwargs})
 
 
 @register_model
 def repmlpnet_d256(pretrained: bool = False, **kwargs) -> RepMLPNet:
     """RepMLPNet-D256 (86.89M train-form params)."""
-    return _create("repmlpnet_d256", pretrained, **{**_D, "img_size": 256, **kwargs})
+    return _create("repmlpnet_d256", pretrained, **{**_D, **_at(256), **kwargs})
 
 
 @register_model
 def repmlpnet_l256(pretrained: bool = False, **kwargs) -> RepMLPNet:
     """RepMLPNet-L256 (117.64M train-form params)."""
-    return _create("repmlpnet_l256", pretrained, **{**_L, "img_size": 256, **kwargs})
+    return _create("repmlpnet_l256", pretrained, **{**_L, **_at(256), **kwargs})
