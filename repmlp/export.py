@@ -205,6 +205,6 @@ def _quantize_checked(
     if report.int8.argmax_agreement < min_agreement:
         raise RuntimeError(
             f"export_onnx: the {report.quantize} int8 model agrees with float32 on only "
-            f"{report.int8.argmax_agreement:.2%} of {report.int8.samples} {check_data} inputs "
+            f"{report.int8.argmax_agreement:.2%} of {report.int8.count} {check_data} inputs "
             f"(< {min_agreement:.0%}); {report.path} not written"
         )

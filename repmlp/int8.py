@@ -17,6 +17,7 @@ from torch import nn
 from .layers import graph_layout
 from .onnx_io import ort_session
 from .quantize import FakeQuantFC3, fake_quantize_weight, resolve_reduce_range, weight_qmax
+from .verify import Agreement, compare_predictors
 
 QUANTIZE_MODES = ("none", "dynamic", "static")
 
@@ -133,31 +134,23 @@ def batched_weight_products(path: str | Path) -> list[str]:
 
 
 @dataclass
-class Int8Check:
-    """Agreement of an int8 model with its float32 form on the same inputs."""
+class Int8Check(Agreement):
+    """Agreement of an int8 model with its float32 form on the same inputs (:func:`repmlp.verify.compare_predictors`)
+    and what those inputs were."""
 
-    argmax_agreement: float
-    max_rel_err: float
-    samples: int
-    data: str
+    data: str = ""
 
     def __str__(self) -> str:
         return (
-            f"int8 vs float32 on {self.samples} {self.data} inputs: argmax agreement {self.argmax_agreement:.2%}, "
+            f"int8 vs float32 on {self.count} {self.data} inputs: argmax agreement {self.argmax_agreement:.2%}, "
             f"max rel err {self.max_rel_err:.2e}"
         )
 
 
 def compare_outputs(reference, candidate, batches: Iterable[torch.Tensor], data: str) -> Int8Check:
-    """Run two predictors (tensor -> logits) on ``batches``: argmax agreement and max relative logit error."""
-    agree = seen = 0
-    max_abs = scale = 0.0
-    for x in batches:
-        ref, out = reference(x).double(), candidate(x).double()
-        agree += (ref.argmax(-1) == out.argmax(-1)).sum().item()
-        seen += ref.shape[0]
-        max_abs, scale = max(max_abs, (ref - out).abs().max().item()), max(scale, ref.abs().max().item())
-    return Int8Check(agree / max(seen, 1), max_abs / max(scale, 1e-300), seen, data)
+    """:func:`repmlp.verify.compare_predictors` of two predictors (tensor -> logits) on ``batches``, labelled with
+    what the inputs were."""
+    return Int8Check(**vars(compare_predictors(reference, candidate, batches)), data=data)
 
 
 def profile_onnx(path: str | Path, x: torch.Tensor, runs: int = 5, threads: int | None = None) -> dict[str, float]:

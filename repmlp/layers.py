@@ -135,6 +135,10 @@ class ConvBN(nn.Module):
         return self.bn is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_bn_act(x)
+
+    def conv_bn_act(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv, BN (train form), activation: the forward that subclasses wrap (TorchScript has no ``super()``)."""
         x = self.conv(x)
         if self.bn is not None:
             x = self.bn(x)
@@ -168,11 +172,7 @@ class PatchEmbedding(ConvBN):
         self.patch = patch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # ConvBN.forward, written out: TorchScript has no super()
-        x = self.conv(pad_to_multiple(x, self.patch, self.patch))
-        if self.bn is not None:
-            x = self.bn(x)
-        return self.act(x)
+        return self.conv_bn_act(pad_to_multiple(x, self.patch, self.patch))
 
 
 class GroupedLinear(nn.Module):
@@ -297,9 +297,8 @@ class PartitionPerceptron(nn.Module):
         return y
 
     def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """FC3 weight as (groups, out/g, in/g) and bias, with the BN folded in (float64, differentiable: the
-        equivalent FC3 of :func:`repmlp.quantize.equivalent_fc3`; :meth:`RepMLP.reparameterize` computes the same
-        in place, and a test holds the two equal)."""
+        """FC3 weight as (groups, out/g, in/g) and bias, with the BN folded in (float64, differentiable; the part
+        of :meth:`RepMLP.equivalent_fc3` this perceptron contributes)."""
         fc3 = self.fc3
         weight, bias = fc3.weight, fc3.bias
         if self.bn is not None:
@@ -517,6 +516,23 @@ class RepMLP(nn.Module):
             y = y + self.local_perceptron(p)
         y = y.reshape(-1, self.out_channels, self.h, self.w)
         return crop(unpartition(y, n, self.hp, self.wp, channels_last=_is_channels_last(x)), H, W)
+
+    #: The child holding FC3 (with its BN in the train form), for code that treats every family's block alike.
+    fc3_perceptron = "partition_perceptron"
+
+    def equivalent_fc3(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """FC3 weight and bias of this block's deploy form as a differentiable float64 function of its current form.
+
+        The partition perceptron with its BN folded plus the local perceptron as an FC matrix (paper Sec. 3.3),
+        from running BN statistics; gradients reach FC3, every conv branch and every BN's affine parameters.
+        Shapes are the deploy form's ``fc3.weight`` and ``fc3.bias``. :meth:`reparameterize` computes the same in
+        place, in blocks (less memory), and a test holds the two equal.
+        """
+        weight, bias = self.partition_perceptron.fused()
+        if self.local_perceptron is not None:
+            local_weight, local_bias = self.local_perceptron.fused(self.h, self.w)
+            weight, bias = weight + local_weight, bias + local_bias
+        return weight.reshape(self.partition_perceptron.fc3.out_features, -1), bias
 
     @torch.no_grad()
     def reparameterize(self) -> None:

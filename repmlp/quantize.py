@@ -20,8 +20,6 @@ from torch import nn
 from torch.func import functional_call
 
 from . import ops
-from .layers import RepMLP
-from .models.repmlpnet import RepMLPBlock
 
 QAT_MODES = ("none", "equivalent_fc3", "fc3_bn")
 
@@ -29,36 +27,18 @@ QAT_MODES = ("none", "equivalent_fc3", "fc3_bn")
 # ----------------------------------------------------------------------------------------- equivalent FC3
 
 
-def _perceptron_name(block: nn.Module) -> str:
-    """The attribute holding a block's FC3 (with its BN in the train form)."""
-    if isinstance(block, RepMLP):
-        return "partition_perceptron"
-    if isinstance(block, RepMLPBlock):
-        return "channel_perceptron"
-    raise TypeError(f"expected a RepMLP or RepMLPBlock, got {type(block).__name__}")
-
-
 def fc3_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, block) of every RepMLP block (paper v1) and RepMLPNet block in ``model``."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (RepMLP, RepMLPBlock))]
+    """(name, block) of every block with an equivalent FC3 in ``model`` (RepMLP v1 blocks and RepMLPNet blocks:
+    each has ``equivalent_fc3()`` and names its FC3's perceptron in ``fc3_perceptron``)."""
+    return [(name, m) for name, m in model.named_modules() if callable(getattr(m, "equivalent_fc3", None))]
 
 
 def equivalent_fc3(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """FC3 weight and bias of ``block``'s deploy form as a differentiable float64 function of its current form.
-
-    The partition (or channel) perceptron with its BN folded plus the local perceptron as an FC matrix (paper
-    Sec. 3.3, RepMLPNet's Locality Injection), from running BN statistics; gradients reach FC3, every conv
-    branch and every BN's affine parameters. Shapes are those of the deploy form's ``fc3.weight`` and
-    ``fc3.bias``; for a deploy-form block they are its FC3 parameters.
-    """
-    perceptron = getattr(block, _perceptron_name(block))
-    weight, bias = perceptron.fused()
-    if block.local_perceptron is not None:
-        local_weight, local_bias = block.local_perceptron.fused(block.h, block.w)
-        weight, bias = weight + local_weight, bias + local_bias.reshape(bias.shape)
-    if isinstance(block, RepMLP):
-        weight = weight.reshape(perceptron.fc3.out_features, -1)
-    return weight, bias
+    """FC3 weight and bias of ``block``'s deploy form as a differentiable float64 function of its current form
+    (the block's own ``equivalent_fc3()``); for a deploy-form block they are its FC3 parameters."""
+    if not callable(getattr(block, "equivalent_fc3", None)):
+        raise TypeError(f"expected a block with an equivalent FC3 (RepMLP, RepMLPBlock), got {type(block).__name__}")
+    return block.equivalent_fc3()
 
 
 # ----------------------------------------------------------------------------------------- fake quantization
@@ -183,7 +163,7 @@ def enable_fc3_qat(model: nn.Module, reduce_range: bool | None = None) -> int:
     """
     count = 0
     for _, block in fc3_blocks(model):
-        name = _perceptron_name(block)
+        name = block.fc3_perceptron
         if getattr(block, name).bn is None or "_fc3_qat" in block.__dict__:
             continue  # deploy form (nothing to merge) or already enabled
         block.__dict__["_fc3_qat"] = (_deploy_shadow(block, name, weight_qmax(reduce_range)), name)
@@ -207,7 +187,7 @@ def insert_fc3_bn(model: nn.Module, batches: Iterable[torch.Tensor], reduce_rang
     """
     perceptrons = []
     for _, block in fc3_blocks(model):
-        perceptron = getattr(block, _perceptron_name(block))
+        perceptron = getattr(block, block.fc3_perceptron)
         if perceptron.bn is None and block.local_perceptron is None:
             fc3 = perceptron.fc3
             bn = nn.BatchNorm1d(fc3.weight.shape[0], momentum=None).to(fc3.weight)  # momentum None: a plain average
@@ -244,7 +224,7 @@ def fold_fc3_bn(model: nn.Module) -> int:
     remove_fake_quant(model)
     count = 0
     for _, block in fc3_blocks(model):
-        perceptron = getattr(block, _perceptron_name(block))
+        perceptron = getattr(block, block.fc3_perceptron)
         fc3 = perceptron.fc3
         if perceptron.bn is None or fc3.bias is None:
             continue  # not inserted by insert_fc3_bn (a train-form FC3 has no bias)

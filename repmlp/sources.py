@@ -157,6 +157,20 @@ def recorded_model_args(
     return name, {**saved, **kwargs}, requested
 
 
+def deploy_record(source: ModelSource, model: nn.Module, model_kwargs: dict | None = None) -> dict[str, str]:
+    """What a deploy-form file converted from ``source`` records so that tools can rebuild it alone: the train-form
+    file's dataset and config, the constructor arguments used (``model_kwargs`` over the recorded ones; the form
+    and class count are recorded apart), the number of classes and where the weights came from."""
+    record = {k: v for k, v in source.record.items() if k in ("dataset", "config")}
+    kwargs = {**json.loads(source.record.get("model_kwargs", "{}")), **(model_kwargs or {})}
+    for key in ("num_classes", "deploy"):
+        kwargs.pop(key, None)
+    record.update(model_kwargs=json.dumps(kwargs), source=source.weights)
+    if isinstance(getattr(model, "num_classes", None), int):
+        record["num_classes"] = str(model.num_classes)
+    return record
+
+
 def model_from_checkpoint(
     path: str | Path, model_name: str | None = None, form: str | None = None, model_kwargs: dict | None = None
 ) -> nn.Module:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +32,57 @@ class ErrorStats:
         diff = (ref - cand).abs()
         scale = ref.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
         return cls(diff.max().item(), (diff.max() / scale).item(), diff.mean().item())
+
+
+@dataclass
+class Agreement(ErrorStats):
+    """Two predictors over a dataset: the per-element errors of all their outputs at once (max abs, max abs over the
+    largest reference magnitude, mean abs: :meth:`ErrorStats.of` of the concatenated outputs), the share of inputs
+    whose argmax agrees (None for outputs that are not (N, classes) logits), and each one's top-1 where labels
+    were given."""
+
+    argmax_agreement: float | None
+    count: int
+    reference_top1: float | None = None
+    candidate_top1: float | None = None
+
+
+@torch.no_grad()
+def compare_predictors(
+    reference: Callable[[torch.Tensor], torch.Tensor],
+    candidate: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+) -> Agreement:
+    """Run two predictors (tensor -> tensor: models, onnxruntime sessions, int8 modules) on the same batches and
+    compare per element; batches are input tensors or (inputs, labels) pairs (then top-1s are counted too)."""
+    max_abs = scale = abs_sum = 0.0
+    elements = seen = agree = ref_correct = cand_correct = 0
+    logits = labelled = True
+    for batch in batches:
+        x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        ref, cand = reference(x).double(), candidate(x).double()
+        diff = (ref - cand).abs()
+        max_abs, scale = max(max_abs, diff.max().item()), max(scale, ref.abs().max().item())
+        abs_sum, elements, seen = abs_sum + diff.sum().item(), elements + diff.numel(), seen + ref.shape[0]
+        logits, labelled = logits and ref.dim() == 2, labelled and y is not None
+        if logits:
+            agree += (ref.argmax(1) == cand.argmax(1)).sum().item()
+        if logits and labelled:
+            y = y.to(ref.device)
+            ref_correct += (ref.argmax(1) == y).sum().item()
+            cand_correct += (cand.argmax(1) == y).sum().item()
+    if not seen:
+        raise ValueError("compare_predictors: no batches to compare")
+    top1 = labelled and logits
+    return Agreement(
+        max_abs,
+        max_abs / max(scale, torch.finfo(torch.float64).tiny),
+        abs_sum / max(elements, 1),
+        agree / seen if logits else None,
+        seen,
+        100 * ref_correct / seen if top1 else None,
+        100 * cand_correct / seen if top1 else None,
+    )
 
 
 @dataclass
@@ -139,22 +190,18 @@ def verify_equivalence(
     try:
         reference.eval(), candidate.eval()
         with _no_tf32():
-            y_ref, y = reference(inputs), candidate(inputs)
+            stats = compare_predictors(reference, candidate, [inputs])
     finally:
         for h in hooks:
             h.remove()
         reference.train(modes[0]), candidate.train(modes[1])
-    stats = ErrorStats.of(y_ref, y)
-    agreement = None
-    if y_ref.dim() == 2:
-        agreement = (y_ref.argmax(1) == y.argmax(1)).double().mean().item()
     tol = max(TOLERANCES.get(d, 1e-5) for d in (run_dtype, *stored)) if tolerance is None else tolerance
     blocks = {n: ErrorStats.of(ref_blocks[n], cand_blocks[n]) for n in names if n in ref_blocks and n in cand_blocks}
     return EquivalenceReport(
         stats.max_abs_err,
         stats.max_rel_err,
         stats.mean_abs_err,
-        agreement,
+        stats.argmax_agreement,
         tol,
         str(run_dtype).replace("torch.", ""),
         stats.max_rel_err <= tol,

@@ -43,7 +43,7 @@ def test_onnx_int8_agrees_with_float32(tmp_path, mode, make):
     check = data_batches("random", model, 4, 128, seed=1)  # the fixed batch, unseen in calibration
     path = tmp_path / "int8.onnx"
     report = export_onnx(model, path, batch_size=4, quantize=mode, calibration=calibration, check_batches=check)
-    assert report.int8.argmax_agreement >= 0.99 and report.int8.samples == 128
+    assert report.int8.argmax_agreement >= 0.99 and report.int8.count == 128
     assert 0 < report.int8.max_rel_err < 0.1  # quantized, and close
     proto = onnx.load(str(path))
     ops = {node.op_type for node in proto.graph.node}

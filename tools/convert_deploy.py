@@ -9,7 +9,6 @@ such. With no arguments: the model shipped with the package, repmlp_fmnist_mlp.f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ import repmlp  # noqa: E402
 from repmlp.flops import count_macs, count_params  # noqa: E402
 from repmlp.guards import check_output_file, integer  # noqa: E402
 from repmlp.int8 import format_ranges, weight_ranges  # noqa: E402
-from repmlp.sources import ModelSource, add_model_arguments, model_source  # noqa: E402
+from repmlp.sources import ModelSource, add_model_arguments, deploy_record, model_source  # noqa: E402
 
 DEFAULT = "repmlp_fmnist_mlp.fmnist"  # with --pretrained: the shipped model
 
@@ -57,20 +56,6 @@ def load_train_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str, Mo
     )
     name = (source.model.pretrained_cfg or {}).get("architecture") or source.name.replace(":", "_")
     return source.model, name, source
-
-
-def deploy_metadata(args: argparse.Namespace, model: torch.nn.Module, source: ModelSource) -> dict[str, str]:
-    """What the deploy-form file records so that tools can rebuild it alone: the train-form file's dataset and
-    config, the constructor arguments used and the number of classes."""
-    saved = source.record
-    meta = {k: v for k, v in saved.items() if k in ("dataset", "config")}
-    kwargs = {**json.loads(saved.get("model_kwargs", "{}")), **args.model_kwargs}
-    for key in ("num_classes", "deploy"):
-        kwargs.pop(key, None)
-    meta.update(model_kwargs=json.dumps(kwargs), source=source.weights)
-    if isinstance(getattr(model, "num_classes", None), int):
-        meta["num_classes"] = str(model.num_classes)
-    return meta
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if not all(r.passed for r in reports):
         print(f"NOT written: the deploy form does not match the train form ({output})", file=sys.stderr)
         return 1
-    meta = deploy_metadata(args, model, source)
+    meta = deploy_record(source, model, args.model_kwargs)
     repmlp.save_checkpoint(deploy, output, model_name=name, form="deploy", metadata=meta)
     print(f"wrote   {output}")
     return 0

@@ -30,8 +30,8 @@ from repmlp.guards import integer  # noqa: E402
 from repmlp.int8 import FixedBatch, data_batches, onnx_batch_size, quantize_pytorch  # noqa: E402
 from repmlp.onnx_io import onnx_predictor  # noqa: E402
 from repmlp.shipped import shipped_weights  # noqa: E402
-from repmlp.sources import agree_with_record, model_source, read_record  # noqa: E402
-from repmlp.training import build_eval_data, evaluate, load_config  # noqa: E402
+from repmlp.sources import model_source, read_record  # noqa: E402
+from repmlp.training import build_eval_data, eval_data_config, evaluate  # noqa: E402
 from repmlp.training.distributed import DistEnv  # noqa: E402
 
 
@@ -87,27 +87,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def eval_config(args: argparse.Namespace, meta: dict[str, str]) -> dict:
-    """The data settings: --config, else the training config the checkpoint records; the dataset named by
-    --dataset must agree with the one the checkpoint records."""
-    cfg = load_config(args.config, [f"train.eval_batch_size={args.batch_size}", f"data.num_workers={args.workers}"])
-    recorded = json.loads(meta["config"])["data"] if "config" in meta else {}
-    if not args.config and recorded:
-        cfg["data"].update({k: v for k, v in recorded.items() if k != "num_workers"})
-    given = args.dataset or (cfg["data"]["dataset"] if args.config else None)
-    dataset = agree_with_record("dataset", given, meta.get("dataset"), args.checkpoint or args.model)
-    if dataset is None:
-        raise ValueError(
-            f"{args.checkpoint or args.model} does not record its dataset; name it with --dataset "
-            f"({', '.join(DATASETS)}) or --config"
-        )
-    if dataset != cfg["data"]["dataset"]:
-        cfg["data"]["dataset"], cfg["data"]["root"] = dataset, None
-    if args.data_root:
-        cfg["data"]["root"] = args.data_root
-    return cfg
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -121,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             source = model_source(args.model, args.checkpoint, args.pretrained, args.model_kwargs, form=args.form)
             model, meta = source.model, source.record
             print(f"model   {source.name} ({source.weights})", file=sys.stderr)
-        cfg = eval_config(args, meta)
+        overrides = [f"train.eval_batch_size={args.batch_size}", f"data.num_workers={args.workers}"]
+        name = args.checkpoint or args.model
+        cfg = eval_data_config(meta, name, args.config, args.dataset, args.data_root, overrides)
         loader = build_eval_data(cfg, model, args.split)
     except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

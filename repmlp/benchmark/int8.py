@@ -140,7 +140,7 @@ def run_int8_benchmark(cfg: Int8BenchmarkConfig, workdir: str | Path, log=print)
                         images_per_s=1e3 * bs / ms,
                         max_rel_err=checks[form].max_rel_err,
                         argmax_agreement=checks[form].argmax_agreement,
-                        checked_on=checks[form].samples,
+                        checked_on=checks[form].count,
                     )
                 )
                 if cfg.profile and form in paths:

@@ -23,6 +23,7 @@ from timm.layers import SelectAdaptivePool2d, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from ..data import FASHION_MNIST_LABELS, FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from ..layers import ConvBN, PatchEmbedding, RepMLP, cells, shape_str
 from ..shipped import shipped_folder
 from ._base import RepMLPModel, check_rate, pretrained_cfg, route_pretrained_file
@@ -283,20 +284,12 @@ def _cfg(**kwargs) -> dict:
     )
 
 
-FASHION_MNIST_LABELS = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
 _FMNIST = dict(
-    input_size=(1, 28, 28), pool_size=(7, 7), mean=(0.2860,), std=(0.3530,), label_names=FASHION_MNIST_LABELS
+    input_size=(1, 28, 28),
+    pool_size=(7, 7),
+    mean=FASHION_MNIST_MEAN,
+    std=FASHION_MNIST_STD,
+    label_names=FASHION_MNIST_LABELS,
 )
 
 default_cfgs = generate_default_cfgs(

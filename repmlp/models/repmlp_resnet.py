@@ -38,10 +38,7 @@ class Stem(ConvBN):
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        if self.bn is not None:
-            x = self.bn(x)
-        return self.pool(self.act(x))
+        return self.pool(self.conv_bn_act(x))
 
 
 class Bottleneck(nn.Module):

@@ -143,8 +143,10 @@ class SharedFC(nn.Module):
         return y.reshape(v.shape)
 
 
-class GlobalPerceptron(nn.Module):
-    """SE-like global perceptron: GAP -> fc1 -> ReLU -> fc2 -> sigmoid, one scale per channel (N, C, 1, 1)."""
+class ChannelScaling(nn.Module):
+    """RepMLPNet's global perceptron: SE-like GAP -> fc1 -> ReLU -> fc2 -> sigmoid, one scale per channel
+    (N, C, 1, 1) that multiplies the block's output (unlike v1's :class:`repmlp.layers.GlobalPerceptron`, which adds
+    one value per channel and partition to the input)."""
 
     def __init__(self, channels: int, hidden: int) -> None:
         super().__init__()
@@ -214,7 +216,7 @@ class RepMLPBlock(nn.Module):
             raise ValueError(f"RepMLPBlock: sharesets={sharesets} must divide channels={channels}")
         self.channels, self.h, self.w, self.sharesets = channels, h, w, sharesets
         self.reparam_conv_k = [(int(k), 1) for k in reparam_conv_k]
-        self.global_perceptron = GlobalPerceptron(channels, channels // gp_reduction)
+        self.global_perceptron = ChannelScaling(channels, channels // gp_reduction)
         self.channel_perceptron = ChannelPerceptron(sharesets, h, w, deploy)
         self.local_perceptron = None
         if self.reparam_conv_k and not deploy:
@@ -242,16 +244,24 @@ class RepMLPBlock(nn.Module):
         out = y * scale if residual is None else torch.addcmul(residual.reshape(sets), y, scale)
         return out.reshape(n, c, H, W)
 
+    #: The child holding FC3 (with its BN in the train form), for code that treats every family's block alike.
+    fc3_perceptron = "channel_perceptron"
+
+    def equivalent_fc3(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """FC3 weight (S, hw, hw) and bias (S, hw) of this block's deploy form (Locality Injection) as a
+        differentiable float64 function of its current form, from running BN statistics."""
+        weight, bias = self.channel_perceptron.fused()
+        if self.local_perceptron is not None:
+            local_weight, local_bias = self.local_perceptron.fused(self.h, self.w)  # (S, hw, hw), (S*hw,)
+            weight, bias = weight + local_weight, bias + local_bias.reshape(bias.shape)
+        return weight, bias
+
     @torch.no_grad()
     def reparameterize(self) -> None:
         """Locality Injection (idempotent): local perceptron and BN(S) merged into FC3 with a bias."""
         if self.deploy:
             return
-        weight, bias = self.channel_perceptron.fused()
-        if self.local_perceptron is not None:
-            local_weight, local_bias = self.local_perceptron.fused(self.h, self.w)  # (S, hw, hw), (S*hw,)
-            weight, bias = weight + local_weight, bias + local_bias.reshape(bias.shape)
-        self.channel_perceptron.load_fused(weight, bias)
+        self.channel_perceptron.load_fused(*self.equivalent_fc3())
         self.local_perceptron = None
 
 

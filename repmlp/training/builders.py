@@ -3,14 +3,17 @@ transforms, loss and Mixup."""
 
 from __future__ import annotations
 
+import json
+
 import timm
 from timm.data import Mixup, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import build_dataset, build_loader, build_transform
-from .config import call_configured
+from ..data import DATASETS, build_dataset, build_loader, build_transform
+from ..sources import agree_with_record
+from .config import call_configured, load_config
 from .distributed import DistEnv
 
 
@@ -106,3 +109,40 @@ def build_loss(cfg: dict, num_classes: int) -> tuple[nn.Module, Mixup | None]:
     if a["label_smoothing"] > 0:
         return LabelSmoothingCrossEntropy(a["label_smoothing"]), None
     return nn.CrossEntropyLoss(), None
+
+
+def eval_data_config(
+    record: dict[str, str],
+    name: str,
+    config: str | None = None,
+    dataset: str | None = None,
+    data_root: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> dict:
+    """The config whose data section evaluates the model of ``record`` (a weights file's metadata): ``config``'s,
+    else the training config the file records (its worker count aside), else the defaults; ``dataset`` (or
+    ``config``'s dataset) must agree with the one the file records, and is required when it records none.
+
+    Args:
+        record: the file's metadata (:func:`repmlp.sources.read_record`).
+        name: the file or model, for messages.
+        config: a training config (YAML, or a run's config.json) to take the data section from.
+        dataset: the dataset to evaluate on (one of ``repmlp.data.DATASETS``).
+        data_root: its directory (default: the recorded one, or the dataset's default).
+        overrides: ``key=value`` config overrides applied first (batch size, workers).
+    """
+    cfg = load_config(config, list(overrides))
+    recorded = json.loads(record["config"])["data"] if "config" in record else {}
+    if not config and recorded:
+        cfg["data"].update({k: v for k, v in recorded.items() if k != "num_workers"})
+    given = dataset or (cfg["data"]["dataset"] if config else None)
+    dataset = agree_with_record("dataset", given, record.get("dataset"), name)
+    if dataset is None:
+        raise ValueError(
+            f"{name} does not record its dataset; name it with --dataset ({', '.join(DATASETS)}) or --config"
+        )
+    if dataset != cfg["data"]["dataset"]:
+        cfg["data"]["dataset"], cfg["data"]["root"] = dataset, None
+    if data_root:
+        cfg["data"]["root"] = data_root
+    return cfg

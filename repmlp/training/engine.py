@@ -12,7 +12,7 @@ from timm.utils import accuracy, dispatch_clip_grad, unwrap_model
 from torch import nn
 from tqdm import tqdm
 
-from ..verify import ErrorStats
+from ..verify import compare_predictors
 from .distributed import DistEnv, all_reduce_sum, any_rank
 from .state import set_rng_states
 
@@ -186,26 +186,15 @@ def evaluate(
 def compare_forms(
     train_form: nn.Module, deploy_form: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device
 ) -> dict[str, float]:
-    """Run both forms over a whole dataset (one process): top-1 of each, argmax agreement and the largest
-    per-element logit errors of the deploy form against the train form."""
+    """Run both forms over a whole dataset (one process, :func:`repmlp.verify.compare_predictors`): top-1 of each,
+    argmax agreement and the largest per-element logit errors of the deploy form against the train form."""
     train_form.eval(), deploy_form.eval()
-    agree = correct_train = correct_deploy = seen = 0
-    max_abs = max_rel = 0.0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        ref, cand = train_form(x), deploy_form(x)
-        stats = ErrorStats.of(ref, cand)
-        max_abs, max_rel = max(max_abs, stats.max_abs_err), max(max_rel, stats.max_rel_err)
-        agree += (ref.argmax(1) == cand.argmax(1)).sum().item()
-        correct_train += (ref.argmax(1) == y).sum().item()
-        correct_deploy += (cand.argmax(1) == y).sum().item()
-        seen += y.shape[0]
-    seen = max(seen, 1)
+    check = compare_predictors(train_form, deploy_form, ((x.to(device), y) for x, y in loader))
     return {
-        "argmax_agreement": agree / seen,
-        "max_abs_err": max_abs,
-        "max_rel_err": max_rel,
-        "train_top1": 100 * correct_train / seen,
-        "deploy_top1": 100 * correct_deploy / seen,
-        "count": seen,
+        "argmax_agreement": check.argmax_agreement,
+        "max_abs_err": check.max_abs_err,
+        "max_rel_err": check.max_rel_err,
+        "train_top1": check.reference_top1,
+        "deploy_top1": check.candidate_top1,
+        "count": check.count,
     }
