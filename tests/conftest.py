@@ -1,17 +1,26 @@
 import importlib.util
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import timm  # noqa: E402
 import torch  # noqa: E402
 
+import repmlp  # noqa: E402
 from repmlp.data import FASHION_MNIST_ROOT  # noqa: E402
+from repmlp.models import model_input_size  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parent / "fixtures" / "official"  # the authors' outputs, as data
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+# pytest-xdist workers share the cores: each takes its share of torch's threads instead of all of them
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +36,61 @@ def rel_err(reference: torch.Tensor, candidate: torch.Tensor) -> float:
 
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+# ------------------------------------------------------------------------------------- the zoo, per design
+
+REGISTERED = timm.list_models("repmlp*")
+
+
+def design(name: str) -> str:
+    """The model family and block design of ``name``: presets that differ only in groups, size or width share one
+    (repmlp_res50_light_224 and repmlp_res50_light_g4_224; repmlpnet_b224 and repmlpnet_l256)."""
+    return re.sub(r"_([a-z]?\d+|g\d+(g\d+)*)(_\d+)?$", "", name)
+
+
+#: One registered preset per design (the first by name): what a preset's numbers cannot change is tested on these.
+DESIGNS = sorted({min(n for n in REGISTERED if design(n) == design(m)) for m in REGISTERED})
+
+# Small sizes per family (the preset's layout, few channels): RepMLPNet is built for 32x32 and run at 64x64 in
+# places, so its blocks see 2x2 partitions as a preset at twice its size does.
+SMALL = {
+    "repmlp_res50": dict(img_size=64, partition=4, widths=(64, 128, 256, 512)),
+    "repmlpnet": dict(
+        img_size=32, partitions=(8, 4, 2, 1), channels=(8, 16, 16, 32), sharesets=(1, 2, 4, 8), depths=(1, 1, 2, 1)
+    ),
+    "repmlp_cifar_mlp": dict(img_size=16, partition=4, widths=(8, 16, 16)),
+    "repmlp_cifar_wideconv": dict(widths=(8, 16, 16)),
+    "repmlp_fmnist": dict(),
+}
+
+
+def small_kwargs(name: str) -> dict:
+    """Constructor arguments that make ``name`` small and fast, keeping its block types and options."""
+    return dict(next(v for k, v in SMALL.items() if name.startswith(k)))
+
+
+def create(name: str, seed: int = 0, randomize_bn: bool = True, **kwargs) -> torch.nn.Module:
+    """A small model of ``name`` with seeded weights and (by default) randomised BN statistics, in eval mode."""
+    torch.manual_seed(seed)
+    model = timm.create_model(name, **{**small_kwargs(name), **kwargs})
+    return (repmlp.randomize_bn_stats(model, seed) if randomize_bn else model).eval()
+
+
+#: (name, constructor kwargs) of one small model per design, plus one built with non-default constructor arguments.
+CASES = [pytest.param(n, small_kwargs(n), id=n) for n in DESIGNS] + [
+    pytest.param(
+        "repmlp_cifar_mlp",
+        dict(small_kwargs("repmlp_cifar_mlp"), widths=(8, 16, 32), fc3_groups=4),
+        id="repmlp_cifar_mlp-widths",
+    )
+]
+
+
+def inputs(model: torch.nn.Module, batch: int = 2, scale: int = 1) -> torch.Tensor:
+    """Seeded standard-normal inputs of the model's size (``scale`` times its height and width)."""
+    c, h, w = model_input_size(model)
+    return torch.randn(batch, c, h * scale, w * scale, generator=torch.Generator().manual_seed(1))
+
 
 #: Tests that read the real Fashion-MNIST (Debian's package; CI installs it, a new user's machine may not have it).
 needs_fashion_mnist = pytest.mark.skipif(

@@ -1,11 +1,19 @@
-"""Weights on disk: safetensors with metadata, atomic writes, strict loads, clear errors."""
+"""Weights on disk and every way of loading them: safetensors with metadata, atomic writes, strict loads, clear
+errors; (model form) x (file form) x (file origin) through load_checkpoint and create_model for one small model per
+design; the authors' checkpoints and block fixtures; fine-tuning loads (other classes, other input channels)."""
 
+import itertools
+import json
 import os
 
 import pytest
+import safetensors.torch
+import timm
 import torch
+from conftest import CASES, REFERENCE, create, inputs, official_state_dict, rel_err, small_kwargs
 
 import repmlp
+from repmlp import RepMLP
 from repmlp.checkpoint import read_metadata, read_state_dict
 from repmlp.verify import randomize_bn_stats
 
@@ -130,3 +138,143 @@ def test_wrong_values_are_refused_before_loading(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="repmlp"):
         repmlp.load_checkpoint(_block(), tmp_path / "fp16.pth")
     assert "lower precision" in caplog.text
+
+
+def _write(model: torch.nn.Module, origin: str, path) -> str:
+    if origin == "ours":
+        path = path.with_suffix(".safetensors")
+        repmlp.save_checkpoint(model, path)
+    else:  # a plain torch.save of a state dict, as users and other trainers write
+        path = path.with_suffix(".pth")
+        torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def _load(route: str, name: str, kwargs: dict, deploy: bool, path: str) -> torch.nn.Module:
+    if route == "load_checkpoint":
+        return repmlp.load_checkpoint(timm.create_model(name, deploy=deploy, **kwargs), path)
+    return timm.create_model(name, deploy=deploy, pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)
+
+
+@pytest.mark.parametrize("name,kwargs", CASES)
+def test_load_routes(tmp_path, name, kwargs):
+    """Every (model form) x (file form) x (file origin: ours, a plain torch.save of a state dict), through
+    load_checkpoint and create_model(pretrained=True): a train-form file loads into either form (converted for
+    a deploy-form model); a deploy-form file loads into a deploy-form model and is refused by a train-form one."""
+    train = create(name, 3, **kwargs)
+    x = inputs(train)
+    expected = train(x)
+    forms = dict(train=train, deploy=repmlp.convert_to_deploy(train))
+    for (file_form, saved), origin in itertools.product(forms.items(), ("ours", "torch_save")):
+        path = _write(saved, origin, tmp_path / f"{file_form}_{origin}")
+        for deploy, route in itertools.product((False, True), ("load_checkpoint", "create_model")):
+            if file_form == "deploy" and not deploy:
+                with pytest.raises(ValueError, match="deploy-form .* cannot be recovered"):
+                    _load(route, name, kwargs, deploy, path)
+                continue
+            model = _load(route, name, kwargs, deploy, path).eval()
+            assert repmlp.is_deploy_form(model) == deploy
+            assert rel_err(expected, model(x)) <= 1e-5, (file_form, origin, deploy, route)
+
+
+# the authors' checkpoints: their key layouts (tests/fixtures/official/keys_*.txt) with random values
+AUTHORS = [
+    ("repmlp_res50_light_g4_224", "RepMLP-Res50-light-224", "stage0.0.conv.weight"),
+    ("repmlp_res50_bottleneck_224", "RepMLP-Res50-bottleneck-224", "stage0.0.conv.weight"),
+    ("repmlpnet_t224", "RepMLPNet-T224", "conv_embedding.conv.weight"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,keys,stem", AUTHORS)
+def test_the_authors_checkpoints(tmp_path, name, keys, stem):
+    """Their train form loads into both of our forms (the deploy form converted from it); their inference form
+    loads into our deploy form and is refused by our train form."""
+    for form in ("train", "deploy"):
+        state = official_state_dict(f"keys_{keys}_{form}.txt")
+        path = tmp_path / f"{form}.pth"
+        torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, path)  # as their DDP training saves
+        overlay = dict(file=str(path))
+        deploy = timm.create_model(name, pretrained=True, deploy=True, pretrained_cfg_overlay=overlay).eval()
+        classifier = state[next(k for k in state if k.endswith(("linear.weight", "head.weight")))]
+        assert torch.equal(deploy.get_classifier().weight, classifier)
+        if form == "deploy":
+            with pytest.raises(ValueError, match="deploy-form"):
+                timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
+            continue
+        train = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay).eval()
+        assert torch.equal(train.stem.conv.weight, state[stem])
+        assert repmlp.verify_equivalence(train, deploy, batch_size=1).passed
+
+
+FINE_TUNE = CASES + [
+    pytest.param("repmlp_fmnist_mlp", dict(deploy=True), id="repmlp_fmnist_mlp-deploy"),
+    pytest.param("repmlpnet_t224", dict(small_kwargs("repmlpnet_t224"), deploy=True), id="repmlpnet-deploy"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", FINE_TUNE)
+def test_fine_tuning_loads(tmp_path, caplog, name, kwargs):
+    """Another num_classes (0 included) keeps the model's fresh classifier and says so; another in_chans adapts
+    the first conv; everything else is loaded (a train-form file, so deploy-form models also convert)."""
+    kwargs = dict(kwargs)
+    deploy = kwargs.pop("deploy", False)
+    train = create(name, 4, **kwargs)
+    path = _write(train, "ours", tmp_path / "weights")
+    overlay = dict(file=path)
+    reference = repmlp.convert_to_deploy(train) if deploy else train
+    x = inputs(train)
+    for num_classes in (train.num_classes + 3, 0):
+        with caplog.at_level("WARNING", logger="repmlp"):
+            model = timm.create_model(
+                name, pretrained=True, deploy=deploy, pretrained_cfg_overlay=overlay, num_classes=num_classes, **kwargs
+            ).eval()
+        assert "classifier" in caplog.text and "skipped" in caplog.text
+        assert model(x).shape == (2, num_classes or model.head_hidden_size)
+        assert (
+            rel_err(
+                reference.forward_head(reference.forward_features(x), pre_logits=True),
+                model.forward_head(model.forward_features(x), pre_logits=True),
+            )
+            <= 1e-5
+        )
+    chans = x.shape[1] + 2
+    model = timm.create_model(
+        name, pretrained=True, deploy=deploy, pretrained_cfg_overlay=overlay, in_chans=chans, **kwargs
+    ).eval()
+    assert model.stem.conv.weight.shape[1] == chans
+    if x.shape[1] == 1:  # one channel spread evenly over the new ones: the same function on repeated input
+        assert rel_err(reference(x), model(x.repeat(1, chans, 1, 1))) <= 1e-5
+
+
+def test_wrong_files_are_clear_errors(tmp_path):
+    train = create("repmlp_fmnist_mlp")
+    other = timm.create_model("repmlp_cifar_mlp")
+    path = _write(train, "ours", tmp_path / "fmnist")
+    with pytest.raises(ValueError, match="does not match the model: missing keys"):
+        repmlp.load_checkpoint(other, path)
+    with pytest.raises(ValueError, match="pretrained_cfg_overlay"):
+        timm.create_model("repmlp_res50_light_224", pretrained=True)
+
+
+def _fixture(name):
+    cfg = json.loads((REFERENCE / f"{name}_config.json").read_text())
+    io = safetensors.torch.load_file(str(REFERENCE / f"{name}_io.safetensors"))
+    return cfg, io, safetensors.torch.load_file(str(REFERENCE / f"{name}_train.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["v1_block", "v1_block_in8_out16"])
+def test_official_train_state_dict_loads_as_is_and_converts(name):
+    cfg, io, state = _fixture(name)
+    block = RepMLP(**cfg).eval()
+    block.load_state_dict(state)
+    assert rel_err(io["y_train"], block(io["x"])) <= 1e-6
+    block.reparameterize()
+    assert rel_err(io["y_train"], block(io["x"])) <= 1e-6
+
+
+def test_official_deploy_state_dict_loads_into_deploy_form():
+    cfg, io, _ = _fixture("v1_block")
+    block = RepMLP(**cfg, deploy=True).eval()
+    block.load_state_dict(safetensors.torch.load_file(str(REFERENCE / "v1_block_deploy.safetensors")))
+    assert rel_err(io["y_deploy"], block(io["x"])) <= 1e-6

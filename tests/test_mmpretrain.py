@@ -25,6 +25,7 @@ CONFIG = json.loads((MMPRETRAIN / "tiny_config.json").read_text())["ours"]
 #: our constructor arguments of mmpretrain's tiny classifier (tiny_config.json), for any RepMLPNet preset name
 TINY = dict(
     img_size=CONFIG["img_size"],
+    partitions=tuple(CONFIG["img_size"] // 4 // 2**i for i in range(4)),  # one partition per stage, as mmpretrain's
     channels=CONFIG["channels"],
     depths=CONFIG["depths"],
     sharesets=CONFIG["sharesets"],

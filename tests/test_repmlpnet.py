@@ -16,8 +16,6 @@ from repmlp.layers import partition, unpartition
 from repmlp.models.repmlpnet import RepMLPBlock
 from repmlp.verify import randomize_bn_stats
 
-torch.set_num_threads(2)
-
 # train-form parameter counts of the authors' README (reference §1.4)
 TRAIN_PARAMS = {
     "repmlpnet_t224": 38.29e6,
@@ -67,9 +65,21 @@ def test_every_model_is_registered():
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_conversion_is_exact_with_the_authors_param_counts(name):
-    model = randomize_bn_stats(timm.create_model(name), seed=1).eval()
-    assert abs(_params(model) - TRAIN_PARAMS[name]) < 0.005e6
+def test_the_authors_param_counts(name):
+    """Each preset on the meta device: the authors' train-form count, and a deploy form built directly with the
+    keys and shapes its conversion gives (the conversion itself is tested per design and at full size below)."""
+    train = timm.create_model(name, device="meta")
+    assert abs(_params(train) - TRAIN_PARAMS[name]) < 0.005e6
+    converted = repmlp.convert_to_deploy(train)
+    built = timm.create_model(name, deploy=True, device="meta")
+    assert {k: v.shape for k, v in built.state_dict().items()} == {
+        k: v.shape for k, v in converted.state_dict().items()
+    }
+    assert _bn_count(built) == 0 and repmlp.is_deploy_form(built)
+
+
+def test_conversion_is_exact_at_full_size():
+    model = randomize_bn_stats(timm.create_model("repmlpnet_t224"), seed=1).eval()
     x = torch.randn(1, *model.pretrained_cfg["input_size"])
     with torch.no_grad():
         y_train = model(x)
@@ -77,8 +87,6 @@ def test_conversion_is_exact_with_the_authors_param_counts(name):
         y_deploy = deploy(x)
     assert _bn_count(deploy) == 0 and repmlp.is_deploy_form(deploy)
     assert rel_err(y_train, y_deploy) <= TOL[torch.float32]
-    built = timm.create_model(name, deploy=True)
-    assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in deploy.state_dict().items()}
 
 
 # partitions per stage (h = w or (h, w)) and input size

@@ -9,8 +9,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import TOL, rel_err
-from test_timm_contract import create, inputs, small_kwargs
+from conftest import DESIGNS, TOL, create, inputs, rel_err, small_kwargs
 from timm.layers import DropBlock2d, DropPath
 from timm.models._features import FeatureGetterNet
 from timm.models._manipulate import group_parameters
@@ -18,15 +17,6 @@ from timm.utils import reparameterize_model
 
 import repmlp
 
-# one preset per architecture: presets that differ only in groups, size or width build the same modules
-DESIGNS = [
-    "repmlp_res50_light_224",
-    "repmlp_res50_bottleneck_224",
-    "repmlpnet_t224",
-    "repmlp_cifar_mlp",
-    "repmlp_cifar_wideconv",
-    "repmlp_fmnist_mlp",
-]
 RESIDUAL = [n for n in DESIGNS if not n.startswith(("repmlp_cifar", "repmlp_fmnist"))]  # families with residuals
 
 

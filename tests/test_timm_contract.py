@@ -1,58 +1,21 @@
-"""timm's model contract for every registered model: feature extraction (forward_intermediates, features_only
-with every feature_cls, FX), TorchScript, head semantics, pretrained_cfgs; shipped folders loaded as timm loads
-folders, from a clone and from an installed wheel; a segmentation-models-pytorch client."""
+"""timm's model contract, one small model per design (pretrained_cfgs for every registered name): feature extraction
+(forward_intermediates, features_only with every feature_cls, FX), TorchScript, head semantics; a
+segmentation-models-pytorch client. The shipped folders are in test_shipped.py."""
 
-import importlib.util
-import json
-import os
-import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import timm
 import torch
-from conftest import rel_err
+from conftest import DESIGNS, REGISTERED, SMALL, create, inputs, rel_err
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import repmlp
 from repmlp.models import model_input_size
-from repmlp.shipped import ENV_VAR, WEIGHTS_NAME, read_config, sha256, shipped_models, weights_dir
+from repmlp.shipped import weights_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = timm.list_models("repmlp*")
 FEATURE_CLASSES = ["list", "dict", "hook", "fx", "getter"]
-
-# Small sizes per family (the preset's layout, few channels): RepMLPNet is built for 32x32 and run at 64x64 in
-# places, so its blocks see 2x2 partitions as a preset at twice its size does.
-SMALL = {
-    "repmlp_res50": dict(img_size=64, partition=4, widths=(64, 128, 256, 512)),
-    "repmlpnet": dict(
-        img_size=32, partitions=(8, 4, 2, 1), channels=(8, 16, 16, 32), sharesets=(1, 2, 4, 8), depths=(1, 1, 2, 1)
-    ),
-    "repmlp_cifar_mlp": dict(img_size=16, partition=4, widths=(8, 16, 16)),
-    "repmlp_cifar_wideconv": dict(widths=(8, 16, 16)),
-    "repmlp_fmnist": dict(),
-}
-
-
-def small_kwargs(name: str) -> dict:
-    return next(v for k, v in SMALL.items() if name.startswith(k))
-
-
-def create(name: str, seed: int = 0, randomize_bn: bool = True, **kwargs) -> torch.nn.Module:
-    """A small model of ``name`` with seeded weights and (by default) randomised BN statistics, in eval mode."""
-    torch.manual_seed(seed)
-    model = timm.create_model(name, **{**small_kwargs(name), **kwargs})
-    return (repmlp.randomize_bn_stats(model, seed) if randomize_bn else model).eval()
-
-
-def inputs(model: torch.nn.Module, batch: int = 2, scale: int = 1) -> torch.Tensor:
-    c, h, w = model_input_size(model)
-    return torch.randn(batch, c, h * scale, w * scale, generator=torch.Generator().manual_seed(1))
 
 
 def assert_equal_lists(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> None:
@@ -64,7 +27,7 @@ def assert_equal_lists(expected: list[torch.Tensor], actual: list[torch.Tensor])
 # ------------------------------------------------------------------------------------------ feature extraction
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", DESIGNS)
 def test_forward_intermediates_follow_timm_semantics(name):
     model = create(name)
     x = inputs(model)
@@ -85,7 +48,7 @@ def test_forward_intermediates_follow_timm_semantics(name):
         model.forward_intermediates(x, output_fmt="NHWC")
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", DESIGNS)
 def test_prune_intermediate_layers_keeps_the_requested_levels(name):
     model = create(name)
     x = inputs(model)
@@ -98,7 +61,7 @@ def test_prune_intermediate_layers_keeps_the_requested_levels(name):
         assert torch.equal(model(x), intermediates[1])  # the head passes the features through
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", DESIGNS)
 def test_features_only_with_every_feature_cls(name):
     reference = create(name, randomize_bn=False)  # seeded init: the same weights whatever the module order
     x = inputs(reference)
@@ -112,7 +75,7 @@ def test_features_only_with_every_feature_cls(name):
         assert_equal_lists(expected, list(out.values()) if isinstance(out, dict) else out)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", DESIGNS)
 def test_fx_feature_extraction_keeps_the_input_checks(name):
     model = create(name)
     x = inputs(model)
@@ -144,7 +107,7 @@ def test_fx_graphs_script(name):
 # ------------------------------------------------------------------------------------------ TorchScript
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", DESIGNS)
 def test_torchscript_train_and_deploy_forms(name):
     train = create(name)
     deploy = repmlp.convert_to_deploy(train)
@@ -161,7 +124,7 @@ def test_torchscript_train_and_deploy_forms(name):
             scripted_deploy(torch.randn(1, c, h + 4, w + 4))
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", DESIGNS)
 def test_wrong_input_size_is_a_value_error_naming_both_sizes(name):
     """Models with RepMLP v1 blocks accept the sizes of their partition grids; RepMLPNet and the Wide ConvNet any."""
     model = create(name)
@@ -177,7 +140,7 @@ def test_wrong_input_size_is_a_value_error_naming_both_sizes(name):
 # ------------------------------------------------------------------------------------------ head
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", DESIGNS)
 def test_head_semantics(name):
     model = create(name)
     x = inputs(model)
@@ -212,7 +175,7 @@ def test_mlp_head_without_pooling_classifies_every_position():
 # ------------------------------------------------------------------------------------------ pretrained cfgs
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", REGISTERED)
 def test_pretrained_cfgs_are_complete(name):
     for cfg in timm.models.get_arch_pretrained_cfgs(name).values():
         cfg = cfg.to_dict()
@@ -228,126 +191,6 @@ def test_fashion_mnist_labels():
 
 
 # ------------------------------------------------------------------------------------------ shipped folders
-
-SHIPPED = sorted({e["folder"] for e in shipped_models()})
-
-
-def test_every_shipped_model_is_a_folder():
-    assert SHIPPED == ["repmlp_fmnist_mlp.fmnist"]
-
-
-@pytest.mark.parametrize("folder", SHIPPED)
-def test_shipped_folder_matches_the_registry(folder):
-    path = weights_dir() / folder
-    config = read_config(path)
-    name = f"{config['architecture']}.{config['pretrained_cfg']['tag']}"
-    registry = timm.models.get_pretrained_cfg(name).to_dict()
-    assert registry["file"] == folder
-    expected = {k: v for k, v in registry.items() if k not in ("file", "architecture", "source")}
-    assert json.loads(json.dumps(expected)) == config["pretrained_cfg"]  # tuples as JSON lists
-    assert config["num_classes"] == registry["num_classes"]
-    assert set(config["files"]) == {WEIGHTS_NAME} and config["files"][WEIGHTS_NAME]["form"] == "train"
-    assert sha256(path / WEIGHTS_NAME) == config["files"][WEIGHTS_NAME]["sha256"]
-    card = (path / "README.md").read_text()
-    assert all(word in card for word in ("Fashion-MNIST", "tools/train.py", "tools/eval.py", "deploy", "MIT"))
-
-
-@pytest.mark.parametrize("folder", SHIPPED)
-def test_local_dir_loads_the_shipped_folder_in_both_forms(folder):
-    name = f"{read_config(weights_dir() / folder)['architecture']}.{folder.split('.', 1)[1]}"
-    by_name = timm.create_model(name, pretrained=True).eval()
-    train = timm.create_model(f"local-dir:{weights_dir() / folder}", pretrained=True).eval()
-    deploy = timm.create_model(f"local-dir:{weights_dir() / folder}", pretrained=True, deploy=True).eval()
-    assert all(torch.equal(a, b) for a, b in zip(by_name.state_dict().values(), train.state_dict().values()))
-    assert list(train.pretrained_cfg["label_names"]) == list(by_name.pretrained_cfg["label_names"])
-    assert repmlp.is_deploy_form(deploy)
-    report = repmlp.verify_equivalence(train, deploy, batch_size=4)
-    assert report.passed and report.argmax_agreement == 1.0, str(report)
-
-
-@pytest.mark.parametrize("folder", SHIPPED)
-def test_tools_read_a_model_folder_as_its_weights_file(folder):
-    from repmlp.sources import model_from_checkpoint, recorded_model_args
-
-    name, kwargs, _ = recorded_model_args(weights_dir() / folder)
-    assert (name, kwargs["num_classes"]) == (read_config(weights_dir() / folder)["architecture"], 10)
-    assert not repmlp.is_deploy_form(model_from_checkpoint(weights_dir() / folder))  # a train-form file, by structure
-
-
-def test_a_corrupted_shipped_file_is_a_clear_error(tmp_path, monkeypatch):
-    folder = tmp_path / "repmlp_fmnist_mlp.fmnist"
-    shutil.copytree(weights_dir() / "repmlp_fmnist_mlp.fmnist", folder)
-    weights = folder / WEIGHTS_NAME
-    data = bytearray(weights.read_bytes())
-    data[-5] ^= 0xFF  # one flipped bit pattern in a tensor: still a readable safetensors file
-    weights.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=rf"{re.escape(str(weights))}.*sha256"):
-        timm.create_model(f"local-dir:{folder}", pretrained=True)
-    monkeypatch.setenv(ENV_VAR, str(tmp_path))  # the registered name, from a corrupted weights directory
-    with pytest.raises(ValueError, match=rf"{re.escape(str(weights))}.*sha256"):
-        timm.create_model("repmlp_fmnist_mlp.fmnist", pretrained=True)
-
-
-def _source_files() -> list[str]:
-    """The repository's files as a clone has them (tracked or not ignored)."""
-    out = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return [f for f in out.splitlines() if (ROOT / f).is_file()]
-
-
-_WHEEL_CHECK = """
-import json, sys
-from pathlib import Path
-sys.path.insert(0, sys.argv[1])
-import safetensors.torch, timm, torch
-import repmlp
-root = Path(sys.argv[2]).resolve()
-assert Path(repmlp.__file__).resolve().is_relative_to(Path(sys.argv[1]).resolve()), repmlp.__file__
-assert not any(Path(p).resolve() == root for p in sys.path if p), sys.path
-model = timm.create_model("repmlp_fmnist_mlp.fmnist", pretrained=True)
-safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, sys.argv[3])
-print(json.dumps({"module": repmlp.__file__, "weights": str(repmlp.shipped.weights_dir())}))
-"""
-
-
-def test_wheel_carries_the_shipped_weights(tmp_path):
-    src = tmp_path / "src"
-    for name in _source_files():  # build from a copy: setuptools writes build/ into the tree it builds
-        (src / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, src / name)
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    offline = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []  # else as pip install did
-    subprocess.run(
-        pip + ["wheel", "--no-deps", *offline, "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True
-    )
-    wheel = next((tmp_path / "dist").glob("repmlp-*.whl"))
-    site = tmp_path / "site"
-    subprocess.run(
-        pip + ["install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], check=True, capture_output=True
-    )
-    loaded = tmp_path / "loaded.safetensors"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", ENV_VAR)} | {"HF_HUB_OFFLINE": "1"}
-    run = subprocess.run(
-        [sys.executable, "-I", "-c", _WHEEL_CHECK, str(site), str(ROOT), str(loaded)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    where = json.loads(run.stdout.splitlines()[-1])
-    assert Path(where["weights"]).is_relative_to(site)
-    # the tensors the installed copy loaded, compared with ours bit for bit (logits could differ in the last bit
-    # between processes with other thread counts)
-    ours = timm.create_model("repmlp_fmnist_mlp.fmnist", pretrained=True).state_dict()
-    theirs = safetensors.torch.load_file(loaded)
-    assert theirs.keys() == ours.keys()
-    assert all(torch.equal(theirs[k], ours[k]) for k in ours)
 
 
 # ------------------------------------------------------------------------------------------ dense prediction
