@@ -84,7 +84,17 @@ def build_datasets(
         if input_size is not None:
             extra.update(in_chans=input_size[0], img_size=input_size[-1])
     return tuple(
-        call_configured("data.synthetic", build_dataset, d["dataset"], split, d["root"], **extra) for split in splits
+        call_configured(
+            "data.synthetic",
+            build_dataset,
+            d["dataset"],
+            split,
+            d["root"],
+            split_name=d[f"{split}_split"],
+            classes=d["num_classes"],
+            **extra,
+        )
+        for split in splits
     )
 
 
