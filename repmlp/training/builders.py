@@ -23,7 +23,7 @@ def build_model(cfg: dict, num_classes: int, deploy: bool = False) -> nn.Module:
         m["name"],
         pretrained=m["pretrained"],
         num_classes=num_classes,
-        deploy=deploy,
+        **({"deploy": True} if deploy else {}),  # only our models take it: any timm model trains in train form
         **m["kwargs"],
     )
 
