@@ -244,22 +244,24 @@ def build_dataset(
     split: str,
     root: str | None = None,
     transform: Callable | None = None,
-    split_name: str | None = None,
+    split_names: dict[str, str | None] | None = None,
     classes: int | None = None,
     **synthetic_args,
 ) -> Dataset:
     """A dataset by name (one of :data:`DATASETS`, or a timm spec of :data:`TIMM_SPECS`) and split ('train' or
     'val'; 'val' is the test set of CIFAR and Fashion-MNIST). The one place that decides how a spec is read.
 
-    ``split_name`` (timm specs only) is the split's name on disk; ``classes`` the class count (data.num_classes),
+    ``split_names`` (timm specs only) are the splits' names on disk, {'train': ..., 'val': ...}; ``classes`` the
+    class count (data.num_classes),
     needed by WebDataset shards without one in their ``_info.json`` and checked against the data's for the others.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if is_timm_spec(name):
-        return timm_dataset(name, split, root, transform, split_name, classes)
-    if split_name is not None:
-        raise ValueError(f"data.{split}_split={split_name!r} applies to timm's specs {TIMM_SPECS}, not {name!r}")
+        return timm_dataset(name, split, root, transform, split_names, classes)
+    for key, value in (split_names or {}).items():
+        if value is not None:
+            raise ValueError(f"data.{key}_split={value!r} applies to timm's specs {TIMM_SPECS}, not {name!r}")
     dataset = _named_dataset(name, split, root, transform, synthetic_args)
     if classes and classes != dataset.num_classes:
         raise ValueError(f"data.num_classes={classes} but dataset {name!r} has {dataset.num_classes} classes")

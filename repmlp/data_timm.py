@@ -149,6 +149,23 @@ def _hfds_classes_present(dataset: Dataset, path: str, split_name: str, where: s
     return {names[i] for i in set(reader.dataset[reader.label_key])}
 
 
+_TAR_CLASSES: dict[tuple, dict[str, int]] = {}  # a train tar's classes by (path, mtime, size): one scan per process
+
+
+def _training_classes(name: str, root: str | None, train_name: str, train_set: Dataset | None) -> dict[str, int]:
+    """The train split's classes, which number the val split (a tar is scanned whole for them: the scan is kept)."""
+    tar = Path(root or ".") / f"{train_name}.tar"
+    key = (str(tar), tar.stat().st_mtime_ns, tar.stat().st_size) if spec_kind(name) == "tar" and tar.is_file() else None
+    if train_set is None and key in _TAR_CLASSES:
+        return _TAR_CLASSES[key]
+    if train_set is None:
+        train_set = _create(name, root, train_name, True, f"dataset {name!r} (data.root={root}) split {train_name!r}")
+    classes = class_names(train_set) or {}
+    if key is not None and classes:
+        _TAR_CLASSES[key] = classes
+    return classes
+
+
 def wds_num_classes(root: str | None, where: str, num_classes: int | None) -> int:
     """The class count of WebDataset shards: data.num_classes, else ``num_classes`` in ``<root>/_info.json``."""
     info_path = Path(root or ".") / "_info.json"
@@ -169,7 +186,7 @@ def timm_dataset(
     split: str,
     root: str | None,
     transform: Callable | None = None,
-    split_name: str | None = None,
+    split_names: dict[str, str | None] | None = None,
     num_classes: int | None = None,
 ) -> Dataset:
     """A split ('train' or 'val') of a dataset spec read by timm, labels numbered by the train split's classes.
@@ -178,11 +195,14 @@ def timm_dataset(
         name: ``tar``, ``wds/NAME``, ``hfds/PATH`` or ``torch/NAME``.
         split: 'train' or 'val'.
         root: the data directory (for ``hfds/``: the datasets cache directory, None for the default).
-        split_name: the split's name on disk (default: 'train', or :data:`DEFAULT_VAL_SPLIT`'s).
+        split_names: the splits' names on disk, {'train': ..., 'val': ...} (default, or None: 'train', and
+            :data:`DEFAULT_VAL_SPLIT`'s for val).
         num_classes: the class count (WebDataset shards carry no class list; checked against the others').
     """
     kind = spec_kind(name)
-    split_name = split_name or ("train" if split == "train" else DEFAULT_VAL_SPLIT[kind])
+    names = {"train": "train", "val": DEFAULT_VAL_SPLIT[kind]}
+    names.update({k: v for k, v in (split_names or {}).items() if v})
+    split_name = names[split]
     where = f"dataset {name!r} (data.root={root}) split {split_name!r}"
     if kind in ("tar", "torch") and root is None:
         raise ValueError(f"{where}: needs data.root; expected {_LAYOUT[kind]}")
@@ -193,10 +213,7 @@ def timm_dataset(
         if not len(dataset.reader.split_info.filenames):
             raise ValueError(f"{where}: no shards; {_found(Path(root or '.'))}; expected {_LAYOUT['wds']}")
     else:
-        train_classes = class_names(dataset) if split == "train" else None
-        if train_classes is None:
-            train_set = _create(name, root, "train", True, f"dataset {name!r} (data.root={root}) split 'train'")
-            train_classes = class_names(train_set)
+        train_classes = _training_classes(name, root, names["train"], dataset if split == "train" else None)
         if not train_classes:
             raise ValueError(f"{where}: the train split names no classes; expected {_LAYOUT[kind]}")
         present = _hfds_classes_present(dataset, name[5:], split_name, where) if kind == "hfds" else None

@@ -204,3 +204,25 @@ def test_bad_specs_name_what_was_found(tmp_path, spec, root, match):
     spec, root = spec.format(tmp=tmp_path), root and root.format(tmp=tmp_path)
     with pytest.raises(ValueError, match=match.format(tmp=tmp_path)):
         build_dataset(spec, "train", root)
+
+
+def test_split_names_on_disk(tmp_path):
+    spec, root = write_tar(tmp_path, val_classes=("dog",))
+    (tmp_path / "train.tar").rename(tmp_path / "training.tar")
+    (tmp_path / "val.tar").rename(tmp_path / "valid.tar")
+    with pytest.warns(UserWarning, match="3 of the 4 training classes"):
+        val = build_dataset(spec, "val", root, split_names={"train": "training", "val": "valid"})
+    assert {label for _, label in val} == {2}
+    with pytest.raises(ValueError, match="data.val_split='valid' applies to timm's specs"):
+        build_dataset("synthetic", "val", split_names={"val": "valid"})
+
+
+@pytest.mark.parametrize("fmt", ["wds", "tar"])
+def test_int8_calibration_reads_timm_specs(tmp_path, fmt):
+    import timm
+
+    from repmlp.int8 import data_batches
+
+    spec, root = FORMATS[fmt](tmp_path)
+    batches = data_batches(f"{spec}:{root}", timm.create_model("repmlp_fmnist_mlp"), 4, 8, split="val")
+    assert [b.shape[0] for b in batches] == [4, 4] and batches[0].shape[-2:] == (28, 28)

@@ -90,7 +90,7 @@ def build_datasets(
             d["dataset"],
             split,
             d["root"],
-            split_name=d[f"{split}_split"],
+            split_names={"train": d["train_split"], "val": d["val_split"]},
             classes=d["num_classes"],
             **extra,
         )
