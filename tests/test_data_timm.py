@@ -226,3 +226,23 @@ def test_int8_calibration_reads_timm_specs(tmp_path, fmt):
     spec, root = FORMATS[fmt](tmp_path)
     batches = data_batches(f"{spec}:{root}", timm.create_model("repmlp_fmnist_mlp"), 4, 8, split="val")
     assert [b.shape[0] for b in batches] == [4, 4] and batches[0].shape[-2:] == (28, 28)
+
+
+def test_torchvision_spec_reads_a_set_already_on_disk(tmp_path):
+    """``torch/fashion_mnist``: torchvision's reader over its own layout (<root>/FashionMNIST/raw), no download."""
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 6), ("t10k", 4)):
+        for kind, array in (("images-idx3", rng.integers(0, 256, (n, 28, 28))), ("labels-idx1", np.arange(n) % 10)):
+            header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+            (raw / f"{prefix}-{kind}-ubyte").write_bytes(header + array.astype(np.uint8).tobytes())
+    train_set, val = (build_dataset("torch/fashion_mnist", split, str(tmp_path)) for split in ("train", "val"))
+    assert (len(train_set), len(val), num_classes_of(val)) == (6, 4, 10) and [val[i][1] for i in range(4)] == [
+        0,
+        1,
+        2,
+        3,
+    ]
+    with pytest.raises(ValueError, match="nothing is downloaded"):
+        build_dataset("torch/fashion_mnist", "train", str(tmp_path / "elsewhere"))

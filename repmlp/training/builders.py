@@ -36,8 +36,14 @@ def data_config(cfg: dict, model: nn.Module) -> dict:
     return resolve_data_config({k: d[k] for k in keys if d[k] is not None}, model=model)
 
 
-def build_data(cfg: dict, model: nn.Module, env: DistEnv) -> tuple[DataLoader, DataLoader]:
-    """Train and validation loaders with timm transforms resolved from the model's pretrained_cfg."""
+def build_data(
+    cfg: dict, model: nn.Module, env: DistEnv, train_set: Dataset | None = None
+) -> tuple[DataLoader, DataLoader]:
+    """Train and validation loaders with timm transforms resolved from the model's pretrained_cfg.
+
+    ``train_set``: the train split already read (not for synthetic data, whose images take the model's input size),
+    so that a large folder or tar is listed once.
+    """
     d, t = cfg["data"], cfg["train"]
     data_cfg = data_config(cfg, model)
     common = dict(
@@ -46,7 +52,10 @@ def build_data(cfg: dict, model: nn.Module, env: DistEnv) -> tuple[DataLoader, D
         std=data_cfg["std"],
         interpolation=data_cfg["interpolation"],
     )
-    train_set, val_set = build_datasets(cfg, data_cfg["input_size"])
+    if train_set is None or d["dataset"] == "synthetic":
+        train_set, val_set = build_datasets(cfg, data_cfg["input_size"])
+    else:
+        (val_set,) = build_datasets(cfg, data_cfg["input_size"], splits=("val",))
     train_set.transform = call_configured(
         "data.train_transform", build_transform, True, crop_padding=d["crop_padding"], **common, **d["train_transform"]
     )

@@ -136,10 +136,11 @@ def build_run(cfg: dict, env: DistEnv) -> Run:
     if t["threads"]:
         torch.set_num_threads(int(t["threads"]))
     seed_everything(t["seed"])
-    num_classes = num_classes_of(build_datasets(cfg, splits=("train",))[0])
+    (train_set,) = build_datasets(cfg, splits=("train",))
+    num_classes = num_classes_of(train_set)
     qat = cfg["qat"]
     model = build_model(cfg, num_classes, deploy=qat["mode"] == "fc3_bn")
-    train_loader, val_loader = build_data(cfg, model, env)
+    train_loader, val_loader = build_data(cfg, model, env, train_set)
     accum = accumulation_steps(t["global_batch"], t["batch_size"], env.world_size)
     epoch_steps = len(train_loader) // accum * accum
     if epoch_steps == 0:
