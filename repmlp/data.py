@@ -9,6 +9,7 @@ the path and the layout it expected.
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import pickle
 import warnings
@@ -382,8 +383,12 @@ def epoch_batches(loader: DataLoader, epoch: int, skip: int = 0) -> Iterator:
     if isinstance(loader.dataset, IterableDataset):
         restart_epoch(loader.dataset, epoch)
         batches = iter(loader)
-        for _ in range(skip):
-            next(batches)
+        replayed = sum(1 for _ in itertools.islice(batches, skip))
+        if replayed < skip:
+            raise ValueError(
+                f"cannot resume epoch {epoch} at batch {skip}: the shards now give {replayed} batches per epoch; "
+                "resume with the data, processes and data.num_workers of the interrupted run"
+            )
         return batches
     loader.sampler.set_epoch(epoch)
     loader.sampler.skip = skip * loader.batch_size

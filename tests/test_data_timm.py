@@ -181,14 +181,35 @@ def test_wds_needs_a_shard_per_process_and_worker(tmp_path):
         build_loader(train_set, 2, True, num_workers=2, rank=0, world_size=2)
 
 
-def test_wds_epochs_replay_exactly(tmp_path):
-    """A WebDataset epoch is a function of (seed, epoch): a skipped start replays the same batches."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_wds_epochs_replay_exactly(tmp_path, workers):
+    """A WebDataset epoch is a function of (seed, epoch) (and of the torch seed loader workers draw, which training
+    sets at each epoch's start): a skipped start replays the same batches."""
     spec, root = write_wds(tmp_path)
-    loader = build_loader(build_dataset(spec, "train", root, transform=transforms.PILToTensor()), 4, True, seed=3)
-    epoch1 = [y.tolist() for _, y in epoch_batches(loader, 1)]
+    dataset = build_dataset(spec, "train", root, transform=transforms.PILToTensor())
+    loader = build_loader(dataset, 4, True, num_workers=workers, seed=3)
+
+    def labels(epoch, skip=0):
+        torch.manual_seed(epoch)
+        return [y.tolist() for _, y in epoch_batches(loader, epoch, skip)]
+
+    epoch1 = labels(1)
     assert len(epoch1) == 4 and sorted(sum(epoch1, [])) == sorted(list(range(4)) * 4)
-    assert [y.tolist() for _, y in epoch_batches(loader, 1, skip=2)] == epoch1[2:]
-    assert [y.tolist() for _, y in epoch_batches(loader, 2)] != epoch1
+    assert labels(1, skip=2) == epoch1[2:]
+    assert labels(2) != epoch1
+
+
+def test_wds_processes_read_their_own_shards(tmp_path):
+    """The loader decides each process's share of the shards (no process group needed to set it)."""
+    spec, root = write_wds(tmp_path)
+    ranks = []
+    for rank in range(2):
+        dataset = build_dataset(spec, "train", root, transform=lambda img: np.asarray(img).mean())
+        ranks.append(
+            sorted(float(x) for b, _ in epoch_batches(build_loader(dataset, 2, True, 0, rank, 2), 0) for x in b)
+        )
+    assert len(ranks[0]) == len(ranks[1]) == 8  # 16 images, 8 a process
+    assert not set(ranks[0]) & set(ranks[1])  # disjoint: one shard each
 
 
 @pytest.mark.parametrize(
