@@ -122,6 +122,11 @@ def _create(name: str, root: str | None, split: str, is_training: bool, where: s
             raise ValueError(f"{where}: {_found(Path(timm_root))}; expected {_LAYOUT['tar']}")
     if kind == "hfds" and not Path(name[5:]).exists():
         raise ValueError(f"{where}: {_found(Path(name[5:]))}; expected {_LAYOUT['hfds']} (nothing is downloaded)")
+    if kind == "hfds" and root and Path(name[5:]).resolve() in (Path(root).resolve(), *Path(root).resolve().parents):
+        raise ValueError(
+            f"{where}: data.root is the datasets cache directory, which datasets writes into; give one outside the "
+            f"dataset {name[5:]} (or null for the default cache)"
+        )
     try:
         return create_dataset(timm_name, root=timm_root, split=split, is_training=is_training, download=False)
     except Exception as err:  # noqa: BLE001 - timm's readers raise AssertionError, RuntimeError, KeyError, ...

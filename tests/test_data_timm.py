@@ -219,6 +219,7 @@ def test_wds_processes_read_their_own_shards(tmp_path):
         ("tar", None, "needs data.root"),
         ("hfds/{tmp}/nowhere", None, "nowhere does not exist; expected a Hugging Face dataset"),
         ("wds/x", "{tmp}", "cannot read dataset 'wds/x'"),
+        ("hfds/{tmp}", "{tmp}/cache", "data.root is the datasets cache directory"),
     ],
 )
 def test_bad_specs_name_what_was_found(tmp_path, spec, root, match):
