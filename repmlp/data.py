@@ -1,5 +1,6 @@
-"""Datasets and loaders: ImageNet-style folders, CIFAR-10/100 python batches, Fashion-MNIST IDX files
-and a synthetic set, all feeding timm's transforms.
+"""Datasets and loaders: ImageNet-style folders, CIFAR-10/100 python batches, Fashion-MNIST IDX files, a synthetic
+set, and timm's dataset specs (``tar``, ``wds/...``, ``hfds/...``, ``torch/...``, see :mod:`repmlp.data_timm`), all
+feeding timm's transforms.
 
 Each reader checks the on-disk layout and raises a ValueError (missing or malformed data) that names
 the path and the layout it expected.
@@ -8,19 +9,22 @@ the path and the layout it expected.
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import pickle
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import ImageDataset, create_transform
+from timm.data import create_dataset, create_transform
 from timm.utils.misc import natural_key
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from torchvision import transforms
+
+from .data_timm import align_to_training_classes, is_timm_spec, restart_epoch, shard_iterable, timm_dataset
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
@@ -38,6 +42,8 @@ FASHION_MNIST_LABELS = (
 )
 
 DATASETS = ("imagefolder", "cifar10", "cifar100", "fashion_mnist", "synthetic")
+#: timm's dataset specs, read by :func:`repmlp.data_timm.timm_dataset`.
+TIMM_SPECS = ("tar", "wds/NAME", "hfds/PATH", "torch/NAME")
 SPLITS = ("train", "val")
 
 _IMAGEFOLDER_LAYOUT = "<root>/train/<class>/<image> and <root>/val/<class>/<image>"
@@ -202,7 +208,7 @@ def folder_classes(root: str | Path) -> dict[str, int]:
     return {name: index for index, name in enumerate(names)}
 
 
-def image_folder(root: str | Path, split: str, transform: Callable | None = None) -> ImageDataset:
+def image_folder(root: str | Path, split: str, transform: Callable | None = None) -> Dataset:
     """ImageNet-style class folders: ``<root>/<split>/<class>/<image>``, classes numbered by ``<root>/train``.
 
     A ``val/`` class folder unknown to ``train/`` is an error; a training class without a ``val/`` folder is
@@ -210,27 +216,14 @@ def image_folder(root: str | Path, split: str, transform: Callable | None = None
     """
     folder = _require_dir(Path(root) / split, _IMAGEFOLDER_LAYOUT)
     class_to_idx = folder_classes(root)
-    if split != "train":
-        present = {entry.name for entry in os.scandir(folder) if entry.is_dir()}
-        unknown = sorted(present - set(class_to_idx), key=natural_key)
-        if unknown:
-            raise ValueError(
-                f"image folder {folder} has {len(unknown)} class folders that {Path(root) / 'train'} "
-                f"lacks: {unknown[:10]}; both splits must use the training classes"
-            )
-        missing = sorted(set(class_to_idx) - present, key=natural_key)
-        if missing:
-            warnings.warn(
-                f"image folder {folder} has no images of {len(missing)} of the {len(class_to_idx)} "
-                f"training classes: {missing[:10]}; the others keep their training indices",
-                stacklevel=2,
-            )
     try:
-        dataset = ImageDataset(str(folder), transform=transform, class_map=class_to_idx)
+        dataset = create_dataset("", root=str(folder), search_split=False)
     except Exception as e:  # noqa: BLE001 - timm raises RuntimeError/AssertionError for empty folders
         raise ValueError(f"cannot read image folder {folder}: {e}; expected {_IMAGEFOLDER_LAYOUT}") from e
     if len(dataset) == 0:
         raise ValueError(f"image folder {folder} holds no images; expected {_IMAGEFOLDER_LAYOUT}")
+    align_to_training_classes(dataset, class_to_idx, f"image folder {folder}")
+    dataset.num_classes, dataset.transform = len(class_to_idx), transform
     return dataset
 
 
@@ -255,19 +248,40 @@ def synthetic(
 
 
 def num_classes_of(dataset: Dataset) -> int:
-    """Number of classes of a dataset made by :func:`build_dataset`."""
-    if isinstance(dataset, ImageDataset):
-        return len(dataset.reader.class_to_idx)  # the training classes, also for val (see folder_classes)
+    """Number of classes of a dataset made by :func:`build_dataset` (the training classes, also for val)."""
     return dataset.num_classes
 
 
 def build_dataset(
-    name: str, split: str, root: str | None = None, transform: Callable | None = None, **synthetic_args
+    name: str,
+    split: str,
+    root: str | None = None,
+    transform: Callable | None = None,
+    split_names: dict[str, str | None] | None = None,
+    classes: int | None = None,
+    **synthetic_args,
 ) -> Dataset:
-    """A dataset by name (one of :data:`DATASETS`) and split ('train' or 'val'; 'val' is the test set
-    of CIFAR and Fashion-MNIST)."""
+    """A dataset by name (one of :data:`DATASETS`, or a timm spec of :data:`TIMM_SPECS`) and split ('train' or
+    'val'; 'val' is the test set of CIFAR and Fashion-MNIST). The one place that decides how a spec is read.
+
+    ``split_names`` (timm specs only) are the splits' names on disk, {'train': ..., 'val': ...}; ``classes`` the
+    class count (data.num_classes),
+    needed by WebDataset shards without one in their ``_info.json`` and checked against the data's for the others.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if is_timm_spec(name):
+        return timm_dataset(name, split, root, transform, split_names, classes)
+    for key, value in (split_names or {}).items():
+        if value is not None:
+            raise ValueError(f"data.{key}_split={value!r} applies to timm's specs {TIMM_SPECS}, not {name!r}")
+    dataset = _named_dataset(name, split, root, transform, synthetic_args)
+    if classes and classes != dataset.num_classes:
+        raise ValueError(f"data.num_classes={classes} but dataset {name!r} has {dataset.num_classes} classes")
+    return dataset
+
+
+def _named_dataset(name: str, split: str, root: str | None, transform: Callable | None, synthetic_args: dict):
     if name == "synthetic":
         return synthetic(split, transform=transform, **synthetic_args)
     if name == "fashion_mnist":
@@ -278,7 +292,7 @@ def build_dataset(
         return cifar(name, root, split, transform)
     if name == "imagefolder":
         return image_folder(root, split, transform)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS} or a timm spec {TIMM_SPECS}")
 
 
 def build_transform(
@@ -335,12 +349,21 @@ def build_loader(
 ) -> DataLoader:
     """A DataLoader over this rank's share of ``dataset``.
 
-    Training shuffles with an :class:`EpochSampler` (call ``loader.sampler.set_epoch(epoch)``; the
+    Training shuffles with an :class:`EpochSampler` (start each epoch with :func:`epoch_batches`; the
     order is a function of seed and epoch only, which makes resumed runs exact) and drops the last
     partial batch (Mixup needs even batches). Evaluation reads every ``world_size``-th sample in order,
-    without padding, so the ranks' counts sum to the dataset size.
+    without padding, so the ranks' counts sum to the dataset size. An iterable dataset (WebDataset shards)
+    is sharded by its reader, by shard: see :func:`repmlp.data_timm.shard_iterable`.
     """
-    if is_training:
+    if isinstance(dataset, IterableDataset):
+        shard_iterable(dataset, batch_size, num_workers, rank, world_size, seed)
+        sampler = None
+        if is_training and len(dataset) < batch_size:
+            raise ValueError(
+                f"the training shards hold {len(dataset)} samples per process, fewer than one batch "
+                f"(train.batch_size={batch_size}); use more data or a smaller batch"
+            )
+    elif is_training:
         sampler = EpochSampler(dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
         if len(sampler) < batch_size:  # drop_last would leave no batch at all
             fix = f"set train.batch_size to at most {len(sampler)} or " if len(sampler) else ""
@@ -360,3 +383,25 @@ def build_loader(
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+def epoch_batches(loader: DataLoader, epoch: int, skip: int = 0) -> Iterator:
+    """The batches of training epoch ``epoch``, from batch ``skip`` on (a run resumed mid-epoch).
+
+    A map-style dataset's sampler skips the first ``skip * batch_size`` indices. An iterable dataset has no random
+    access, so its first ``skip`` batches are read again and dropped: exact, given the same processes and loader
+    workers, at the cost of reading them.
+    """
+    if isinstance(loader.dataset, IterableDataset):
+        restart_epoch(loader.dataset, epoch)
+        batches = iter(loader)
+        replayed = sum(1 for _ in itertools.islice(batches, skip))
+        if replayed < skip:
+            raise ValueError(
+                f"cannot resume epoch {epoch} at batch {skip}: the shards now give {replayed} batches per epoch; "
+                "resume with the data, processes and data.num_workers of the interrupted run"
+            )
+        return batches
+    loader.sampler.set_epoch(epoch)
+    loader.sampler.skip = skip * loader.batch_size
+    return iter(loader)

@@ -7,6 +7,7 @@ that each group gets its own per-output-channel scales. The scheme is the one :m
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +32,14 @@ def data_batches(
     """``samples`` inputs (whole batches of ``batch_size``) for calibration or checks, from a dataset spec.
 
     ``spec``: ``'random'`` (seeded standard-normal inputs of the model's size) or ``DATASET[:ROOT]`` with a dataset
-    name the training configs take (``fashion_mnist``, ``cifar10:data/cifar-10-batches-py``, ``imagefolder:DIR``);
-    images get the model's evaluation transform and are drawn at random (seeded) from ``split``.
+    name the training configs take (``fashion_mnist``, ``cifar10:data/cifar-10-batches-py``, ``imagefolder:DIR``,
+    ``tar:DIR``, ``wds/NAME:DIR``); images get the model's evaluation transform and are drawn at random (seeded) from
+    ``split`` (WebDataset shards, without random access: the first ones in shard order).
     """
     from timm.data import resolve_data_config
 
-    from .data import DATASETS, build_dataset, build_transform
+    from .data import DATASETS, TIMM_SPECS, build_dataset, build_transform
+    from .data_timm import is_timm_spec
     from .models import model_input_size
 
     count = max(1, samples // batch_size) * batch_size
@@ -44,10 +47,10 @@ def data_batches(
     if spec == "random":
         return list(torch.randn((count, *model_input_size(model)), generator=gen).split(batch_size))
     name, _, root = spec.partition(":")
-    if name not in DATASETS:
+    if name not in DATASETS and not is_timm_spec(name):
         raise ValueError(
             f"calibration data {spec!r}: expected 'random' or DATASET[:ROOT] with DATASET one of "
-            f"{DATASETS}, e.g. 'fashion_mnist' or 'imagefolder:data/imagenet'"
+            f"{DATASETS} or a timm spec {TIMM_SPECS}, e.g. 'fashion_mnist' or 'imagefolder:data/imagenet'"
         )
     cfg = resolve_data_config({}, model=model)
     dataset = build_dataset(
@@ -60,7 +63,10 @@ def data_batches(
     )
     if len(dataset) < count:
         raise ValueError(f"calibration data {spec!r} has {len(dataset)} {split} images, fewer than the {count} asked")
-    images = torch.stack([dataset[i][0] for i in torch.randperm(len(dataset), generator=gen)[:count].tolist()])
+    if isinstance(dataset, torch.utils.data.IterableDataset):  # WebDataset shards: the first images, in shard order
+        images = torch.stack([image for image, _ in itertools.islice(dataset, count)])
+    else:
+        images = torch.stack([dataset[i][0] for i in torch.randperm(len(dataset), generator=gen)[:count].tolist()])
     return list(images.split(batch_size))
 
 

@@ -398,7 +398,7 @@ def test_val_class_missing_keeps_the_training_indices(tmp_path):
     root = _image_folders(tmp_path, ("cat", "cow", "dog"), ("cat", "dog"))
     with pytest.warns(UserWarning, match=r"1 of the 3 training classes: \['cow'\]"):
         val = build_dataset("imagefolder", "val", str(root))
-    assert sorted(label for _, label in val.reader.samples) == [0, 2]  # dog keeps index 2, not 1
+    assert sorted(label for _, label in val) == [0, 2]  # dog keeps index 2, not 1
 
 
 # -- crafted pickles ------------------------------------------------------------------------------------------------

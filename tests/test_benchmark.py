@@ -155,3 +155,15 @@ def test_authors_form_runs_nchw_as_their_code_does():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert rel_err(deploy(x), authors(x)) <= 1e-5
+
+
+def test_pipeline_benchmark_times_each_loader(tmp_path, capsys):
+    """tools/benchmark_pipeline.py end to end on a few JPEGs (its figures are the README's, not a test's)."""
+    out = tmp_path / "pipeline.json"
+    args = ["--images", "16", "--batch-size", "8", "--workers", "0", "--rounds", "1", "--json", str(out)]
+    assert load_tool("benchmark_pipeline").main(args) == 0
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    assert report["images"] == 16 and row["workers"] == 0
+    assert all(row[f"{kind}_img_s"] > 0 for kind in ("ours", "timm", "ours_uint8"))
+    assert "| 0 worker(s) |" in capsys.readouterr().out

@@ -25,7 +25,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from repmlp.convert import is_deploy_form  # noqa: E402
-from repmlp.data import DATASETS  # noqa: E402
+from repmlp.data import DATASETS, TIMM_SPECS  # noqa: E402
 from repmlp.guards import integer  # noqa: E402
 from repmlp.int8 import FixedBatch, data_batches, onnx_batch_size, quantize_pytorch  # noqa: E402
 from repmlp.onnx_io import onnx_predictor  # noqa: E402
@@ -58,7 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="take the data section from a training config (YAML, or a run's "
         "config.json; default: the one recorded in the checkpoint)",
     )
-    parser.add_argument("--dataset", choices=DATASETS, help="dataset (default: the checkpoint's)")
+    parser.add_argument(
+        "--dataset",
+        help=f"one of {', '.join(DATASETS)} or a timm spec ({', '.join(TIMM_SPECS)}); default: the checkpoint's",
+    )
     parser.add_argument(
         "--data-root", help="dataset directory (default: the recorded one; Fashion-MNIST: the Debian path)"
     )

@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""Train a model from a YAML recipe; single process or ``torchrun --nproc_per_node N``.
+"""Train a model from a YAML recipe; single process, or ``torchrun`` on one node or several.
 
 Examples:
     python tools/train.py --config configs/fmnist_repmlp.yaml
     python tools/train.py --config configs/fmnist_repmlp.yaml --set train.epochs=2 --optimizer.lr 0.1
     python tools/train.py --config configs/fmnist_repmlp.yaml --resume      # continue a killed run
     torchrun --nproc_per_node 2 tools/train.py --config configs/cifar10_mlp.yaml
+    # on each node (the output directory on a shared filesystem; --resume on every node after a failure):
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint NODE0:29400 --rdzv-id run1 \
+        tools/train.py --config configs/imagenet_repmlp_res50.yaml --output /shared/runs/res50
 """
 
 from __future__ import annotations

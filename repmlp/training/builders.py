@@ -11,7 +11,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import DATASETS, build_dataset, build_loader, build_transform
+from ..data import DATASETS, TIMM_SPECS, build_dataset, build_loader, build_transform
 from ..sources import agree_with_record
 from .config import call_configured, load_config
 from .distributed import DistEnv
@@ -26,7 +26,7 @@ def build_model(cfg: dict, num_classes: int, deploy: bool = False) -> nn.Module:
         m["name"],
         pretrained=m["pretrained"],
         num_classes=num_classes,
-        deploy=deploy,
+        **({"deploy": True} if deploy else {}),  # only our models take it: any timm model trains in train form
         **m["kwargs"],
     )
 
@@ -39,8 +39,14 @@ def data_config(cfg: dict, model: nn.Module) -> dict:
     return resolve_data_config({k: d[k] for k in keys if d[k] is not None}, model=model)
 
 
-def build_data(cfg: dict, model: nn.Module, env: DistEnv) -> tuple[DataLoader, DataLoader]:
-    """Train and validation loaders with timm transforms resolved from the model's pretrained_cfg."""
+def build_data(
+    cfg: dict, model: nn.Module, env: DistEnv, train_set: Dataset | None = None
+) -> tuple[DataLoader, DataLoader]:
+    """Train and validation loaders with timm transforms resolved from the model's pretrained_cfg.
+
+    ``train_set``: the train split already read (not for synthetic data, whose images take the model's input size),
+    so that a large folder or tar is listed once.
+    """
     d, t = cfg["data"], cfg["train"]
     data_cfg = data_config(cfg, model)
     common = dict(
@@ -49,7 +55,10 @@ def build_data(cfg: dict, model: nn.Module, env: DistEnv) -> tuple[DataLoader, D
         std=data_cfg["std"],
         interpolation=data_cfg["interpolation"],
     )
-    train_set, val_set = build_datasets(cfg, data_cfg["input_size"])
+    if train_set is None or d["dataset"] == "synthetic":
+        train_set, val_set = build_datasets(cfg, data_cfg["input_size"])
+    else:
+        (val_set,) = build_datasets(cfg, data_cfg["input_size"], splits=("val",))
     train_set.transform = call_configured(
         "data.train_transform", build_transform, True, crop_padding=d["crop_padding"], **common, **d["train_transform"]
     )
@@ -87,7 +96,17 @@ def build_datasets(
         if input_size is not None:
             extra.update(in_chans=input_size[0], img_size=input_size[-1])
     return tuple(
-        call_configured("data.synthetic", build_dataset, d["dataset"], split, d["root"], **extra) for split in splits
+        call_configured(
+            "data.synthetic",
+            build_dataset,
+            d["dataset"],
+            split,
+            d["root"],
+            split_names={"train": d["train_split"], "val": d["val_split"]},
+            classes=d["num_classes"],
+            **extra,
+        )
+        for split in splits
     )
 
 
@@ -139,7 +158,8 @@ def eval_data_config(
     dataset = agree_with_record("dataset", given, record.get("dataset"), name)
     if dataset is None:
         raise ValueError(
-            f"{name} does not record its dataset; name it with --dataset ({', '.join(DATASETS)}) or --config"
+            f"{name} does not record its dataset; name it with --dataset "
+            f"({', '.join(DATASETS + TIMM_SPECS)}) or --config"
         )
     if dataset != cfg["data"]["dataset"]:
         cfg["data"]["dataset"], cfg["data"]["root"] = dataset, None

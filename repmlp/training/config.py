@@ -23,8 +23,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "pretrained": False,
     },
     "data": {
-        "dataset": "synthetic",  # imagefolder | cifar10 | cifar100 | fashion_mnist | synthetic
+        # imagefolder | cifar10 | cifar100 | fashion_mnist | synthetic, or timm's: tar | wds/NAME | hfds/PATH | torch/..
+        "dataset": "synthetic",
         "root": None,
+        "train_split": None,  # timm specs: the splits' names on disk (None: 'train', and 'val' or 'validation')
+        "val_split": None,
+        "num_classes": None,  # None: from the data (WebDataset shards: from their _info.json)
         "num_workers": 2,
         # None: taken from the model's pretrained_cfg
         "input_size": None,
@@ -38,7 +42,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "optimizer": {
         "opt": "sgd",  # timm optimizer name ('sgd' is Nesterov momentum)
-        "lr": 0.1,  # for the global batch (batch_size x world size)
+        "lr": 0.1,  # for the global batch (train.global_batch, or batch_size x processes), applied as given
         "weight_decay": 1e-4,
         "momentum": 0.9,
         "filter_bias_and_bn": True,  # no weight decay on 1-D parameters
@@ -72,7 +76,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "train": {
         "epochs": 10,
-        "batch_size": 128,  # per process
+        "batch_size": 128,  # per process and per batch
+        # None: batch_size x processes; else the batch of one optimizer step, made by summing the gradients of
+        # global_batch / (batch_size x processes) batches (gradient accumulation)
+        "global_batch": None,
         "eval_batch_size": 256,
         "precision": "fp32",  # fp32 | bf16 | fp16 (fp16 on GPU only)
         "channels_last": False,

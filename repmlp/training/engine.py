@@ -12,6 +12,7 @@ from timm.utils import accuracy, dispatch_clip_grad, unwrap_model
 from torch import nn
 from tqdm import tqdm
 
+from ..data import epoch_batches
 from ..verify import compare_predictors
 from .distributed import DistEnv, all_reduce_sum, any_rank
 from .state import set_rng_states
@@ -51,6 +52,7 @@ class TrainStep:
     channels_last: bool = False
     clip_grad: float | None = None
     clip_mode: str = "norm"
+    accum_steps: int = 1  # batches whose gradients are summed into one optimizer step (see train.global_batch)
 
 
 @dataclass
@@ -59,7 +61,7 @@ class EpochResult:
     top1: float
     images: int
     seconds: float
-    steps: int  # steps done in this epoch, counting those before a resume
+    steps: int  # batches done in this epoch, counting those before a resume (a multiple of accum_steps)
     num_updates: int
     interrupted: bool
 
@@ -75,18 +77,24 @@ def train_one_epoch(
     should_stop: Callable[[], bool] = lambda: False,
     progress: bool = True,
     rng: dict | None = None,
+    epoch_steps: int | None = None,
 ) -> EpochResult:
-    """Train for the rest of one epoch (from ``start_step`` when resuming mid-epoch).
+    """Train for the rest of one epoch (from batch ``start_step`` when resuming mid-epoch).
 
-    Stops early, on every rank together, after the step at which ``should_stop()`` turns true on any rank.
+    Each optimizer step sums the gradients of ``step.accum_steps`` batches (each loss divided by that count, so
+    the step is the one a batch that many times larger gives); ``epoch_steps`` batches (default: the loader's; a
+    last, incomplete group is dropped) make the epoch. Stops early, on every rank together, after the optimizer
+    step at which ``should_stop()`` turns true on any rank: a saved position is always a step boundary.
     ``rng`` (generator states saved at an interruption) is restored once the data iterator exists, since
     creating it draws a seed: with ``num_workers=0`` a run resumed mid-epoch then repeats the interrupted
     run's augmentations exactly.
     """
     model.train()
+    accum = step.accum_steps
+    total = (epoch_steps or len(loader)) // accum * accum
     loss_sum, correct, seen, steps = 0.0, 0.0, 0, start_step
     bar = tqdm(
-        total=start_step + len(loader),
+        total=total,
         initial=start_step,
         desc=f"epoch {epoch}",
         dynamic_ncols=True,
@@ -95,30 +103,39 @@ def train_one_epoch(
     )
     start = time.perf_counter()
     interrupted = False
-    batches = iter(loader)
+    batches = epoch_batches(loader, epoch, start_step)
     if rng is not None:
         set_rng_states(rng)
+    step.optimizer.zero_grad(set_to_none=True)
     for x, y in batches:
+        if steps >= total:
+            break
         x, y = _to_device(x, y, env.device, step.channels_last)
         target = y
         if step.mixup is not None:
             x, target = step.mixup(x, y)
-        with autocast(env.device, step.amp_dtype):
-            out = model(x)
-            loss = step.loss_fn(out, target)
-        step.optimizer.zero_grad(set_to_none=True)
-        _backward_and_step(loss, model, step)
-        num_updates += 1
+        ends_group = (steps + 1) % accum == 0
+        # DDP reduces gradients on the group's last backward only
+        no_sync = model.no_sync() if not ends_group and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with no_sync:
+            with autocast(env.device, step.amp_dtype):
+                out = model(x)
+                loss = step.loss_fn(out, target)
+            _backward(loss / accum, step)
         steps += 1
-        if step.scheduler is not None:
-            step.scheduler.step_update(num_updates=num_updates)
-        if step.ema is not None:
-            step.ema.update(unwrap_model(model), step=num_updates)
-
         n = y.shape[0]
         loss_sum += loss.item() * n
         correct += (out.argmax(1) == y).sum().item()
         seen += n
+        bar.update()
+        if not ends_group:
+            continue
+        _optimizer_step(model, step)
+        num_updates += 1
+        if step.scheduler is not None:
+            step.scheduler.step_update(num_updates=num_updates)
+        if step.ema is not None:
+            step.ema.update(unwrap_model(model), step=num_updates)
         elapsed = time.perf_counter() - start
         bar.set_postfix(
             loss=f"{loss_sum / seen:.4f}",
@@ -127,7 +144,6 @@ def train_one_epoch(
             lr=f"{step.optimizer.param_groups[0]['lr']:.2e}",
             refresh=False,
         )
-        bar.update()
         if any_rank(should_stop(), env):
             interrupted = True
             break
@@ -138,19 +154,23 @@ def train_one_epoch(
     return EpochResult(loss_sum / seen, 100 * correct / seen, int(seen), seconds, steps, num_updates, interrupted)
 
 
-def _backward_and_step(loss: torch.Tensor, model: nn.Module, step: TrainStep) -> None:
+def _backward(loss: torch.Tensor, step: TrainStep) -> None:
+    (step.scaler.scale(loss) if step.scaler is not None else loss).backward()
+
+
+def _optimizer_step(model: nn.Module, step: TrainStep) -> None:
+    """Clip, step (through the AMP scaler, if any) and clear the gradients summed since the last step."""
     if step.scaler is not None:
-        step.scaler.scale(loss).backward()
         if step.clip_grad:
             step.scaler.unscale_(step.optimizer)
             dispatch_clip_grad(model.parameters(), step.clip_grad, mode=step.clip_mode)
         step.scaler.step(step.optimizer)
         step.scaler.update()
-        return
-    loss.backward()
-    if step.clip_grad:
-        dispatch_clip_grad(model.parameters(), step.clip_grad, mode=step.clip_mode)
-    step.optimizer.step()
+    else:
+        if step.clip_grad:
+            dispatch_clip_grad(model.parameters(), step.clip_grad, mode=step.clip_mode)
+        step.optimizer.step()
+    step.optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()

@@ -84,6 +84,7 @@ class Run:
     step: TrainStep
     num_epochs: int
     num_classes: int
+    epoch_steps: int  # training batches per epoch (per process), a multiple of step.accum_steps
     elapsed: float = 0.0  # seconds spent in training steps, over all resumed parts
 
     @property
@@ -135,10 +136,18 @@ def build_run(cfg: dict, env: DistEnv) -> Run:
     if t["threads"]:
         torch.set_num_threads(int(t["threads"]))
     seed_everything(t["seed"])
-    num_classes = num_classes_of(build_datasets(cfg, splits=("train",))[0])
+    (train_set,) = build_datasets(cfg, splits=("train",))
+    num_classes = num_classes_of(train_set)
     qat = cfg["qat"]
     model = build_model(cfg, num_classes, deploy=qat["mode"] == "fc3_bn")
-    train_loader, val_loader = build_data(cfg, model, env)
+    train_loader, val_loader = build_data(cfg, model, env, train_set)
+    accum = accumulation_steps(t["global_batch"], t["batch_size"], env.world_size)
+    epoch_steps = len(train_loader) // accum * accum
+    if epoch_steps == 0:
+        raise ValueError(
+            f"train.global_batch={t['global_batch']} needs {accum} batches per optimizer step but an epoch has "
+            f"{len(train_loader)} per process; use more data or a smaller train.global_batch"
+        )
     if t["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     if t["sync_bn"] and env.distributed:
@@ -174,7 +183,7 @@ def build_run(cfg: dict, env: DistEnv) -> Run:
         warmup_epochs=s["warmup_epochs"],
         warmup_lr=s["warmup_lr"],
         step_on_epochs=s["step_on_epochs"],
-        updates_per_epoch=len(train_loader),
+        updates_per_epoch=epoch_steps // accum,
         **s["kwargs"],
     )
     e = cfg["ema"]
@@ -182,10 +191,37 @@ def build_run(cfg: dict, env: DistEnv) -> Run:
     scaler = torch.amp.GradScaler(env.device.type) if dtype == torch.float16 else None
     loss_fn, mixup = build_loss(cfg, num_classes)
     step = TrainStep(
-        optimizer, loss_fn, scheduler, mixup, ema, scaler, dtype, t["channels_last"], o["clip_grad"], o["clip_mode"]
+        optimizer,
+        loss_fn,
+        scheduler,
+        mixup,
+        ema,
+        scaler,
+        dtype,
+        t["channels_last"],
+        o["clip_grad"],
+        o["clip_mode"],
+        accum,
     )
     ddp_model = DistributedDataParallel(model) if env.distributed else model
-    return Run(cfg, env, model, ddp_model, train_loader, val_loader, step, num_epochs, num_classes)
+    return Run(cfg, env, model, ddp_model, train_loader, val_loader, step, num_epochs, num_classes, epoch_steps)
+
+
+def accumulation_steps(global_batch: int | None, batch_size: int, world_size: int) -> int:
+    """Batches per optimizer step that make ``global_batch`` from ``batch_size`` on each of ``world_size``
+    processes (1 when ``global_batch`` is None)."""
+    if global_batch is None:
+        return 1
+    if not isinstance(global_batch, int) or isinstance(global_batch, bool) or global_batch < 1:
+        raise ValueError(f"train.global_batch must be null or a positive integer, got {global_batch!r}")
+    per_step = batch_size * world_size
+    if global_batch % per_step:
+        fits = sorted({global_batch // (world_size * k) for k in range(1, 65) if global_batch % (world_size * k) == 0})
+        raise ValueError(
+            f"train.global_batch={global_batch} is not a multiple of train.batch_size x processes = {batch_size} x "
+            f"{world_size} = {per_step}; batch sizes that fit {world_size} process(es): {fits[-6:] or 'none'}"
+        )
+    return global_batch // per_step
 
 
 def earlier_run_files(out_dir: Path) -> list[str]:
@@ -227,7 +263,7 @@ def schedule_settings(run: Run) -> dict[str, Any]:
     return {
         "train.epochs": run.cfg["train"]["epochs"],
         "optimizer.lr": run.cfg["optimizer"]["lr"],
-        "updates_per_epoch": len(run.train_loader),
+        "updates_per_epoch": run.epoch_steps // run.step.accum_steps,
         **{f"scheduler.{k}": v for k, v in run.cfg["scheduler"].items()},
     }
 
@@ -274,11 +310,8 @@ def fit(run: Run, start_epoch: int, start_step: int, num_updates: int, rng: dict
     stop.install()
     try:
         for epoch in range(start_epoch, run.num_epochs):
-            if start_step == 0:
-                seed_everything(t["seed"] + 1000 * epoch + env.rank)  # each epoch is a function of (seed, epoch)
-            sampler = run.train_loader.sampler
-            sampler.set_epoch(epoch)
-            sampler.skip = start_step * t["batch_size"]
+            # each epoch is a function of (seed, epoch), also resumed mid-epoch (then its RNG states are restored)
+            seed_everything(t["seed"] + 1000 * epoch + env.rank)
             result = train_one_epoch(
                 run.ddp_model,
                 run.train_loader,
@@ -290,8 +323,9 @@ def fit(run: Run, start_epoch: int, start_step: int, num_updates: int, rng: dict
                 stop,
                 t["progress"],
                 rng if start_step else None,
+                run.epoch_steps,
             )
-            num_updates, start_step, sampler.skip = result.num_updates, 0, 0
+            num_updates, start_step = result.num_updates, 0
             run.elapsed += result.seconds
             if result.interrupted:
                 _save_state(run, epoch, result.steps, num_updates)
