@@ -1,12 +1,17 @@
 """Weights on disk: safetensors with metadata, atomic writes, strict loads, clear errors."""
 
+import argparse
 import os
 
 import pytest
+import timm
 import torch
+from conftest import rel_err
+from timm.utils import CheckpointSaver, ModelEmaV3
 
 import repmlp
-from repmlp.checkpoint import read_metadata, read_state_dict
+from repmlp.checkpoint import read_checkpoint, read_metadata, read_state_dict
+from repmlp.sources import model_source
 from repmlp.verify import randomize_bn_stats
 
 
@@ -130,3 +135,97 @@ def test_wrong_values_are_refused_before_loading(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="repmlp"):
         repmlp.load_checkpoint(_block(), tmp_path / "fp16.pth")
     assert "lower precision" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ trainers' files
+
+TINY_CIFAR = dict(widths=(8, 16, 32), fc3_groups=4)  # test_zoo's repmlp_cifar_mlp-widths
+
+
+def _timm_train_checkpoint(tmp_path, with_args=True):
+    """What timm's train.py writes: its CheckpointSaver's file, with train.py's arguments and an EMA model whose
+    weights differ from the model's. Returns (path, model, ema model)."""
+    torch.manual_seed(0)
+    model = randomize_bn_stats(timm.create_model("repmlp_cifar_mlp", **TINY_CIFAR))
+    ema = ModelEmaV3(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    args = argparse.Namespace(model="repmlp_cifar_mlp", num_classes=10, model_kwargs=TINY_CIFAR, lr=0.1)
+    saver = CheckpointSaver(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        args=args if with_args else None,
+        model_ema=ema,
+        checkpoint_dir=str(tmp_path),
+    )
+    saver.save_checkpoint(epoch=3, metric=0.25)
+    return tmp_path / "last.pth.tar", model, ema.module
+
+
+def _equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_timm_train_py_checkpoint_loads_its_state_dict_or_its_ema(tmp_path, caplog):
+    path, model, ema = _timm_train_checkpoint(tmp_path)
+    fresh = lambda: timm.create_model("repmlp_cifar_mlp", **TINY_CIFAR)  # noqa: E731
+    with caplog.at_level("INFO", logger="repmlp"):
+        assert _equal(repmlp.load_checkpoint(fresh(), path), model)
+    assert (
+        "a timm train.py checkpoint (arch repmlp_cifar_mlp, epoch 3, metric 0.25); loaded 'state_dict'" in caplog.text
+    )
+    assert "it also holds EMA weights 'state_dict_ema' (use_ema=True" in caplog.text
+    assert _equal(repmlp.load_checkpoint(fresh(), path, use_ema=True), ema) and not _equal(ema, model)
+    overlay = dict(file=str(path))
+    assert _equal(
+        timm.create_model("repmlp_cifar_mlp", pretrained=True, pretrained_cfg_overlay=overlay, **TINY_CIFAR), model
+    )
+    deploy = model_source("repmlp_cifar_mlp", path, model_kwargs=TINY_CIFAR, form="deploy", use_ema=True)
+    assert "loaded 'state_dict_ema'" in deploy.weights and deploy.model.deploy
+    x = torch.randn(2, 3, 32, 32)
+    assert rel_err(ema.eval()(x), deploy.model(x)) <= 1e-5
+
+
+def test_timm_checkpoint_without_args_and_ema_requests_that_cannot_be_met(tmp_path):
+    path, model, _ = _timm_train_checkpoint(tmp_path, with_args=False)
+    state, held = read_checkpoint(path)
+    assert held.startswith("a timm CheckpointSaver checkpoint (arch mlpcifarnet, epoch 3")
+    torch.save(model.state_dict(), tmp_path / "plain.pth")
+    with pytest.raises(ValueError, match="use_ema=True, but .*plain.pth holds a plain state dict"):
+        read_state_dict(tmp_path / "plain.pth", use_ema=True)
+    torch.save({"state_dict": state, "epoch": 1}, tmp_path / "no_ema.pth")
+    with pytest.raises(ValueError, match=r"holds no EMA weights \(a checkpoint with entries \['epoch', 'state_dict'\]"):
+        read_state_dict(tmp_path / "no_ema.pth", use_ema=True)
+    with pytest.raises(ValueError, match="--ema .* give the file"):
+        model_source("repmlp_cifar_mlp", use_ema=True)
+
+
+def test_a_namespace_is_all_that_is_unpickled_beyond_tensors(tmp_path):
+    """timm's loader allows argparse.Namespace (train.py's args) and nothing else; what a Namespace holds is not let
+    through either."""
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"state_dict": _block().state_dict(), "args": argparse.Namespace(model="x", hook=Evil())}, path)
+    with pytest.raises(
+        ValueError, match="holds a posix.system object .* is not unpickled .*only argparse.Namespace is"
+    ):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("wrap", ["_orig_mod.", "module.", "module._orig_mod.", "_orig_mod.module."])
+def test_compile_and_ddp_prefixes_are_stripped(tmp_path, caplog, wrap):
+    """A state dict of a torch.compile'd (``_orig_mod.``) or DDP (``module.``) model, wrapped in either order."""
+    model = randomize_bn_stats(timm.create_model("repmlp_cifar_mlp", **TINY_CIFAR))
+    assert all(k.startswith("_orig_mod.") for k in torch.compile(model).state_dict())  # lazy: nothing is compiled
+    torch.save({f"{wrap}{k}": v for k, v in model.state_dict().items()}, tmp_path / "wrapped.pth")
+    with caplog.at_level("INFO", logger="repmlp"):
+        loaded = repmlp.load_checkpoint(timm.create_model("repmlp_cifar_mlp", **TINY_CIFAR), tmp_path / "wrapped.pth")
+    assert _equal(loaded, model) and "classifier" not in caplog.text
+    stripped = [w for w in ("'module.' (DistributedDataParallel)", "'_orig_mod.' (torch.compile)") if w[1:8] in wrap]
+    assert f"stripped the {' and '.join(stripped)} prefix" in caplog.text
