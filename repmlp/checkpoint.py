@@ -29,6 +29,7 @@ _EMA_KEYS = ("state_dict_ema", "model_ema")  # ... and for their EMA weights
 _WRAPPER_PREFIXES = {"module.": "'module.' (DistributedDataParallel)", "_orig_mod.": "'_orig_mod.' (torch.compile)"}
 # What timm's loader unpickles besides tensors and containers (timm.models._helpers._torch_load): train.py's args.
 _SAFE_GLOBALS = [argparse.Namespace]
+_LIGHTNING_KEY = "pytorch-lightning_version"  # the entry that marks a Lightning checkpoint
 PLAIN_STATE_DICT = "a state dict"  # what read_checkpoint says of a file that holds nothing else
 
 
@@ -98,8 +99,9 @@ def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dic
     A torch file is read with ``weights_only=True``, allowing exactly the one type timm's loader allows besides
     (``argparse.Namespace``: timm's ``train.py`` stores its arguments); nothing that runs code is unpickled.
     Trainers' checkpoints are unwrapped: ``state_dict`` or ``model`` by default (as timm's scripts do), their EMA
-    weights ``state_dict_ema`` or ``model_ema`` with ``use_ema``. A ``module.`` (DistributedDataParallel) or
-    ``_orig_mod.`` (``torch.compile``) prefix is stripped (timm's ``clean_state_dict``). A model folder (timm's
+    weights ``state_dict_ema`` or ``model_ema`` with ``use_ema``; a Lightning checkpoint's LightningModule state
+    dict loses the prefix of the attribute that holds the model when all its keys share it. A ``module.``
+    (DistributedDataParallel) or ``_orig_mod.`` (``torch.compile``) prefix is stripped (timm's ``clean_state_dict``). A model folder (timm's
     ``local-dir:`` layout) names its ``model.safetensors``; a file whose folder lists its sha256 (a shipped file)
     is checked against it.
 
@@ -167,7 +169,19 @@ def _unwrap(content: object, path: Path, use_ema: bool) -> tuple[dict[str, torch
         held += f"; it also holds EMA weights {ema!r} (use_ema=True, or --ema in our tools, loads them)"
     elif key == ema and plain is None:
         held += " (the only weights in it)"
+    if _LIGHTNING_KEY in content:
+        return _lightning_module_weights(content[key], held)
     return content[key], held
+
+
+def _lightning_module_weights(state: dict[str, torch.Tensor], held: str) -> tuple[dict[str, torch.Tensor], str]:
+    """A Lightning checkpoint holds its LightningModule's state dict: the model's keys under the attribute that holds
+    it (``model.``). That prefix is stripped when every key has it (the module holds nothing else)."""
+    attributes = {k.split(".", 1)[0] for k in state}
+    if len(attributes) != 1 or not all("." in k for k in state):
+        return state, f"{held}; keys of the LightningModule under {sorted(attributes)}, not stripped"
+    prefix = f"{attributes.pop()}."
+    return {k[len(prefix) :]: v for k, v in state.items()}, f"{held}; stripped the LightningModule's {prefix!r} prefix"
 
 
 def _describe_trainer_file(content: dict) -> str:
@@ -177,6 +191,9 @@ def _describe_trainer_file(content: dict) -> str:
         facts = ", ".join(f"{k} {content[k]}" for k in ("arch", "epoch", "metric") if k in content)
         who = "timm train.py" if isinstance(content.get("args"), argparse.Namespace) else "timm CheckpointSaver"
         return f"a {who} checkpoint ({facts})"
+    if _LIGHTNING_KEY in content:
+        facts = ", ".join(f"{k} {content[k]}" for k in ("epoch", "global_step") if k in content)
+        return f"a Lightning checkpoint ({facts})"
     return f"a checkpoint with entries {sorted(map(str, content))}"
 
 
@@ -472,6 +489,8 @@ def _resized_children(state: dict, model: nn.Module, expected: dict) -> list[str
             k: v.shape for k, v in tensors.items() if k.startswith(prefix + "fc1.") or k.startswith(prefix + "fc2.")
         }
 
+    if not set(state) & set(expected):
+        return []  # another layout altogether (the strict load lists it), not another grid
     return [p for p in prefixes if fc_shapes(state, p) != fc_shapes(expected, p)]
 
 

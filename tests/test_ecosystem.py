@@ -1,9 +1,37 @@
-"""The ecosystem's training paths on our models: what they rely on about ``state_dict()``."""
+"""The other places users put a model: timm's EMA, accelerate, Lightning, torch.jit.trace, torch.export and torch.hub,
+each with the real package, as a new user would call it. (torch.compile of every family: test_runtime.py.)"""
+
+import glob
+from pathlib import Path
 
 import pytest
+import timm
 import torch
-from test_zoo import DESIGN_CASES, build
+from conftest import rel_err
+from test_repmlpnet import TINY
+from test_zoo import DESIGN_CASES, build, inputs
 from timm.utils.model_ema import ModelEmaV2
+
+import repmlp
+from repmlp.models import model_input_size
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CIFAR = dict(widths=(8, 16, 32), fc3_groups=4)  # test_zoo's repmlp_cifar_mlp-widths
+
+
+def _tiny():
+    return timm.create_model("repmlp_cifar_mlp", **TINY_CIFAR)
+
+
+def _loader(model, n=8, batch=4):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, *model_input_size(model), generator=gen)
+    data = torch.utils.data.TensorDataset(x, torch.randint(0, model.num_classes, (n,), generator=gen))
+    return torch.utils.data.DataLoader(data, batch_size=batch)
+
+
+def _same_weights(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 @pytest.mark.parametrize("name,kwargs", DESIGN_CASES)
@@ -20,3 +48,109 @@ def test_timm_ema_updates_every_tensor(name, kwargs):
         k for (k, p), (_, q) in zip(model.named_parameters(), ema.module.named_parameters()) if not torch.equal(p, q)
     ]
     assert not stale
+
+
+def test_accelerate_prepare_train_save_model_and_state(tmp_path):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = _tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, _loader(model))
+    for x, y in loader:
+        accelerator.backward(torch.nn.functional.cross_entropy(model(x), y))
+        optimizer.step()
+        optimizer.zero_grad()
+    accelerator.save_model(model, tmp_path / "model")
+    assert _same_weights(repmlp.load_checkpoint(_tiny(), tmp_path / "model"), model)  # its folder, as ours
+    accelerator.save_state(tmp_path / "state")
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    accelerator.load_state(tmp_path / "state")
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+    deploy = repmlp.load_checkpoint(
+        timm.create_model("repmlp_cifar_mlp", deploy=True, **TINY_CIFAR), tmp_path / "model"
+    )
+    x = next(iter(loader))[0]
+    assert rel_err(model.eval()(x), deploy.eval()(x)) <= 1e-5
+
+
+def test_lightning_fit_checkpoint_resume_bf16_mixed(tmp_path):
+    import lightning as L
+
+    class Classifier(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = _tiny()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer_args = dict(
+        accelerator="cpu",
+        devices=1,
+        precision="bf16-mixed",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    first = Classifier()
+    L.Trainer(max_steps=2, **trainer_args).fit(first, _loader(first.model))
+    (checkpoint,) = glob.glob(str(tmp_path / "**" / "*.ckpt"), recursive=True)
+    resumed = Classifier()
+    trainer = L.Trainer(max_steps=4, **trainer_args)
+    trainer.fit(resumed, _loader(resumed.model), ckpt_path=checkpoint)
+    assert trainer.global_step == 4 and all(p.dtype == torch.float32 for p in resumed.parameters())
+    assert _same_weights(repmlp.load_checkpoint(_tiny(), checkpoint), first.model)  # 'model.' prefix stripped
+
+
+# one case per design, RepMLPNet at the authors' tiny size (tracing and exporting its blocks costs the most)
+SMALLEST = [
+    pytest.param(*c.values, id=c.id) if "repmlpnet" not in c.id else pytest.param(c.id, TINY, id=c.id)
+    for c in DESIGN_CASES
+]
+
+
+@pytest.mark.parametrize("name,kwargs", SMALLEST)
+def test_jit_trace_and_torch_export_with_a_dynamic_batch(name, kwargs):
+    """Deploy forms (what is shipped for inference), traced or exported at batch 2, run at batch 1 and 3."""
+    deploy = repmlp.convert_to_deploy(build(name, kwargs))
+    x, others = inputs(deploy, 2), [inputs(deploy, 1), inputs(deploy, 3)]
+    with pytest.warns(torch.jit.TracerWarning):  # the input checks are Python branches, fixed for the traced size
+        traced = torch.jit.trace(deploy, x)
+    batch = torch.export.Dim("batch")
+    exported = torch.export.export(deploy, (x,), dynamic_shapes=({0: batch},)).module()
+    with torch.no_grad():
+        for xb in others:
+            assert rel_err(deploy(xb), traced(xb)) <= 1e-5 and rel_err(deploy(xb), exported(xb)) <= 1e-5
+
+
+def test_the_train_form_traces_and_exports_too(tmp_path):
+    """... and an exported program saved and loaded (``.pt2``) keeps its dynamic batch."""
+    model = build("repmlp_cifar_mlp", TINY_CIFAR)
+    x, x3 = inputs(model, 2), inputs(model, 3)
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(exported, tmp_path / "model.pt2")
+    exported = torch.export.load(tmp_path / "model.pt2").module()
+    with pytest.warns(torch.jit.TracerWarning):
+        traced = torch.jit.trace(model, x)
+    with torch.no_grad():
+        assert rel_err(model(x3), exported(x3)) <= 1e-5 and rel_err(model(x3), traced(x3)) <= 1e-5
+
+
+def test_torch_hub_local_entry_points_are_the_zoo():
+    hub = torch.hub._import_module("hubconf", str(ROOT / "hubconf.py"))  # as torch.hub.load(source='local') does
+    entry_points = sorted(f for f in dir(hub) if callable(getattr(hub, f)) and not f.startswith("_"))
+    assert entry_points == sorted(timm.list_models("repmlp*"))
+    assert "Pure-MLP" in hub.repmlp_fmnist_mlp.__doc__ and "fmnist" in hub.repmlp_fmnist_mlp.__doc__
+    model = torch.hub.load(str(ROOT), "repmlp_fmnist_mlp", source="local", pretrained=True)
+    assert _same_weights(model, timm.create_model("repmlp_fmnist_mlp.fmnist", pretrained=True))
+    deploy = torch.hub.load(str(ROOT), "repmlp_cifar_mlp", source="local", deploy=True, num_classes=5, **TINY_CIFAR)
+    assert deploy.deploy and deploy.num_classes == 5
