@@ -74,21 +74,55 @@ def _constructor_metadata(model: nn.Module) -> dict[str, str]:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """Metadata of a safetensors file or model folder ({} for other formats)."""
+    """Metadata of a safetensors file or model folder; for a timm ``train.py`` checkpoint, the model, classes and
+    constructor arguments its ``args`` record (:func:`_trainer_record`); {} for other formats."""
     path = weights_file(path)
     if not str(path).endswith(".safetensors"):
-        return {}
+        return _trainer_record(path)
     with safetensors.safe_open(str(path), "pt") as f:
         return f.metadata() or {}
 
 
+def _trainer_record(path: Path) -> dict[str, str]:
+    """``model`` (untagged), ``num_classes`` and ``model_kwargs`` (with ``in_chans``) of a timm ``train.py``
+    checkpoint, as our files record them, from the arguments it stores; {} for any other file (and an unreadable
+    one: :func:`read_checkpoint` says why when it is loaded)."""
+    try:
+        content = _torch_load(path)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return {}
+    args = content.get("args") if isinstance(content, dict) else None
+    name = str(getattr(args, "model", "") or "") if isinstance(args, argparse.Namespace) else ""
+    if not name or ":" in name:  # not train.py's, or an hf-hub:/local-dir: source rather than a name
+        return {}
+    record = {"model": name.split(".")[0]}
+    if getattr(args, "num_classes", None):
+        record["num_classes"] = str(args.num_classes)
+    kwargs = dict(getattr(args, "model_kwargs", None) or {})
+    if getattr(args, "in_chans", None):
+        kwargs["in_chans"] = args.in_chans
+    try:
+        record["model_kwargs"] = json.dumps(kwargs)
+    except TypeError:  # arguments JSON cannot hold: the caller's arguments must name them
+        pass
+    return record
+
+
+def _torch_load(path: Path) -> object:
+    """``torch.load`` with ``weights_only=True`` and timm's one allowance (:data:`_SAFE_GLOBALS`)."""
+    with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``), logging what the file held.
+    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``), logging what the file held
+    where it held more than a state dict.
 
     See :func:`read_checkpoint`, which also returns that description.
     """
     state, held = read_checkpoint(path, use_ema)
-    _logger.info("%s: %s", path, held)
+    if held != PLAIN_STATE_DICT:
+        _logger.info("%s: %s", path, held)
     return state
 
 
@@ -96,14 +130,15 @@ def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dic
     """The state dict of a weights file, and what the file held (e.g. ``timm train.py checkpoint (arch ..., epoch
     3); loaded 'state_dict'; it also holds EMA weights 'state_dict_ema' (use_ema=True loads them)``).
 
-    A torch file is read with ``weights_only=True``, allowing exactly the one type timm's loader allows besides
-    (``argparse.Namespace``: timm's ``train.py`` stores its arguments); nothing that runs code is unpickled.
+    A torch file is read with ``weights_only=True``, allowing the one type timm's loader allows besides tensors
+    and containers (``argparse.Namespace``: timm's ``train.py`` stores its arguments); nothing that runs code is
+    unpickled.
     Trainers' checkpoints are unwrapped: ``state_dict`` or ``model`` by default (as timm's scripts do), their EMA
     weights ``state_dict_ema`` or ``model_ema`` with ``use_ema``; a Lightning checkpoint's LightningModule state
     dict loses the prefix of the attribute that holds the model when all its keys share it. A ``module.``
-    (DistributedDataParallel) or ``_orig_mod.`` (``torch.compile``) prefix is stripped (timm's ``clean_state_dict``). A model folder (timm's
-    ``local-dir:`` layout) names its ``model.safetensors``; a file whose folder lists its sha256 (a shipped file)
-    is checked against it.
+    (DistributedDataParallel) or ``_orig_mod.`` (``torch.compile``) prefix is stripped (timm's
+    ``clean_state_dict``). A model folder (timm's ``local-dir:`` layout) names its ``model.safetensors``; a file
+    whose folder lists its sha256 (a shipped file) is checked against it.
 
     Raises:
         FileNotFoundError: no such file.
@@ -122,8 +157,7 @@ def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dic
         if path.suffix == ".safetensors":
             content = safetensors.torch.load_file(str(path))
         else:
-            with torch.serialization.safe_globals(_SAFE_GLOBALS):
-                content = torch.load(path, map_location="cpu", weights_only=True)
+            content = _torch_load(path)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" in str(err):
             raise ValueError(_needs_unpickling(path, err)) from None

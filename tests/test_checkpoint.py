@@ -1,6 +1,7 @@
 """Weights on disk: safetensors with metadata, atomic writes, strict loads, clear errors."""
 
 import argparse
+import json
 import os
 
 import pytest
@@ -178,11 +179,16 @@ def test_timm_train_py_checkpoint_loads_its_state_dict_or_its_ema(tmp_path, capl
     )
     assert "it also holds EMA weights 'state_dict_ema' (use_ema=True" in caplog.text
     assert _equal(repmlp.load_checkpoint(fresh(), path, use_ema=True), ema) and not _equal(ema, model)
+    assert read_metadata(path) == {
+        "model": "repmlp_cifar_mlp",
+        "num_classes": "10",
+        "model_kwargs": json.dumps(TINY_CIFAR),
+    }
     overlay = dict(file=str(path))
     assert _equal(
         timm.create_model("repmlp_cifar_mlp", pretrained=True, pretrained_cfg_overlay=overlay, **TINY_CIFAR), model
     )
-    deploy = model_source("repmlp_cifar_mlp", path, model_kwargs=TINY_CIFAR, form="deploy", use_ema=True)
+    deploy = model_source(None, path, form="deploy", use_ema=True)  # model and arguments: train.py's args
     assert "loaded 'state_dict_ema'" in deploy.weights and deploy.model.deploy
     x = torch.randn(2, 3, 32, 32)
     assert rel_err(ema.eval()(x), deploy.model(x)) <= 1e-5
@@ -229,3 +235,13 @@ def test_compile_and_ddp_prefixes_are_stripped(tmp_path, caplog, wrap):
     assert _equal(loaded, model) and "classifier" not in caplog.text
     stripped = [w for w in ("'module.' (DistributedDataParallel)", "'_orig_mod.' (torch.compile)") if w[1:8] in wrap]
     assert f"stripped the {' and '.join(stripped)} prefix" in caplog.text
+
+
+def test_a_file_in_another_layout_is_listed_not_adapted(tmp_path, caplog):
+    """Keys under an unknown prefix: the strict load lists them; no fine-tuning adaptation (new classifier, global
+    perceptrons for another grid) is claimed on the way."""
+    model = timm.create_model("repmlp_cifar_mlp", **TINY_CIFAR)
+    torch.save({f"net.{k}": v for k, v in model.state_dict().items()}, tmp_path / "prefixed.pth")
+    with caplog.at_level("INFO", logger="repmlp"), pytest.raises(ValueError, match=r"unexpected keys \[net\."):
+        repmlp.load_checkpoint(timm.create_model("repmlp_cifar_mlp", **TINY_CIFAR), tmp_path / "prefixed.pth")
+    assert "partitions" not in caplog.text and "classifier" not in caplog.text

@@ -1,7 +1,11 @@
-"""The other places users put a model: timm's EMA, accelerate, Lightning, torch.jit.trace, torch.export and torch.hub,
-each with the real package, as a new user would call it. (torch.compile of every family: test_runtime.py.)"""
+"""The other places users put a model: timm's EMA and scripts, accelerate, Lightning, torch.jit.trace, torch.export and
+torch.hub, each with the real package, as a new user would call it. (torch.compile of every family: test_runtime.py.)"""
 
 import glob
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from test_zoo import DESIGN_CASES, build, inputs
 from timm.utils.model_ema import ModelEmaV2
 
 import repmlp
+from repmlp import timm_script
 from repmlp.models import model_input_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,3 +159,44 @@ def test_torch_hub_local_entry_points_are_the_zoo():
     assert _same_weights(model, timm.create_model("repmlp_fmnist_mlp.fmnist", pretrained=True))
     deploy = torch.hub.load(str(ROOT), "repmlp_cifar_mlp", source="local", deploy=True, num_classes=5, **TINY_CIFAR)
     assert deploy.deploy and deploy.num_classes == 5
+
+
+# as timm's scripts (validate.py, inference.py, train.py of timm 1.0.31) build their model: argparse, then
+# create_model(**resolve_model_input_args(...)); no `import repmlp` in it, as in timm's
+TIMM_LIKE_SCRIPT = """
+import argparse, json, sys
+from timm.models import create_model, is_model, resolve_model_input_args
+import helper  # a module beside the script: its folder is on sys.path, as for `python script.py`
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--model")
+parser.add_argument("--pretrained", action="store_true")
+parser.add_argument("--in-chans", type=int, default=None)
+parser.add_argument("--input-size", type=int, nargs=3, default=None)
+args = parser.parse_args()
+assert is_model(args.model), args.model
+model = create_model(**resolve_model_input_args(args.model, vars(args), pretrained=args.pretrained))
+print(json.dumps(dict(name=__name__, argv0=sys.argv[0], in_chans=model.in_chans, tag=model.pretrained_cfg["tag"])))
+"""
+
+
+def test_timm_scripts_run_on_the_zoo_through_the_wrapper(tmp_path):
+    """``python -m repmlp.timm_script SCRIPT ARGS`` registers the zoo, then runs the script as ``python SCRIPT``."""
+    (tmp_path / "helper.py").write_text("")
+    script = tmp_path / "validate.py"
+    script.write_text(TIMM_LIKE_SCRIPT)
+    command = [sys.executable, "-m", "repmlp.timm_script", str(script), "--model", "repmlp_fmnist_mlp.fmnist"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([*command, "--pretrained", "--in-chans", "1"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.splitlines()[-1]) == dict(name="__main__", argv0=str(script), in_chans=1, tag="fmnist")
+    without = subprocess.run(
+        [sys.executable, str(script), "--model", "repmlp_fmnist_mlp"], capture_output=True, env=env
+    )
+    assert without.returncode != 0 and b"AssertionError: repmlp_fmnist_mlp" in without.stderr  # what the wrapper fixes
+
+
+def test_timm_script_wrapper_names_what_is_missing(capsys):
+    assert timm_script.main(["nowhere/validate.py"]) == 2
+    assert "timm script not found: nowhere/validate.py" in capsys.readouterr().err
+    assert timm_script.main([]) == 2 and "usage: python -m repmlp.timm_script" in capsys.readouterr().err
