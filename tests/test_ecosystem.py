@@ -150,6 +150,19 @@ def test_the_train_form_traces_and_exports_too(tmp_path):
         assert rel_err(model(x3), exported(x3)) <= 1e-5 and rel_err(model(x3), traced(x3)) <= 1e-5
 
 
+def test_torch_compile_of_a_training_step():
+    """Dynamo captures the train form's forward and backward in one graph (BN in training mode, no graph break) and
+    AOTAutograd's gradients are eager PyTorch's, on the smallest model. The aot_eager backend stops short of
+    inductor's code generation, which takes minutes on two cores (inductor itself: test_runtime.py)."""
+    model, reference = build("repmlp_fmnist_mlp", {}).train(), build("repmlp_fmnist_mlp", {}).train()
+    x, y = inputs(model, 4), torch.tensor([0, 1, 2, 3])
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.nn.functional.cross_entropy(compiled(x), y).backward()
+    torch.nn.functional.cross_entropy(reference(x), y).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert rel_err(q.grad, p.grad) <= 1e-5, name
+
+
 def test_torch_hub_local_entry_points_are_the_zoo():
     hub = torch.hub._import_module("hubconf", str(ROOT / "hubconf.py"))  # as torch.hub.load(source='local') does
     entry_points = sorted(f for f in dir(hub) if callable(getattr(hub, f)) and not f.startswith("_"))
