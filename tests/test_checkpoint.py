@@ -143,7 +143,7 @@ def test_wrong_values_are_refused_before_loading(tmp_path, caplog):
 TINY_CIFAR = dict(widths=(8, 16, 32), fc3_groups=4)  # test_zoo's repmlp_cifar_mlp-widths
 
 
-def _timm_train_checkpoint(tmp_path, with_args=True):
+def timm_train_checkpoint(tmp_path, with_args=True):
     """What timm's train.py writes: its CheckpointSaver's file, with train.py's arguments and an EMA model whose
     weights differ from the model's. Returns (path, model, ema model)."""
     torch.manual_seed(0)
@@ -170,7 +170,7 @@ def _equal(a, b):
 
 
 def test_timm_train_py_checkpoint_loads_its_state_dict_or_its_ema(tmp_path, caplog):
-    path, model, ema = _timm_train_checkpoint(tmp_path)
+    path, model, ema = timm_train_checkpoint(tmp_path)
     fresh = lambda: timm.create_model("repmlp_cifar_mlp", **TINY_CIFAR)  # noqa: E731
     with caplog.at_level("INFO", logger="repmlp"):
         assert _equal(repmlp.load_checkpoint(fresh(), path), model)
@@ -195,7 +195,7 @@ def test_timm_train_py_checkpoint_loads_its_state_dict_or_its_ema(tmp_path, capl
 
 
 def test_timm_checkpoint_without_args_and_ema_requests_that_cannot_be_met(tmp_path):
-    path, model, _ = _timm_train_checkpoint(tmp_path, with_args=False)
+    path, model, _ = timm_train_checkpoint(tmp_path, with_args=False)
     state, held = read_checkpoint(path)
     assert held.startswith("a timm CheckpointSaver checkpoint (arch mlpcifarnet, epoch 3")
     torch.save(model.state_dict(), tmp_path / "plain.pth")
