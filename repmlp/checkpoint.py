@@ -132,7 +132,8 @@ def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dic
 
     A torch file is read with ``weights_only=True``, allowing the one type timm's loader allows besides tensors
     and containers (``argparse.Namespace``: timm's ``train.py`` stores its arguments); nothing that runs code is
-    unpickled.
+    unpickled. A safetensors file whose metadata names another format than weights' (our training state) is refused.
+
     Trainers' checkpoints are unwrapped: ``state_dict`` or ``model`` by default (as timm's scripts do), their EMA
     weights ``state_dict_ema`` or ``model_ema`` with ``use_ema``; a Lightning checkpoint's LightningModule state
     dict loses the prefix of the attribute that holds the model when all its keys share it. A ``module.``
@@ -166,6 +167,8 @@ def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dic
         raise ValueError(
             f"cannot read weights file {path}: corrupted, truncated or not a checkpoint ({type(err).__name__}: {err})"
         ) from err
+    if path.suffix == ".safetensors":
+        _refuse_other_formats(path)
     state, held = _unwrap(content, path, use_ema)
     cleaned = clean_state_dict(state)
     removed = {k[: len(k) - len(c)] for k, c in zip(state, cleaned) if k != c}  # e.g. 'module._orig_mod.'
@@ -173,6 +176,23 @@ def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dic
         wrappers = [w for prefix, w in _WRAPPER_PREFIXES.items() if any(prefix in r for r in removed)]
         held += f"; stripped the {' and '.join(wrappers)} prefix"
     return cleaned, held
+
+
+def _refuse_other_formats(path: Path) -> None:
+    """A ValueError for a safetensors file that its metadata says holds something else than weights (e.g. our
+    training state, whose tensors are numbered): weights files say format 'pt' (or, from other frameworks, 'np',
+    'tf', 'flax'), or nothing."""
+    with safetensors.safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    fmt = meta.get("format", "pt")
+    if fmt not in ("pt", "np", "tf", "flax", "mlx"):
+        what = (
+            " (a training state of tools/train.py: resume it with --resume; the run's weights are its "
+            "model_train.safetensors)"
+            if "state" in meta
+            else ""
+        )
+        raise ValueError(f"weights file {path} is not a state dict: its metadata says format {fmt!r}{what}")
 
 
 def _unwrap(content: object, path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], str]:

@@ -245,3 +245,14 @@ def test_a_file_in_another_layout_is_listed_not_adapted(tmp_path, caplog):
     with caplog.at_level("INFO", logger="repmlp"), pytest.raises(ValueError, match=r"unexpected keys \[net\."):
         repmlp.load_checkpoint(timm.create_model("repmlp_cifar_mlp", **TINY_CIFAR), tmp_path / "prefixed.pth")
     assert "partitions" not in caplog.text and "classifier" not in caplog.text
+
+
+def test_a_training_state_is_refused_as_weights_naming_what_it_is(tmp_path):
+    """tools/train.py's resume file is safetensors too (numbered tensors, the tree in its metadata)."""
+    from repmlp.training.state import save_training_state
+
+    block = _block()
+    path = tmp_path / "last_state.safetensors"
+    save_training_state(path, block, torch.optim.SGD(block.parameters(), lr=0.1), None, None, None, 0, 0, 0)
+    with pytest.raises(ValueError, match="format 'repmlp-training-state-1' .*resume it with --resume"):
+        repmlp.load_checkpoint(_block(), path)
