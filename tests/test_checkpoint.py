@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 from conftest import rel_err
+from test_zoo import TINY_CIFAR
 from timm.utils import CheckpointSaver, ModelEmaV3
 
 import repmlp
@@ -139,8 +140,6 @@ def test_wrong_values_are_refused_before_loading(tmp_path, caplog):
 
 
 # ------------------------------------------------------------------------------------------ trainers' files
-
-TINY_CIFAR = dict(widths=(8, 16, 32), fc3_groups=4)  # test_zoo's repmlp_cifar_mlp-widths
 
 
 def timm_train_checkpoint(tmp_path, with_args=True):

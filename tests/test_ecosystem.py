@@ -1,5 +1,6 @@
 """The other places users put a model: timm's EMA and scripts, accelerate, Lightning, torch.jit.trace, torch.export and
-torch.hub, each with the real package, as a new user would call it. (torch.compile of every family: test_runtime.py.)"""
+torch.hub, torch.compile, each with the real package, as a new user would call it (inductor on every family's deploy
+form: test_runtime.py)."""
 
 import glob
 import json
@@ -13,7 +14,7 @@ import timm
 import torch
 from conftest import rel_err
 from test_repmlpnet import TINY
-from test_zoo import DESIGN_CASES, build, inputs
+from test_zoo import DESIGN_CASES, TINY_CIFAR, build, inputs
 from timm.utils.model_ema import ModelEmaV2
 
 import repmlp
@@ -21,7 +22,6 @@ from repmlp import timm_script
 from repmlp.models import model_input_size
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_CIFAR = dict(widths=(8, 16, 32), fc3_groups=4)  # test_zoo's repmlp_cifar_mlp-widths
 
 
 def _tiny():

@@ -7,8 +7,9 @@ import timm
 import torch
 from conftest import REFERENCE, load_tool, rel_err
 from safetensors.torch import load_file
-from test_checkpoint import TINY_CIFAR, timm_train_checkpoint
+from test_checkpoint import timm_train_checkpoint
 from test_repmlpnet import TINY
+from test_zoo import TINY_CIFAR
 
 import repmlp
 from repmlp.shipped import shipped_weights

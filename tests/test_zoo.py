@@ -26,9 +26,12 @@ def small(name: str) -> dict:
     return {}
 
 
+#: the smallest model of the suite: repmlp_cifar_mlp with other widths and FC3 groups than its preset's
+TINY_CIFAR = dict(widths=(8, 16, 32), fc3_groups=4)
+
 # every registered model at a small size, plus one built with non-default constructor arguments
 CASES = [pytest.param(n, small(n), id=n) for n in NAMES] + [
-    pytest.param("repmlp_cifar_mlp", dict(widths=(8, 16, 32), fc3_groups=4), id="repmlp_cifar_mlp-widths")
+    pytest.param("repmlp_cifar_mlp", TINY_CIFAR, id="repmlp_cifar_mlp-widths")
 ]
 
 
