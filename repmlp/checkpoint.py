@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
 import json
@@ -15,7 +16,7 @@ from pathlib import Path
 import safetensors
 import safetensors.torch
 import torch
-from timm.models import adapt_input_conv
+from timm.models import adapt_input_conv, clean_state_dict
 from torch import nn
 
 from .convert import convert_to_deploy, is_deploy_form, reparameterizable
@@ -23,7 +24,13 @@ from .guards import atomic_write
 from .shipped import _SOURCE_KEYS, WEIGHTS_NAME, sha256, weights_file
 
 _logger = logging.getLogger(__name__)
-_WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+_PLAIN_KEYS = ("state_dict", "model")  # trainers' entries for the weights, in timm's order of preference
+_EMA_KEYS = ("state_dict_ema", "model_ema")  # ... and for their EMA weights
+_WRAPPER_PREFIXES = {"module.": "'module.' (DistributedDataParallel)", "_orig_mod.": "'_orig_mod.' (torch.compile)"}
+# What timm's loader unpickles besides tensors and containers (timm.models._helpers._torch_load): train.py's args.
+_SAFE_GLOBALS = [argparse.Namespace]
+_LIGHTNING_KEY = "pytorch-lightning_version"  # the entry that marks a Lightning checkpoint
+PLAIN_STATE_DICT = "a state dict"  # what read_checkpoint says of a file that holds nothing else
 
 
 def save_checkpoint(
@@ -67,24 +74,77 @@ def _constructor_metadata(model: nn.Module) -> dict[str, str]:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """Metadata of a safetensors file or model folder ({} for other formats)."""
+    """Metadata of a safetensors file or model folder; for a timm ``train.py`` checkpoint, the model, classes and
+    constructor arguments its ``args`` record (:func:`_trainer_record`); {} for other formats."""
     path = weights_file(path)
     if not str(path).endswith(".safetensors"):
-        return {}
+        return _trainer_record(path)
     with safetensors.safe_open(str(path), "pt") as f:
         return f.metadata() or {}
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``).
+def _trainer_record(path: Path) -> dict[str, str]:
+    """``model`` (untagged), ``num_classes`` and ``model_kwargs`` (with ``in_chans``) of a timm ``train.py``
+    checkpoint, as our files record them, from the arguments it stores; {} for any other file (and an unreadable
+    one: :func:`read_checkpoint` says why when it is loaded)."""
+    try:
+        content = _torch_load(path)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return {}
+    args = content.get("args") if isinstance(content, dict) else None
+    name = str(getattr(args, "model", "") or "") if isinstance(args, argparse.Namespace) else ""
+    if not name or ":" in name:  # not train.py's, or an hf-hub:/local-dir: source rather than a name
+        return {}
+    record = {"model": name.split(".")[0]}
+    if getattr(args, "num_classes", None):
+        record["num_classes"] = str(args.num_classes)
+    kwargs = dict(getattr(args, "model_kwargs", None) or {})
+    if getattr(args, "in_chans", None):
+        kwargs["in_chans"] = args.in_chans
+    try:
+        record["model_kwargs"] = json.dumps(kwargs)
+    except TypeError:  # arguments JSON cannot hold: the caller's arguments must name them
+        pass
+    return record
 
-    Unwraps {'model': ...} / {'state_dict': ...} checkpoints and strips a DistributedDataParallel
-    'module.' prefix. A model folder (timm's ``local-dir:`` layout) names its ``model.safetensors``; a file
+
+def _torch_load(path: Path) -> object:
+    """``torch.load`` with ``weights_only=True`` and timm's one allowance (:data:`_SAFE_GLOBALS`)."""
+    with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``), logging what the file held
+    where it held more than a state dict.
+
+    See :func:`read_checkpoint`, which also returns that description.
+    """
+    state, held = read_checkpoint(path, use_ema)
+    if held != PLAIN_STATE_DICT:
+        _logger.info("%s: %s", path, held)
+    return state
+
+
+def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict of a weights file, and what the file held (e.g. ``timm train.py checkpoint (arch ..., epoch
+    3); loaded 'state_dict'; it also holds EMA weights 'state_dict_ema' (use_ema=True loads them)``).
+
+    A torch file is read with ``weights_only=True``, allowing the one type timm's loader allows besides tensors
+    and containers (``argparse.Namespace``: timm's ``train.py`` stores its arguments); nothing that runs code is
+    unpickled. A safetensors file whose metadata names another format than weights' (our training state) is refused.
+
+    Trainers' checkpoints are unwrapped: ``state_dict`` or ``model`` by default (as timm's scripts do), their EMA
+    weights ``state_dict_ema`` or ``model_ema`` with ``use_ema``; a Lightning checkpoint's LightningModule state
+    dict loses the prefix of the attribute that holds the model when all its keys share it. A ``module.``
+    (DistributedDataParallel) or ``_orig_mod.`` (``torch.compile``) prefix is stripped (timm's
+    ``clean_state_dict``). A model folder (timm's ``local-dir:`` layout) names its ``model.safetensors``; a file
     whose folder lists its sha256 (a shipped file) is checked against it.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is corrupted, truncated or not a checkpoint (the message names it).
+        ValueError: the file is corrupted, truncated or not a checkpoint, or holds no EMA weights though
+            ``use_ema`` asks for them (the message names the file and what it holds).
     """
     path = weights_file(path)
     if path.is_dir():
@@ -96,9 +156,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
         if path.suffix == ".safetensors":
-            state = safetensors.torch.load_file(str(path))
+            content = safetensors.torch.load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            content = _torch_load(path)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" in str(err):
             raise ValueError(_needs_unpickling(path, err)) from None
@@ -107,27 +167,103 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"cannot read weights file {path}: corrupted, truncated or not a checkpoint ({type(err).__name__}: {err})"
         ) from err
-    if isinstance(state, dict):
-        for key in _WRAPPER_KEYS:
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights file {path} does not hold a state dict of tensors")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
+    if path.suffix == ".safetensors":
+        _refuse_other_formats(path)
+    state, held = _unwrap(content, path, use_ema)
+    cleaned = clean_state_dict(state)
+    removed = {k[: len(k) - len(c)] for k, c in zip(state, cleaned) if k != c}  # e.g. 'module._orig_mod.'
+    if removed:
+        wrappers = [w for prefix, w in _WRAPPER_PREFIXES.items() if any(prefix in r for r in removed)]
+        held += f"; stripped the {' and '.join(wrappers)} prefix"
+    return cleaned, held
+
+
+def _refuse_other_formats(path: Path) -> None:
+    """A ValueError for a safetensors file that its metadata says holds something else than weights (e.g. our
+    training state, whose tensors are numbered): weights files say format 'pt' (or, from other frameworks, 'np',
+    'tf', 'flax'), or nothing."""
+    with safetensors.safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    fmt = meta.get("format", "pt")
+    if fmt not in ("pt", "np", "tf", "flax", "mlx"):
+        what = (
+            " (a training state of tools/train.py: resume it with --resume; the run's weights are its "
+            "model_train.safetensors)"
+            if "state" in meta
+            else ""
+        )
+        raise ValueError(f"weights file {path} is not a state dict: its metadata says format {fmt!r}{what}")
+
+
+def _unwrap(content: object, path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict in a file's content (itself, or a trainer checkpoint's entry) and what the file held."""
+
+    def tensors(value: object) -> bool:
+        return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+    if tensors(content):
+        if use_ema:
+            raise ValueError(f"use_ema=True, but {path} holds a plain state dict, no EMA weights; drop use_ema")
+        return content, PLAIN_STATE_DICT
+    if not isinstance(content, dict):
+        raise ValueError(f"weights file {path} does not hold a state dict of tensors (it holds a {type(content)})")
+    ema = next((k for k in _EMA_KEYS if tensors(content.get(k))), None)
+    plain = next((k for k in _PLAIN_KEYS if tensors(content.get(k))), None)
+    what = _describe_trainer_file(content)
+    if plain is None and ema is None:
+        raise ValueError(
+            f"weights file {path} does not hold a state dict of tensors: {what}, none of {_PLAIN_KEYS + _EMA_KEYS} "
+            "holds tensors"
+        )
+    if use_ema and ema is None:
+        raise ValueError(f"use_ema=True, but {path} holds no EMA weights ({what}); drop use_ema to load {plain!r}")
+    key = ema if use_ema or plain is None else plain
+    held = f"{what}; loaded {key!r}"
+    if key == plain and ema is not None:
+        held += f"; it also holds EMA weights {ema!r} (use_ema=True, or --ema in our tools, loads them)"
+    elif key == ema and plain is None:
+        held += " (the only weights in it)"
+    if _LIGHTNING_KEY in content:
+        return _lightning_module_weights(content[key], held)
+    return content[key], held
+
+
+def _lightning_module_weights(state: dict[str, torch.Tensor], held: str) -> tuple[dict[str, torch.Tensor], str]:
+    """A Lightning checkpoint holds its LightningModule's state dict: the model's keys under the attribute that holds
+    it (``model.``). That prefix is stripped when every key has it (the module holds nothing else)."""
+    attributes = {k.split(".", 1)[0] for k in state}
+    if len(attributes) != 1 or not all("." in k for k in state):
+        return state, f"{held}; keys of the LightningModule under {sorted(attributes)}, not stripped"
+    prefix = f"{attributes.pop()}."
+    return {k[len(prefix) :]: v for k, v in state.items()}, f"{held}; stripped the LightningModule's {prefix!r} prefix"
+
+
+def _describe_trainer_file(content: dict) -> str:
+    """What a trainer's checkpoint is: timm's (``train.py`` records ``args``; its ``CheckpointSaver`` the ``saver``
+    bookkeeping, ``arch`` and ``version``) or another's, by its entries."""
+    if isinstance(content.get("args"), argparse.Namespace) or "saver" in content:
+        facts = ", ".join(f"{k} {content[k]}" for k in ("arch", "epoch", "metric") if k in content)
+        who = "timm train.py" if isinstance(content.get("args"), argparse.Namespace) else "timm CheckpointSaver"
+        return f"a {who} checkpoint ({facts})"
+    if _LIGHTNING_KEY in content:
+        facts = ", ".join(f"{k} {content[k]}" for k in ("epoch", "global_step") if k in content)
+        return f"a Lightning checkpoint ({facts})"
+    return f"a checkpoint with entries {sorted(map(str, content))}"
 
 
 def _needs_unpickling(path: Path, err: Exception) -> str:
-    """What a torch file holds that ``weights_only=True`` does not read, and what to do."""
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-    what = f"a {found.group(1)} object" if found else "Python objects"
+    """What a torch file holds that ``weights_only=True`` (with timm's one allowance) does not read, and what to do."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _SAFE_GLOBALS}
+    try:  # reads the pickle's opcodes, runs nothing
+        found = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in allowed]
+    except Exception:  # noqa: BLE001 - the listing is a courtesy; the refusal stands without it
+        found = re.findall(r"unsupported GLOBAL (\S+)", str(err), flags=re.IGNORECASE)
+    what = f"a {found[0]} object" if len(found) == 1 else f"{', '.join(found)} objects" if found else "Python objects"
     return (
         f"cannot read weights file {path}: it holds {what} besides tensors and plain containers, and is not "
-        "unpickled (that can run code). If you trust it, save its state dict alone and load that: "
-        "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth') (or the key that holds the "
-        "tensors)"
+        f"unpickled (that can run code; only {', '.join(sorted(allowed))} is, as timm's loader allows). If you trust "
+        "it, save its state dict alone and load that: torch.save(torch.load(path, weights_only=False)['state_dict'], "
+        "'weights.pth') (or the key that holds the tensors)"
     )
 
 
@@ -155,6 +291,7 @@ def load_checkpoint(
     filter_fn: Callable[[dict, nn.Module], dict] | None = None,
     train_model_factory: Callable[[], nn.Module] | None = None,
     allow_nonfinite: bool = False,
+    use_ema: bool = False,
 ) -> nn.Module:
     """Load weights strictly into ``model`` (train or deploy form), in place; returns ``model``.
 
@@ -163,13 +300,15 @@ def load_checkpoint(
 
     Args:
         model: destination.
-        path: ``.safetensors``, ``.pth`` or ``.pt`` file (ours, the authors', or a plain ``torch.save`` of a
-            state dict; torch files are read with ``weights_only=True``).
+        path: ``.safetensors``, ``.pth`` or ``.pt`` file: ours, the authors', a plain ``torch.save`` of a state
+            dict (of a DDP or ``torch.compile`` wrapper too) or a trainer's checkpoint (timm ``train.py``'s,
+            Lightning's, ...); torch files are read with ``weights_only=True`` (see :func:`read_checkpoint`).
         filter_fn: key renames of foreign layouts (default: ``model.checkpoint_filter_fn``).
         train_model_factory: builds the train-form twin (default: ``model.train_form_twin``).
         allow_nonfinite: accept NaN/Inf weights (for debugging a diverged run).
+        use_ema: load a trainer checkpoint's EMA weights (``state_dict_ema``; see :func:`read_checkpoint`).
     """
-    state = read_state_dict(path)
+    state = read_state_dict(path, use_ema)
     state = prepare_state_dict(state, model, filter_fn, train_model_factory, allow_nonfinite, source=str(path))
     _strict_load(model, state, str(path))
     return model
@@ -374,12 +513,15 @@ def _adapt_for_finetuning(state: dict, model: nn.Module, expected: dict, source:
     if classifier:
         ours = {k: v for k, v in expected.items() if k.startswith(classifier + ".")}
         theirs = [k for k in state if k.startswith(classifier + ".")]
-        if {k: state[k].shape for k in theirs} != {k: v.shape for k, v in ours.items()}:
+        fits_elsewhere = any(k in expected for k in state if k not in theirs)  # else: another layout, listed later
+        if fits_elsewhere and {k: state[k].shape for k in theirs} != {k: v.shape for k, v in ours.items()}:
             state = {k: v for k, v in state.items() if k not in theirs} | ours
             _logger.warning(
-                "%s: classifier [%s] skipped (num_classes=%s); the model keeps its fresh one",
+                "%s: %s; the model keeps its fresh one (num_classes=%s)",
                 source,
-                ", ".join(theirs),
+                f"classifier [{', '.join(theirs)}] skipped: another number of classes"
+                if theirs
+                else f"no classifier ({classifier}.*) in the file",
                 getattr(model, "num_classes", "?"),
             )
     return state
@@ -401,6 +543,8 @@ def _resized_children(state: dict, model: nn.Module, expected: dict) -> list[str
             k: v.shape for k, v in tensors.items() if k.startswith(prefix + "fc1.") or k.startswith(prefix + "fc2.")
         }
 
+    if not set(state) & set(expected):
+        return []  # another layout altogether (the strict load lists it), not another grid
     return [p for p in prefixes if fc_shapes(state, p) != fc_shapes(expected, p)]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import file_form, load_checkpoint, read_metadata, read_state_dict
+from .checkpoint import PLAIN_STATE_DICT, file_form, load_checkpoint, read_checkpoint, read_metadata, read_state_dict
 from .convert import convert_to_deploy
 from .models import load_model
 from .shipped import shipped_weights, weights_file
@@ -71,6 +71,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str, weights_h
         default={},
         help="JSON constructor arguments, e.g. '{\"num_classes\": 10}' (default: what the weights record)",
     )
+    add_ema_argument(parser)
+
+
+def add_ema_argument(parser: argparse.ArgumentParser) -> None:
+    """``--ema``: load a trainer checkpoint's EMA weights (as timm's scripts' ``--use-ema``, which it also takes)."""
+    parser.add_argument(
+        "--ema",
+        "--use-ema",
+        dest="ema",
+        action="store_true",
+        help="load the EMA weights of a trainer's checkpoint (state_dict_ema, e.g. timm train.py's); default: its "
+        "state_dict",
+    )
 
 
 def model_source(
@@ -81,9 +94,11 @@ def model_source(
     form: str | None = None,
     seed: int = 0,
     default: str = "repmlp_res50_light_224",
+    use_ema: bool = False,
 ) -> ModelSource:
     """The model the rule of this module gives (``form``: 'train', 'deploy' or None for the weights' own form;
-    random and registered weights are train form unless 'deploy' is asked for).
+    random and registered weights are train form unless 'deploy' is asked for; ``use_ema``: a trainer checkpoint's
+    EMA weights, see :func:`repmlp.checkpoint.read_checkpoint`).
 
     Raises:
         ValueError: contradicting arguments, or weights that do not fit the model (the message says which).
@@ -92,9 +107,13 @@ def model_source(
     if weights is not None:
         if pretrained:
             raise ValueError("--pretrained and --weights both name weights; give one of them")
-        built = model_from_checkpoint(weights, model, form, kwargs)
+        built = model_from_checkpoint(weights, model, form, kwargs, use_ema)
         name = model or (getattr(built, "pretrained_cfg", None) or {}).get("architecture") or "model"
-        return ModelSource(built, name, f"weights {weights}", read_record(weights), weights_file(weights))
+        held = read_checkpoint(weights, use_ema)[1]  # what a trainer's checkpoint held, and which entry loaded
+        label = f"weights {weights}" + ("" if held == PLAIN_STATE_DICT else f": {held}")
+        return ModelSource(built, name, label, read_record(weights), weights_file(weights))
+    if use_ema:
+        raise ValueError("--ema (use_ema) selects the EMA weights of a --weights file; give the file")
     name = model or default
     deploy = {"deploy": True} if form == "deploy" else {}
     if pretrained:
@@ -172,18 +191,23 @@ def deploy_record(source: ModelSource, model: nn.Module, model_kwargs: dict | No
 
 
 def model_from_checkpoint(
-    path: str | Path, model_name: str | None = None, form: str | None = None, model_kwargs: dict | None = None
+    path: str | Path,
+    model_name: str | None = None,
+    form: str | None = None,
+    model_kwargs: dict | None = None,
+    use_ema: bool = False,
 ) -> nn.Module:
     """Build the model a weights file describes (see :func:`recorded_model_args`) in the requested form (default:
     the file's, judged by structure) and load it; a train-form file loads into a deploy-form model by conversion.
-    ``model_name`` is a timm name or ``package.module:factory``."""
+    ``model_name`` is a timm name or ``package.module:factory``; ``use_ema`` loads a trainer checkpoint's EMA
+    weights."""
     name, kwargs, requested = recorded_model_args(path, model_name, model_kwargs)
     form = agree_with_record("form", form, requested, "--model-kwargs") if requested else form
     if form not in (None, "train", "deploy"):
         raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
     train = load_model(name, **kwargs)
-    form = form or file_form(read_state_dict(path), train) or "train"  # no match: the strict load says why
+    form = form or file_form(read_state_dict(path, use_ema), train) or "train"  # no match: the strict load says why
     if form == "train":
-        return load_checkpoint(train, path)
+        return load_checkpoint(train, path, use_ema=use_ema)
     model = load_model(name, **kwargs, deploy=True)
-    return load_checkpoint(model, path, train_model_factory=lambda: train)  # the twin, built once
+    return load_checkpoint(model, path, train_model_factory=lambda: train, use_ema=use_ema)  # the twin, built once

@@ -76,13 +76,12 @@ def create(name: str, seed: int = 0, randomize_bn: bool = True, **kwargs) -> tor
     return (repmlp.randomize_bn_stats(model, seed) if randomize_bn else model).eval()
 
 
+#: The smallest model of the suite: repmlp_cifar_mlp with other widths and FC3 groups than its preset's.
+TINY_CIFAR = dict(widths=(8, 16, 32), fc3_groups=4)
+
 #: (name, constructor kwargs) of one small model per design, plus one built with non-default constructor arguments.
 CASES = [pytest.param(n, small_kwargs(n), id=n) for n in DESIGNS] + [
-    pytest.param(
-        "repmlp_cifar_mlp",
-        dict(small_kwargs("repmlp_cifar_mlp"), widths=(8, 16, 32), fc3_groups=4),
-        id="repmlp_cifar_mlp-widths",
-    )
+    pytest.param("repmlp_cifar_mlp", {**small_kwargs("repmlp_cifar_mlp"), **TINY_CIFAR}, id="repmlp_cifar_mlp-widths")
 ]
 
 

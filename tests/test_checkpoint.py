@@ -2,6 +2,7 @@
 errors; (model form) x (file form) x (file origin) through load_checkpoint and create_model for one small model per
 design; the authors' checkpoints and block fixtures; fine-tuning loads (other classes, other input channels)."""
 
+import argparse
 import itertools
 import json
 import os
@@ -10,11 +11,13 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from conftest import CASES, REFERENCE, create, inputs, official_state_dict, rel_err, small_kwargs
+from conftest import CASES, REFERENCE, TINY_CIFAR, create, inputs, official_state_dict, rel_err, small_kwargs
+from timm.utils import CheckpointSaver, ModelEmaV3
 
 import repmlp
 from repmlp import RepMLP
-from repmlp.checkpoint import read_metadata, read_state_dict
+from repmlp.checkpoint import read_checkpoint, read_metadata, read_state_dict
+from repmlp.sources import model_source
 from repmlp.verify import randomize_bn_stats
 
 
@@ -278,3 +281,121 @@ def test_official_deploy_state_dict_loads_into_deploy_form():
     block = RepMLP(**cfg, deploy=True).eval()
     block.load_state_dict(safetensors.torch.load_file(str(REFERENCE / "v1_block_deploy.safetensors")))
     assert rel_err(io["y_deploy"], block(io["x"])) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------ trainers' files
+
+
+def timm_train_checkpoint(tmp_path, with_args=True):
+    """What timm's train.py writes: its CheckpointSaver's file, with train.py's arguments and an EMA model whose
+    weights differ from the model's. Returns (path, model, ema model)."""
+    torch.manual_seed(0)
+    model = randomize_bn_stats(timm.create_model("repmlp_cifar_mlp", **TINY_CIFAR))
+    ema = ModelEmaV3(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    args = argparse.Namespace(model="repmlp_cifar_mlp", num_classes=10, model_kwargs=TINY_CIFAR, lr=0.1)
+    saver = CheckpointSaver(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        args=args if with_args else None,
+        model_ema=ema,
+        checkpoint_dir=str(tmp_path),
+    )
+    saver.save_checkpoint(epoch=3, metric=0.25)
+    return tmp_path / "last.pth.tar", model, ema.module
+
+
+def _equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_timm_train_py_checkpoint_loads_its_state_dict_or_its_ema(tmp_path, caplog):
+    path, model, ema = timm_train_checkpoint(tmp_path)
+    fresh = lambda: timm.create_model("repmlp_cifar_mlp", **TINY_CIFAR)  # noqa: E731
+    with caplog.at_level("INFO", logger="repmlp"):
+        assert _equal(repmlp.load_checkpoint(fresh(), path), model)
+    assert (
+        "a timm train.py checkpoint (arch repmlp_cifar_mlp, epoch 3, metric 0.25); loaded 'state_dict'" in caplog.text
+    )
+    assert "it also holds EMA weights 'state_dict_ema' (use_ema=True" in caplog.text
+    assert _equal(repmlp.load_checkpoint(fresh(), path, use_ema=True), ema) and not _equal(ema, model)
+    assert read_metadata(path) == {
+        "model": "repmlp_cifar_mlp",
+        "num_classes": "10",
+        "model_kwargs": json.dumps(TINY_CIFAR),
+    }
+    overlay = dict(file=str(path))
+    assert _equal(
+        timm.create_model("repmlp_cifar_mlp", pretrained=True, pretrained_cfg_overlay=overlay, **TINY_CIFAR), model
+    )
+    deploy = model_source(None, path, form="deploy", use_ema=True)  # model and arguments: train.py's args
+    assert "loaded 'state_dict_ema'" in deploy.weights and deploy.model.deploy
+    x = torch.randn(2, 3, 32, 32)
+    assert rel_err(ema.eval()(x), deploy.model(x)) <= 1e-5
+
+
+def test_timm_checkpoint_without_args_and_ema_requests_that_cannot_be_met(tmp_path):
+    path, model, _ = timm_train_checkpoint(tmp_path, with_args=False)
+    state, held = read_checkpoint(path)
+    assert held.startswith("a timm CheckpointSaver checkpoint (arch mlpcifarnet, epoch 3")
+    torch.save(model.state_dict(), tmp_path / "plain.pth")
+    with pytest.raises(ValueError, match="use_ema=True, but .*plain.pth holds a plain state dict"):
+        read_state_dict(tmp_path / "plain.pth", use_ema=True)
+    torch.save({"state_dict": state, "epoch": 1}, tmp_path / "no_ema.pth")
+    with pytest.raises(ValueError, match=r"holds no EMA weights \(a checkpoint with entries \['epoch', 'state_dict'\]"):
+        read_state_dict(tmp_path / "no_ema.pth", use_ema=True)
+    with pytest.raises(ValueError, match="--ema .* give the file"):
+        model_source("repmlp_cifar_mlp", use_ema=True)
+
+
+def test_a_namespace_is_all_that_is_unpickled_beyond_tensors(tmp_path):
+    """timm's loader allows argparse.Namespace (train.py's args) and nothing else; what a Namespace holds is not let
+    through either."""
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"state_dict": _block().state_dict(), "args": argparse.Namespace(model="x", hook=Evil())}, path)
+    with pytest.raises(
+        ValueError, match="holds a posix.system object .* is not unpickled .*only argparse.Namespace is"
+    ):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("wrap", ["_orig_mod.", "module.", "module._orig_mod.", "_orig_mod.module."])
+def test_compile_and_ddp_prefixes_are_stripped(tmp_path, caplog, wrap):
+    """A state dict of a torch.compile'd (``_orig_mod.``) or DDP (``module.``) model, wrapped in either order."""
+    model = randomize_bn_stats(timm.create_model("repmlp_cifar_mlp", **TINY_CIFAR))
+    assert all(k.startswith("_orig_mod.") for k in torch.compile(model).state_dict())  # lazy: nothing is compiled
+    torch.save({f"{wrap}{k}": v for k, v in model.state_dict().items()}, tmp_path / "wrapped.pth")
+    with caplog.at_level("INFO", logger="repmlp"):
+        loaded = repmlp.load_checkpoint(timm.create_model("repmlp_cifar_mlp", **TINY_CIFAR), tmp_path / "wrapped.pth")
+    assert _equal(loaded, model) and "classifier" not in caplog.text
+    stripped = [w for w in ("'module.' (DistributedDataParallel)", "'_orig_mod.' (torch.compile)") if w[1:8] in wrap]
+    assert f"stripped the {' and '.join(stripped)} prefix" in caplog.text
+
+
+def test_a_file_in_another_layout_is_listed_not_adapted(tmp_path, caplog):
+    """Keys under an unknown prefix: the strict load lists them; no fine-tuning adaptation (new classifier, global
+    perceptrons for another grid) is claimed on the way."""
+    model = timm.create_model("repmlp_cifar_mlp", **TINY_CIFAR)
+    torch.save({f"net.{k}": v for k, v in model.state_dict().items()}, tmp_path / "prefixed.pth")
+    with caplog.at_level("INFO", logger="repmlp"), pytest.raises(ValueError, match=r"unexpected keys \[net\."):
+        repmlp.load_checkpoint(timm.create_model("repmlp_cifar_mlp", **TINY_CIFAR), tmp_path / "prefixed.pth")
+    assert "partitions" not in caplog.text and "classifier" not in caplog.text
+
+
+def test_a_training_state_is_refused_as_weights_naming_what_it_is(tmp_path):
+    """tools/train.py's resume file is safetensors too (numbered tensors, the tree in its metadata)."""
+    from repmlp.training.state import save_training_state
+
+    block = _block()
+    path = tmp_path / "last_state.safetensors"
+    save_training_state(path, block, torch.optim.SGD(block.parameters(), lr=0.1), None, None, None, 0, 0, 0)
+    with pytest.raises(ValueError, match="format 'repmlp-training-state-1' .*resume it with --resume"):
+        repmlp.load_checkpoint(_block(), path)

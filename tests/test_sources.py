@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import timm
 import torch
-from conftest import REFERENCE, load_tool, rel_err
+from conftest import REFERENCE, TINY_CIFAR, load_tool, rel_err
 from safetensors.torch import load_file
+from test_checkpoint import timm_train_checkpoint
 from test_repmlpnet import TINY
 
 import repmlp
@@ -64,3 +66,19 @@ def test_export_takes_the_authors_inference_file_with_model_and_kwargs_alone(tmp
     argv = ["--model", "repmlpnet_t224", "--model-kwargs", json.dumps(TINY), "--weights", str(path)]
     assert load_tool("export_onnx").main([*argv, "--output", str(onnx)]) == 0
     assert f"(weights {path})" in capsys.readouterr().out and onnx.is_file()
+
+
+def test_tools_take_a_timm_train_checkpoint_and_its_ema(tmp_path, capsys):
+    """Model, classes and arguments from train.py's args (no --model), its EMA weights with --ema."""
+    path, _, ema = timm_train_checkpoint(tmp_path)
+    out = tmp_path / "deploy.safetensors"
+    assert (
+        load_tool("convert_deploy").main(["--weights", str(path), "--ema", "--output", str(out), "--no-float64"]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert (
+        "a timm train.py checkpoint (arch repmlp_cifar_mlp, epoch 3, metric 0.25); loaded 'state_dict_ema'" in printed
+    )
+    deploy = repmlp.load_checkpoint(timm.create_model("repmlp_cifar_mlp", deploy=True, **TINY_CIFAR), out)
+    x = torch.randn(2, 3, 32, 32)
+    assert rel_err(ema.eval()(x), deploy.eval()(x)) <= 1e-5

@@ -53,6 +53,7 @@ def load_train_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str, Mo
         args.model_kwargs,
         form="train" if not args.weights else None,
         seed=args.seed,
+        use_ema=args.ema,
     )
     name = (source.model.pretrained_cfg or {}).get("architecture") or source.name.replace(":", "_")
     return source.model, name, source

@@ -30,7 +30,7 @@ from repmlp.guards import integer  # noqa: E402
 from repmlp.int8 import FixedBatch, data_batches, onnx_batch_size, quantize_pytorch  # noqa: E402
 from repmlp.onnx_io import onnx_predictor  # noqa: E402
 from repmlp.shipped import shipped_weights  # noqa: E402
-from repmlp.sources import model_source, read_record  # noqa: E402
+from repmlp.sources import add_ema_argument, model_source, read_record  # noqa: E402
 from repmlp.training import build_eval_data, eval_data_config, evaluate  # noqa: E402
 from repmlp.training.distributed import DistEnv  # noqa: E402
 
@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="take the data section from a training config (YAML, or a run's "
         "config.json; default: the one recorded in the checkpoint)",
     )
+    add_ema_argument(parser)
     parser.add_argument(
         "--dataset",
         help=f"one of {', '.join(DATASETS)} or a timm spec ({', '.join(TIMM_SPECS)}); default: the checkpoint's",
@@ -100,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             registered = shipped_weights(args.model)  # NAME.TAG
             meta = read_record(registered) if registered else {}
         else:
-            source = model_source(args.model, args.checkpoint, args.pretrained, args.model_kwargs, form=args.form)
+            source = model_source(
+                args.model, args.checkpoint, args.pretrained, args.model_kwargs, form=args.form, use_ema=args.ema
+            )
             model, meta = source.model, source.record
             print(f"model   {source.name} ({source.weights})", file=sys.stderr)
         overrides = [f"train.eval_batch_size={args.batch_size}", f"data.num_workers={args.workers}"]

@@ -87,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.output:  # refused before anything is read
             check_output_file(args.output, [args.weights])
         source = model_source(
-            args.model, args.weights, args.pretrained, args.model_kwargs, seed=args.seed, default=RANDOM_DEFAULT
+            args.model,
+            args.weights,
+            args.pretrained,
+            args.model_kwargs,
+            seed=args.seed,
+            default=RANDOM_DEFAULT,
+            use_ema=args.ema,
         )
         model, name = source.model, source.name
         suffix = "deploy" if args.quantize == "none" else f"int8_{args.quantize}"
