@@ -77,3 +77,26 @@ def test_torchvision_fpn_detector_with_frozen_bns_converts_exactly(name):
             ours, theirs = detector.backbone(batch.tensors), deploy.backbone(batch.tensors)
             assert all(rel_err(ours[k], theirs[k]) <= TOL[torch.float32] for k in ours)
             assert len(deploy(images)) == 1
+
+
+@pytest.mark.parametrize(
+    "name,decoder",
+    [("repmlp_res50_light_224", "FPN"), ("repmlp_res50_light_224", "DeepLabV3Plus"), ("repmlpnet_t224", "FPN")],
+)
+def test_smp_fpn_and_deeplab_decoders_convert_exactly(name, decoder):
+    """smp's other decoders at the non-square size. DeepLabV3+ asks its encoder for output_stride 16 (RepMLP-ResNet's
+    c5 then runs at stride 1, dilated by 2); RepMLPNet has no output_stride (timm's TypeError for the argument)."""
+    size = SIZES[-1]
+    torch.manual_seed(0)
+    kwargs = dict(encoder_depth=5) if decoder == "FPN" else dict(encoder_output_stride=16)
+    model = getattr(smp, decoder)(f"tu-{name}", encoder_weights=None, classes=3, **kwargs, **_kwargs(name, size))
+    model = randomize_bn_stats(model).eval()
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        y = model(x)
+        assert y.shape == (1, 3, *size) and rel_err(y, convert_to_deploy(model)(x)) <= TOL[torch.float32]
+
+
+def test_repmlpnet_refuses_output_stride_as_timm_refuses_unknown_arguments():
+    with pytest.raises(TypeError, match="output_stride"):
+        smp.DeepLabV3Plus("tu-repmlpnet_t224", encoder_weights=None, **_kwargs("repmlpnet_t224", SIZES[-1]))
