@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import load_checkpoint
 from ..convert import is_deploy_form
+from ..layers import in_layout
 from ..shipped import resolve_weights
 
 
@@ -32,14 +33,10 @@ def like_input_layout(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def in_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """``x`` channels_last (NHWC) or contiguous (NCHW); a copy only when it is not already."""
-    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
 class NCHWStage(nn.Sequential):
-    """A stage that runs NCHW inside a channels_last model: it turns its input contiguous, and its kernels are
-    stored so (:meth:`RepMLPModel._store_run_layout`); whoever runs the stage gets the same arithmetic."""
+    """A stage that runs NCHW inside a channels_last model: it turns its input contiguous (oneDNN then runs its
+    convs NCHW, their kernels being stored contiguous like every weight); whoever runs the stage gets the same
+    arithmetic."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
@@ -127,9 +124,11 @@ class RepMLPModel(nn.Module):
     #: Maps a foreign (the authors') state dict to our keys; a pure rename (see :mod:`repmlp.authors`).
     checkpoint_filter_fn: Callable[[dict, nn.Module], dict] | None = None
 
-    #: Run NHWC inside: inputs are turned channels_last and conv kernels are stored so (:meth:`_store_run_layout`),
-    #: which is where oneDNN's convs and pooling and our partition copies are fastest; outputs are returned in the
-    #: caller's layout. A family where it does not pay sets False.
+    #: Run NHWC inside: inputs are turned channels_last, which is where oneDNN's convs and pooling and our partition
+    #: copies are fastest; outputs are returned in the caller's layout. A family where it does not pay sets False.
+    #: The activations' layout is the one decided here: weights stay contiguous (PyTorch's default), so
+    #: ``state_dict()`` saves as it is; oneDNN reorders a kernel for each call in either layout, and channels_last
+    #: kernels measured no faster (README, Speed).
     channels_last: bool = True
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -224,15 +223,6 @@ class RepMLPModel(nn.Module):
         """Rebuild what depends on the input size for ``size``, refusing before any change; returns the constructor
         arguments that changed besides ``img_size``."""
         raise NotImplementedError
-
-    def _store_run_layout(self) -> None:
-        """Store 4-D weights in the layout each part runs in (the last step of every constructor; loading and
-        conversion keep it: ``load_state_dict`` copies into the stored tensors, folds write like them)."""
-        if self.channels_last:
-            self.to(memory_format=torch.channels_last)
-            for stage in self.modules():
-                if isinstance(stage, NCHWStage):
-                    stage.to(memory_format=torch.contiguous_format)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and stages, run in the model's layout; the map is returned in the input's (NCHW for NCHW)."""
