@@ -20,6 +20,7 @@ from torch import nn
 
 from .convert import convert_to_deploy, is_deploy_form, reparameterizable
 from .guards import atomic_write
+from .locations import WEIGHT_NAMES
 from .shipped import _SOURCE_KEYS, WEIGHTS_NAME, sha256, weights_file
 
 _logger = logging.getLogger(__name__)
@@ -79,8 +80,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``).
 
     Unwraps {'model': ...} / {'state_dict': ...} checkpoints and strips a DistributedDataParallel
-    'module.' prefix. A model folder (timm's ``local-dir:`` layout) names its ``model.safetensors``; a file
-    whose folder lists its sha256 (a shipped file) is checked against it.
+    'module.' prefix. A model folder (timm's ``local-dir:`` layout) names its weights file by timm's names
+    (:func:`repmlp.locations.folder_weights`: ``model.safetensors``, ``pytorch_model.bin``, ...); a file whose folder
+    lists its sha256 (a shipped file) is checked against it.
 
     Raises:
         FileNotFoundError: no such file.
@@ -90,7 +92,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.is_dir():
         raise IsADirectoryError(
             f"weights path {path} is a directory and no model folder; give the weights file (.safetensors or .pth) "
-            f"or a folder holding {WEIGHTS_NAME}"
+            f"or a folder holding one of timm's weight files ({', '.join(WEIGHT_NAMES)}, or any *.safetensors, "
+            "*.pth, *.bin)"
         )
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")

@@ -20,7 +20,10 @@ from torch.utils.checkpoint import checkpoint
 from ..checkpoint import load_checkpoint
 from ..convert import is_deploy_form
 from ..layers import in_layout
+from ..locations import hub_weights
 from ..shipped import resolve_weights
+
+torch.fx.wrap("in_layout")  # FX leaves are per module: a layout choice made at run time, here as in layers
 
 
 @torch.fx.wrap  # a leaf for FX: a layout choice made at run time, not part of the traced arithmetic
@@ -149,6 +152,22 @@ class RepMLPModel(nn.Module):
     def deploy(self) -> bool:
         """True when no training-only module is left (derived from the modules, never stored)."""
         return is_deploy_form(self)
+
+    @property
+    @torch.jit.unused
+    def _model_args(self) -> dict:
+        """timm's reconstruction arguments (``create_model`` records its kwargs here; ``save_for_hf`` writes them to
+        ``config.json``, from which ``local-dir:`` and ``hf-hub:`` names rebuild the model), with ``deploy=True``
+        for a deploy-form model however it got there (``deploy=True``, :func:`repmlp.convert_to_deploy`,
+        ``timm.utils.reparameterize_model``): the form is derived from the modules, as :attr:`deploy` is."""
+        args = dict(self.__dict__.get("_recorded_model_args", {}))
+        if is_deploy_form(self):
+            args["deploy"] = True
+        return args
+
+    @_model_args.setter
+    def _model_args(self, args: dict) -> None:
+        self.__dict__["_recorded_model_args"] = dict(args)
 
     def train_form_twin(self) -> "RepMLPModel":
         """A freshly initialised train-form model of the same architecture and classifier."""
@@ -310,10 +329,11 @@ class RepMLPModel(nn.Module):
 def route_pretrained_file(variant: str, pretrained: bool, kwargs: dict) -> None:
     """Send ``pretrained=True`` loads through the model's ``load_pretrained`` (our :func:`load_checkpoint`).
 
-    timm resets ``custom_load`` when ``pretrained_cfg_overlay`` names a file, so it is set again here; a
-    ``local-dir:`` folder (timm reads it with its own loader) is loaded as a file too, so its checkpoint is
-    converted, adapted and hash-checked like any other; and a model with no weights file or URL configured is
-    refused (timm would silently keep the random init).
+    timm resets ``custom_load`` when ``pretrained_cfg_overlay`` names a file, so it is set again here. A
+    ``local-dir:`` folder (timm reads it with its own loader) is loaded as a file too, and so is an ``hf-hub:``
+    model's weights file, found in (offline: only read from) the Hugging Face cache by timm's weight file names
+    (:func:`repmlp.locations.hub_weights`): every checkpoint is converted, adapted and hash-checked like any other.
+    A model with no weights file, URL or Hub id configured is refused (timm would silently keep the random init).
     """
     if not pretrained:
         return
@@ -321,12 +341,16 @@ def route_pretrained_file(variant: str, pretrained: bool, kwargs: dict) -> None:
 
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
     cfg = timm.models.resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
-    if not (cfg.get("file") or cfg.get("url")):
+    hub = cfg.get("hf_hub_id") if cfg.get("source") == "hf-hub" or not (cfg.get("file") or cfg.get("url")) else None
+    if not (cfg.get("file") or cfg.get("url") or hub):
         raise ValueError(
             f"{variant}: no weights are shipped for this model; pass a file with "
             f"pretrained_cfg_overlay=dict(file=PATH) (ours or the authors' .pth/.safetensors)"
         )
     overlay.setdefault("custom_load", True)
-    if cfg.get("source") == "local-dir":
+    if hub:
+        overlay["file"] = str(hub_weights(hub, cfg.get("hf_hub_filename"), kwargs.get("cache_dir")))
+        overlay["source"] = "file"
+    elif cfg.get("source") == "local-dir":
         overlay["source"] = "file"
     kwargs["pretrained_cfg_overlay"] = overlay
