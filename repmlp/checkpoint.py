@@ -92,8 +92,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.is_dir():
         raise IsADirectoryError(
             f"weights path {path} is a directory and no model folder; give the weights file (.safetensors or .pth) "
-            f"or a folder holding one of timm's weight files ({', '.join(WEIGHT_NAMES)}, or any *.safetensors, "
-            "*.pth, *.bin)"
+            f"or a folder holding one of timm's weight files ({', '.join(WEIGHT_NAMES)}; beside timm's "
+            "config.json, any *.safetensors, *.pth, *.bin)"
         )
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")

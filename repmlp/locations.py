@@ -8,6 +8,7 @@ wrote (either format) or timm's ``local-dir:`` loader reads is read here too. Wh
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -22,12 +23,16 @@ WEIGHT_NAMES: tuple[str, ...] = tuple(_PREFERRED_FILES)
 
 def folder_weights(folder: str | os.PathLike) -> Path | None:
     """The weights file of a model folder, found as timm's ``local-dir:`` loader finds it: the first of
-    :data:`WEIGHT_NAMES` present, else the first file (by name) of the first extension present of .safetensors,
-    .pth, .pth.tar and .bin; None when the folder holds none."""
+    :data:`WEIGHT_NAMES` present, else, in a folder whose ``config.json`` is timm's (it names an ``architecture``:
+    what makes a folder a model for ``local-dir:``), the first file (by name) of the first extension present of
+    .safetensors, .pth, .pth.tar and .bin; None when there is none. (A training run's directory holds several files
+    of those extensions and a config.json of its own; none of them is picked.)"""
     folder = Path(folder)
     for name in WEIGHT_NAMES:
         if (folder / name).is_file():
             return folder / name
+    if not _is_timm_config(folder / "config.json"):
+        return None
     for ext in _EXT_PRIORITY:
         files = sorted(f for f in folder.glob(f"*{ext}") if f.is_file())
         if files:
@@ -35,6 +40,13 @@ def folder_weights(folder: str | os.PathLike) -> Path | None:
                 _logger.warning("%d %s files in %s; reading %s", len(files), ext, folder, files[0].name)
             return files[0]
     return None
+
+
+def _is_timm_config(path: Path) -> bool:
+    try:
+        return "architecture" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):  # absent, unreadable, not JSON, not an object
+        return False
 
 
 def hub_weights(hub_id: str, filename: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
