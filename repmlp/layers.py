@@ -183,9 +183,12 @@ class PatchEmbedding(ConvBN):
         super().__init__(in_chs, out_chs, patch, stride=patch, act=True, deploy=deploy)
         self.conv.padding = (0, 0)
         self.patch = patch
+        self.channels_last = False  # a model's stem: set by the model (RepMLPModel.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # ConvBN.forward, written out: TorchScript has no super()
+        if self.channels_last:  # here, not only in the model: timm's feature wrappers call the stem themselves
+            x = in_layout(x, True)
         x = self.conv(pad_to_multiple(x, self.patch, self.patch))
         if self.bn is not None:
             x = self.bn(x)

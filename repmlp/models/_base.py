@@ -102,6 +102,8 @@ def _family_constructor(init: Callable) -> Callable:
             init(self, *args, **kwargs)
         if dtype is not None:
             self.to(dtype=dtype)
+        if hasattr(self.stem, "channels_last"):  # the stem sets the layout for whoever calls it (feature wrappers)
+            self.stem.channels_last = self.channels_last
         self.num_feature_levels = len(self.feature_info)
         self.first_stage_level = int(self.feature_info[0]["module"] == "stem")  # 1 when the stem is level 0
 

@@ -24,8 +24,10 @@ from timm.models.resnet import drop_blocks
 from torch import nn
 
 from ..authors import AUTHORS_RESNET, OURS, KeyLayout, keys_to_ours
-from ..layers import ConvBN, RepMLP, cells, shape_str
+from ..layers import ConvBN, RepMLP, cells, in_layout, shape_str
 from ._base import NCHWStage, RepMLPModel, check_rate, drop_path, drop_path_rates, pretrained_cfg, route_pretrained_file
+
+torch.fx.wrap("in_layout")  # FX leaves are per module (see repmlp.layers.in_layout)
 
 __all__ = ["RepMLPResNet"]
 
@@ -36,8 +38,11 @@ class Stem(ConvBN):
     def __init__(self, in_chs: int, out_chs: int, deploy: bool = False) -> None:
         super().__init__(in_chs, out_chs, 7, stride=2, act=True, deploy=deploy)
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.channels_last = False  # set by the model (RepMLPModel.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:  # here, not only in the model: timm's feature wrappers call the stem themselves
+            x = in_layout(x, True)
         x = self.conv(x)
         if self.bn is not None:
             x = self.bn(x)
