@@ -21,6 +21,7 @@ from torch import nn
 
 from .convert import convert_to_deploy, is_deploy_form, reparameterizable
 from .guards import atomic_write
+from .locations import WEIGHT_NAMES
 from .shipped import _SOURCE_KEYS, WEIGHTS_NAME, sha256, weights_file
 
 _logger = logging.getLogger(__name__)
@@ -138,7 +139,8 @@ def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dic
     weights ``state_dict_ema`` or ``model_ema`` with ``use_ema``; a Lightning checkpoint's LightningModule state
     dict loses the prefix of the attribute that holds the model when all its keys share it. A ``module.``
     (DistributedDataParallel) or ``_orig_mod.`` (``torch.compile``) prefix is stripped (timm's
-    ``clean_state_dict``). A model folder (timm's ``local-dir:`` layout) names its ``model.safetensors``; a file
+    ``clean_state_dict``). A model folder (timm's ``local-dir:`` layout) names its weights file by timm's names
+    (:func:`repmlp.locations.folder_weights`: ``model.safetensors``, ``pytorch_model.bin``, ...); a file
     whose folder lists its sha256 (a shipped file) is checked against it.
 
     Raises:
@@ -150,7 +152,8 @@ def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dic
     if path.is_dir():
         raise IsADirectoryError(
             f"weights path {path} is a directory and no model folder; give the weights file (.safetensors or .pth) "
-            f"or a folder holding {WEIGHTS_NAME}"
+            f"or a folder holding one of timm's weight files ({', '.join(WEIGHT_NAMES)}; beside timm's "
+            "config.json, any *.safetensors, *.pth, *.bin)"
         )
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")

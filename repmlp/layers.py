@@ -30,6 +30,23 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 
 @torch.fx.wrap
+def in_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``x`` channels_last (NHWC) or contiguous (NCHW); a copy only when it is not already.
+
+    The layout a conv runs in is its input's: oneDNN takes it from the input's strides (or from a channels_last
+    kernel's; ours are stored contiguous). So channels_last is set in the strides even where both layouts hold
+    (one channel, a 1x1 map), which ``contiguous(memory_format=...)`` leaves as they are.
+    """
+    if not channels_last or x.dim() != 4:
+        return x.contiguous()
+    n, c, h, w = x.shape
+    stride = x.stride()
+    if stride[1] == 1 and stride[3] == c and stride[2] == w * c and (n == 1 or stride[0] == h * w * c):
+        return x
+    return x.clone(memory_format=torch.channels_last)
+
+
+@torch.fx.wrap
 def partition(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(N, C, H, W) -> (N * hp * wp, C, h, w), partitions in (n, row, column) order; always a new tensor.
 
@@ -51,9 +68,9 @@ def unpartition(p: torch.Tensor, n: int, hp: int, wp: int, channels_last: bool =
     """Inverse of :func:`partition`: (N * hp * wp, C, h, w) -> (N, C, hp * h, wp * w), optionally channels_last."""
     c, h, w = p.shape[1:]
     y = p.reshape(n * hp, wp, c, h, w)
-    if channels_last:  # one copy into (n, H, W, c) memory order
+    if channels_last:  # one copy into (n, H, W, c) memory order (a view for one partition: laid out then)
         y = y.permute(0, 3, 1, 4, 2).reshape(n, hp * h, wp * w, c)
-        return y.permute(0, 3, 1, 2)
+        return in_layout(y.permute(0, 3, 1, 2), True)
     y = y.permute(0, 2, 3, 1, 4)  # (n*hp, c, h, wp, w)
     y = y.reshape(n, hp, c, h * wp * w).transpose(1, 2)  # (n, c, hp, h*W)
     return y.reshape(n, c, hp * h, wp * w)
@@ -170,8 +187,11 @@ class PatchEmbedding(ConvBN):
         super().__init__(in_chs, out_chs, patch, stride=patch, act=True, deploy=deploy)
         self.conv.padding = (0, 0)
         self.patch = patch
+        self.channels_last = False  # a model's stem: set by the model (RepMLPModel.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:  # here, not only in the model: timm's feature wrappers call the stem themselves
+            x = in_layout(x, True)
         return self.conv_bn_act(pad_to_multiple(x, self.patch, self.patch))
 
 
@@ -512,10 +532,11 @@ class RepMLP(nn.Module):
             v = self.global_perceptron.values(x).reshape(n, c, self.hp * self.wp).transpose(1, 2)
             p = p.add_(v.reshape(-1, c, 1, 1))
         y = self.partition_perceptron(p)
-        if self.local_perceptron is not None:
-            y = y + self.local_perceptron(p)
+        channels_last = _is_channels_last(x)
+        if self.local_perceptron is not None:  # its convs run in the block's layout (the partitions are NCHW)
+            y = y + self.local_perceptron(in_layout(p, channels_last))
         y = y.reshape(-1, self.out_channels, self.h, self.w)
-        return crop(unpartition(y, n, self.hp, self.wp, channels_last=_is_channels_last(x)), H, W)
+        return crop(unpartition(y, n, self.hp, self.wp, channels_last=channels_last), H, W)
 
     #: The child holding FC3 (with its BN in the train form), for code that treats every family's block alike.
     fc3_perceptron = "partition_perceptron"

@@ -20,8 +20,10 @@ import json
 import os
 from pathlib import Path
 
+from .locations import folder_weights
+
 ENV_VAR = "REPMLP_PRETRAINED_DIR"
-WEIGHTS_NAME = "model.safetensors"  # the file timm's local-dir loader looks for first
+WEIGHTS_NAME = "model.safetensors"  # the file a shipped folder holds: the first of timm's names
 _SOURCE_KEYS = ("file", "url", "hf_hub_id", "hf_hub_filename", "source", "state_dict", "architecture")
 
 
@@ -85,15 +87,16 @@ def sha256(path: str | os.PathLike) -> str:
 
 
 def weights_file(path: str | os.PathLike) -> Path:
-    """The weights file ``path`` names (a model folder, one holding ``model.safetensors``, names that file),
-    checked against the sha256 its folder's ``config.json`` lists for it, if any.
+    """The weights file ``path`` names (a model folder names the file timm's ``local-dir:`` loader would read:
+    :func:`repmlp.locations.folder_weights`), checked against the sha256 its folder's ``config.json`` lists for it,
+    if any.
 
     Raises:
         ValueError: the file does not match its listed sha256 (corrupted, truncated or replaced).
     """
     path = Path(path)
-    if path.is_dir() and (path / WEIGHTS_NAME).is_file():
-        path = path / WEIGHTS_NAME
+    if path.is_dir():
+        path = folder_weights(path) or path
     listed = read_config(path.parent).get("files", {}).get(path.name)
     if listed and path.is_file() and sha256(path) != listed["sha256"]:
         raise ValueError(

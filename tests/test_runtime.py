@@ -1,5 +1,5 @@
 """Runtimes and layouts: every runtime, on NCHW and channels_last inputs, gives eager PyTorch's NCHW outputs for every
-family; the run layout is kept by construction, conversion and loading; outputs follow the caller's layout."""
+family; weights are stored contiguous and each part runs in its input's layout; outputs follow the caller's layout."""
 
 import pytest
 import timm
@@ -68,32 +68,45 @@ def test_runtime_refuses_unknown_names_and_wrong_outputs(family):
         in_runtime(deploy, "eager", x, tolerance=-1.0)
 
 
-def _kernels_and_layouts(model: torch.nn.Module) -> list[tuple[torch.Tensor, bool]]:
-    """Conv kernels whose two layouts differ (k > 1, more than one input channel), each with whether its part of
-    the model runs channels_last (the model's layout, but NCHW in an NCHWStage)."""
-    nchw = {name for name, m in model.named_modules() if isinstance(m, NCHWStage)}
-    out = []
+def _conv_input_layouts(model: torch.nn.Module, x: torch.Tensor) -> dict[str, tuple[bool, bool]]:
+    """Per conv whose input's two layouts differ: (whether its input came channels_last, whether its part of the model
+    runs channels_last: the model's layout, but NCHW in an NCHWStage)."""
+    nchw = [name for name, m in model.named_modules() if isinstance(m, NCHWStage)]
+    seen, hooks = {}, []
     for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1 and m.weight.shape[1] > 1:
-            in_nchw_stage = any(name.startswith(stage + ".") for stage in nchw)
-            out.append((m.weight, model.channels_last and not in_nchw_stage))
-    return out
+        if isinstance(m, torch.nn.Conv2d):
+            expected = model.channels_last and not any(name.startswith(part + ".") for part in nchw)
+
+            def record(module, args, name=name, expected=expected):
+                nhwc, nchw_ = args[0].is_contiguous(memory_format=torch.channels_last), args[0].is_contiguous()
+                if nhwc != nchw_:
+                    seen[name] = (nhwc, expected)
+
+            hooks.append(m.register_forward_pre_hook(record))
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
 
 
-def test_weights_are_stored_in_the_run_layout(family, tmp_path):
-    """Kernels are stored in their part's layout in train, converted, deploy-built and loaded models."""
-    name, train, deploy, _ = family
+def test_weights_are_stored_contiguous_and_parts_run_in_their_layout(family, tmp_path):
+    """Every weight is contiguous (``state_dict()`` saves as it is) in train, converted, deploy-built and loaded
+    models; the layout each part runs in is set by its input (channels_last in the model, NCHW in an NCHWStage)."""
+    name, train, deploy, x = family
     built = timm.create_model(name, deploy=True, **FAMILIES[name])
     path = tmp_path / "deploy.safetensors"
     save_checkpoint(deploy, path)
     load_checkpoint(built, path)
     assert train.channels_last == (name != "repmlpnet_t224")
-    assert {cl for _, cl in _kernels_and_layouts(train)} == (
-        {True, False} if "res50" in name else {train.channels_last}
-    )
     for model in (train, deploy, built):
-        for kernel, cl in _kernels_and_layouts(model):
-            assert kernel.is_contiguous(memory_format=torch.channels_last) == cl != kernel.is_contiguous()
+        assert all(t.is_contiguous() for t in model.state_dict().values())
+        layouts = _conv_input_layouts(model, x)
+        assert layouts and all(seen == expected for seen, expected in layouts.values()), layouts
+    expected_parts = {e for _, e in _conv_input_layouts(train, x).values()}
+    assert expected_parts == ({True, False} if "res50" in name else {train.channels_last})  # res50: c5 runs NCHW
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

@@ -101,8 +101,9 @@ def _run_nchw(model: nn.Module) -> nn.Module:
         for name, p in module._parameters.items():
             if p is not None and p.dim() == 4 and not p.is_contiguous():
                 module._parameters[name] = nn.Parameter(p.detach().contiguous(), p.requires_grad)
-    if hasattr(model, "channels_last"):
-        model.channels_last = False
+    for module in model.modules():  # the model and its stem
+        if isinstance(getattr(module, "channels_last", None), bool):
+            module.channels_last = False
     return model
 
 

@@ -19,7 +19,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import load_checkpoint
 from ..convert import is_deploy_form
+from ..layers import in_layout
+from ..locations import hub_weights
 from ..shipped import resolve_weights
+
+torch.fx.wrap("in_layout")  # FX leaves are per module: a layout choice made at run time, here as in layers
 
 
 @torch.fx.wrap  # a leaf for FX: a layout choice made at run time, not part of the traced arithmetic
@@ -32,14 +36,10 @@ def like_input_layout(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def in_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """``x`` channels_last (NHWC) or contiguous (NCHW); a copy only when it is not already."""
-    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
 class NCHWStage(nn.Sequential):
-    """A stage that runs NCHW inside a channels_last model: it turns its input contiguous, and its kernels are
-    stored so (:meth:`RepMLPModel._store_run_layout`); whoever runs the stage gets the same arithmetic."""
+    """A stage that runs NCHW inside a channels_last model: it turns its input contiguous (oneDNN then runs its
+    convs NCHW, their kernels being stored contiguous like every weight); whoever runs the stage gets the same
+    arithmetic."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
@@ -102,6 +102,8 @@ def _family_constructor(init: Callable) -> Callable:
             init(self, *args, **kwargs)
         if dtype is not None:
             self.to(dtype=dtype)
+        if hasattr(self.stem, "channels_last"):  # the stem sets the layout for whoever calls it (feature wrappers)
+            self.stem.channels_last = self.channels_last
         self.num_feature_levels = len(self.feature_info)
         self.first_stage_level = int(self.feature_info[0]["module"] == "stem")  # 1 when the stem is level 0
 
@@ -127,9 +129,11 @@ class RepMLPModel(nn.Module):
     #: Maps a foreign (the authors') state dict to our keys; a pure rename (see :mod:`repmlp.authors`).
     checkpoint_filter_fn: Callable[[dict, nn.Module], dict] | None = None
 
-    #: Run NHWC inside: inputs are turned channels_last and conv kernels are stored so (:meth:`_store_run_layout`),
-    #: which is where oneDNN's convs and pooling and our partition copies are fastest; outputs are returned in the
-    #: caller's layout. A family where it does not pay sets False.
+    #: Run NHWC inside: inputs are turned channels_last, which is where oneDNN's convs and pooling and our partition
+    #: copies are fastest; outputs are returned in the caller's layout. A family where it does not pay sets False.
+    #: The activations' layout is the one decided here: weights stay contiguous (PyTorch's default), so
+    #: ``state_dict()`` saves as it is; oneDNN reorders a kernel for each call in either layout, and channels_last
+    #: kernels measured no faster (README, Speed).
     channels_last: bool = True
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -150,6 +154,22 @@ class RepMLPModel(nn.Module):
     def deploy(self) -> bool:
         """True when no training-only module is left (derived from the modules, never stored)."""
         return is_deploy_form(self)
+
+    @property
+    @torch.jit.unused
+    def _model_args(self) -> dict:
+        """timm's reconstruction arguments (``create_model`` records its kwargs here; ``save_for_hf`` writes them to
+        ``config.json``, from which ``local-dir:`` and ``hf-hub:`` names rebuild the model), with ``deploy=True``
+        for a deploy-form model however it got there (``deploy=True``, :func:`repmlp.convert_to_deploy`,
+        ``timm.utils.reparameterize_model``): the form is derived from the modules, as :attr:`deploy` is."""
+        args = dict(self.__dict__.get("_recorded_model_args", {}))
+        if is_deploy_form(self):
+            args["deploy"] = True
+        return args
+
+    @_model_args.setter
+    def _model_args(self, args: dict) -> None:
+        self.__dict__["_recorded_model_args"] = dict(args)
 
     def train_form_twin(self) -> "RepMLPModel":
         """A freshly initialised train-form model of the same architecture and classifier."""
@@ -224,15 +244,6 @@ class RepMLPModel(nn.Module):
         """Rebuild what depends on the input size for ``size``, refusing before any change; returns the constructor
         arguments that changed besides ``img_size``."""
         raise NotImplementedError
-
-    def _store_run_layout(self) -> None:
-        """Store 4-D weights in the layout each part runs in (the last step of every constructor; loading and
-        conversion keep it: ``load_state_dict`` copies into the stored tensors, folds write like them)."""
-        if self.channels_last:
-            self.to(memory_format=torch.channels_last)
-            for stage in self.modules():
-                if isinstance(stage, NCHWStage):
-                    stage.to(memory_format=torch.contiguous_format)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and stages, run in the model's layout; the map is returned in the input's (NCHW for NCHW)."""
@@ -320,10 +331,11 @@ class RepMLPModel(nn.Module):
 def route_pretrained_file(variant: str, pretrained: bool, kwargs: dict) -> None:
     """Send ``pretrained=True`` loads through the model's ``load_pretrained`` (our :func:`load_checkpoint`).
 
-    timm resets ``custom_load`` when ``pretrained_cfg_overlay`` names a file, so it is set again here; a
-    ``local-dir:`` folder (timm reads it with its own loader) is loaded as a file too, so its checkpoint is
-    converted, adapted and hash-checked like any other; and a model with no weights file or URL configured is
-    refused (timm would silently keep the random init).
+    timm resets ``custom_load`` when ``pretrained_cfg_overlay`` names a file, so it is set again here. A
+    ``local-dir:`` folder (timm reads it with its own loader) is loaded as a file too, and so is an ``hf-hub:``
+    model's weights file, found in (offline: only read from) the Hugging Face cache by timm's weight file names
+    (:func:`repmlp.locations.hub_weights`): every checkpoint is converted, adapted and hash-checked like any other.
+    A model with no weights file, URL or Hub id configured is refused (timm would silently keep the random init).
     """
     if not pretrained:
         return
@@ -331,12 +343,16 @@ def route_pretrained_file(variant: str, pretrained: bool, kwargs: dict) -> None:
 
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
     cfg = timm.models.resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
-    if not (cfg.get("file") or cfg.get("url")):
+    hub = cfg.get("hf_hub_id") if cfg.get("source") == "hf-hub" or not (cfg.get("file") or cfg.get("url")) else None
+    if not (cfg.get("file") or cfg.get("url") or hub):
         raise ValueError(
             f"{variant}: no weights are shipped for this model; pass a file with "
             f"pretrained_cfg_overlay=dict(file=PATH) (ours or the authors' .pth/.safetensors)"
         )
     overlay.setdefault("custom_load", True)
-    if cfg.get("source") == "local-dir":
+    if hub:
+        overlay["file"] = str(hub_weights(hub, cfg.get("hf_hub_filename"), kwargs.get("cache_dir")))
+        overlay["source"] = "file"
+    elif cfg.get("source") == "local-dir":
         overlay["source"] = "file"
     kwargs["pretrained_cfg_overlay"] = overlay

@@ -198,7 +198,6 @@ class MLPCifarNet(RepMLPModel):
         self.num_features = outs[-1]
         self.head_hidden_size = head_hidden_size
         self.head = MlpHead(self.num_features, head_hidden_size, num_classes, global_pool, drop_rate, deploy)
-        self._store_run_layout()
 
     @staticmethod
     def stem_is_level(num_stages: int) -> bool:

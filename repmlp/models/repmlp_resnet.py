@@ -24,8 +24,10 @@ from timm.models.resnet import drop_blocks
 from torch import nn
 
 from ..authors import AUTHORS_RESNET, OURS, KeyLayout, keys_to_ours
-from ..layers import ConvBN, RepMLP, cells, shape_str
+from ..layers import ConvBN, RepMLP, cells, in_layout, shape_str
 from ._base import NCHWStage, RepMLPModel, check_rate, drop_path, drop_path_rates, pretrained_cfg, route_pretrained_file
+
+torch.fx.wrap("in_layout")  # FX leaves are per module (see repmlp.layers.in_layout)
 
 __all__ = ["RepMLPResNet"]
 
@@ -36,8 +38,11 @@ class Stem(ConvBN):
     def __init__(self, in_chs: int, out_chs: int, deploy: bool = False) -> None:
         super().__init__(in_chs, out_chs, 7, stride=2, act=True, deploy=deploy)
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.channels_last = False  # set by the model (RepMLPModel.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:  # here, not only in the model: timm's feature wrappers call the stem themselves
+            x = in_layout(x, True)
         return self.pool(self.conv_bn_act(x))
 
 
@@ -242,7 +247,6 @@ class RepMLPResNet(RepMLPModel):
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = in_chs
         self.head = ClassifierHead(in_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate)
-        self._store_run_layout()
 
     def _repmlp_blocks(self) -> list[tuple[int, RepMLP]]:
         """(stage index, block) of every RepMLP block left in the model (a pruned model has fewer stages)."""

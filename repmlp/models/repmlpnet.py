@@ -514,7 +514,6 @@ class RepMLPNet(RepMLPModel):
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = in_chs
         self.head = NormClassifierHead(in_chs, num_classes, global_pool, drop_rate, deploy)
-        self._store_run_layout()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:

@@ -1,0 +1,77 @@
+"""Which file holds a model's weights: in a model folder, and in a Hugging Face Hub repository.
+
+One rule for both, timm's: the first of its weight file names present (``model.safetensors``, ``pytorch_model.bin``,
+``pytorch_model.pth``, ``model.pth``, then open_clip's), taken from timm itself, so a folder ``timm.models.save_for_hf``
+wrote (either format) or timm's ``local-dir:`` loader reads is read here too. What is in the file is read by
+:func:`repmlp.checkpoint.read_state_dict` (``torch.load(weights_only=True)`` for torch files).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES, hf_split
+
+_logger = logging.getLogger(__name__)
+
+#: timm's weight file names for a model folder or Hub repository, in its order of preference.
+WEIGHT_NAMES: tuple[str, ...] = tuple(_PREFERRED_FILES)
+
+
+def folder_weights(folder: str | os.PathLike) -> Path | None:
+    """The weights file of a model folder, found as timm's ``local-dir:`` loader finds it: the first of
+    :data:`WEIGHT_NAMES` present, else, in a folder whose ``config.json`` is timm's (it names an ``architecture``:
+    what makes a folder a model for ``local-dir:``), the first file (by name) of the first extension present of
+    .safetensors, .pth, .pth.tar and .bin; None when there is none. (A training run's directory holds several files
+    of those extensions and a config.json of its own; none of them is picked.)"""
+    folder = Path(folder)
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    if not _is_timm_config(folder / "config.json"):
+        return None
+    for ext in _EXT_PRIORITY:
+        files = sorted(f for f in folder.glob(f"*{ext}") if f.is_file())
+        if files:
+            if len(files) > 1:
+                _logger.warning("%d %s files in %s; reading %s", len(files), ext, folder, files[0].name)
+            return files[0]
+    return None
+
+
+def _is_timm_config(path: Path) -> bool:
+    try:
+        return "architecture" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):  # absent, unreadable, not JSON, not an object
+        return False
+
+
+def hub_weights(hub_id: str, filename: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The weights file of the Hub model ``hub_id`` (``org/name``, optionally ``@revision``), from the local Hugging
+    Face cache (``cache_dir``, default the Hub's) or downloaded into it; offline (``HF_HUB_OFFLINE=1``) only the cache
+    is read. ``filename`` if given, else the first of :data:`WEIGHT_NAMES` the repository has.
+
+    Raises:
+        FileNotFoundError: none of the names is in the repository (or, offline, in the cache); the message names
+            them and where they were looked for.
+    """
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo, revision = hf_split(hub_id)
+    names = (filename,) if filename else WEIGHT_NAMES
+    for name in names:
+        try:
+            return Path(hf_hub_download(repo, name, revision=revision, cache_dir=cache_dir))
+        except EntryNotFoundError:  # not in the repository, or (offline, no connection) not in the cache
+            continue
+    where = f"the Hugging Face cache {cache_dir or constants.HF_HUB_CACHE}"
+    if not constants.HF_HUB_OFFLINE:
+        where = f"the repository or {where}"
+    raise FileNotFoundError(
+        f"hf-hub:{hub_id}: no weights file ({', '.join(names)}) in {where}; save the model with "
+        "timm.models.save_for_hf (or push_to_hf_hub), or pass pretrained_cfg_overlay=dict(hf_hub_filename=NAME)"
+    )
