@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from test_zoo import DESIGN_CASES, NAMES, build, inputs
+from conftest import CASES, REGISTERED, create, inputs
 from timm.models import save_for_hf
 
 import repmlp
@@ -26,7 +26,7 @@ REVISION = "0123456789abcdef0123456789abcdef01234567"  # a commit hash as the Hu
 
 def model_in(form: str, name: str, kwargs: dict) -> torch.nn.Module:
     """A small model of ``name`` with a non-default classifier (5 classes), in ``form``, eval mode."""
-    train = build(name, kwargs, num_classes=5)
+    train = create(name, **kwargs, num_classes=5)
     return repmlp.convert_to_deploy(train) if form == "deploy" else train
 
 
@@ -61,7 +61,7 @@ def offline(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", REGISTERED)
 def test_every_registered_state_dict_is_what_safetensors_saves(name):
     """Every tensor of both forms' state dicts is contiguous (``save_file`` refuses others), at the preset's size
     (built on the meta device: layout without data); the designs' files are written and reloaded below."""
@@ -71,7 +71,7 @@ def test_every_registered_state_dict_is_what_safetensors_saves(name):
 
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("name,kwargs", DESIGN_CASES)
+@pytest.mark.parametrize("name,kwargs", CASES)
 def test_save_file_of_the_state_dict_reloads(tmp_path, name, kwargs, form):
     model = model_in(form, name, kwargs)
     state = model.state_dict()
@@ -83,7 +83,7 @@ def test_save_file_of_the_state_dict_reloads(tmp_path, name, kwargs, form):
 
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("name,kwargs", DESIGN_CASES)
+@pytest.mark.parametrize("name,kwargs", CASES)
 def test_save_for_hf_reloads_from_local_dir_and_offline_hf_hub(tmp_path, offline, name, kwargs, form):
     """The folder records the architecture and the form (``deploy=True`` in ``model_args``), so the name alone
     rebuilds the model; the same files as a Hub cache snapshot load by ``hf-hub:`` name without the network."""
