@@ -512,9 +512,12 @@ class RepMLP(nn.Module):
         reduction = self.fc1_fc2_reduction if fc1_fc2_reduction is None else fc1_fc2_reduction
         self._check_size(H, W, reduction)
         like = self.partition_perceptron.fc3.weight
+        old = self.global_perceptron
+        trainable = like.requires_grad if old is None else any(p.requires_grad for p in old.parameters())
         self._set_size(H, W, reduction, deploy=self.partition_perceptron.deploy)
-        if self.global_perceptron is not None:
+        if self.global_perceptron is not None and self.global_perceptron is not old:  # frozen stays frozen
             self.global_perceptron.to(device=like.device, dtype=like.dtype).train(self.training)
+            self.global_perceptron.requires_grad_(trainable)
 
     @property
     @torch.jit.unused  # Python-side introspection, not compiled by TorchScript
