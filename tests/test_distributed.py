@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from test_train import TINY  # the same tiny Fashion-MNIST-shaped run
 
 from repmlp.training import load_config, train
 from repmlp.training.loop import accumulation_steps
@@ -22,23 +23,6 @@ from repmlp.training.state import STATE_FILE, read_state
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "tools" / "train.py")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-# a tiny Fashion-MNIST-shaped model on synthetic 28x28 images: 3 epochs of 6 steps on each of 2 processes
-TINY = [
-    "model.name=repmlp_fmnist_mlp",
-    "model.kwargs={widths: [4, 8], head_hidden_size: 16}",
-    "data.dataset=synthetic",
-    "data.num_workers=0",
-    "data.crop_padding=2",
-    "data.train_transform={color_jitter: null}",
-    "data.synthetic={num_samples: 96, num_classes: 4}",
-    "optimizer.lr=0.05",
-    "scheduler.warmup_epochs=1",
-    "train.epochs=3",
-    "train.batch_size=8",
-    "train.eval_batch_size=32",
-    "train.threads=1",
-    "train.progress=false",
-]
 
 
 def _free_port() -> int:
