@@ -10,6 +10,7 @@ import logging
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -110,9 +111,11 @@ def _trainer_record(path: Path) -> dict[str, str]:
 
 
 def _torch_load(path: Path) -> object:
-    """``torch.load`` with ``weights_only=True`` and timm's one allowance (:data:`_SAFE_GLOBALS`)."""
+    """``torch.load`` with ``weights_only=True`` and timm's one allowance (:data:`_SAFE_GLOBALS`). Files in the zip
+    format (every ``torch.save`` since PyTorch 1.6) are memory-mapped: tensors read from the page cache instead
+    of being copied into fresh memory first (loading copies them into the model's own tensors)."""
     with torch.serialization.safe_globals(_SAFE_GLOBALS):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
 
 
 def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
@@ -351,7 +354,7 @@ def prepare_state_dict(
     resized = _resized_children(state, model, expected)
     factory = train_model_factory or getattr(model, "train_form_twin", None)
     if resized and factory is not None and is_deploy_form(model):  # a train-form file is adapted so, then converted
-        twin = factory()
+        twin = factory()  # initialised: the resized global perceptrons keep its fresh fc1/fc2
         twin_expected = twin.state_dict()
         twin_state = _adapt_to_partitions(state, twin_expected, _resized_children(state, twin, twin_expected), source)
         if set(twin_state) == set(twin_expected):  # the twin's keys: a train-form file
@@ -371,7 +374,7 @@ def prepare_state_dict(
     _refuse_unless_it_fits(raw, state, model, twin, train_model_factory, source)
     if twin is None:
         return state  # the strict load lists what does not match
-    _strict_load(twin, state, f"{source} (as a train-form twin)")
+    _strict_load(twin, state, f"{source} (as a train-form twin)", assign=True)
     return convert_to_deploy(twin, inplace=True).state_dict()
 
 
@@ -385,7 +388,7 @@ def _matching_twin(
         factory = functools.partial(copy.deepcopy, model)  # a train-form model is its own twin
     if factory is None:
         return None, False
-    twin, reparameterized = _reparameterized_where_missing(factory(), set(state))
+    twin, reparameterized = _reparameterized_where_missing(_on_meta(factory), set(state))
     return (twin if set(twin.state_dict()) == set(state) else None), reparameterized
 
 
@@ -428,15 +431,13 @@ def _no_layout_matches(
     factory = factory or getattr(model, "train_form_twin", None)
     forms = [{k: v.shape for k, v in model.state_dict().items()}]
     if factory is not None:
-        with torch.device("meta"):
-            forms.append({k: v.shape for k, v in factory().state_dict().items()})
+        forms.append({k: v.shape for k, v in _on_meta(factory).state_dict().items()})
     closest = None
     for layout in model.key_layouts:
         renamed = layout.to_ours(dict(state), model)
         candidates = forms
         if factory is not None:
-            with torch.device("meta"):
-                twin, _ = _reparameterized_where_missing(factory(), set(renamed), most=True)
+            twin, _ = _reparameterized_where_missing(_on_meta(factory), set(renamed), most=True)
             candidates = [*forms, {k: v.shape for k, v in twin.state_dict().items()}]
         for expected in candidates:
             found = _mismatches(expected, renamed)
@@ -578,14 +579,27 @@ def _show(keys: list[str]) -> str:
     return "[" + ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "") + "]"
 
 
-def _strict_load(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    missing, unexpected, shapes = _mismatches({k: v.shape for k, v in model.state_dict().items()}, state)
+def _on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
+    """A train-form twin from ``factory``, its tensors on the meta device: the file's weights are then assigned to it
+    (``_strict_load(..., assign=True)``) instead of first initialising weights only to overwrite them (seconds for
+    a full-size RepMLP-ResNet). Converting and comparing structures work on meta tensors alike."""
+    with torch.device("meta"):
+        return factory()
+
+
+def _strict_load(model: nn.Module, state: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
+    """``model.load_state_dict(state, strict=True)``, refused with every mismatch named. ``assign``: the model's
+    tensors become ``state``'s, in the model's dtypes (for a twin built by :func:`_on_meta`)."""
+    expected = model.state_dict()
+    missing, unexpected, shapes = _mismatches({k: v.shape for k, v in expected.items()}, state)
     if missing or unexpected or shapes:
         raise ValueError(
             f"{source} does not match the model: missing keys {_show(missing)}, "
             f"unexpected keys {_show(unexpected)}, shape mismatches {_show(shapes)}"
         )
-    model.load_state_dict(state, strict=True)
+    if assign:  # the file's tensors themselves (conversion writes new tensors), in the twin's dtypes
+        state = {k: v.to(dtype=expected[k].dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
 def write_folder(model: nn.Module, folder: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
