@@ -44,10 +44,6 @@ def _args(out: Path, *extra: str) -> list[str]:
     return [str(ROOT / "tools" / "train.py"), "--output", str(out), *overrides]
 
 
-def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, *_args(out, *extra)], env=ENV, capture_output=True, text=True, timeout=300)
-
-
 def _train_in_process(out: Path, *extra: str, resume: bool = False) -> dict:
     threads = torch.get_num_threads()  # train() sets its own
     try:
@@ -89,8 +85,7 @@ def _max_abs_diff(a: Path, b: Path) -> float:
 def reference_run(tmp_path_factory) -> Path:
     """One uninterrupted run that the interrupted ones must reproduce."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    result = _run(out)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _train_in_process(out)  # in this process: the interrupted runs start tools/train.py as users do
     return out
 
 
@@ -179,8 +174,11 @@ def test_killed_run_resumes_to_the_same_weights(reference_run, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["equivalent_fc3", "fc3_bn"])
-def test_killed_qat_run_resumes_to_the_same_weights(tmp_path, mode):
-    """QAT's own modules (fake-quantized equivalent FC3s, the BNs put back after FC3) resume like the rest."""
+def test_qat_run_resumes_after_a_kill_and_exports_int8(tmp_path, mode, capsys):
+    """QAT's own modules (fake-quantized equivalent FC3s of the train form, or the authors' BNs put back after a
+    deploy FC3) resume like the rest; the plain float form is saved and exported as static int8."""
+    import onnx
+
     qat = [f"qat.mode={mode}", "qat.calibration_batches=2"]
     reference, out = tmp_path / "uninterrupted", tmp_path / "killed"
     proc = _start(out, *qat)
@@ -188,9 +186,17 @@ def test_killed_qat_run_resumes_to_the_same_weights(tmp_path, mode):
     proc.kill()
     proc.wait()
     assert _resume_in_process(out, *qat)["equivalence"]["passed"]
-    _train_in_process(reference, *qat)
-    form = "train" if mode == "equivalent_fc3" else "deploy"  # fc3_bn fine-tunes a deploy form
+    assert _train_in_process(reference, *qat)["equivalence"]["passed"]
+    forms = ["train", "deploy"] if mode == "equivalent_fc3" else ["deploy"]  # fc3_bn fine-tunes a deploy form
+    assert {p.name for p in reference.glob("model_*.safetensors")} == {f"model_{f}.safetensors" for f in forms}
+    form = forms[0]
     assert _max_abs_diff(reference / f"model_{form}.safetensors", out / f"model_{form}.safetensors") <= 1e-6
+    weights, onnx_file = reference / f"model_{form}.safetensors", tmp_path / "int8.onnx"
+    options = "--quantize static --batch-size 4 --calibration random --calibration-samples 16 --check-samples 64"
+    capsys.readouterr()
+    code = _tool("export_onnx").main(["--weights", str(weights), "--output", str(onnx_file), *options.split()])
+    assert code == 0 and "static int8" in capsys.readouterr().out
+    assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(onnx_file)).graph.node)
 
 
 def test_sigterm_mid_epoch_saves_and_resumes_exactly(reference_run, tmp_path):
@@ -203,21 +209,3 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(reference_run, tmp_path):
     assert state["epoch"] >= 1 and state["step_in_epoch"] > 0
     assert _resume_in_process(tmp_path)["equivalence"]["passed"]
     assert _max_abs_diff(reference_run / "model_train.safetensors", tmp_path / "model_train.safetensors") <= 1e-6
-
-
-@pytest.mark.parametrize("mode", ["equivalent_fc3", "fc3_bn"])
-def test_qat_run_converts_and_exports_int8(tmp_path, mode, capsys):
-    """A few QAT steps (equivalent FC3 of the train form, or the authors' BN after a deploy FC3), then the plain
-    float form saved and exported as static int8."""
-    import onnx
-
-    summary = _train_in_process(tmp_path, "train.epochs=1", f"qat.mode={mode}", "qat.calibration_batches=2")
-    assert summary["equivalence"]["passed"]
-    forms = ["train", "deploy"] if mode == "equivalent_fc3" else ["deploy"]  # fc3_bn trains a deploy form
-    assert {p.name for p in tmp_path.glob("model_*.safetensors")} == {f"model_{f}.safetensors" for f in forms}
-    form = forms[0]
-    weights, out = tmp_path / f"model_{form}.safetensors", tmp_path / "int8.onnx"
-    options = "--quantize static --batch-size 4 --calibration random --calibration-samples 16 --check-samples 64"
-    code = _tool("export_onnx").main(["--weights", str(weights), "--output", str(out), *options.split()])
-    assert code == 0 and "static int8" in capsys.readouterr().out
-    assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(out)).graph.node)
