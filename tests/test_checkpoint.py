@@ -180,6 +180,25 @@ def test_load_routes(tmp_path, name, kwargs):
             assert rel_err(expected, model(x)) <= 1e-5, (file_form, origin, deploy, route)
 
 
+def test_converting_on_load_leaves_the_callers_tensors_and_legacy_torch_files_load(tmp_path):
+    """A train-form state dict converted for a deploy-form model (its train-form twin is built on the meta device
+    and takes the dict's tensors) leaves the caller's tensors as they were; torch files in the pre-1.6 format (not
+    memory-mapped, as zip files are) load too."""
+    kwargs = {**small_kwargs("repmlp_cifar_mlp"), **TINY_CIFAR}
+    train = create("repmlp_cifar_mlp", 5, **TINY_CIFAR)
+    x, state = inputs(train), train.state_dict()
+    before = {k: v.clone() for k, v in state.items()}
+    deploy = timm.create_model("repmlp_cifar_mlp", deploy=True, **kwargs)
+    deploy.load_state_dict(repmlp.checkpoint_filter_fn(state, deploy))
+    assert all(torch.equal(before[k], state[k]) for k in state)
+    assert rel_err(train(x), deploy.eval()(x)) <= 1e-5
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    legacy = repmlp.load_checkpoint(
+        timm.create_model("repmlp_cifar_mlp", deploy=True, **kwargs), tmp_path / "legacy.pth"
+    )
+    assert rel_err(train(x), legacy.eval()(x)) <= 1e-5
+
+
 # the authors' checkpoints: their key layouts (tests/fixtures/official/keys_*.txt) with random values
 AUTHORS = [
     ("repmlp_res50_light_g4_224", "RepMLP-Res50-light-224", "stage0.0.conv.weight"),
