@@ -1,7 +1,6 @@
 """tools/train.py and tools/eval.py end to end on synthetic data: configs, a full run with the deploy check,
 and kill / resume reproducing an uninterrupted run (torchrun: tests/test_distributed.py)."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
 from safetensors.torch import load_file
 
 from repmlp.training import load_config, train
@@ -54,13 +54,6 @@ def _train_in_process(out: Path, *extra: str, resume: bool = False) -> dict:
 
 def _resume_in_process(out: Path, *extra: str) -> dict:
     return _train_in_process(out, *extra, resume=True)
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _start(out: Path, *extra: str) -> subprocess.Popen:
@@ -122,7 +115,7 @@ def test_full_run_writes_metrics_plot_and_equivalent_forms(reference_run, capsys
     check = final["equivalence"]
     assert check["passed"] and check["argmax_agreement"] >= 0.9995 and check["max_rel_err"] <= 1e-5
     assert check["train_top1"] == check["deploy_top1"]
-    evaluate = _tool("eval")
+    evaluate = load_tool("eval")
     for form in ("train", "deploy"):
         capsys.readouterr()
         assert (
@@ -194,7 +187,7 @@ def test_qat_run_resumes_after_a_kill_and_exports_int8(tmp_path, mode, capsys):
     weights, onnx_file = reference / f"model_{form}.safetensors", tmp_path / "int8.onnx"
     options = "--quantize static --batch-size 4 --calibration random --calibration-samples 16 --check-samples 64"
     capsys.readouterr()
-    code = _tool("export_onnx").main(["--weights", str(weights), "--output", str(onnx_file), *options.split()])
+    code = load_tool("export_onnx").main(["--weights", str(weights), "--output", str(onnx_file), *options.split()])
     assert code == 0 and "static int8" in capsys.readouterr().out
     assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(onnx_file)).graph.node)
 
