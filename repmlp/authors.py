@@ -5,7 +5,7 @@ a marker key: the authors' and, for RepMLPNet, mmpretrain's (its files are the a
 module names). The RepMLPNet inference forms ("locality injection": FC3 with a bias, every other BN kept) are partly
 re-parameterized states that :func:`repmlp.load_checkpoint` matches structurally, so nothing here converts weights.
 A leaf module: it imports nothing of the package, so blocks and models can read it while they load. Emulations of
-the authors' inference code are in :mod:`repmlp.benchmark.emulation`.
+the authors' inference code are in :mod:`benchmarks.emulation`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The weights shipped with the package: where they are, how they are checked, how a shipped folder is written.
 
-One rule finds them: ``$REPMLP_PRETRAINED_DIR`` if set, else ``repmlp/pretrained/`` inside the installed
-package. They are package data, so a wheel (``pip install .``) carries them as a clone or an editable install
-does. Each shipped model is a folder ``<model>.<tag>/`` that timm's ``local-dir:`` loader reads:
+One rule finds them: ``$REPMLP_PRETRAINED_DIR`` if set, else ``repmlp/pretrained/`` inside an installed wheel
+(package data), else the clone's top-level ``pretrained/`` (a clone or an editable install). Paths under the old
+``repmlp/pretrained/`` of a clone still resolve (:func:`resolve_weights`). Each shipped model is a folder
+``<model>.<tag>/`` that timm's ``local-dir:`` loader reads:
 
 - ``config.json``: timm's format (``architecture``, ``num_classes``, ``pretrained_cfg``, ...) written from the
   registry's ``pretrained_cfg``, plus ``files``: ``{name: {sha256, form}}``, the one record of the folder's files;
@@ -27,9 +28,17 @@ WEIGHTS_NAME = "model.safetensors"  # the file a shipped folder holds: the first
 _SOURCE_KEYS = ("file", "url", "hf_hub_id", "hf_hub_filename", "source", "state_dict", "architecture")
 
 
+_PACKAGE = Path(__file__).resolve().parent
+_OLD_PREFIX = Path("repmlp", "pretrained")  # where a clone kept them before 0.2 (CHANGELOG.md)
+
+
 def weights_dir() -> Path:
-    """Directory of the shipped weights: ``$REPMLP_PRETRAINED_DIR`` or the package's ``pretrained/``."""
-    return Path(os.environ.get(ENV_VAR) or Path(__file__).resolve().parent / "pretrained")
+    """Directory of the shipped weights: ``$REPMLP_PRETRAINED_DIR``, a wheel's package data, or a clone's
+    top-level ``pretrained/``."""
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR])
+    in_wheel = _PACKAGE / "pretrained"
+    return in_wheel if in_wheel.is_dir() else _PACKAGE.parent / "pretrained"
 
 
 def read_config(folder: str | os.PathLike) -> dict:
@@ -70,11 +79,13 @@ def shipped_weights(name: str) -> Path | None:
 
 
 def resolve_weights(path: str | os.PathLike) -> Path:
-    """``path`` as given when it exists, else the shipped file or folder of that name in :func:`weights_dir`."""
+    """``path`` as given when it exists, else the shipped file or folder of that name in :func:`weights_dir`
+    (also when named by its old path in a clone, ``repmlp/pretrained/NAME``)."""
     path = Path(path)
-    if not path.exists() and not path.is_absolute() and (weights_dir() / path).exists():
-        return weights_dir() / path
-    return path
+    if path.exists() or path.is_absolute():
+        return path
+    name = Path(*path.parts[2:]) if path.parts[:2] == _OLD_PREFIX.parts and len(path.parts) > 2 else path
+    return weights_dir() / name if (weights_dir() / name).exists() else path
 
 
 def sha256(path: str | os.PathLike) -> str:

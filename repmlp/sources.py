@@ -22,7 +22,7 @@ from torch import nn
 from .checkpoint import PLAIN_STATE_DICT, file_form, load_checkpoint, read_checkpoint, read_metadata, read_state_dict
 from .convert import convert_to_deploy
 from .models import load_model
-from .shipped import shipped_weights, weights_file
+from .shipped import resolve_weights, shipped_weights, weights_file
 from .verify import randomize_bn_stats
 
 
@@ -105,6 +105,7 @@ def model_source(
     """
     kwargs = dict(model_kwargs or {})
     if weights is not None:
+        weights = resolve_weights(weights)  # a shipped folder by name or by its pre-0.2 path
         if pretrained:
             raise ValueError("--pretrained and --weights both name weights; give one of them")
         built = model_from_checkpoint(weights, model, form, kwargs, use_ema)

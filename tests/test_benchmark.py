@@ -8,9 +8,9 @@ import torch
 from conftest import load_tool, rel_err
 from torch import nn
 
+from benchmarks.emulation import AuthorsRepMLP, authors_deploy_form
+from benchmarks.forms import fc3_weight_bytes
 from repmlp import RepMLP, convert_to_deploy
-from repmlp.benchmark.emulation import AuthorsRepMLP, authors_deploy_form
-from repmlp.benchmark.forms import fc3_weight_bytes
 from repmlp.layers import ConvBN
 from repmlp.models import model_input_size
 from repmlp.verify import randomize_bn_stats

@@ -7,8 +7,8 @@ from conftest import load_tool, rel_err
 from test_benchmark import tiny_model
 from torch import nn
 
+from benchmarks.emulation import authors_deploy_form
 from repmlp import RepMLP, convert_to_deploy
-from repmlp.benchmark.emulation import authors_deploy_form
 from repmlp.models import model_input_size
 from repmlp.verify import randomize_bn_stats
 

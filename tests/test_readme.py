@@ -26,7 +26,7 @@ def test_readme_python_examples_run_as_written(tmp_path, monkeypatch):
     placeholder folder path becomes the shipped folder); files they write land in a scratch directory."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert len(blocks) >= 3
-    shipped = str(ROOT / "repmlp" / "pretrained" / "repmlp_fmnist_mlp.fmnist")
+    shipped = str(ROOT / "pretrained" / "repmlp_fmnist_mlp.fmnist")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     for i, block in enumerate(blocks):

@@ -11,7 +11,7 @@ from conftest import REFERENCE, TOL, rel_err
 from safetensors.torch import load_file
 
 import repmlp
-from repmlp.benchmark.emulation import authors_inference_form
+from benchmarks.emulation import authors_inference_form
 from repmlp.layers import partition, unpartition
 from repmlp.models.repmlpnet import RepMLPBlock
 from repmlp.verify import randomize_bn_stats

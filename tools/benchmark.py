@@ -32,10 +32,11 @@ import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the library in a clone
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
 
-from repmlp.benchmark.forms import DTYPES, FORMS, BenchmarkConfig, format_table, plot, run_benchmark  # noqa: E402
-from repmlp.benchmark.int8 import (  # noqa: E402
+from benchmarks.forms import DTYPES, FORMS, BenchmarkConfig, format_table, plot, run_benchmark  # noqa: E402
+from benchmarks.int8 import (  # noqa: E402
     EAGER_LAYOUT_FORM,
     INT8_FORMS,
     Int8BenchmarkConfig,

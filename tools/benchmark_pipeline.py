@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Images/s of the training input pipeline alone (JPEG decode, timm's train augmentation, collation, normalisation):
-our loader against timm's create_loader, interleaved rounds, medians (repmlp.benchmark.pipeline).
+our loader against timm's create_loader, interleaved rounds, medians (benchmarks.pipeline).
 
 Run with OMP_WAIT_POLICY=PASSIVE on a shared machine. Example (the README's table):
     OMP_WAIT_POLICY=PASSIVE python tools/benchmark_pipeline.py --images 256 --img-size 224 --batch-size 32 \\
@@ -17,8 +17,9 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the library in a clone
 
-from repmlp.benchmark.pipeline import format_pipeline_table, run_pipeline_benchmark, write_jpegs  # noqa: E402
+from benchmarks.pipeline import format_pipeline_table, run_pipeline_benchmark, write_jpegs  # noqa: E402
 from repmlp.guards import atomic_write, check_output_file, integer  # noqa: E402
 
 

@@ -5,7 +5,7 @@ Model, classes, arguments, form and dataset come from the checkpoint's metadata 
 arguments fill what a file does not record, and an argument that contradicts it is an error.
 
 Examples:
-    python tools/eval.py --checkpoint repmlp/pretrained/repmlp_fmnist_mlp.fmnist
+    python tools/eval.py --checkpoint pretrained/repmlp_fmnist_mlp.fmnist
     python tools/eval.py --checkpoint runs/fmnist/model_train.safetensors --form deploy
     python tools/eval.py --model repmlp_fmnist_mlp.fmnist --pretrained
     python tools/eval.py --onnx output/repmlp_fmnist_mlp.fmnist_int8_static.onnx --model repmlp_fmnist_mlp.fmnist

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert import is_deploy_form
-from ..layers import ConvBN, RepMLP
-from ..models.repmlpnet import RepMLPBlock
+from repmlp.convert import is_deploy_form
+from repmlp.layers import ConvBN, RepMLP
+from repmlp.models.repmlpnet import RepMLPBlock
 
 
 class AuthorsRepMLP(nn.Module):

@@ -14,7 +14,7 @@ max relative error against the train form and against eager PyTorch, and the bui
 records thread count, OpenMP wait policy and load average: with 2 threads on a loaded machine libgomp's default
 (spinning) wait policy made runs up to 12x slower here; run with ``OMP_WAIT_POLICY=PASSIVE``.
 
-The authors' deploy form and conversion are **emulations** (:mod:`repmlp.benchmark.emulation`): our weights run op
+The authors' deploy form and conversion are **emulations** (:mod:`benchmarks.emulation`): our weights run op
 for op the way the authors' code runs and converts them. Their code itself is not used.
 """
 
@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..convert import convert_to_deploy
-from ..flops import count_macs, count_params
-from ..models import load_model, model_input_size
-from ..runtime import RUNTIMES, RuntimeModel, check_against_eager, in_runtime
-from ..sources import model_source
-from ..verify import ErrorStats
+from repmlp.convert import convert_to_deploy
+from repmlp.flops import count_macs, count_params
+from repmlp.models import load_model, model_input_size
+from repmlp.runtime import RUNTIMES, RuntimeModel, check_against_eager, in_runtime
+from repmlp.sources import model_source
+from repmlp.verify import ErrorStats
+
 from .emulation import authors_convert, authors_form
 from .timing import machine_state, percentile, spread, sync, timed_round
 

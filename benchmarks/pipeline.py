@@ -17,7 +17,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_datase
 from timm.data.loader import fast_collate
 from torch.utils.data import DataLoader
 
-from ..data import EpochSampler, build_dataset, build_loader, build_transform, epoch_batches
+from repmlp.data import EpochSampler, build_dataset, build_loader, build_transform, epoch_batches
+
 from .timing import machine_state
 
 LOADERS = ("ours", "timm", "ours_uint8")

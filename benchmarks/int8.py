@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..convert import is_deploy_form
-from ..export import export_onnx
-from ..int8 import (
+from repmlp.convert import is_deploy_form
+from repmlp.export import export_onnx
+from repmlp.int8 import (
     compare_outputs,
     compile_frozen,
     data_batches,
@@ -20,9 +20,10 @@ from ..int8 import (
     profile_onnx,
     quantize_pytorch,
 )
-from ..onnx_io import onnx_predictor
-from ..shipped import shipped_weights
-from ..sources import ModelSource, model_source
+from repmlp.onnx_io import onnx_predictor
+from repmlp.shipped import shipped_weights
+from repmlp.sources import ModelSource, model_source
+
 from .timing import machine_state, timed_round
 
 INT8_FORMS = (
