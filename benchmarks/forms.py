@@ -37,12 +37,11 @@ from repmlp.flops import count_macs, count_params
 from repmlp.models import load_model, model_input_size
 from repmlp.runtime import RUNTIMES, RuntimeModel, check_against_eager, in_runtime
 from repmlp.sources import model_source
-from repmlp.verify import ErrorStats
+from repmlp.verify import DTYPES, ErrorStats
 
 from .emulation import authors_convert, authors_form
 from .timing import machine_state, percentile, spread, sync, timed_round
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMS = ("train", "deploy", "authors")
 
 

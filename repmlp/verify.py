@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -16,6 +17,8 @@ from .ops import is_batch_norm
 
 #: Max relative error (max |y_ref - y| / max |y_ref|) accepted per dtype of the compared run.
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-3}
+#: The dtypes a deploy form is run or written in, by the name the tools take (``--dtype``).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -29,7 +32,7 @@ class ErrorStats:
     @classmethod
     def of(cls, reference: torch.Tensor, candidate: torch.Tensor) -> ErrorStats:
         ref, cand = reference.double(), candidate.double()
-        diff = (ref - cand).abs()
+        diff = (ref - cand).abs().nan_to_num(nan=math.inf)
         scale = ref.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
         return cls(diff.max().item(), (diff.max() / scale).item(), diff.mean().item())
 
@@ -61,7 +64,7 @@ def compare_predictors(
     for batch in batches:
         x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
         ref, cand = reference(x).double(), candidate(x).double()
-        diff = (ref - cand).abs()
+        diff = (ref - cand).abs().nan_to_num(nan=math.inf)  # a NaN fails every tolerance (Python's max skips it)
         max_abs, scale = max(max_abs, diff.max().item()), max(scale, ref.abs().max().item())
         abs_sum, elements, seen = abs_sum + diff.sum().item(), elements + diff.numel(), seen + ref.shape[0]
         logits, labelled = logits and ref.dim() == 2, labelled and y is not None
@@ -171,7 +174,9 @@ def verify_equivalence(
         seed: seed of the random inputs.
 
     Returns:
-        The report; ``passed`` when the max relative error is within tolerance.
+        The report; ``passed`` when the max relative error is within tolerance (never for a non-finite output).
+        Models stored in different dtypes (a bfloat16 deploy form against its float32 train form) each run on the
+        inputs cast to their own dtype.
     """
     stored = [next(m.parameters()).dtype for m in (reference, candidate)]
     if dtype is not None:
@@ -183,6 +188,7 @@ def verify_equivalence(
         gen = torch.Generator().manual_seed(seed)
         inputs = torch.randn((batch_size, *size), generator=gen, dtype=torch.float64)
     inputs = inputs.to(device=device, dtype=run_dtype)
+    ref_dtype, cand_dtype = (next(m.parameters()).dtype for m in (reference, candidate))  # each in its own dtype
     names = _outermost([n for n, _ in reparameterizable(reference) if n]) if per_block else []
     ref_blocks, cand_blocks = {}, {}
     hooks = _record_outputs(reference, names, ref_blocks) + _record_outputs(candidate, names, cand_blocks)
@@ -190,7 +196,9 @@ def verify_equivalence(
     try:
         reference.eval(), candidate.eval()
         with _no_tf32():
-            stats = compare_predictors(reference, candidate, [inputs])
+            stats = compare_predictors(
+                lambda x: reference(x.to(ref_dtype)), lambda x: candidate(x.to(cand_dtype)), [inputs]
+            )
     finally:
         for h in hooks:
             h.remove()
@@ -203,7 +211,7 @@ def verify_equivalence(
         stats.mean_abs_err,
         stats.argmax_agreement,
         tol,
-        str(run_dtype).replace("torch.", ""),
+        " against ".join(dict.fromkeys(str(d).replace("torch.", "") for d in (cand_dtype, ref_dtype))),
         stats.max_rel_err <= tol,
         blocks,
     )

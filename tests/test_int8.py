@@ -7,7 +7,7 @@ import onnx
 import pytest
 import timm
 import torch
-from conftest import load_tool, needs_fashion_mnist, rel_err
+from conftest import load_tool, rel_err
 from test_benchmark import tiny_model
 
 from repmlp import convert_to_deploy, randomize_bn_stats
@@ -17,7 +17,6 @@ from repmlp.int8 import (
     compare_outputs,
     data_batches,
     format_ranges,
-    onnx_batch_size,
     quantize_pytorch,
     weight_ranges,
 )
@@ -120,33 +119,6 @@ def test_weight_ranges_find_outlier_channels():
     assert head.sqnr_channel_db > head.sqnr_tensor_db + 20  # per-channel scales rescue the other rows
     table = format_ranges(list(ranges.values()))
     assert "1.partition_perceptron.fc3" in table and "SQNR" in table
-
-
-@needs_fashion_mnist
-def test_export_tool_quantizes_the_shipped_model_on_its_dataset(tmp_path, capsys):
-    # calibrated on Fashion-MNIST training images, checked on test images (/usr/share/datasets/fashion-mnist)
-    out = tmp_path / "fmnist_int8.onnx"
-    code = load_tool("export_onnx").main(
-        [
-            "--model",
-            "repmlp_fmnist_mlp.fmnist",
-            "--pretrained",
-            "--quantize",
-            "static",
-            "--batch-size",
-            "8",
-            "--calibration-samples",
-            "64",
-            "--check-samples",
-            "256",
-            "--output",
-            str(out),
-        ]
-    )
-    assert code == 0 and onnx_batch_size(out) == 8
-    printed = capsys.readouterr().out
-    assert "registered weights repmlp_fmnist_mlp.fmnist" in printed and "data    fashion_mnist" in printed
-    assert "static int8" in printed and "on 256 fashion_mnist:/usr/share/datasets/fashion-mnist (val) inputs" in printed
 
 
 def test_eval_tool_runs_an_onnx_file(tmp_path, capsys):

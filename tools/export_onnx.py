@@ -1,15 +1,23 @@
 #!/usr/bin/env python
-"""Export a model's deploy form to ONNX at its fixed input size, optionally int8, and check the file.
+"""Export a model's deploy form to ONNX (or OpenVINO IR) at its input size and any batch, optionally int8, and check
+the file.
 
-Converts a train-form model (random weights with randomised BN statistics unless --weights is given or the model is
-a shipped NAME.TAG such as repmlp_fmnist_mlp.fmnist) to its deploy form, exports it with torch.onnx, refuses graphs
-with a tensor of rank > 5, runs the file in onnxruntime and compares with PyTorch (max relative error <= 1e-4).
---quantize dynamic|static writes the int8 file made by onnxruntime's quantization tools instead, after checking it
-against the float32 one in onnxruntime (argmax agreement >= --min-agreement). The file is renamed into place only
-when every check passed. Needs the onnx extra: pip install -e .[onnx]
+Converts a train-form model (random weights with randomised BN statistics unless --weights or --pretrained is given)
+to its deploy form, exports it with torch.onnx with a dynamic batch (--static-batch fixes it to --batch-size),
+refuses graphs with a tensor of rank > 5, runs the file in onnxruntime and compares with PyTorch (max relative error
+<= --tolerance) at --batch-size and one more. --quantize dynamic|static writes the int8 file made by onnxruntime's
+quantization tools instead, after checking it against the float32 one in onnxruntime (argmax agreement >=
+--min-agreement). --format openvino writes OpenVINO IR (NAME.xml and NAME.bin, float32 weights) converted by
+openvino.convert_model and checked in OpenVINO (float32) the same way. The file is renamed into place only when
+every check passed. Needs the onnx extra (pip install -e .[onnx]), for OpenVINO the openvino extra.
 
-Example (static int8 of the shipped model, calibrated on Fashion-MNIST training images):
-    python tools/export_onnx.py --model repmlp_fmnist_mlp.fmnist --quantize static --batch-size 8
+Examples:
+    # static int8 of the shipped model, calibrated on Fashion-MNIST training images
+    python tools/export_onnx.py --model repmlp_fmnist_mlp.fmnist --pretrained --quantize static --batch-size 8
+    # a size the blocks pad (30 is no multiple of the 8x8 partitions), random weights
+    python tools/export_onnx.py --model repmlp_cifar_mlp --model-kwargs '{"img_size": 30}'
+    # the shipped model as OpenVINO IR
+    python tools/export_onnx.py --model repmlp_fmnist_mlp.fmnist --pretrained --format openvino
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", c
 import torch  # noqa: E402
 
 import repmlp  # noqa: E402
-from repmlp.export import OPSETS, export_onnx  # noqa: E402
+from repmlp.export import OPSETS, export_onnx, export_openvino  # noqa: E402
 from repmlp.guards import check_output_file, integer, number  # noqa: E402
 from repmlp.int8 import QUANTIZE_MODES, data_batches  # noqa: E402
 from repmlp.sources import add_model_arguments, model_source  # noqa: E402
@@ -39,8 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_arguments(
         p, f"{RANDOM_DEFAULT} with random weights", "weights file or model folder, train or deploy form"
     )
-    p.add_argument("--output", help="the .onnx file (default: output/<model>_deploy.onnx)")
-    p.add_argument("--batch-size", type=integer(1), default=1, help="batch of the exported (static) input shape")
+    p.add_argument("--output", help="the .onnx (or .xml) file (default: output/<model>_deploy.onnx or .xml)")
+    p.add_argument("--format", choices=("onnx", "openvino"), default="onnx", help="ONNX, or OpenVINO IR (float32)")
+    p.add_argument(
+        "--batch-size", type=integer(1), default=1, help="batch of the example traced and checked (and one more)"
+    )
+    p.add_argument("--static-batch", action="store_true", help="fix the file's batch to --batch-size")
     p.add_argument("--opset", type=integer(OPSETS.start, OPSETS.stop - 1), default=17, help="ONNX opset (default 17)")
     p.add_argument("--tolerance", type=number(0), default=1e-4, help="max rel error of onnxruntime vs PyTorch")
     p.add_argument("--seed", type=integer(0), default=0)
@@ -83,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    if args.format == "openvino" and args.quantize != "none":
+        print("error: --quantize writes onnxruntime's int8 ONNX; --format openvino writes float32 IR", file=sys.stderr)
+        return 2
     try:
         if args.output:  # refused before anything is read
             check_output_file(args.output, [args.weights])
@@ -97,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         model, name = source.model, source.name
         suffix = "deploy" if args.quantize == "none" else f"int8_{args.quantize}"
-        output = check_output_file(args.output or f"output/{name.replace(':', '_')}_{suffix}.onnx", [args.weights])
+        extension = ".xml" if args.format == "openvino" else ".onnx"
+        default = f"output/{name.replace(':', '_')}_{suffix}{extension}"
+        output = check_output_file(args.output or default, [args.weights])
     except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -124,16 +141,13 @@ def main(argv: list[str] | None = None) -> int:
             reduce_range=reduce_range,
         )
     start = time.perf_counter()
+    common = dict(batch_size=args.batch_size, tolerance=args.tolerance, seed=args.seed)
+    common["dynamic_batch"] = not args.static_batch
     try:
-        report = export_onnx(
-            model,
-            output,
-            batch_size=args.batch_size,
-            opset=args.opset,
-            tolerance=args.tolerance,
-            seed=args.seed,
-            **int8,
-        )
+        if args.format == "openvino":
+            report = export_openvino(model, output, **common)
+        else:
+            report = export_onnx(model, output, opset=args.opset, **common, **int8)
     except RuntimeError as err:  # a check failed: nothing written
         print(f"error: {err}", file=sys.stderr)
         return 1
