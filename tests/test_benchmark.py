@@ -10,6 +10,7 @@ from torch import nn
 
 from benchmarks.emulation import AuthorsRepMLP, authors_deploy_form
 from benchmarks.forms import fc3_weight_bytes, sizes_note
+from benchmarks.speed_page import render_report
 from repmlp import RepMLP, convert_to_deploy
 from repmlp.cpu import available_cores, instruction_sets
 from repmlp.layers import ConvBN
@@ -111,6 +112,9 @@ def test_benchmark_tool_end_to_end(tmp_path, capsys):
     assert (tmp_path / "bench.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "deploy vs train [onnxruntime]" in printed and "OMP_WAIT_POLICY=" in printed and "AVX-512" in printed
+    section = render_report("bench", report)  # as the speed page shows it: machine, command, tables
+    assert "; has AVX" in section and "; lacks " in section and report["command"] in section
+    assert "| test_benchmark:tiny_model | deploy | onnxruntime | NHWC | 3x16x16 | 3 |" in section
 
 
 def test_benchmark_in_bf16_profiles_quietly(tmp_path, capfd):

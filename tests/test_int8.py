@@ -10,6 +10,7 @@ import torch
 from conftest import load_tool, rel_err
 from test_benchmark import tiny_model
 
+from benchmarks.speed_page import render_report
 from repmlp import convert_to_deploy, randomize_bn_stats
 from repmlp.export import export_onnx, tensor_ranks
 from repmlp.int8 import (
@@ -173,3 +174,5 @@ def test_int8_benchmark_tool(tmp_path, capsys):
     )  # FC3 per group, batched
     printed = capsys.readouterr().out
     assert "vs ort fp32" in printed and "ms per run by operator" in printed
+    section = render_report("int8", json.loads(out.read_text()))  # as the speed page shows it
+    assert "| test_benchmark:tiny_model | 2 | onnxruntime int8 static |" in section and "lacks" in section

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every benchmark whose JSON the speed page (docs/speed.md) is made from, then the page itself. Run on a quiet machine
+# from the repository root (about 10 minutes on 2 cores of an AVX2 CPU; bf16 gets fewer rounds where the CPU has no
+# bf16 matrix instructions, on which it is emulated and about 10x slower than float32):
+#     benchmarks/run_results.sh            # PYTHON=... to choose the interpreter, THREADS=... the threads (default: all)
+# The figures go to benchmarks/results/*.json (with the command, machine and instruction sets in each) and
+# docs/speed.md; commit both.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1
+OUT=benchmarks/results
+mkdir -p "$OUT"
+threads=()
+if [ -n "${THREADS:-}" ]; then threads=(--threads "$THREADS"); fi
+if grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo; then bf16=(--batch-sizes 1 8 32 --rounds 7); else bf16=(--batch-sizes 1 8 --rounds 3 --max-rounds 3 --warmup 1); fi
+MODELS=(repmlp_res50_light_224 repmlp_res50_bottleneck_224 repmlpnet_t224)
+bench() { echo "== $*" >&2; SECONDS=0; "$PYTHON" tools/benchmark.py "${threads[@]}" "$@"; echo "   ${SECONDS} s" >&2; }
+start=$(date +%s)
+
+# float32, eager PyTorch: deploy forms vs resnet50 (channels_last), batch 1/8/32, where the time goes (--profile)
+bench --models "${MODELS[@]}" --forms deploy --batch-sizes 1 8 32 --rounds 7 --max-rounds 7 --convert-rounds 0 \
+    --profile --json "$OUT/cpu_fp32_eager.json"
+# float32 in the graph runtimes users deploy with, batch 8
+bench --models repmlp_res50_light_224 repmlpnet_t224 --forms deploy --runtime onnxruntime openvino --batch-sizes 8 \
+    --rounds 7 --max-rounds 7 --convert-rounds 0 --no-memory --json "$OUT/cpu_fp32_graph_runtimes.json"
+# bf16, eager PyTorch (and OpenVINO's bf16 hint where the CPU runs it)
+runtimes=(eager)
+if grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo; then runtimes+=(openvino); fi
+bench --models repmlp_res50_light_224 repmlpnet_t224 --forms deploy --dtype bf16 --runtime "${runtimes[@]}" "${bf16[@]}" \
+    --convert-rounds 0 --profile --no-memory --json "$OUT/cpu_bf16_eager.json"
+# int8 against float32 in onnxruntime and PyTorch, batch 8 (the shipped model with its Fashion-MNIST images)
+bench --int8 --models repmlp_fmnist_mlp.fmnist repmlpnet_t224 repmlp_res50_light_224 --batch-sizes 8 --rounds 7 \
+    --int8-forms "pytorch fp32" "onnxruntime fp32" "onnxruntime int8 dynamic" "onnxruntime int8 static" \
+    --json "$OUT/cpu_int8.json"
+
+"$PYTHON" benchmarks/speed_page.py
+echo "all done in $(( $(date +%s) - start )) s" >&2
