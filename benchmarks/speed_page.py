@@ -139,9 +139,22 @@ def _int8_section(name: str, report: dict) -> list[str]:
     return lines
 
 
+def _accuracy_section(name: str, report: dict) -> list[str]:
+    lines = [f"## {name}: top-1 by dtype", "", *_machine(report), *_command(report)]
+    lines += ["| model | form | dtype | top-1 % | top-5 % | images |", "|---|---|---|---|---|---|"]
+    for r in report["accuracy"]:
+        lines.append(
+            f"| {r['model']} | {r['form']} | {r['dtype']} | {r['top1']:.2f} | {r['top5']:.2f} | {r['count']} |"
+        )
+    return lines
+
+
 def render_report(name: str, report: dict) -> str:
-    """The section of one benchmark JSON (form benchmark or --int8)."""
-    lines = _int8_section(name, report) if "ratios" not in report else _forms_section(name, report)
+    """The section of one JSON: the form benchmark, its --int8 mode, or benchmarks/accuracy.py."""
+    if "accuracy" in report:
+        lines = _accuracy_section(name, report)
+    else:
+        lines = _int8_section(name, report) if "ratios" not in report else _forms_section(name, report)
     return "\n".join(lines) + "\n"
 
 
