@@ -198,3 +198,10 @@ def test_pipeline_benchmark_times_each_loader(tmp_path, capsys):
     assert report["images"] == 16 and row["workers"] == 0
     assert all(row[f"{kind}_img_s"] > 0 for kind in ("ours", "timm", "ours_uint8"))
     assert "| 0 worker(s) |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused_before_any_work(capsys):
+    args = ["--device", "cuda", "--models", "test_benchmark:tiny_model", "--baselines", "--dtype", "fp16"]
+    assert load_tool("benchmark").main(args) == 2
+    assert "no CUDA device here" in capsys.readouterr().err
