@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Convert a train-form checkpoint to its deploy form, prove the two agree, write it atomically.
 
 Where the model comes from (repmlp.sources, the rule of every tool): --weights FILE, or --model NAME[.TAG]
@@ -9,21 +8,19 @@ such. With no arguments: the model shipped with the package, repmlp_fmnist_mlp.f
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+
+import repmlp
+from repmlp.flops import count_macs, count_params
+from repmlp.guards import check_output_file, integer
+from repmlp.int8 import format_ranges, weight_ranges
+from repmlp.sources import ModelSource, add_model_arguments, deploy_record, model_source
+
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
-
-import torch  # noqa: E402
-
-import repmlp  # noqa: E402
-from repmlp.flops import count_macs, count_params  # noqa: E402
-from repmlp.guards import check_output_file, integer  # noqa: E402
-from repmlp.int8 import format_ranges, weight_ranges  # noqa: E402
-from repmlp.sources import ModelSource, add_model_arguments, deploy_record, model_source  # noqa: E402
 
 DEFAULT = "repmlp_fmnist_mlp.fmnist"  # with --pretrained: the shipped model
 

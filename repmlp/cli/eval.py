@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Top-1, top-5 and loss of a train- or deploy-form checkpoint on a dataset.
 
 Model, classes, arguments, form and dataset come from the checkpoint's metadata (files written by this package);
@@ -16,23 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import timm
+import torch
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-
-from repmlp.convert import is_deploy_form  # noqa: E402
-from repmlp.data import DATASETS, TIMM_SPECS  # noqa: E402
-from repmlp.guards import integer  # noqa: E402
-from repmlp.int8 import FixedBatch, data_batches, onnx_batch_size, quantize_pytorch  # noqa: E402
-from repmlp.onnx_io import onnx_predictor  # noqa: E402
-from repmlp.shipped import shipped_weights  # noqa: E402
-from repmlp.sources import add_ema_argument, model_source, read_record  # noqa: E402
-from repmlp.training import build_eval_data, eval_data_config, evaluate  # noqa: E402
-from repmlp.training.distributed import DistEnv  # noqa: E402
+from repmlp.convert import is_deploy_form
+from repmlp.data import DATASETS, TIMM_SPECS
+from repmlp.guards import integer
+from repmlp.int8 import FixedBatch, data_batches, onnx_batch_size, quantize_pytorch
+from repmlp.onnx_io import onnx_predictor
+from repmlp.shipped import shipped_weights
+from repmlp.sources import add_ema_argument, model_source, read_record
+from repmlp.training import build_eval_data, eval_data_config, evaluate
+from repmlp.training.distributed import DistEnv
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

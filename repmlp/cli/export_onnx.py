@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Export a model's deploy form to ONNX at its fixed input size, optionally int8, and check the file.
 
 Converts a train-form model (random weights with randomised BN statistics unless --weights is given or the model is
@@ -15,21 +14,19 @@ Example (static int8 of the shipped model, calibrated on Fashion-MNIST training 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+
+import repmlp
+from repmlp.export import OPSETS, export_onnx
+from repmlp.guards import check_output_file, integer, number
+from repmlp.int8 import QUANTIZE_MODES, data_batches
+from repmlp.sources import add_model_arguments, model_source
+
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
-
-import torch  # noqa: E402
-
-import repmlp  # noqa: E402
-from repmlp.export import OPSETS, export_onnx  # noqa: E402
-from repmlp.guards import check_output_file, integer, number  # noqa: E402
-from repmlp.int8 import QUANTIZE_MODES, data_batches  # noqa: E402
-from repmlp.sources import add_model_arguments, model_source  # noqa: E402
 
 RANDOM_DEFAULT = "repmlp_res50_light_224"
 

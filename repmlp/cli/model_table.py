@@ -1,20 +1,17 @@
-#!/usr/bin/env python
 """Print the zoo's model table (markdown): parameters and MACs of the train and deploy forms (fvcore)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import timm
+
+import repmlp  # noqa: F401  (registers the zoo)
+from repmlp.flops import count_macs, count_params
+
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
-
-import timm  # noqa: E402
-
-import repmlp  # noqa: E402, F401  (registers the zoo)
-from repmlp.flops import count_macs, count_params  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Write a trained checkpoint as a shipped model folder (config.json, model.safetensors; see repmlp.shipped).
 
     python tools/ship_model.py --model repmlp_fmnist_mlp.fmnist --checkpoint runs/fmnist/model_train.safetensors
@@ -11,21 +10,18 @@ pretrained_cfg with the file's sha256. The folder's README.md model card is writ
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import timm
 
-import timm  # noqa: E402
-
-import repmlp  # noqa: E402
+import repmlp
 from repmlp.checkpoint import (
-    read_metadata,  # noqa: E402
+    read_metadata,
     write_folder,
 )
-from repmlp.guards import check_output_file  # noqa: E402
-from repmlp.shipped import WEIGHTS_NAME, weights_dir, weights_file  # noqa: E402
+from repmlp.guards import check_output_file
+from repmlp.shipped import WEIGHTS_NAME, weights_dir, weights_file
 
 
 def main(argv: list[str] | None = None) -> int:

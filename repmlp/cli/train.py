@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Train a model from a YAML recipe; single process, or ``torchrun`` on one node or several.
 
 Examples:
@@ -14,12 +13,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from repmlp.training import load_config, train  # noqa: E402
+from repmlp.training import load_config, train
 
 
 def main(argv: list[str] | None = None) -> int:
