@@ -5,6 +5,7 @@ arguments fill what a file does not record, and an argument that contradicts it 
 
 Examples:
     python tools/eval.py --checkpoint pretrained/repmlp_fmnist_mlp.fmnist
+    python tools/eval.py --checkpoint runs/fmnist --form deploy      # a run directory: its deploy-form file
     python tools/eval.py --checkpoint runs/fmnist/model_train.safetensors --form deploy
     python tools/eval.py --model repmlp_fmnist_mlp.fmnist --pretrained
     python tools/eval.py --onnx output/repmlp_fmnist_mlp.fmnist_int8_static.onnx --model repmlp_fmnist_mlp.fmnist
@@ -20,6 +21,7 @@ import sys
 import timm
 import torch
 
+from repmlp.cli.common import run_weights
 from repmlp.convert import is_deploy_form
 from repmlp.data import DATASETS, TIMM_SPECS
 from repmlp.guards import integer
@@ -38,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--checkpoint",
         "--weights",
         dest="checkpoint",
-        help="train- or deploy-form file written by this package or a model folder (or the authors', with --model)",
+        help="train- or deploy-form file written by this package, a model folder, or a run directory of "
+        "tools/train.py (its train-form file; --form deploy: its deploy-form file); the authors' with --model",
     )
     source.add_argument("--pretrained", action="store_true", help="the shipped weights of --model NAME.TAG")
     source.add_argument(
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        args.checkpoint = run_weights(args.checkpoint, args.form)
         if args.onnx:  # the model's pretrained_cfg gives the transform, NAME.TAG's registered weights the dataset
             model = timm.create_model(args.model, **args.model_kwargs)
             registered = shipped_weights(args.model)  # NAME.TAG

@@ -22,11 +22,13 @@ def load_model(spec: str, **kwargs) -> nn.Module:
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model is built for: its ``img_size``, else its pretrained config, else 3x224x224."""
+    """(C, H, W) the model is built for: channels ``in_chans``, size ``img_size``, else its pretrained config's
+    (which describes the weights' source: a grey model fine-tuned with ``in_chans=3`` takes 3 channels), else
+    3x224x224."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    chans = int(cfg.get("input_size", (3,))[0])
-    size = getattr(model, "img_size", None)
-    if size is not None:
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return chans, int(size[0]), int(size[1])
-    return tuple(cfg.get("input_size", (3, 224, 224)))
+    chans, *size = cfg.get("input_size", (3, 224, 224))
+    chans = int(getattr(model, "in_chans", None) or chans)
+    img_size = getattr(model, "img_size", None)
+    if img_size is not None:
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    return chans, int(size[0]), int(size[1])
