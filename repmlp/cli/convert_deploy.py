@@ -18,6 +18,8 @@ import repmlp
 from repmlp.flops import count_macs, count_params
 from repmlp.guards import check_output_file, integer
 from repmlp.int8 import format_ranges, weight_ranges
+from repmlp.models import model_input_size
+from repmlp.preprocess import INPUT_KEYS, LABEL_KEY
 from repmlp.sources import ModelSource, add_model_arguments, deploy_record, model_source
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     model.eval()
-    input_size = tuple(model.pretrained_cfg["input_size"])
+    input_size = model_input_size(model)  # the model's own channels and size (a fine-tune may differ from its cfg)
     print(f"model   {name} ({source.weights})")
 
     start = time.perf_counter()
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"NOT written: the deploy form does not match the train form ({output})", file=sys.stderr)
         return 1
     meta = deploy_record(source, model, args.model_kwargs)
+    meta.update({k: v for k, v in source.record.items() if k in (LABEL_KEY, *INPUT_KEYS)})  # as trained
     repmlp.save_checkpoint(deploy, output, model_name=name, form="deploy", metadata=meta)
     print(f"wrote   {output}")
     return 0

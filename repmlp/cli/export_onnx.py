@@ -24,6 +24,8 @@ import repmlp
 from repmlp.export import OPSETS, export_onnx
 from repmlp.guards import check_output_file, integer, number
 from repmlp.int8 import QUANTIZE_MODES, data_batches
+from repmlp.onnx_io import set_onnx_metadata
+from repmlp.preprocess import INPUT_KEYS, LABEL_KEY, input_metadata
 from repmlp.sources import add_model_arguments, model_source
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
@@ -134,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:  # a check failed: nothing written
         print(f"error: {err}", file=sys.stderr)
         return 1
+    # what predicting needs, in the file: as the weights record it (training's classes and transform), else the model's
+    recorded = {k: v for k, v in source.record.items() if k in (LABEL_KEY, *INPUT_KEYS)}
+    set_onnx_metadata(output, {**input_metadata(model), **recorded, "model": name, "form": "deploy"})
     print(f"export  {time.perf_counter() - start:.1f} s")
     print(f"check   {report}")
     return 0
