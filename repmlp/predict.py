@@ -21,14 +21,13 @@ from PIL import Image, UnidentifiedImageError
 from .data import build_transform
 from .int8 import FixedBatch, onnx_batch_size
 from .onnx_io import onnx_metadata, onnx_predictor
-from .preprocess import LABEL_KEY, input_metadata, parse_input_metadata
+from .preprocess import LABEL_KEY, OPENVINO_SECTION, input_metadata, parse_input_metadata
 from .sources import model_from_checkpoint, read_record
 
 __all__ = ["IMAGE_SUFFIXES", "Prediction", "Predictor", "image_files", "load_predictor", "predict"]
 
 #: File name endings read as images where a folder is given (files named one by one may have any name).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-_OPENVINO_SECTION = "repmlp"  # an IR's rt_info section holding the same keys as our metadata
 
 
 @dataclass
@@ -127,8 +126,8 @@ def _openvino_predictor(path: Path) -> Predictor:
     core = openvino.Core()
     model = core.read_model(str(path))
     meta = {}
-    if model.has_rt_info([_OPENVINO_SECTION]):
-        meta = {key: value.astype(str) for key, value in model.get_rt_info([_OPENVINO_SECTION]).astype(dict).items()}
+    if model.has_rt_info([OPENVINO_SECTION]):
+        meta = {key: value.astype(str) for key, value in model.get_rt_info([OPENVINO_SECTION]).astype(dict).items()}
     compiled = core.compile_model(model, "CPU")
     return Predictor(lambda x: torch.from_numpy(compiled(x.numpy())[0]), parse_input_metadata(meta), str(path))
 

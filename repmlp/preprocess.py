@@ -1,9 +1,9 @@
 """What a weights file records so that it runs alone: class names and the input it takes.
 
-Written into our safetensors metadata (:func:`repmlp.save_checkpoint`, training, ``repmlp-convert``) and into an
-ONNX file's ``metadata_props`` (``repmlp-export``), read back by :mod:`repmlp.predict`. All values are strings
-(both formats store strings): ``label_names``, ``input_size``, ``mean`` and ``std`` as JSON lists,
-``interpolation``, ``crop_pct`` and ``crop_mode`` as text.
+Written into our safetensors metadata (:func:`repmlp.save_checkpoint`, training, ``repmlp-convert``), into an ONNX
+file's ``metadata_props`` (``repmlp-export``) and into an OpenVINO IR's ``rt_info`` section
+:data:`OPENVINO_SECTION`; read back by :mod:`repmlp.predict`. All values are strings: ``label_names``,
+``input_size``, ``mean`` and ``std`` as JSON lists, ``interpolation``, ``crop_pct`` and ``crop_mode`` as text.
 """
 
 from __future__ import annotations
@@ -14,11 +14,33 @@ from typing import Any
 from timm.data import resolve_model_data_config
 from torch import nn
 
-__all__ = ["INPUT_KEYS", "LABEL_KEY", "input_metadata", "parse_input_metadata"]
+__all__ = [
+    "INPUT_KEYS",
+    "LABEL_KEY",
+    "OPENVINO_SECTION",
+    "input_metadata",
+    "model_input_size",
+    "parse_input_metadata",
+    "set_openvino_metadata",
+]
 
 LABEL_KEY = "label_names"
 INPUT_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
 _JSON_KEYS = (LABEL_KEY, "input_size", "mean", "std")
+OPENVINO_SECTION = "repmlp"  # an OpenVINO IR's rt_info section holding the same keys
+
+
+def model_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model is built for: channels ``in_chans``, size ``img_size``, else its pretrained config's
+    (which describes the weights' source: a grey model fine-tuned with ``in_chans=3`` takes 3 channels), else
+    3x224x224."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    chans, *size = cfg.get("input_size", (3, 224, 224))
+    chans = int(getattr(model, "in_chans", None) or chans)
+    img_size = getattr(model, "img_size", None)
+    if img_size is not None:
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    return chans, int(size[0]), int(size[1])
 
 
 def input_metadata(
@@ -37,8 +59,6 @@ def input_metadata(
     Returns:
         {} for a model with no ``pretrained_cfg`` and no ``data_config`` (nothing is known of its input).
     """
-    from .models import model_input_size  # here: the zoo imports this module (through repmlp.checkpoint)
-
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if not cfg and not data_config:
         return {}
@@ -80,3 +100,10 @@ def parse_input_metadata(meta: dict[str, str]) -> dict[str, Any]:
         except ValueError as err:
             raise ValueError(f"metadata {key!r} is not readable: {meta[key]!r} ({err})") from err
     return parsed
+
+
+def set_openvino_metadata(ov_model: Any, metadata: dict[str, str]) -> None:
+    """Record ``metadata`` in an ``openvino.Model``'s ``rt_info`` (section :data:`OPENVINO_SECTION`), which
+    ``openvino.save_model`` writes into the IR ``.xml`` and :func:`repmlp.predict.load_predictor` reads back."""
+    for key, value in metadata.items():
+        ov_model.set_rt_info(str(value), [OPENVINO_SECTION, key])
