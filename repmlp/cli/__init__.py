@@ -1,6 +1,7 @@
 """The command-line tools. Each module's ``main(argv)`` is one tool; ``[project.scripts]`` installs them as
 ``repmlp-train``, ``repmlp-convert``, ``repmlp-eval``, ``repmlp-export``, ``repmlp-predict``, ``repmlp-model-table``
-and ``repmlp-ship`` (entry points below), and ``tools/<module>.py`` runs them from a clone."""
+and ``repmlp-ship`` (the ``run_*`` entry points below, named apart from the modules), and ``tools/<module>.py`` runs
+them from a clone."""
 
 from __future__ import annotations
 
@@ -9,7 +10,17 @@ import os
 import sys
 from typing import NoReturn
 
-__all__ = ["ENV_DEFAULTS", "console"]
+__all__ = [
+    "ENV_DEFAULTS",
+    "console",
+    "run_convert",
+    "run_eval",
+    "run_export",
+    "run_model_table",
+    "run_predict",
+    "run_ship",
+    "run_train",
+]
 
 # Set before torch loads. libgomp reads OMP_WAIT_POLICY once, when torch loads it: its default spin-waiting made
 # 2-thread runs on a loaded machine many times slower (docs/speed.md). HF_HUB_OFFLINE: the tools read the Hugging
@@ -34,36 +45,36 @@ def console(tool: str, argv: list[str] | None = None) -> NoReturn:
     sys.exit(importlib.import_module(f"repmlp.cli.{tool}").main(args))
 
 
-def train() -> NoReturn:
+def run_train() -> NoReturn:
     """``repmlp-train``: :mod:`repmlp.cli.train`."""
     console("train")
 
 
-def convert() -> NoReturn:
+def run_convert() -> NoReturn:
     """``repmlp-convert``: :mod:`repmlp.cli.convert_deploy`."""
     console("convert_deploy")
 
 
-def evaluate() -> NoReturn:
+def run_eval() -> NoReturn:
     """``repmlp-eval``: :mod:`repmlp.cli.eval`."""
     console("eval")
 
 
-def export() -> NoReturn:
+def run_export() -> NoReturn:
     """``repmlp-export``: :mod:`repmlp.cli.export_onnx`."""
     console("export_onnx")
 
 
-def predict() -> NoReturn:
+def run_predict() -> NoReturn:
     """``repmlp-predict``: :mod:`repmlp.cli.predict`."""
     console("predict")
 
 
-def model_table() -> NoReturn:
+def run_model_table() -> NoReturn:
     """``repmlp-model-table``: :mod:`repmlp.cli.model_table`."""
     console("model_table")
 
 
-def ship() -> NoReturn:
+def run_ship() -> NoReturn:
     """``repmlp-ship``: :mod:`repmlp.cli.ship_model`."""
     console("ship_model")
