@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Inference speed of RepMLP models: train form, deploy form, the authors' deploy form (emulated) and baselines, in
 eager PyTorch, torch.compile and onnxruntime.
 
@@ -10,7 +9,7 @@ optionally writes JSON and a PNG chart. Weights are random (BN statistics random
 and every deploy and authors' form is checked against its train form. Inputs are NCHW unless --channels-last.
 
 Run with OMP_WAIT_POLICY=PASSIVE on a shared machine (libgomp's default spin-waiting made 2-thread runs up to 12x
-slower under load). Example (README's CPU tables):
+slower under load; docs/speed.md). Example:
     OMP_WAIT_POLICY=PASSIVE python tools/benchmark.py --batch-sizes 1 8 32 --runtime eager compile onnxruntime \\
         --json output/bench_cpu.json
 
@@ -25,31 +24,28 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the library in a clone
-warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
-
-from benchmarks.forms import DTYPES, FORMS, BenchmarkConfig, format_table, plot, run_benchmark  # noqa: E402
-from benchmarks.int8 import (  # noqa: E402
+from benchmarks.forms import DTYPES, FORMS, BenchmarkConfig, format_table, plot, run_benchmark
+from benchmarks.int8 import (
     EAGER_LAYOUT_FORM,
     INT8_FORMS,
     Int8BenchmarkConfig,
     format_int8_table,
     run_int8_benchmark,
 )
-from repmlp.guards import (  # noqa: E402
-    atomic_write,  # noqa: E402
+from repmlp.guards import (
+    atomic_write,
     check_output_file,
     integer,
     number,
 )
-from repmlp.runtime import RUNTIMES  # noqa: E402
+from repmlp.runtime import RUNTIMES
+
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8BenchmarkConfig, dict[str, str | None]]:

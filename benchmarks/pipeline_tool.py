@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Images/s of the training input pipeline alone (JPEG decode, timm's train augmentation, collation, normalisation):
 our loader against timm's create_loader, interleaved rounds, medians (benchmarks.pipeline).
 
-Run with OMP_WAIT_POLICY=PASSIVE on a shared machine. Example (the README's table):
+Run with OMP_WAIT_POLICY=PASSIVE on a shared machine. Example:
     OMP_WAIT_POLICY=PASSIVE python tools/benchmark_pipeline.py --images 256 --img-size 224 --batch-size 32 \\
         --workers 1 2 --rounds 7 --json output/bench_pipeline.json
 """
@@ -11,16 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the library in a clone
-
-from benchmarks.pipeline import format_pipeline_table, run_pipeline_benchmark, write_jpegs  # noqa: E402
-from repmlp.guards import atomic_write, check_output_file, integer  # noqa: E402
+from benchmarks.pipeline import format_pipeline_table, run_pipeline_benchmark, write_jpegs
+from repmlp.guards import atomic_write, check_output_file, integer
 
 
 def main(argv: list[str] | None = None) -> int:
