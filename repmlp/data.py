@@ -40,6 +40,7 @@ FASHION_MNIST_LABELS = (
     "Bag",
     "Ankle boot",
 )
+CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 DATASETS = ("imagefolder", "cifar10", "cifar100", "fashion_mnist", "synthetic")
 #: timm's dataset specs, read by :func:`repmlp.data_timm.timm_dataset`.
@@ -127,7 +128,9 @@ def fashion_mnist(root: str | Path | None, split: str, transform: Callable | Non
             f"Fashion-MNIST in {root}: images {images.shape} and labels {labels.shape} do not "
             f"match; expected (N, 28, 28) images and (N,) labels"
         )
-    return ArrayImageDataset(images, labels, transform, num_classes=10)
+    dataset = ArrayImageDataset(images, labels, transform, num_classes=10)
+    dataset.label_names = list(FASHION_MNIST_LABELS)
+    return dataset
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -195,7 +198,10 @@ def cifar(name: str, root: str | Path, split: str, transform: Callable | None = 
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels.append(np.asarray(batch[label_key]))
     num_classes = 10 if name == "cifar10" else 100
-    return ArrayImageDataset(np.concatenate(images), np.concatenate(labels), transform, num_classes)
+    dataset = ArrayImageDataset(np.concatenate(images), np.concatenate(labels), transform, num_classes)
+    if name == "cifar10":
+        dataset.label_names = list(CIFAR10_LABELS)
+    return dataset
 
 
 def folder_classes(root: str | Path) -> dict[str, int]:
@@ -224,6 +230,7 @@ def image_folder(root: str | Path, split: str, transform: Callable | None = None
         raise ValueError(f"image folder {folder} holds no images; expected {_IMAGEFOLDER_LAYOUT}")
     align_to_training_classes(dataset, class_to_idx, f"image folder {folder}")
     dataset.num_classes, dataset.transform = len(class_to_idx), transform
+    dataset.label_names = list(class_to_idx)  # the folder names, in class-index order
     return dataset
 
 
@@ -245,6 +252,13 @@ def synthetic(
     base = (labels * (200 // max(num_classes - 1, 1))).reshape(-1, *([1] * (len(shape) - 1)))
     images = np.clip(base + rng.integers(0, 56, shape), 0, 255).astype(np.uint8)
     return ArrayImageDataset(images, labels, transform, num_classes)
+
+
+def label_names_of(dataset: Dataset) -> list[str] | None:
+    """Class names of a dataset made by :func:`build_dataset`, in class-index order (None where the data names
+    none: synthetic images, WebDataset labels)."""
+    names = getattr(dataset, "label_names", None)
+    return list(names) if names is not None else None
 
 
 def num_classes_of(dataset: Dataset) -> int:

@@ -96,7 +96,7 @@ def train_one_epoch(
     bar = tqdm(
         total=total,
         initial=start_step,
-        desc=f"epoch {epoch}",
+        desc=f"epoch {epoch + 1}",  # counted from 1, as every output of a run
         dynamic_ncols=True,
         disable=not (progress and env.is_main),
         mininterval=1.0,

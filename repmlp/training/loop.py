@@ -24,10 +24,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import save_checkpoint
 from ..convert import convert_to_deploy, is_deploy_form
-from ..data import build_loader, num_classes_of
+from ..data import build_loader, label_names_of, num_classes_of
 from ..guards import atomic_write, check_writable_dir
+from ..preprocess import input_metadata
 from ..quantize import finish_qat, prepare_qat
-from .builders import build_data, build_datasets, build_loss, build_model
+from .builders import build_data, build_datasets, build_loss, build_model, data_config
 from .config import call_configured
 from .distributed import DistEnv, barrier, cleanup_distributed, init_distributed, weight_divergence
 from .engine import TrainStep, amp_dtype, compare_forms, evaluate, train_one_epoch
@@ -141,6 +142,7 @@ def build_run(cfg: dict, env: DistEnv) -> Run:
     qat = cfg["qat"]
     model = build_model(cfg, num_classes, deploy=qat["mode"] == "fc3_bn")
     train_loader, val_loader = build_data(cfg, model, env, train_set)
+    check_channels(model, val_loader.dataset, cfg)
     accum = accumulation_steps(t["global_batch"], t["batch_size"], env.world_size)
     epoch_steps = len(train_loader) // accum * accum
     if epoch_steps == 0:
@@ -205,6 +207,24 @@ def build_run(cfg: dict, env: DistEnv) -> Run:
     )
     ddp_model = DistributedDataParallel(model) if env.distributed else model
     return Run(cfg, env, model, ddp_model, train_loader, val_loader, step, num_epochs, num_classes, epoch_steps)
+
+
+def check_channels(model: nn.Module, dataset: Dataset, cfg: dict) -> None:
+    """Refuse, before training, data whose images have another number of channels than the model takes (an image
+    folder is read as RGB; the shipped Fashion-MNIST model takes grey images), naming the setting that fits."""
+    chans = getattr(model, "in_chans", None)
+    if chans is None or isinstance(dataset, torch.utils.data.IterableDataset) or len(dataset) == 0:
+        return
+    image = dataset[0][0]  # the evaluation transform: no random draw
+    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] == chans:
+        return
+    got = image.shape[0]
+    raise ValueError(
+        f"model {cfg['model']['name']} takes {chans}-channel images but data.dataset={cfg['data']['dataset']} gives "
+        f"{got}-channel ones{' (image folders are read as RGB)' if got == 3 else ''}; set "
+        f"model.kwargs={{in_chans: {got}}} (e.g. --set 'model.kwargs={{in_chans: {got}}}'): a pretrained stem is "
+        "adapted to it, as timm does"
+    )
 
 
 def accumulation_steps(global_batch: int | None, batch_size: int, world_size: int) -> int:
@@ -290,7 +310,11 @@ def restore(run: Run, resume: bool | str) -> tuple[int, int, int, dict]:
     run.elapsed = state.get("elapsed", 0.0)
     if run.env.is_main:
         MetricsLog(run.out_dir).truncate(state["epoch"])
-        print(f"resumed from {path}: epoch {state['epoch']}, step {state['step_in_epoch']}", flush=True)
+        print(
+            f"resumed from {path}: {state['epoch']} epochs done, epoch {state['epoch'] + 1} at step "
+            f"{state['step_in_epoch']}",
+            flush=True,
+        )
         if changes:
             what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
             print(
@@ -331,7 +355,7 @@ def fit(run: Run, start_epoch: int, start_step: int, num_updates: int, rng: dict
                 _save_state(run, epoch, result.steps, num_updates)
                 if env.is_main:
                     print(
-                        f"interrupted by signal {stop.signal} at epoch {epoch} step {result.steps}; state saved "
+                        f"interrupted by signal {stop.signal} in epoch {epoch + 1} at step {result.steps}; state saved "
                         f"to {run.out_dir / STATE_FILE}; continue with --resume",
                         flush=True,
                     )
@@ -341,7 +365,7 @@ def fit(run: Run, start_epoch: int, start_step: int, num_updates: int, rng: dict
             _save_state(run, epoch + 1, 0, num_updates)
             if env.is_main:
                 log.append(record)
-                print(json.dumps(record), flush=True)
+                print(epoch_line(record, run.num_epochs), flush=True)
     finally:
         stop.restore()
     return None
@@ -351,7 +375,7 @@ def _epoch_record(run: Run, epoch: int, result: Any) -> dict[str, Any]:
     t, s = run.cfg["train"], run.step
     metrics = evaluate(run.ddp_model, run.val_loader, run.env, s.amp_dtype, t["channels_last"])
     record = {
-        "epoch": epoch,
+        "epoch": epoch + 1,  # counted from 1 in every output: this line, metrics.jsonl, metrics.png, the state
         "train_loss": result.loss,
         "train_top1": result.top1,
         "val_loss": metrics["loss"],
@@ -365,6 +389,33 @@ def _epoch_record(run: Run, epoch: int, result: Any) -> dict[str, Any]:
         ema_metrics = evaluate(s.ema.module, run.val_loader, run.env, s.amp_dtype, t["channels_last"])
         record["ema_val_top1"] = ema_metrics["top1"]
     return record
+
+
+def epoch_line(record: dict[str, Any], num_epochs: int) -> str:
+    """One epoch's results as a line to read (``metrics.jsonl`` holds the same record as JSON)."""
+    r = record
+    line = (
+        f"epoch {r['epoch']}/{num_epochs}: train loss {r['train_loss']:.4f} top-1 {r['train_top1']:.2f}% | "
+        f"val loss {r['val_loss']:.4f} top-1 {r['val_top1']:.2f}% top-5 {r['val_top5']:.2f}%"
+    )
+    if "ema_val_top1" in r:
+        line += f" | EMA val top-1 {r['ema_val_top1']:.2f}%"
+    return line + f" | lr {r['lr']:.3g} | {r['epoch_seconds']:.1f} s, {r['img_per_s']:.0f} images/s"
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """The end of a run as a line to read (``final.json`` holds the whole summary)."""
+    check = summary.get("equivalence")
+    if not check:
+        return f"done in {summary['train_seconds']:.1f} s of training"
+    forms = [form for form in ("train", "deploy") if f"{form}_top1" in check]
+    top1 = ", ".join(f"{form} form {check[f'{form}_top1']:.2f}%" for form in forms)
+    verdict = "PASS" if check.get("passed") else "FAIL"
+    files = ", ".join(summary.get("files", {}).values())
+    return (
+        f"done: val top-1 {top1}; deploy vs train form: {verdict}, argmax agreement "
+        f"{check['argmax_agreement']:.4%}; wrote {files} (final.json: the whole summary)"
+    )
 
 
 def _save_state(run: Run, epoch: int, step_in_epoch: int, num_updates: int) -> None:
@@ -405,7 +456,7 @@ def finish(run: Run) -> dict[str, Any]:
         summary.update(export(model, run.cfg, run.val_loader.dataset, run.num_classes, run.out_dir))
         text = json.dumps(summary, indent=2)
         atomic_write(run.out_dir / "final.json", lambda tmp: Path(tmp).write_text(text))
-        print(json.dumps(summary), flush=True)
+        print(summary_line(summary), flush=True)
     barrier(run.env)
     return summary
 
@@ -427,6 +478,7 @@ def export(model: nn.Module, cfg: dict, val_set: Dataset, num_classes: int, out_
         "num_classes": str(num_classes),
         "model_kwargs": json.dumps(cfg["model"]["kwargs"]),
         "config": json.dumps(cfg),
+        **input_metadata(model, data_config(cfg, model), label_names_of(val_set)),  # what predict needs
     }
     forms = {"deploy": deploy} if is_deploy_form(model) else {"train": model, "deploy": deploy}
     files = {form: out_dir / f"model_{form}.safetensors" for form in forms}
