@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         model, name, source = load_train_model(args)
         if repmlp.is_deploy_form(model):
             raise ValueError(f"{args.weights or name} is already in deploy form; nothing to convert")
+        repmlp.convert.check_convertible(model)  # NaN weights, negative variances: refused before converting
         output = check_output_file(args.output or f"output/{name}_deploy.safetensors", [args.weights])
     except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             use_ema=args.ema,
         )
         model, name = source.model, source.name
+        repmlp.convert.check_convertible(model)  # NaN weights, negative variances: refused before converting
         suffix = "deploy" if args.quantize == "none" else f"int8_{args.quantize}"
         output = check_output_file(args.output or f"output/{name.replace(':', '_')}_{suffix}.onnx", [args.weights])
     except (ValueError, OSError, RuntimeError) as err:

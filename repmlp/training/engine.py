@@ -207,7 +207,8 @@ def compare_forms(
     train_form: nn.Module, deploy_form: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device
 ) -> dict[str, float]:
     """Run both forms over a whole dataset (one process, :func:`repmlp.verify.compare_predictors`): top-1 of each,
-    argmax agreement and the largest per-element logit errors of the deploy form against the train form."""
+    argmax agreement and the largest per-element logit errors of the deploy form against the train form (NaN, with
+    'nonfinite' saying where, when either form outputs a NaN or infinity)."""
     train_form.eval(), deploy_form.eval()
     check = compare_predictors(train_form, deploy_form, ((x.to(device), y) for x, y in loader))
     return {
@@ -217,4 +218,5 @@ def compare_forms(
         "train_top1": check.reference_top1,
         "deploy_top1": check.candidate_top1,
         "count": check.count,
+        **({"nonfinite": check.describe_nonfinite()} if check.nonfinite else {}),
     }

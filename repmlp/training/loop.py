@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import platform
 import random
@@ -418,16 +419,24 @@ def export(model: nn.Module, cfg: dict, val_set: Dataset, num_classes: int, out_
         plain = build_model(cfg, num_classes, deploy=is_deploy_form(model)).to(next(model.parameters()).device)
         plain.load_state_dict(model.state_dict())
         model = plain.eval()
-    deploy = convert_to_deploy(model)
+    try:
+        deploy = convert_to_deploy(model)
+    except ValueError as err:  # non-finite weights (a diverged run): nothing to export, and never 'passed'
+        print(f"WARNING: not exported: {err}", flush=True)
+        return {"equivalence": {"passed": False, "error": str(err)}, "files": {}}
     val_loader = build_loader(val_set, cfg["train"]["eval_batch_size"], False, cfg["data"]["num_workers"])
     check = compare_forms(model, deploy, val_loader, next(model.parameters()).device)
-    check["passed"] = check["argmax_agreement"] >= MIN_AGREEMENT
+    finite = all(math.isfinite(check[k]) for k in ("max_abs_err", "max_rel_err")) and "nonfinite" not in check
+    check["passed"] = finite and check["argmax_agreement"] >= MIN_AGREEMENT
     meta = {
         "dataset": cfg["data"]["dataset"],
         "num_classes": str(num_classes),
         "model_kwargs": json.dumps(cfg["model"]["kwargs"]),
         "config": json.dumps(cfg),
     }
+    if not finite:  # nothing written: a model that outputs NaN is no result
+        print(f"WARNING: not exported: non-finite outputs on the validation set ({check.get('nonfinite')})", flush=True)
+        return {"equivalence": check, "files": {}}
     forms = {"deploy": deploy} if is_deploy_form(model) else {"train": model, "deploy": deploy}
     files = {form: out_dir / f"model_{form}.safetensors" for form in forms}
     for form, form_model in forms.items():
