@@ -44,8 +44,9 @@ from benchmarks.int8 import (  # noqa: E402
     run_int8_benchmark,
 )
 from repmlp.guards import (  # noqa: E402
+    add_overwrite_argument,
     atomic_write,  # noqa: E402
-    check_output_file,
+    check_outputs,
     integer,
     number,
 )
@@ -138,8 +139,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
     p.add_argument("--seed", type=integer(0), default=d.seed)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--png", help="write a bar chart of images/s here")
+    add_overwrite_argument(p)
     args = p.parse_args(argv)
-    outputs = {"json": args.json, "png": args.png}
+    outputs = {"json": args.json, "png": args.png, "overwrite": args.overwrite}
+    if args.conversion_only and args.png:
+        p.error("--png charts the forms' images/s, which --conversion-only does not measure; write --json")
     if args.profile and not args.int8:
         p.error("--profile times onnxruntime's operators of the --int8 forms; add --int8")
     if args.int8:
@@ -156,7 +160,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
             profile=args.profile,
         )
         return cfg, outputs
-    del args.json, args.png, args.int8, args.int8_forms, args.profile
+    del args.json, args.png, args.int8, args.int8_forms, args.profile, args.overwrite
     args.models = args.models or list(d.models)
     if args.input_size:
         args.input_size = tuple(args.input_size)
@@ -170,9 +174,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
 def main(argv: list[str] | None = None) -> int:
     cfg, outputs = parse_args(argv)
     try:  # refused before the (long) measurement
-        for flag, path in outputs.items():
-            if path:
-                check_output_file(path, what=f"--{flag}")
+        check_outputs({"--json": outputs["json"], "--png": outputs["png"]}, overwrite=outputs["overwrite"])
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
