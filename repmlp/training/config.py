@@ -206,6 +206,10 @@ def _check_type(dotted_key: str, value: Any) -> None:
     )
 
 
+#: The key of a run's config.json under which each resumption records its source and changed settings.
+RESUMED = "resumed"
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
     """Defaults, then the YAML file at ``path``, then ``key=value`` overrides (``train.epochs=2``).
 
@@ -221,6 +225,8 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a YAML mapping of sections {sorted(DEFAULTS)}")
         for section, values in data.items():
+            if section == RESUMED:  # a run's record of its resumptions (config.json), not a setting
+                continue
             if section not in cfg or not isinstance(values, dict):
                 raise ValueError(f"{path}: unknown section {section!r} or not a mapping; sections: {sorted(DEFAULTS)}")
             for key, value in values.items():
