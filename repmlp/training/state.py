@@ -405,9 +405,9 @@ def check_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimize
             f"{[len(g.get('params', ())) if isinstance(g, dict) else None for g in groups]} but this run's has "
             f"{[len(n['params']) for n in now]} (another model or optimizer.filter_bias_and_bn)"
         )
-    settings = lambda g: sorted(set(g) - {"params"})  # noqa: E731
-    if settings(groups[0]) != settings(now[0]):
+    missing = sorted(set(optimizer.defaults) - set(groups[0]))  # schedulers add settings; an optimizer's own stay
+    if missing:
         raise ValueError(
-            f"cannot resume from {path}: its optimizer has settings {settings(groups[0])} but this run's "
-            f"{type(optimizer).__name__} has {settings(now[0])} (another optimizer.opt)"
+            f"cannot resume from {path}: its optimizer has no {missing}, settings this run's "
+            f"{type(optimizer).__name__} has (the state is of another optimizer.opt)"
         )
