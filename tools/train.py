@@ -19,6 +19,7 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from repmlp.data import worker_error  # noqa: E402
 from repmlp.training import load_config, train  # noqa: E402
 
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {worker_error(err)}", file=sys.stderr)
         return 2
     if summary.get("interrupted"):
         return 130

@@ -104,6 +104,7 @@ def build_datasets(
             d["root"],
             split_names={"train": d["train_split"], "val": d["val_split"]},
             classes=d["num_classes"],
+            skip_bad_images=d["skip_bad_images"],
             **extra,
         )
         for split in splits

@@ -39,6 +39,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "crop_padding": 0,  # > 0: pad-and-random-crop (the CIFAR recipe) instead of random-resized crop
         "train_transform": {},  # timm.data.create_transform training arguments (hflip, scale, auto_augment, ...)
         "synthetic": {"num_samples": 256, "num_classes": 10, "img_size": 32, "in_chans": 3},
+        # image folders: leave out images that cannot be decoded, counted ('skipped'); evaluation only (eval.py
+        # --skip-bad-images). Off: the first such image is an error naming its file.
+        "skip_bad_images": False,
     },
     "optimizer": {
         "opt": "sgd",  # timm optimizer name ('sgd' is Nesterov momentum)

@@ -27,6 +27,7 @@ from ..checkpoint import save_checkpoint
 from ..convert import convert_to_deploy, is_deploy_form
 from ..data import build_loader, num_classes_of
 from ..guards import atomic_write
+from ..models import model_input_size
 from ..quantize import finish_qat, prepare_qat
 from .builders import build_data, build_datasets, build_loss, build_model
 from .config import RESUMED, call_configured
@@ -157,11 +158,22 @@ def build_run(cfg: dict, env: DistEnv) -> Run:
     if t["threads"]:
         torch.set_num_threads(int(t["threads"]))
     seed_everything(t["seed"])
+    if cfg["data"]["skip_bad_images"]:
+        raise ValueError(
+            "data.skip_bad_images is for evaluation (tools/eval.py --skip-bad-images); training stops at an image it "
+            "cannot decode, naming it: remove or replace that file"
+        )
     (train_set,) = build_datasets(cfg, splits=("train",))
     num_classes = num_classes_of(train_set)
+    if num_classes < 2:
+        raise ValueError(
+            f"the training set of data.dataset={cfg['data']['dataset']} has {num_classes} class; a classifier needs "
+            "at least 2 (one class trains to a meaningless 100%)"
+        )
     qat = cfg["qat"]
     model = build_model(cfg, num_classes, deploy=qat["mode"] == "fc3_bn")
     train_loader, val_loader = build_data(cfg, model, env, train_set)
+    check_channels(model, val_loader.dataset, cfg)  # its transform draws no random numbers
     accum = accumulation_steps(t["global_batch"], t["batch_size"], env.world_size)
     epoch_steps = len(train_loader) // accum * accum
     if epoch_steps == 0:
@@ -226,6 +238,22 @@ def build_run(cfg: dict, env: DistEnv) -> Run:
     )
     ddp_model = DistributedDataParallel(model) if env.distributed else model
     return Run(cfg, env, model, ddp_model, train_loader, val_loader, step, num_epochs, num_classes, epoch_steps)
+
+
+def check_channels(model: nn.Module, dataset: Dataset, cfg: dict) -> None:
+    """Refuse, before the first step, a model whose input channels differ from the data's (one transformed sample's;
+    an image folder gives RGB whatever the model takes), naming the fix."""
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not len(dataset):
+        return
+    sample = dataset[0][0]
+    channels, expected = sample.shape[0], model_input_size(model)[0]
+    if channels != expected:
+        raise ValueError(
+            f"model {cfg['model']['name']} takes {expected}-channel images but data.dataset="
+            f"{cfg['data']['dataset']} gives {channels}-channel ones; build the model for them with "
+            f"model.kwargs={{in_chans: {channels}}} (--set 'model.kwargs={{in_chans: {channels}}}', keeping its other "
+            "arguments)"
+        )
 
 
 def accumulation_steps(global_batch: int | None, batch_size: int, world_size: int) -> int:
