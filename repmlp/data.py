@@ -246,22 +246,25 @@ class ImageFolderDataset(ImageDataset):
             img = Image.open(source)
             img = img.convert(self.input_img_mode)  # decodes the pixels
         except Image.DecompressionBombError as err:  # kept: a bound against images that exhaust memory
-            raise ValueError(
-                f"image {self.filename(index, absolute=True)} is too large to decode ({err}); resize it, or raise "
-                "PIL.Image.MAX_IMAGE_PIXELS if it is a real image"
-            ) from None
+            img, target = self._bad(
+                index,
+                f"is too large to decode ({err}); resize it, or raise PIL.Image.MAX_IMAGE_PIXELS if it is a real image",
+            )
         except (OSError, SyntaxError, ValueError) as err:  # PIL raises these for undecodable files
-            if not self.skip_bad:
-                raise ValueError(
-                    f"cannot decode image {self.filename(index, absolute=True)}: {err}; remove or replace it (or "
-                    "evaluate with --skip-bad-images to leave such images out and count them)"
-                ) from None
-            img, target = Image.new(self.input_img_mode, (8, 8)), SKIPPED_LABEL
+            img, target = self._bad(index, f"cannot be decoded ({err}); remove or replace it")
         if self.transform is not None:
             img = self.transform(img)
         if target != SKIPPED_LABEL and self.target_transform is not None:
             target = self.target_transform(target)
         return img, target
+
+    def _bad(self, index: int, problem: str) -> tuple[Image.Image, int]:
+        if not self.skip_bad:
+            raise ValueError(
+                f"image {self.filename(index, absolute=True)} {problem} (or evaluate with --skip-bad-images to leave "
+                "such images out and count them)"
+            )
+        return Image.new(self.input_img_mode, (8, 8)), SKIPPED_LABEL
 
 
 def image_folder(
