@@ -27,7 +27,6 @@ from ..checkpoint import save_checkpoint
 from ..convert import convert_to_deploy, is_deploy_form
 from ..data import build_loader, num_classes_of
 from ..guards import atomic_write
-from ..models import model_input_size
 from ..quantize import finish_qat, prepare_qat
 from .builders import build_data, build_datasets, build_loss, build_model
 from .config import RESUMED, call_configured
@@ -243,10 +242,10 @@ def build_run(cfg: dict, env: DistEnv) -> Run:
 def check_channels(model: nn.Module, dataset: Dataset, cfg: dict) -> None:
     """Refuse, before the first step, a model whose input channels differ from the data's (one transformed sample's;
     an image folder gives RGB whatever the model takes), naming the fix."""
-    if isinstance(dataset, torch.utils.data.IterableDataset) or not len(dataset):
+    expected = getattr(model, "in_chans", None)  # timm's attribute: the built model's, whatever its pretrained_cfg
+    if expected is None or isinstance(dataset, torch.utils.data.IterableDataset) or not len(dataset):
         return
-    sample = dataset[0][0]
-    channels, expected = sample.shape[0], model_input_size(model)[0]
+    channels = dataset[0][0].shape[0]
     if channels != expected:
         raise ValueError(
             f"model {cfg['model']['name']} takes {expected}-channel images but data.dataset="
