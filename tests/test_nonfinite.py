@@ -146,3 +146,29 @@ def test_training_final_check_never_passes_a_nan_model(tmp_path):
     summary = export(model, cfg, val, 10, tmp_path)
     assert summary["equivalence"]["passed"] is False and "nonfinite" in summary["equivalence"]
     assert summary["files"] == {} and list(tmp_path.iterdir()) == []
+
+
+def test_a_training_state_with_nan_weights_is_refused_before_training(tmp_path, tiny_run):
+    """The case of the issue: such a resume trained, exported 108 of 128 tensors NaN and reported passed."""
+    from conftest import train_tiny
+
+    from repmlp.training.state import STATE_FILE, read_state, write_state
+
+    state = read_state(tiny_run / STATE_FILE)
+    name = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][name] = torch.full_like(state["model"][name], float("nan"))
+    write_state(tmp_path / "nan.safetensors", state)
+    with pytest.raises(ValueError, match=f"{name} holds NaN or infinite values"):
+        train_tiny(tmp_path / "run", "train.epochs=2", resume=str(tmp_path / "nan.safetensors"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_onnx_check_fails_nonfinite_outputs(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from repmlp.export import _export_float
+
+    model = torch.nn.Linear(4, 3).eval()
+    with torch.no_grad():
+        model.bias[1] = float("nan")
+    with pytest.raises(RuntimeError, match=r"max rel err nan .*candidate: 2 non-finite values.*\(x.onnx not written\)"):
+        _export_float(model, torch.randn(2, 4), str(tmp_path / "m.onnx"), 17, 1e-4, "x.onnx", eager_layout=True)

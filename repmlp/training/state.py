@@ -377,7 +377,8 @@ def check_resumable(
 
 
 def check_model_state(saved: dict[str, torch.Tensor], model: nn.Module, path: str | Path) -> None:
-    """Raise ValueError naming the first differing parameter (and both shapes) unless ``saved`` fits ``model``."""
+    """Raise ValueError naming the first differing parameter (and both shapes) unless ``saved`` fits ``model``, or
+    naming a tensor that holds NaN or infinite values (training on from them cannot give a model)."""
     expected = unwrap_model(model).state_dict()
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing or unexpected:
@@ -390,6 +391,11 @@ def check_model_state(saved: dict[str, torch.Tensor], model: nn.Module, path: st
             raise ValueError(
                 f"cannot resume from {path}: {key} has shape {tuple(saved[key].shape)} in the training state but "
                 f"{tuple(tensor.shape)} in this run's model (other model arguments or class count)"
+            )
+        if saved[key].is_floating_point() and not bool(torch.isfinite(saved[key]).all()):
+            raise ValueError(
+                f"cannot resume from {path}: {key} holds NaN or infinite values (the run diverged, or the file is "
+                "damaged); resume from an earlier state or start afresh"
             )
 
 
