@@ -15,16 +15,8 @@ from hypothesis import strategies as st
 from timm.optim import create_optimizer_v2
 
 from repmlp.training import load_config
-from repmlp.training.state import (
-    _FORMAT,
-    STATE_FILE,
-    check_model_state,
-    check_optimizer_state,
-    check_resumable,
-    check_schema,
-    read_state,
-    write_state,
-)
+from repmlp.training.schema import check_model_state, check_optimizer_state, check_resumable, check_schema
+from repmlp.training.state import _FORMAT, STATE_FILE, read_state, write_state
 
 CFG = load_config(None, TINY_RUN)
 RUN = dict(num_classes=4, num_epochs=1, epoch_steps=4, world_size=1)  # the tiny run's

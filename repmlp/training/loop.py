@@ -34,10 +34,9 @@ from .distributed import DistEnv, any_rank, barrier, cleanup_distributed, init_d
 from .engine import TrainStep, amp_dtype, compare_forms, evaluate, train_one_epoch
 from .metrics_log import MetricsLog
 from .rundir import MANIFEST, RunFiles, RunLock, check_output_dir, start_afresh, write_manifest
+from .schema import check_resumable, check_schema
 from .state import (
     STATE_FILE,
-    check_resumable,
-    check_schema,
     load_training_state,
     read_state,
     rng_states,
