@@ -3,6 +3,7 @@ share its comparison, and the converter (which refuses weights that are not numb
 where."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -146,6 +147,7 @@ def test_training_final_check_never_passes_a_nan_model(tmp_path):
     summary = export(model, cfg, val, 10, tmp_path)
     assert summary["equivalence"]["passed"] is False and "nonfinite" in summary["equivalence"]
     assert summary["files"] == {} and list(tmp_path.iterdir()) == []
+    json.dumps(summary, allow_nan=False)  # final.json stays strict JSON: no NaN token
 
 
 def test_a_training_state_with_nan_weights_is_refused_before_training(tmp_path, tiny_run):

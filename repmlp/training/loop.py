@@ -28,7 +28,7 @@ from ..convert import convert_to_deploy, is_deploy_form
 from ..data import build_loader, num_classes_of
 from ..guards import atomic_write
 from ..quantize import finish_qat, prepare_qat
-from .builders import build_data, build_datasets, build_loss, build_model
+from .builders import build_data, build_datasets, build_loss, build_model, check_channels
 from .config import RESUMED, call_configured
 from .distributed import DistEnv, any_rank, barrier, cleanup_distributed, init_distributed, weight_divergence
 from .engine import TrainStep, amp_dtype, compare_forms, evaluate, train_one_epoch
@@ -236,22 +236,6 @@ def build_run(cfg: dict, env: DistEnv) -> Run:
     )
     ddp_model = DistributedDataParallel(model) if env.distributed else model
     return Run(cfg, env, model, ddp_model, train_loader, val_loader, step, num_epochs, num_classes, epoch_steps)
-
-
-def check_channels(model: nn.Module, dataset: Dataset, cfg: dict) -> None:
-    """Refuse, before the first step, a model whose input channels differ from the data's (one transformed sample's;
-    an image folder gives RGB whatever the model takes), naming the fix."""
-    expected = getattr(model, "in_chans", None)  # timm's attribute: the built model's, whatever its pretrained_cfg
-    if expected is None or isinstance(dataset, torch.utils.data.IterableDataset) or not len(dataset):
-        return
-    channels = dataset[0][0].shape[0]
-    if channels != expected:
-        raise ValueError(
-            f"model {cfg['model']['name']} takes {expected}-channel images but data.dataset="
-            f"{cfg['data']['dataset']} gives {channels}-channel ones; build the model for them with "
-            f"model.kwargs={{in_chans: {channels}}} (--set 'model.kwargs={{in_chans: {channels}}}', keeping its other "
-            "arguments)"
-        )
 
 
 def accumulation_steps(global_batch: int | None, batch_size: int, world_size: int) -> int:
@@ -488,8 +472,9 @@ def export(model: nn.Module, cfg: dict, val_set: Dataset, num_classes: int, out_
         "model_kwargs": json.dumps(cfg["model"]["kwargs"]),
         "config": json.dumps(cfg),
     }
-    if not finite:  # nothing written: a model that outputs NaN is no result
+    if not finite:  # nothing written: a model that outputs NaN is no result; final.json stays strict JSON
         print(f"WARNING: not exported: non-finite outputs on the validation set ({check.get('nonfinite')})", flush=True)
+        check.update({k: None for k in ("max_abs_err", "max_rel_err") if not math.isfinite(check[k])})
         return {"equivalence": check, "files": {}}
     forms = {"deploy": deploy} if is_deploy_form(model) else {"train": model, "deploy": deploy}
     files = {form: out_dir / f"model_{form}.safetensors" for form in forms}
