@@ -4,6 +4,7 @@ and both values; what resuming allows (more epochs, another seed, another proces
 stated and recorded in the run's config.json."""
 
 import json
+import shutil
 
 import pytest
 import safetensors.torch
@@ -160,3 +161,24 @@ def test_a_state_file_from_write_state_round_trips_its_arrays(tmp_path):
 
     write_state(tmp_path / "s.safetensors", {"a": np.arange(6, dtype=np.int64).reshape(2, 3)})
     assert read_state(tmp_path / "s.safetensors")["a"].tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.kwargs={widths: [4, 16], head_hidden_size: 16}", "model.kwargs is {"),  # was torch's size mismatch
+        ("optimizer.opt=adamw", "optimizer.opt is 'sgd' in the training state but 'adamw'"),  # was KeyError: 'step'
+    ],
+    ids=["other model kwargs", "sgd -> adamw"],
+)
+def test_train_py_refuses_a_resume_that_does_not_fit_and_changes_nothing(override, message, tmp_path, tiny_run, capsys):
+    from conftest import load_tool
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    argv = [a for item in TINY_RUN for a in ("--set", item)] + ["--set", override, "--output", str(out), "--resume"]
+    assert load_tool("train").main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot resume from") and message in err and "Traceback" not in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
