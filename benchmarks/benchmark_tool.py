@@ -38,8 +38,9 @@ from benchmarks.int8 import (
     run_int8_benchmark,
 )
 from repmlp.guards import (
+    add_overwrite_argument,
     atomic_write,
-    check_output_file,
+    check_outputs,
     integer,
     number,
 )
@@ -134,8 +135,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
     p.add_argument("--seed", type=integer(0), default=d.seed)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--png", help="write a bar chart of images/s here")
+    add_overwrite_argument(p)
     args = p.parse_args(argv)
-    outputs = {"json": args.json, "png": args.png}
+    outputs = {"json": args.json, "png": args.png, "overwrite": args.overwrite}
+    if args.conversion_only and args.png:
+        p.error("--png charts the forms' images/s, which --conversion-only does not measure; write --json")
     if args.profile and not args.int8:
         p.error("--profile times onnxruntime's operators of the --int8 forms; add --int8")
     if args.int8:
@@ -152,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
             profile=args.profile,
         )
         return cfg, outputs
-    del args.json, args.png, args.int8, args.int8_forms, args.profile
+    del args.json, args.png, args.int8, args.int8_forms, args.profile, args.overwrite
     args.models = args.models or list(d.models)
     if args.input_size:
         args.input_size = tuple(args.input_size)
@@ -166,9 +170,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
 def main(argv: list[str] | None = None) -> int:
     cfg, outputs = parse_args(argv)
     try:  # refused before the (long) measurement
-        for flag, path in outputs.items():
-            if path:
-                check_output_file(path, what=f"--{flag}")
+        check_outputs({"--json": outputs["json"], "--png": outputs["png"]}, overwrite=outputs["overwrite"])
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

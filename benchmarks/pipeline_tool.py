@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.pipeline import format_pipeline_table, run_pipeline_benchmark, write_jpegs
-from repmlp.guards import atomic_write, check_output_file, integer
+from repmlp.guards import add_overwrite_argument, atomic_write, check_outputs, integer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,10 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=integer(1), default=32)
     p.add_argument("--workers", type=integer(0), nargs="+", default=[1, 2], help="loader worker counts")
     p.add_argument("--rounds", type=integer(1), default=7)
-    p.add_argument("--json", help="write the report here (refused if the file exists)")
+    p.add_argument("--json", help="write the report here")
+    add_overwrite_argument(p)
     args = p.parse_args(argv)
-    if args.json:
-        check_output_file(args.json, what="--json")
+    try:
+        check_outputs({"--json": args.json}, overwrite=args.overwrite)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         root = write_jpegs(Path(tmp), args.images)
         report = run_pipeline_benchmark(

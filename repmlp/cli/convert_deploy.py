@@ -16,7 +16,7 @@ import torch
 
 import repmlp
 from repmlp.flops import count_macs, count_params
-from repmlp.guards import check_output_file, integer
+from repmlp.guards import add_overwrite_argument, check_outputs, integer
 from repmlp.int8 import format_ranges, weight_ranges
 from repmlp.models import model_input_size
 from repmlp.preprocess import INPUT_KEYS, LABEL_KEY
@@ -25,12 +25,14 @@ from repmlp.sources import ModelSource, add_model_arguments, deploy_record, mode
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
 
 DEFAULT = "repmlp_fmnist_mlp.fmnist"  # with --pretrained: the shipped model
+SUFFIXES = {"--output": (".safetensors",)}  # what save_checkpoint writes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p, f"{DEFAULT} --pretrained, the shipped model", "train-form weights file or model folder")
     p.add_argument("--output", help="deploy-form .safetensors to write (default: output/<model>_deploy.safetensors)")
+    add_overwrite_argument(p)
     p.add_argument("--batch-size", type=integer(1), default=2, help="random inputs for the check (default 2)")
     p.add_argument("--seed", type=integer(0), default=0, help="seed of the random model and inputs")
     p.add_argument("--no-float64", action="store_true", help="skip the float64 check of the conversion")
@@ -61,12 +63,13 @@ def load_train_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str, Mo
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.output:  # refused before anything is read
-            check_output_file(args.output, [args.weights])
+        check_outputs({"--output": args.output}, [args.weights], args.overwrite, SUFFIXES)  # before any reading
         model, name, source = load_train_model(args)
         if repmlp.is_deploy_form(model):
             raise ValueError(f"{args.weights or name} is already in deploy form; nothing to convert")
-        output = check_output_file(args.output or f"output/{name}_deploy.safetensors", [args.weights])
+        repmlp.convert.check_convertible(model)  # NaN weights, negative variances: refused before converting
+        output = args.output or f"output/{name}_deploy.safetensors"
+        output = check_outputs({"--output": output}, [args.weights, source.path], args.overwrite, SUFFIXES)["--output"]
     except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

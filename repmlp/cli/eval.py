@@ -23,7 +23,7 @@ import torch
 
 from repmlp.cli.common import run_weights
 from repmlp.convert import is_deploy_form
-from repmlp.data import DATASETS, TIMM_SPECS
+from repmlp.data import DATASETS, TIMM_SPECS, worker_error
 from repmlp.guards import integer
 from repmlp.int8 import FixedBatch, data_batches, onnx_batch_size, quantize_pytorch
 from repmlp.onnx_io import onnx_predictor
@@ -68,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--split", choices=("train", "val"), default="val", help="'val' is the test set of CIFAR and Fashion-MNIST"
     )
+    parser.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="image folders: leave out images that cannot be decoded and count them ('skipped' in the result) "
+        "instead of stopping at the first with an error naming it",
+    )
     parser.add_argument("--batch-size", type=integer(1), default=500)
     parser.add_argument("--workers", type=integer(0), default=1)
     parser.add_argument("--threads", type=integer(1), help="torch CPU threads")
@@ -107,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             model, meta = source.model, source.record
             print(f"model   {source.name} ({source.weights})", file=sys.stderr)
         overrides = [f"train.eval_batch_size={args.batch_size}", f"data.num_workers={args.workers}"]
+        overrides += ["data.skip_bad_images=true"] if args.skip_bad_images else []
         name = args.checkpoint or args.model
         cfg = eval_data_config(meta, name, args.config, args.dataset, args.data_root, overrides)
         loader = build_eval_data(cfg, model, args.split)
@@ -121,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         batches = data_batches(data, model, args.int8_batch_size, args.calibration_samples, "train")
         runner = FixedBatch(quantize_pytorch(model, batches[0], args.int8, batches), args.int8_batch_size)
         form = f"deploy, PyTorch int8 {args.int8}" + (f" (calibrated on {data})" if args.int8 == "static" else "")
-    metrics = evaluate(runner, loader, DistEnv(), progress=args.progress)
+    try:
+        metrics = evaluate(runner, loader, DistEnv(), progress=args.progress)
+    except ValueError as err:  # an image that cannot be decoded, labels the model has no class for
+        print(f"error: {worker_error(err)}", file=sys.stderr)
+        return 2
     print(
         json.dumps(
             {

@@ -22,7 +22,7 @@ import torch
 
 import repmlp
 from repmlp.export import OPSETS, export_onnx
-from repmlp.guards import check_output_file, integer, number
+from repmlp.guards import add_overwrite_argument, check_outputs, integer, number
 from repmlp.int8 import QUANTIZE_MODES, data_batches
 from repmlp.onnx_io import set_onnx_metadata
 from repmlp.preprocess import INPUT_KEYS, LABEL_KEY, input_metadata
@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p, f"{RANDOM_DEFAULT} with random weights", "weights file or model folder, train or deploy form"
     )
     p.add_argument("--output", help="the .onnx file (default: output/<model>_deploy.onnx)")
+    add_overwrite_argument(p)
     p.add_argument("--batch-size", type=integer(1), default=1, help="batch of the exported (static) input shape")
     p.add_argument("--opset", type=integer(OPSETS.start, OPSETS.stop - 1), default=17, help="ONNX opset (default 17)")
     p.add_argument("--tolerance", type=number(0), default=1e-4, help="max rel error of onnxruntime vs PyTorch")
@@ -83,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     try:
-        if args.output:  # refused before anything is read
-            check_output_file(args.output, [args.weights])
+        check_outputs({"--output": args.output}, [args.weights], args.overwrite)  # refused before any reading
         source = model_source(
             args.model,
             args.weights,
@@ -95,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             use_ema=args.ema,
         )
         model, name = source.model, source.name
+        repmlp.convert.check_convertible(model)  # NaN weights, negative variances: refused before converting
         suffix = "deploy" if args.quantize == "none" else f"int8_{args.quantize}"
-        output = check_output_file(args.output or f"output/{name.replace(':', '_')}_{suffix}.onnx", [args.weights])
+        output = args.output or f"output/{name.replace(':', '_')}_{suffix}.onnx"
+        output = check_outputs({"--output": output}, [args.weights, source.path], args.overwrite)["--output"]
     except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

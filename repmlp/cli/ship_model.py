@@ -20,7 +20,7 @@ from repmlp.checkpoint import (
     read_metadata,
     write_folder,
 )
-from repmlp.guards import check_output_file
+from repmlp.guards import add_overwrite_argument, check_outputs
 from repmlp.shipped import WEIGHTS_NAME, weights_dir, weights_file
 
 
@@ -29,12 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="timm name with tag, e.g. repmlp_fmnist_mlp.fmnist")
     parser.add_argument("--checkpoint", required=True, help="train-form checkpoint to ship")
     parser.add_argument("--output", help="folder to write (default: <weights dir>/<model>)")
+    add_overwrite_argument(parser)
     args = parser.parse_args(argv)
     output = Path(args.output or weights_dir() / args.model)
     try:
         checkpoint = weights_file(args.checkpoint)  # a model folder names its weights file
-        for name in (WEIGHTS_NAME, "config.json"):  # refused before any work: never over the input
-            check_output_file(output / name, [checkpoint], what="--output")
+        files = {f"--output {name}": output / name for name in (WEIGHTS_NAME, "config.json")}
+        check_outputs(files, [args.checkpoint, checkpoint], args.overwrite)  # before any work: never over the input
         model = repmlp.load_checkpoint(timm.create_model(args.model), checkpoint)
         keep = {
             k: v

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from repmlp.data import worker_error
 from repmlp.training import load_config, train
 
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {worker_error(err)}", file=sys.stderr)
         return 2
     if summary.get("interrupted"):
         return 130
