@@ -185,7 +185,10 @@ def test_qat_run_resumes_after_a_kill_and_exports_int8(tmp_path, mode, capsys):
     form = forms[0]
     assert _max_abs_diff(reference / f"model_{form}.safetensors", out / f"model_{form}.safetensors") <= 1e-6
     weights, onnx_file = reference / f"model_{form}.safetensors", tmp_path / "int8.onnx"
+    # A few steps on random data leave logits close together, so int8 flips some argmaxes of random inputs (2 of 64
+    # with the 7-bit weights of a CPU without VNNI); 90% still fails a broken quantization (about 1 in 4 agree).
     options = "--quantize static --batch-size 4 --calibration random --calibration-samples 16 --check-samples 64"
+    options += " --min-agreement 0.9"
     capsys.readouterr()
     code = load_tool("export_onnx").main(["--weights", str(weights), "--output", str(onnx_file), *options.split()])
     assert code == 0 and "static int8" in capsys.readouterr().out
