@@ -190,8 +190,8 @@ def _export_float(
     tolerance: float,
     target: str,
     eager_layout: bool,
-    dynamic_batch: bool,
-    seed: int,
+    dynamic_batch: bool = True,
+    seed: int = 0,
 ) -> float:
     """Export in the graph layout; the max relative error of onnxruntime against PyTorch (RuntimeError above
     ``tolerance``, naming ``target``, the file that is then not written), on ``x`` and, for a dynamic batch, on a
@@ -202,13 +202,17 @@ def _export_float(
     if dynamic_batch:
         checks.append(torch.randn((x.shape[0] + 1, *x.shape[1:]), generator=torch.Generator().manual_seed(seed + 1)))
     predict = onnx_predictor(path)
-    err = max(ErrorStats.of(model(c), predict(c)).max_rel_err for c in checks)
-    if err > tolerance:
-        raise RuntimeError(
-            f"export_onnx: onnxruntime output differs from PyTorch's: max rel err {err:.2e} > {tolerance:.0e} "
-            f"({target} not written)"
-        )
-    return err
+    errors = []
+    for c in checks:
+        stats = ErrorStats.of(model(c), predict(c))
+        if not stats.within(tolerance):  # NaN anywhere fails
+            where = f" ({stats.describe_nonfinite()})" if stats.nonfinite else ""
+            raise RuntimeError(
+                f"export_onnx: onnxruntime output differs from PyTorch's at batch {c.shape[0]}: max rel err "
+                f"{stats.max_rel_err:.2e} > {tolerance:.0e}{where} ({target} not written)"
+            )
+        errors.append(stats.max_rel_err)
+    return max(errors)
 
 
 def _quantize_checked(
@@ -224,7 +228,12 @@ def _quantize_checked(
     ``min_agreement``)."""
     quantize_onnx(float_path, path, report.quantize, calibration, report.reduce_range)
     report.int8 = compare_outputs(onnx_predictor(float_path), onnx_predictor(path), check_batches, check_data)
-    if report.int8.argmax_agreement < min_agreement:
+    if not report.int8.finite:
+        raise RuntimeError(
+            f"export_onnx: the {report.quantize} int8 model or its float32 form outputs non-finite values on "
+            f"{check_data} inputs ({report.int8.describe_nonfinite()}); {report.path} not written"
+        )
+    if not report.int8.argmax_agreement >= min_agreement:
         raise RuntimeError(
             f"export_onnx: the {report.quantize} int8 model agrees with float32 on only "
             f"{report.int8.argmax_agreement:.2%} of {report.int8.count} {check_data} inputs "
@@ -259,6 +268,7 @@ def export_openvino(
     tolerance: float = 1e-4,
     seed: int = 0,
     dynamic_batch: bool = True,
+    metadata: dict[str, str] | None = None,
 ) -> OpenVINOReport:
     """Write a deploy-form model as OpenVINO IR (``path``, an ``.xml``, and its ``.bin``) and check it.
 
@@ -274,12 +284,14 @@ def export_openvino(
         tolerance: max relative error of OpenVINO against PyTorch.
         seed: seed of the random inputs.
         dynamic_batch: a free batch dimension; else fixed to ``batch_size``.
+        metadata: what predicting needs (:mod:`repmlp.preprocess`), kept in the IR's ``rt_info`` section ``repmlp``.
 
     Returns:
         The report. ValueError for a model with training-only modules or a path not ending in ``.xml``,
         RuntimeError when OpenVINO disagrees with PyTorch (then nothing is written).
     """
     from .openvino_io import openvino_predictor, to_openvino, write_openvino
+    from .preprocess import set_openvino_metadata
 
     if not is_deploy_form(model):
         raise ValueError("export_openvino: the model still has training-only modules; convert it first")
@@ -293,7 +305,9 @@ def export_openvino(
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
         tmp = Path(work) / "model.xml"
-        write_openvino(to_openvino(model, x, dynamic_batch), tmp)
+        ov_model = to_openvino(model, x, dynamic_batch)
+        set_openvino_metadata(ov_model, metadata or {})
+        write_openvino(ov_model, tmp)
         predict = openvino_predictor(tmp, dtype=torch.float32)
         err = max(ErrorStats.of(model(c), predict(c)).max_rel_err for c in checks)
         if not err <= tolerance:

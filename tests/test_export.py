@@ -103,7 +103,9 @@ def test_export_tool(tmp_path, capsys):
 
 
 def _help_examples() -> list[str]:
-    doc = load_tool("export_onnx").__doc__
+    from repmlp.cli import export_onnx as tool
+
+    doc = tool.__doc__
     return [line.strip() for line in doc.splitlines() if line.strip().startswith("python tools/export_onnx.py")]
 
 
