@@ -14,6 +14,6 @@ for dtype in fp16 bf16; do
     "$PYTHON" tools/benchmark.py --device cuda --dtype "$dtype" \
         --models repmlp_res50_light_224 repmlp_res50_bottleneck_224 repmlpnet_t224 --forms deploy \
         --runtime eager compile --batch-sizes 1 32 128 --rounds 7 --max-rounds 14 --convert-rounds 0 \
-        --json "$OUT/gpu_$dtype.json"
+        --overwrite --json "$OUT/gpu_$dtype.json"
 done
 "$PYTHON" benchmarks/speed_page.py

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark whose JSON the speed page (docs/speed.md) is made from, then the page itself. Run on a quiet machine
-# from the repository root (about 10 minutes on 2 cores of an AVX2 CPU, each step's seconds printed; bf16 and int8 get
-# a reduced run where the CPU lacks their instructions, see below):
+# from the repository root (estimated 9-11 minutes on 2 quiet cores of an AVX2 CPU, from a 1-round run on a loaded
+# one; each step's seconds are printed; bf16 and int8 get a reduced run where the CPU lacks their instructions):
 #     benchmarks/run_results.sh            # PYTHON=... to choose the interpreter, THREADS=... the threads (default: all)
 # The figures go to benchmarks/results/*.json (with the command, machine and instruction sets in each) and
 # docs/speed.md; commit both.
@@ -26,7 +26,7 @@ fi
 int8_models=(repmlp_fmnist_mlp.fmnist repmlpnet_t224)
 if grep -qE 'avx512_vnni|avx_vnni|amx_int8' /proc/cpuinfo; then int8_models+=(repmlp_res50_light_224); fi
 MODELS=(repmlp_res50_light_224 repmlp_res50_bottleneck_224 repmlpnet_t224)
-bench() { echo "== $*" >&2; SECONDS=0; "$PYTHON" tools/benchmark.py "${threads[@]}" "$@"; echo "   ${SECONDS} s" >&2; }
+bench() { echo "== $*" >&2; SECONDS=0; "$PYTHON" tools/benchmark.py --overwrite "${threads[@]}" "$@"; echo "   ${SECONDS} s" >&2; }
 start=$(date +%s)
 
 # float32, eager PyTorch: deploy forms vs resnet50 (channels_last), batch 1/8/32, where the time goes (--profile)
