@@ -3,7 +3,7 @@
 from .checkpoint import checkpoint_filter_fn, load_checkpoint, read_state_dict, save_checkpoint
 from .convert import convert_to_deploy, is_deploy_form
 from .layers import GlobalPerceptron, LocalPerceptron, PartitionPerceptron, RepMLP
-from .models import MLPCifarNet, RepMLPNet, RepMLPResNet
+from .models import MLPCifarNet, PureMLPNet, RepMLPNet, RepMLPResNet
 from .quantize import equivalent_fc3
 from .runtime import in_runtime
 from .verify import EquivalenceReport, randomize_bn_stats, verify_conversion, verify_equivalence

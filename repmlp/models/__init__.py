@@ -6,7 +6,7 @@ import importlib
 
 from torch import nn
 
-from .mlp_cifar import MLPCifarNet
+from .mlp_cifar import MLPCifarNet, PureMLPNet
 from .repmlp_resnet import RepMLPResNet
 from .repmlpnet import RepMLPNet
 
