@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["convert_to_deploy", "is_deploy_form", "reparameterizable"]
+
 import copy
 import itertools
 

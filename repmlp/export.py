@@ -8,6 +8,8 @@ shape inference) keeps to that. Needs the ``onnx`` extra (onnx, onnxruntime).
 
 from __future__ import annotations
 
+__all__ = ["MAX_RANK", "OPSETS", "ExportReport", "check_ranks", "export_onnx", "tensor_ranks"]
+
 import contextlib
 import itertools
 import os

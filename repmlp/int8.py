@@ -1,21 +1,6 @@
 """The former home of the int8 deploy forms, kept so that its imports work: everything now lives in
 :mod:`repmlp.quantize` (see CHANGELOG.md)."""
 
-from .quantize.calibration import data_batches
-from .quantize.ort import (
-    QUANTIZE_MODES,
-    Int8Check,
-    batched_weight_products,
-    compare_outputs,
-    onnx_batch_size,
-    profile_onnx,
-    quantize_onnx,
-)
-from .quantize.pt2e import FixedBatch, compile_frozen, export_graph, quantize_pytorch
-from .quantize.qat import FakeQuantFC3
-from .quantize.ranges import WeightRange, format_ranges, weight_ranges
-from .quantize.scheme import fake_quantize_weight, resolve_reduce_range, weight_qmax
-
 __all__ = [
     "QUANTIZE_MODES",
     "FakeQuantFC3",
@@ -37,3 +22,18 @@ __all__ = [
     "weight_qmax",
     "weight_ranges",
 ]
+
+from .quantize.calibration import data_batches
+from .quantize.ort import (
+    QUANTIZE_MODES,
+    Int8Check,
+    batched_weight_products,
+    compare_outputs,
+    onnx_batch_size,
+    profile_onnx,
+    quantize_onnx,
+)
+from .quantize.pt2e import FixedBatch, compile_frozen, export_graph, quantize_pytorch
+from .quantize.qat import FakeQuantFC3
+from .quantize.ranges import WeightRange, format_ranges, weight_ranges
+from .quantize.scheme import fake_quantize_weight, resolve_reduce_range, weight_qmax

@@ -7,6 +7,26 @@ uses live in :mod:`repmlp.ops`.
 
 from __future__ import annotations
 
+__all__ = [
+    "ConvBN",
+    "GlobalPerceptron",
+    "GroupedLinear",
+    "LocalPerceptron",
+    "PartitionPerceptron",
+    "PatchEmbedding",
+    "RepMLP",
+    "cells",
+    "check_block_input",
+    "crop",
+    "graph_layout",
+    "in_layout",
+    "pad_to_multiple",
+    "param_like",
+    "partition",
+    "shape_str",
+    "unpartition",
+]
+
 import contextlib
 import math
 from collections.abc import Iterator, Sequence

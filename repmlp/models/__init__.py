@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["MLPCifarNet", "PureMLPNet", "RepMLPNet", "RepMLPResNet", "load_model", "model_input_size"]
+
 import importlib
 
 from torch import nn

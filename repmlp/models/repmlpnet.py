@@ -564,6 +564,9 @@ class RepMLPNet(RepMLPModel):
                 f"{depths}, {sharesets}, {partitions}"
             )
         self.img_size, self.in_chans = img_size, in_chans
+        # timm's input traits: the data config follows the size the model is built (or set_input_size) for, as for
+        # the other families, though any size runs (for a model it calls flexible, timm keeps the weights' size)
+        self._traits = dict(img_size=img_size, fixed_input_size=True)
         self.reductions = [patch_size * 2**i for i in range(len(channels))]
         if partitions is None:
             partitions = [(cells(img_size[0], r), cells(img_size[1], r)) for r in self.reductions]

@@ -12,39 +12,6 @@
 ``repmlp.int8`` is the former home of the int8 parts and keeps their names.
 """
 
-from .calibration import data_batches
-from .ort import (
-    QUANTIZE_MODES,
-    Int8Check,
-    batched_weight_products,
-    compare_outputs,
-    onnx_batch_size,
-    profile_onnx,
-    quantize_checked,
-    quantize_onnx,
-)
-from .pt2e import FixedBatch, compile_frozen, export_graph, quantize_pytorch
-from .qat import (
-    QAT_MODES,
-    FakeQuantFC3,
-    enable_fc3_qat,
-    equivalent_fc3,
-    fc3_blocks,
-    finish_qat,
-    fold_fc3_bn,
-    insert_fc3_bn,
-    prepare_qat,
-    remove_fake_quant,
-)
-from .ranges import WeightRange, format_ranges, weight_ranges
-from .scheme import (
-    cpu_has_vnni,
-    fake_quantize_activation,
-    fake_quantize_weight,
-    resolve_reduce_range,
-    weight_qmax,
-)
-
 __all__ = [
     "QAT_MODES",
     "QUANTIZE_MODES",
@@ -78,3 +45,36 @@ __all__ = [
     "weight_qmax",
     "weight_ranges",
 ]
+
+from .calibration import data_batches
+from .ort import (
+    QUANTIZE_MODES,
+    Int8Check,
+    batched_weight_products,
+    compare_outputs,
+    onnx_batch_size,
+    profile_onnx,
+    quantize_checked,
+    quantize_onnx,
+)
+from .pt2e import FixedBatch, compile_frozen, export_graph, quantize_pytorch
+from .qat import (
+    QAT_MODES,
+    FakeQuantFC3,
+    enable_fc3_qat,
+    equivalent_fc3,
+    fc3_blocks,
+    finish_qat,
+    fold_fc3_bn,
+    insert_fc3_bn,
+    prepare_qat,
+    remove_fake_quant,
+)
+from .ranges import WeightRange, format_ranges, weight_ranges
+from .scheme import (
+    cpu_has_vnni,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    resolve_reduce_range,
+    weight_qmax,
+)

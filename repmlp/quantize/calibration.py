@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["data_batches"]
+
 import itertools
 
 import torch
@@ -11,8 +13,6 @@ from torch import nn
 from ..data import DATASETS, TIMM_SPECS, build_dataset, build_transform
 from ..data_timm import is_timm_spec
 from ..models import model_input_size
-
-__all__ = ["data_batches"]
 
 
 def data_batches(

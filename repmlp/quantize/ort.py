@@ -7,6 +7,17 @@ that each group gets its own per-output-channel scales.
 
 from __future__ import annotations
 
+__all__ = [
+    "QUANTIZE_MODES",
+    "Int8Check",
+    "batched_weight_products",
+    "compare_outputs",
+    "onnx_batch_size",
+    "profile_onnx",
+    "quantize_checked",
+    "quantize_onnx",
+]
+
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -18,17 +29,6 @@ import torch
 from ..onnx_io import onnx_predictor, ort_session
 from ..verify import Agreement, compare_predictors
 from .scheme import resolve_reduce_range
-
-__all__ = [
-    "QUANTIZE_MODES",
-    "Int8Check",
-    "batched_weight_products",
-    "compare_outputs",
-    "onnx_batch_size",
-    "profile_onnx",
-    "quantize_checked",
-    "quantize_onnx",
-]
 
 QUANTIZE_MODES = ("none", "dynamic", "static")
 

@@ -3,6 +3,8 @@ inductor to oneDNN int8 kernels."""
 
 from __future__ import annotations
 
+__all__ = ["FixedBatch", "compile_frozen", "export_graph", "quantize_pytorch"]
+
 from collections.abc import Iterable
 
 import torch
@@ -10,8 +12,6 @@ from torch import nn
 
 from ..layers import graph_layout
 from .scheme import resolve_reduce_range
-
-__all__ = ["FixedBatch", "compile_frozen", "export_graph", "quantize_pytorch"]
 
 
 def quantize_pytorch(

@@ -5,17 +5,6 @@ alternative, a BN after FC3 of the deploy form for post-quantization fine-tuning
 
 from __future__ import annotations
 
-import copy
-import types
-from collections.abc import Iterable
-
-import torch
-from torch import nn
-from torch.func import functional_call
-
-from .. import ops
-from .scheme import fake_quantize_activation, fake_quantize_weight, weight_qmax
-
 __all__ = [
     "QAT_MODES",
     "FakeQuantFC3",
@@ -28,6 +17,17 @@ __all__ = [
     "prepare_qat",
     "remove_fake_quant",
 ]
+
+import copy
+import types
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .. import ops
+from .scheme import fake_quantize_activation, fake_quantize_weight, weight_qmax
 
 QAT_MODES = ("none", "equivalent_fc3", "fc3_bn")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["WeightRange", "format_ranges", "weight_ranges"]
+
 from dataclasses import dataclass
 
 import torch
@@ -9,8 +11,6 @@ from torch import nn
 
 from .qat import FakeQuantFC3
 from .scheme import fake_quantize_weight, weight_qmax
-
-__all__ = ["WeightRange", "format_ranges", "weight_ranges"]
 
 
 @dataclass

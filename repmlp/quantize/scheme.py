@@ -8,10 +8,6 @@ dynamic quantization, calibrated for static).
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-
 __all__ = [
     "cpu_has_vnni",
     "fake_quantize_activation",
@@ -19,6 +15,10 @@ __all__ = [
     "resolve_reduce_range",
     "weight_qmax",
 ]
+
+from pathlib import Path
+
+import torch
 
 
 def weight_qmax(reduce_range: bool | None = None) -> int:
