@@ -115,8 +115,8 @@ class RepMLPModel(nn.Module):
     #: Run NHWC inside: inputs are turned channels_last, which is where oneDNN's convs and pooling and our partition
     #: copies are fastest; outputs are returned in the caller's layout. A family where it does not pay sets False.
     #: The activations' layout is the one decided here: weights stay contiguous (PyTorch's default), so
-    #: ``state_dict()`` saves as it is; oneDNN reorders a kernel for each call in either layout, and channels_last
-    #: kernels measured no faster (README, Speed).
+    #: ``state_dict()`` saves as it is; oneDNN reorders a kernel for each call in either layout, so channels_last
+    #: kernels would gain nothing.
     channels_last: bool = True
 
     def __init__(self, **init_args) -> None:

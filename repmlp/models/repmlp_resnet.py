@@ -292,8 +292,8 @@ class RepMLPResNet(RepMLPModel):
                     drop_block = stage_drop_blocks[i]() if stage_drop_blocks[i] else None
                     chs_in, block_stride = (width, 1) if j else (in_chs, stride)
                     blocks.append(Bottleneck(chs_in, width, block_stride, deploy, rate, drop_block, dilation, **dd))
-            # c5 (7x7 maps at 224, 512-2048 channels) runs NCHW: its 3x3 convs measured 1.5x (batch 1) and 1.25x
-            # (batch 8) faster than in NHWC here; c2-c4 and the max-pool are faster in NHWC
+            # c5 runs NCHW: on its small, wide maps oneDNN's 3x3 convs run faster in NCHW, while c2-c4 and the
+            # max-pool run faster in NHWC
             stages.append(NCHWStage(*blocks) if i == 3 else nn.Sequential(*blocks))
             reduction *= stride
             self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"stages.{i}"))
