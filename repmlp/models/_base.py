@@ -106,7 +106,7 @@ class RepMLPModel(nn.Module):
     rebuild the model's train-form twin, :meth:`train_form_twin`, which is how a train-form checkpoint reaches a
     deploy-form model, and they are saved beside the weights), takes timm's factory kwargs ``device`` and ``dtype``
     (not recorded: placement is not architecture) and passes them down to every layer, and ends with
-    :meth:`init_feature_levels`.
+    :meth:`_init_feature_levels`.
     """
 
     #: Maps a foreign (the authors') state dict to our keys; a pure rename (see :mod:`repmlp.authors`).
@@ -120,6 +120,11 @@ class RepMLPModel(nn.Module):
     channels_last: bool = True
 
     def __init__(self, **init_args) -> None:
+        """Record the family's architecture arguments (``num_classes``, ``in_chans`` and the family's own).
+
+        Args:
+            **init_args: the family constructor's arguments, by name, without ``device`` and ``dtype``.
+        """
         super().__init__()
         self.init_args = init_args
         self.num_classes = init_args.get("num_classes", 0)
@@ -127,7 +132,7 @@ class RepMLPModel(nn.Module):
         self.grad_checkpointing = False
         self.channels_last = type(self).channels_last  # an instance attribute, which TorchScript reads
 
-    def init_feature_levels(self) -> None:
+    def _init_feature_levels(self) -> None:
         """What the model API reads of the built model, as ints (TorchScript cannot type ``feature_info``, a list
         of dicts of mixed types): the number of feature levels and whether the stem is level 0; and the stem told
         the model's layout (the stem sets it for whoever calls it, timm's feature wrappers included)."""

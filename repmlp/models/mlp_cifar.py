@@ -236,7 +236,7 @@ class PureMLPNet(RepMLPModel):
         self.num_features = outs[-1]
         self.head_hidden_size = head_hidden_size
         self.head = MlpHead(self.num_features, head_hidden_size, num_classes, global_pool, drop_rate, deploy, **dd)
-        self.init_feature_levels()
+        self._init_feature_levels()
 
     @staticmethod
     def stem_is_level(num_stages: int) -> bool:

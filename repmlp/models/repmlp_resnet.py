@@ -301,7 +301,7 @@ class RepMLPResNet(RepMLPModel):
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = in_chs
         self.head = ClassifierHead(in_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
-        self.init_feature_levels()
+        self._init_feature_levels()
 
     def _repmlp_blocks(self) -> list[tuple[int, RepMLP]]:
         """(stage index, block) of every RepMLP block left in the model (a pruned model has fewer stages)."""

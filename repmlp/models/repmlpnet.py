@@ -598,7 +598,7 @@ class RepMLPNet(RepMLPModel):
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = in_chs
         self.head = NormClassifierHead(in_chs, num_classes, global_pool, drop_rate, deploy, **dd)
-        self.init_feature_levels()
+        self._init_feature_levels()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
