@@ -15,6 +15,8 @@ compile, and the first call):
 
 from __future__ import annotations
 
+__all__ = ["RUNTIMES", "RuntimeModel", "check_against_eager", "in_runtime"]
+
 import io
 import time
 from collections.abc import Callable
