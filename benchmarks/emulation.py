@@ -44,8 +44,8 @@ class AuthorsRepMLP(nn.Module):
         parts = parts.permute(0, 2, 4, 1, 3, 5).reshape(-1, c * b.h * b.w, 1, 1)
         fc3 = b.partition_perceptron.fc3
         y = F.conv2d(parts, fc3.weight[..., None, None], fc3.bias, groups=fc3.groups)
-        y = y.reshape(n, b.hp, b.wp, b.out_channels, b.h, b.w).permute(0, 3, 1, 4, 2, 5)
-        return y.reshape(n, b.out_channels, b.H, b.W)
+        y = y.reshape(n, b.hp, b.wp, b.out_chs, b.h, b.w).permute(0, 3, 1, 4, 2, 5)
+        return y.reshape(n, b.out_chs, b.H, b.W)
 
 
 class AuthorsRepMLPNetBlock(nn.Module):
@@ -153,9 +153,9 @@ def _authors_switch_repmlp(block: nn.Module) -> None:
     """Their ``RepMLPBlock.switch_to_deploy``: each local conv's FC matrix by convolving an identity matrix, summed
     with the BN-folded FC3 into a freshly initialised grouped 1x1 Conv2d; the pooled-input BN folded into fc1."""
     pp, lp, gp = block.partition_perceptron, block.local_perceptron, block.global_perceptron
-    if any(d != 1 for _, d in block.reparam_conv_k) or block.in_channels != block.out_channels:
+    if any(d != 1 for _, d in block.reparam_conv_k) or block.in_chs != block.out_chs:
         raise ValueError("the authors' conversion has no dilated branches and needs in_channels == out_channels")
-    c, o, h, w, g = block.in_channels, block.out_channels, block.h, block.w, block.fc3_groups
+    c, o, h, w, g = block.in_chs, block.out_chs, block.h, block.w, block.fc3_groups
     fc_weight, fc_bias = _authors_fuse_bn(pp.fc3.weight.reshape(o * h * w, -1, 1, 1), pp.bn)
     if lp is not None:
         branches = {k: _authors_fuse_bn(b.conv.weight, b.bn) for (k, _), b in zip(block.reparam_conv_k, lp.branches)}

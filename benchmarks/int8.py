@@ -1,4 +1,4 @@
-"""Int8 against float32 speed: every int8 form of :mod:`repmlp.int8` timed in interleaved rounds."""
+"""Int8 against float32 speed: every int8 form of :mod:`repmlp.quantize` timed in interleaved rounds."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from torch import nn
 from repmlp.convert import is_deploy_form
 from repmlp.cpu import available_cores
 from repmlp.export import export_onnx
-from repmlp.int8 import (
+from repmlp.onnx_io import onnx_predictor
+from repmlp.quantize import (
     compare_outputs,
     compile_frozen,
     data_batches,
@@ -21,7 +22,6 @@ from repmlp.int8 import (
     profile_onnx,
     quantize_pytorch,
 )
-from repmlp.onnx_io import onnx_predictor
 from repmlp.shipped import shipped_weights
 from repmlp.sources import ModelSource, model_source
 

@@ -10,6 +10,22 @@ the authors' inference code are in :mod:`benchmarks.emulation`.
 
 from __future__ import annotations
 
+__all__ = [
+    "AUTHORS_REPMLPNET",
+    "AUTHORS_RESNET",
+    "MMPRETRAIN_REPMLPNET",
+    "OURS",
+    "REPMLPNET_LAYOUTS",
+    "KeyLayout",
+    "authors_repmlpnet_keys_to_ours",
+    "block_keys_to_ours",
+    "detect_layout",
+    "keys_to_ours",
+    "mmpretrain_repmlpnet_keys_to_ours",
+    "repmlpnet_keys_to_ours",
+    "resnet_keys_to_ours",
+]
+
 import math
 import re
 from collections.abc import Callable

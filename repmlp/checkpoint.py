@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+__all__ = [
+    "PLAIN_STATE_DICT",
+    "checkpoint_filter_fn",
+    "file_form",
+    "load_checkpoint",
+    "prepare_state_dict",
+    "read_checkpoint",
+    "read_metadata",
+    "read_state_dict",
+    "save_checkpoint",
+    "write_folder",
+]
+
 import argparse
 import copy
 import functools

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+__all__ = ["convert_to_deploy", "is_deploy_form", "reparameterizable"]
+
 import copy
 import itertools
-from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -46,14 +47,8 @@ def convert_to_deploy(model: nn.Module, inplace: bool = False, dtype: torch.dtyp
         _reparameterize_tree(model)
         return model.eval()
     shared = _shareable_tensors(model)
-    versions = {id(t): t._version for t in shared if not t.is_inference()}  # inference tensors keep no version
-    deploy = _copy_tree(model, {id(t): t for t in shared})
+    deploy = copy.deepcopy(model, memo={id(t): t for t in shared})
     _reparameterize_tree(deploy)
-    if any(t._version != versions[id(t)] for t in shared if id(t) in versions):
-        raise RuntimeError(
-            "convert_to_deploy: a reparameterize() wrote into a tensor of the train-form model; "
-            "it must build new tensors (see repmlp.convert)"
-        )
     _unshare(deploy, {id(t) for t in shared})
     return deploy.eval()
 
@@ -100,66 +95,26 @@ def check_convertible(model: nn.Module) -> None:
 def _shareable_tensors(model: nn.Module) -> list[torch.Tensor]:
     """Parameters and buffers the copy may share with ``model`` while it is converted.
 
-    Every ``reparameterize()`` in this package builds new tensors and never writes into existing ones, so the
-    copy for conversion needs no tensor data: the big train-form weights (FC3, conv-BN pairs) are read once
-    and replaced, and only what survives unchanged is cloned afterwards (the version counters check that nothing
-    was written; inference tensors keep none, and rely on the same modules being checked in ordinary tensors).
-    Models holding foreign re-parameterizable modules get a plain deep copy.
+    Every ``reparameterize()`` in this package builds new tensors and never writes into existing ones (a test holds
+    every design to it), so the copy for conversion needs no tensor data: the big train-form weights (FC3, conv-BN
+    pairs) are read once and replaced, and only what survives unchanged is cloned afterwards. Models holding foreign
+    re-parameterizable modules get a plain deep copy.
     """
     if any(not type(m).__module__.startswith(__package__ + ".") for _, m in reparameterizable(model)):
         return []
     return list(itertools.chain(model.parameters(), model.buffers()))
 
 
-# what deepcopy would call instead of rebuilding __dict__; __setstate__ is called by both (nn.Conv2d defines one)
-_COPY_PROTOCOL = ("__deepcopy__", "__copy__", "__reduce_ex__", "__reduce__", "__getstate__", "__new__")
-
-
-def _copy_tree(model: nn.Module, memo: dict[int, object]) -> nn.Module:
-    """``copy.deepcopy(model, memo)``, about 3x faster for trees of modules that keep ``nn.Module``'s copy protocol:
-    each module's ``__dict__`` is rebuilt directly, empty containers and plain values without deepcopy's dispatch
-    (its per-object overhead was a tenth of a conversion). Other trees get ``copy.deepcopy``."""
-    if any(
-        getattr(type(m), n, None) is not getattr(nn.Module, n, None) for m in model.modules() for n in _COPY_PROTOCOL
-    ):
-        return copy.deepcopy(model, memo)
-    return _copy_module(model, memo)
-
-
-_PLAIN = (bool, int, float, str, type(None))
-
-
-def _copy_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
-    if id(module) in memo:  # a module that appears twice in the tree stays one module
-        return memo[id(module)]
-    new = type(module).__new__(type(module))
-    memo[id(module)] = new
-    state = {}
-    for key, value in module.__dict__.items():
-        if key == "_modules":
-            state[key] = {k: None if m is None else _copy_module(m, memo) for k, m in value.items()}
-        elif key in ("_parameters", "_buffers") and type(value) is dict:  # shared tensors are in memo
-            state[key] = {k: memo[id(t)] if id(t) in memo else copy.deepcopy(t, memo) for k, t in value.items()}
-        elif type(value) in (dict, OrderedDict, set) and not value:
-            state[key] = type(value)()
-        elif type(value) in _PLAIN or (type(value) is tuple and all(type(v) in _PLAIN for v in value)):
-            state[key] = value  # immutable
-        else:  # hooks, lists, configs
-            state[key] = copy.deepcopy(value, memo)
-    new.__setstate__(state)
-    return new
-
-
 def _unshare(model: nn.Module, shared: set[int]) -> None:
     """Replace the tensors of ``model`` whose ids are in ``shared`` by copies (tied tensors stay tied)."""
     clones: dict[int, torch.Tensor] = {}
     for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            for name, tensor in store.items():
-                if tensor is not None and id(tensor) in shared:
-                    if id(tensor) not in clones:
-                        clones[id(tensor)] = copy.deepcopy(tensor)
-                    store[name] = clones[id(tensor)]
+        tensors = itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False))
+        for name, tensor in list(tensors):
+            if id(tensor) in shared:
+                if id(tensor) not in clones:
+                    clones[id(tensor)] = copy.deepcopy(tensor)
+                setattr(module, name, clones[id(tensor)])
 
 
 def _reparameterize_tree(module: nn.Module) -> None:

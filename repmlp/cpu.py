@@ -3,6 +3,8 @@ process may use. The one place that reads ``/proc/cpuinfo``."""
 
 from __future__ import annotations
 
+__all__ = ["INSTRUCTION_SETS", "available_cores", "cpu_flags", "cpu_has_vnni", "cpu_name", "instruction_sets"]
+
 import functools
 import os
 import platform

@@ -8,6 +8,29 @@ the path and the layout it expected.
 
 from __future__ import annotations
 
+__all__ = [
+    "DATASETS",
+    "FASHION_MNIST_LABELS",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_ROOT",
+    "FASHION_MNIST_STD",
+    "SPLITS",
+    "TIMM_SPECS",
+    "ArrayImageDataset",
+    "EpochSampler",
+    "build_dataset",
+    "build_loader",
+    "build_transform",
+    "cifar",
+    "epoch_batches",
+    "fashion_mnist",
+    "folder_classes",
+    "image_folder",
+    "num_classes_of",
+    "read_idx",
+    "synthetic",
+]
+
 import gzip
 import itertools
 import os

@@ -9,6 +9,20 @@ a loader needs, and a resumed epoch replays its first batches (see ``repmlp.data
 
 from __future__ import annotations
 
+__all__ = [
+    "DEFAULT_VAL_SPLIT",
+    "TIMM_PREFIXES",
+    "LabelCheck",
+    "align_to_training_classes",
+    "class_names",
+    "is_timm_spec",
+    "restart_epoch",
+    "shard_iterable",
+    "spec_kind",
+    "timm_dataset",
+    "wds_num_classes",
+]
+
 import json
 import os
 import warnings

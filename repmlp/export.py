@@ -8,6 +8,17 @@ shape inference) keeps to that. Needs the ``onnx`` extra (onnx, onnxruntime).
 
 from __future__ import annotations
 
+__all__ = [
+    "MAX_RANK",
+    "OPSETS",
+    "ExportReport",
+    "OpenVINOReport",
+    "check_ranks",
+    "export_onnx",
+    "export_openvino",
+    "tensor_ranks",
+]
+
 import contextlib
 import itertools
 import os
@@ -21,11 +32,11 @@ from torch import nn
 
 from .convert import is_deploy_form
 from .guards import atomic_write
-from .int8 import QUANTIZE_MODES, Int8Check, compare_outputs, quantize_onnx
 from .layers import graph_layout
 from .models import model_input_size
 from .onnx_io import onnx_predictor, write_onnx
-from .quantize import resolve_reduce_range
+from .quantize.ort import QUANTIZE_MODES, Int8Check, quantize_checked
+from .quantize.scheme import resolve_reduce_range
 from .verify import ErrorStats
 
 MAX_RANK = 5
@@ -132,7 +143,7 @@ def export_onnx(
         opset: ONNX opset.
         tolerance: max relative error of onnxruntime (float32) against PyTorch on a random input.
         seed: seed of that input.
-        quantize: 'none', or 'dynamic' / 'static' int8 by onnxruntime's tools (:func:`repmlp.int8.quantize_onnx`).
+        quantize: 'none', or 'dynamic' / 'static' int8 by onnxruntime's tools (:func:`repmlp.quantize.quantize_onnx`).
         calibration: input batches for 'static'.
         check_batches: inputs on which the int8 file is compared with the float32 one (default: the random input).
         check_data: what ``check_batches`` are, for the report.
@@ -172,7 +183,10 @@ def export_onnx(
                 model, x, float_path, opset, tolerance, str(path), eager_layout, dynamic_batch, seed
             )
             if quantize != "none":
-                _quantize_checked(float_path, tmp, report, calibration, check_batches or [x], check_data, min_agreement)
+                checks = check_batches or [x]
+                report.int8 = quantize_checked(
+                    float_path, tmp, quantize, calibration, reduce_range, checks, check_data, min_agreement, str(path)
+                )
             proto = onnx.load(tmp)
             onnx.checker.check_model(proto)
             ranks = tensor_ranks(proto)  # ONNX shape inference, once
@@ -213,32 +227,6 @@ def _export_float(
             )
         errors.append(stats.max_rel_err)
     return max(errors)
-
-
-def _quantize_checked(
-    float_path: str,
-    path: str,
-    report: ExportReport,
-    calibration: Iterable[torch.Tensor],
-    check_batches: Sequence[torch.Tensor],
-    check_data: str,
-    min_agreement: float,
-) -> None:
-    """Quantize ``float_path`` into ``path`` and compare the two in onnxruntime (RuntimeError below
-    ``min_agreement``)."""
-    quantize_onnx(float_path, path, report.quantize, calibration, report.reduce_range)
-    report.int8 = compare_outputs(onnx_predictor(float_path), onnx_predictor(path), check_batches, check_data)
-    if not report.int8.finite:
-        raise RuntimeError(
-            f"export_onnx: the {report.quantize} int8 model or its float32 form outputs non-finite values on "
-            f"{check_data} inputs ({report.int8.describe_nonfinite()}); {report.path} not written"
-        )
-    if not report.int8.argmax_agreement >= min_agreement:
-        raise RuntimeError(
-            f"export_onnx: the {report.quantize} int8 model agrees with float32 on only "
-            f"{report.int8.argmax_agreement:.2%} of {report.int8.count} {check_data} inputs "
-            f"(< {min_agreement:.0%}); {report.path} not written"
-        )
 
 
 @dataclass

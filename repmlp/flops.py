@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["count_macs", "count_params"]
+
 import torch
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import matmul_flop_jit

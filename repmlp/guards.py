@@ -4,6 +4,8 @@ range, and an output that is never one of the inputs and is checked writable (th
 
 from __future__ import annotations
 
+__all__ = ["atomic_write", "check_output_file", "check_writable_dir", "integer", "number", "same_file"]
+
 import argparse
 import glob
 import os

@@ -7,6 +7,26 @@ uses live in :mod:`repmlp.ops`.
 
 from __future__ import annotations
 
+__all__ = [
+    "ConvBN",
+    "GlobalPerceptron",
+    "GroupedLinear",
+    "LocalPerceptron",
+    "PartitionPerceptron",
+    "PatchEmbedding",
+    "RepMLP",
+    "cells",
+    "check_block_input",
+    "crop",
+    "graph_layout",
+    "in_layout",
+    "pad_to_multiple",
+    "param_like",
+    "partition",
+    "shape_str",
+    "unpartition",
+]
+
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
@@ -112,20 +132,15 @@ def shape_str(shape: list[int]) -> str:
 
 
 @torch.fx.wrap
-def check_block_input(x: torch.Tensor, channels: int, H: int, W: int, h: int, w: int) -> torch.Tensor:
-    """``x``, if it is (N, channels, H', W') cut into the partition grid of the (H, W) a RepMLP block is built for
+def check_block_input(x: torch.Tensor, chs: int, H: int, W: int, h: int, w: int) -> torch.Tensor:
+    """``x``, if it is (N, chs, H', W') cut into the partition grid of the (H, W) a RepMLP block is built for
     (``cells(H', h) == cells(H, h)``, likewise W); else a ValueError.
 
     Checks return their input for the caller to use: FX drops a call whose result is unused.
     """
-    if (
-        x.dim() != 4
-        or x.shape[1] != channels
-        or cells(x.shape[2], h) != cells(H, h)
-        or cells(x.shape[3], w) != cells(W, w)
-    ):
+    if x.dim() != 4 or x.shape[1] != chs or cells(x.shape[2], h) != cells(H, h) or cells(x.shape[3], w) != cells(W, w):
         raise ValueError(
-            f"RepMLP built for inputs (N, {channels}, {H}, {W}) with {h}x{w} partitions (a {cells(H, h)}x"
+            f"RepMLP built for inputs (N, {chs}, {H}, {W}) with {h}x{w} partitions (a {cells(H, h)}x"
             f"{cells(W, w)} grid; any size padding to that grid runs), got {shape_str(x.shape)}"
         )
     return x
@@ -136,19 +151,22 @@ class ConvBN(nn.Module):
 
     def __init__(
         self,
-        in_channels: int,
-        out_channels: int,
+        in_chs: int,
+        out_chs: int,
         kernel_size: int,
         stride: int = 1,
         groups: int = 1,
         dilation: int = 1,
         act: bool = False,
         deploy: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         padding = dilation * (kernel_size - 1) // 2
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=deploy)
-        self.bn = None if deploy else nn.BatchNorm2d(out_channels)
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation, groups, bias=deploy, **dd)
+        self.bn = None if deploy else nn.BatchNorm2d(out_chs, **dd)
         self.act = nn.ReLU(inplace=True) if act else nn.Identity()
 
     @property
@@ -187,8 +205,16 @@ class PatchEmbedding(ConvBN):
     """Non-overlapping k x k / k conv-BN-ReLU (stem and between stages); a map that is no multiple of k is
     zero-padded to the next one (:func:`repmlp.layers.pad_to_multiple`), so no pixel is dropped."""
 
-    def __init__(self, in_chs: int, out_chs: int, patch: int, deploy: bool = False) -> None:
-        super().__init__(in_chs, out_chs, patch, stride=patch, act=True, deploy=deploy)
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        patch: int,
+        deploy: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_chs, out_chs, patch, stride=patch, act=True, deploy=deploy, device=device, dtype=dtype)
         self.conv.padding = (0, 0)
         self.patch = patch
         self.channels_last = False  # a model's stem: set by the model (RepMLPModel.channels_last)
@@ -212,12 +238,21 @@ class GroupedLinear(nn.Module):
     is faster there.
     """
 
-    def __init__(self, in_features: int, out_features: int, groups: int = 1, bias: bool = True) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        groups: int = 1,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.in_features, self.out_features, self.groups = in_features, out_features, groups
         self.graph_layout = False
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // groups))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // groups, **dd))
+        self.bias = nn.Parameter(torch.empty(out_features, **dd)) if bias else None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -235,7 +270,7 @@ class GroupedLinear(nn.Module):
             return self._per_group(x)
         weight = self.weight.reshape(g, self.out_features // g, -1)
         # weight @ x^T per group: the weight is the GEMM's streamed left operand, so few rows (batch 1) do not pay
-        # for packing it (1.6x at 4 rows, a few % at 500)
+        # for packing it
         x = x.reshape(-1, g, self.in_features // g).permute(1, 2, 0)  # (g, in/g, B)
         if self.bias is None:
             y = torch.bmm(weight, x)
@@ -264,14 +299,24 @@ class GlobalPerceptron(nn.Module):
     """
 
     def __init__(
-        self, channels: int, hp: int, wp: int, h: int, w: int, reduction: int = 1, deploy: bool = False
+        self,
+        chs: int,
+        hp: int,
+        wp: int,
+        h: int,
+        w: int,
+        reduction: int = 1,
+        deploy: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.hp, self.wp, self.h, self.w, self.reduction = hp, wp, h, w, reduction
-        features = channels * hp * wp
-        self.bn = None if deploy else nn.BatchNorm2d(channels)
-        self.fc1 = nn.Linear(features, features // reduction)
-        self.fc2 = nn.Linear(features // reduction, features)
+        features = chs * hp * wp
+        self.bn = None if deploy else nn.BatchNorm2d(chs, **dd)
+        self.fc1 = nn.Linear(features, features // reduction, **dd)
+        self.fc2 = nn.Linear(features // reduction, features, **dd)
 
     @property
     def deploy(self) -> bool:
@@ -304,11 +349,20 @@ class PartitionPerceptron(nn.Module):
     then BatchNorm1d over the O*h*w outputs. The deploy form is FC3 with a bias."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, h: int, w: int, groups: int = 1, deploy: bool = False
+        self,
+        in_chs: int,
+        out_chs: int,
+        h: int,
+        w: int,
+        groups: int = 1,
+        deploy: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.fc3 = GroupedLinear(in_channels * h * w, out_channels * h * w, groups, bias=deploy)
-        self.bn = None if deploy else nn.BatchNorm1d(out_channels * h * w)
+        dd = dict(device=device, dtype=dtype)
+        self.fc3 = GroupedLinear(in_chs * h * w, out_chs * h * w, groups, bias=deploy, **dd)
+        self.bn = None if deploy else nn.BatchNorm1d(out_chs * h * w, **dd)
 
     @property
     def deploy(self) -> bool:
@@ -377,13 +431,20 @@ class LocalPerceptron(nn.Module):
     padding at partition borders; train form only (merged into FC3 by the block)."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernels: Sequence[tuple[int, int]], groups: int = 1
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernels: Sequence[tuple[int, int]],
+        groups: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.kernels = list(kernels)
         self.groups = groups
         self.branches = nn.ModuleList(
-            ConvBN(in_channels, out_channels, k, groups=groups, dilation=d) for k, d in self.kernels
+            ConvBN(in_chs, out_chs, k, groups=groups, dilation=d, **dd) for k, d in self.kernels
         )
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
@@ -427,6 +488,10 @@ class RepMLP(nn.Module):
         fc1_fc2_reduction: global perceptron hidden reduction.
         fc3_groups: groups of FC3 and of the local convs; must divide C and O.
         deploy: build the deploy form (three FC layers) directly.
+        device: where every tensor is created (timm's factory kwarg; ``'meta'`` included).
+        dtype: the floating dtype of every parameter and buffer (timm's factory kwarg).
+
+    The arguments keep the authors' names; inside, channels are ``in_chs`` and ``out_chs`` (timm's).
     """
 
     #: Children whose shape depends on the number of partitions (read by :func:`repmlp.checkpoint.prepare_state_dict`:
@@ -445,8 +510,11 @@ class RepMLP(nn.Module):
         fc1_fc2_reduction: int = 1,
         fc3_groups: int = 1,
         deploy: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         for name, value in dict(
             in_channels=in_channels,
             out_channels=out_channels,
@@ -463,32 +531,52 @@ class RepMLP(nn.Module):
             raise ValueError(
                 f"RepMLP: fc3_groups={fc3_groups} must divide in_channels={in_channels} and out_channels={out_channels}"
             )
-        self.in_channels, self.out_channels = in_channels, out_channels
+        self.in_chs, self.out_chs = in_channels, out_channels
         self.h, self.w = h, w
         self.fc3_groups = fc3_groups
         kernels = _kernel_specs(reparam_conv_k)
         self.reparam_conv_k = kernels
         self.global_perceptron: GlobalPerceptron | None = None
-        self._set_size(H, W, fc1_fc2_reduction, deploy)
-        self.partition_perceptron = PartitionPerceptron(in_channels, out_channels, h, w, fc3_groups, deploy)
+        self._set_size(H, W, fc1_fc2_reduction, deploy, **dd)
+        self.partition_perceptron = PartitionPerceptron(in_channels, out_channels, h, w, fc3_groups, deploy, **dd)
         self.local_perceptron = None
         if kernels and not deploy:
-            self.local_perceptron = LocalPerceptron(in_channels, out_channels, kernels, fc3_groups)
+            self.local_perceptron = LocalPerceptron(in_channels, out_channels, kernels, fc3_groups, **dd)
         self.register_load_state_dict_pre_hook(_accept_authors_keys)
+
+    @property
+    @torch.jit.unused  # the authors' names, for Python callers
+    def in_channels(self) -> int:
+        """Input channels C (``in_chs``)."""
+        return self.in_chs
+
+    @property
+    @torch.jit.unused
+    def out_channels(self) -> int:
+        """Output channels O (``out_chs``)."""
+        return self.out_chs
 
     def _check_size(self, H: int, W: int, fc1_fc2_reduction: int) -> None:
         """Refuse (H, W, reduction) before anything changes: sizes positive, the reduction dividing C * hp * wp."""
         for name, value in dict(H=H, W=W, fc1_fc2_reduction=fc1_fc2_reduction).items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"RepMLP: {name} must be a positive int, got {value!r}")
-        features = self.in_channels * cells(H, self.h) * cells(W, self.w)
-        if features > self.in_channels and features % fc1_fc2_reduction:
+        features = self.in_chs * cells(H, self.h) * cells(W, self.w)
+        if features > self.in_chs and features % fc1_fc2_reduction:
             raise ValueError(
                 f"RepMLP: fc1_fc2_reduction={fc1_fc2_reduction} must divide C * hp * wp = {features} "
                 f"(at {H}x{W} with {self.h}x{self.w} partitions)"
             )
 
-    def _set_size(self, H: int, W: int, fc1_fc2_reduction: int, deploy: bool) -> None:
+    def _set_size(
+        self,
+        H: int,
+        W: int,
+        fc1_fc2_reduction: int,
+        deploy: bool,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         self._check_size(H, W, fc1_fc2_reduction)
         self.H, self.W = H, W
         self.hp, self.wp = cells(H, self.h), cells(W, self.w)
@@ -498,7 +586,7 @@ class RepMLP(nn.Module):
             self.global_perceptron = None
         elif gp is None or (gp.hp, gp.wp, gp.reduction) != (self.hp, self.wp, fc1_fc2_reduction):
             self.global_perceptron = GlobalPerceptron(
-                self.in_channels, self.hp, self.wp, self.h, self.w, fc1_fc2_reduction, deploy
+                self.in_chs, self.hp, self.wp, self.h, self.w, fc1_fc2_reduction, deploy, device=device, dtype=dtype
             )
 
     def set_input_size(self, H: int, W: int, fc1_fc2_reduction: int | None = None) -> None:
@@ -518,10 +606,9 @@ class RepMLP(nn.Module):
         like = self.partition_perceptron.fc3.weight
         old = self.global_perceptron
         trainable = like.requires_grad if old is None else any(p.requires_grad for p in old.parameters())
-        self._set_size(H, W, reduction, deploy=self.partition_perceptron.deploy)
+        self._set_size(H, W, reduction, self.partition_perceptron.deploy, device=like.device, dtype=like.dtype)
         if self.global_perceptron is not None and self.global_perceptron is not old:  # frozen stays frozen
-            self.global_perceptron.to(device=like.device, dtype=like.dtype).train(self.training)
-            self.global_perceptron.requires_grad_(trainable)
+            self.global_perceptron.train(self.training).requires_grad_(trainable)
 
     @property
     @torch.jit.unused  # Python-side introspection, not compiled by TorchScript
@@ -530,7 +617,7 @@ class RepMLP(nn.Module):
         return self.partition_perceptron.deploy and self.local_perceptron is None and (gp is None or gp.deploy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = check_block_input(x, self.in_channels, self.H, self.W, self.h, self.w)
+        x = check_block_input(x, self.in_chs, self.H, self.W, self.h, self.w)
         n, c, H, W = x.shape
         x = pad_to_multiple(x, self.h, self.w)
         p = partition(x, self.h, self.w)
@@ -542,7 +629,7 @@ class RepMLP(nn.Module):
         channels_last = _is_channels_last(x)
         if self.local_perceptron is not None:  # its convs run in the block's layout (the partitions are NCHW)
             y = y + self.local_perceptron(in_layout(p, channels_last))
-        y = y.reshape(-1, self.out_channels, self.h, self.w)
+        y = y.reshape(-1, self.out_chs, self.h, self.w)
         return crop(unpartition(y, n, self.hp, self.wp, channels_last=channels_last), H, W)
 
     #: The child holding FC3 (with its BN in the train form), for code that treats every family's block alike.

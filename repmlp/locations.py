@@ -8,6 +8,8 @@ wrote (either format) or timm's ``local-dir:`` loader reads is read here too. Wh
 
 from __future__ import annotations
 
+__all__ = ["WEIGHT_NAMES", "folder_weights", "hub_weights"]
+
 import json
 import logging
 import os

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["onnx_predictor", "ort_session", "write_onnx"]
+
 import io
 import os
 import warnings

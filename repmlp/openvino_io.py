@@ -4,6 +4,8 @@ extra."""
 
 from __future__ import annotations
 
+__all__ = ["PRECISIONS", "check_precision", "compile_openvino", "openvino_predictor", "to_openvino", "write_openvino"]
+
 import os
 import warnings
 from collections.abc import Callable

@@ -9,6 +9,18 @@ of any dtype: they work through it in blocks of rows held in a small float64 scr
 
 from __future__ import annotations
 
+__all__ = [
+    "add_conv_to_fc",
+    "bn_affine",
+    "conv_to_fc",
+    "dilate_kernel",
+    "fold_preceding_bn",
+    "fuse_bn",
+    "fuse_bn_bias",
+    "is_batch_norm",
+    "pad_kernel",
+]
+
 from collections.abc import Callable
 
 import torch

@@ -19,9 +19,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .data import build_transform
-from .int8 import FixedBatch, onnx_batch_size
 from .onnx_io import onnx_metadata, onnx_predictor
 from .preprocess import LABEL_KEY, OPENVINO_SECTION, input_metadata, parse_input_metadata
+from .quantize import FixedBatch, onnx_batch_size
 from .sources import model_from_checkpoint, read_record
 
 __all__ = ["IMAGE_SUFFIXES", "Prediction", "Predictor", "image_files", "load_predictor", "predict"]

@@ -24,6 +24,8 @@ Inputs are cast to what the runtime takes; outputs come in the runtime's dtype.
 
 from __future__ import annotations
 
+__all__ = ["RUNTIMES", "RuntimeModel", "check_against_eager", "in_runtime"]
+
 import copy
 import io
 import time

@@ -16,6 +16,19 @@ listed in a folder's ``config.json`` checks its sha256 (:func:`weights_file`).
 
 from __future__ import annotations
 
+__all__ = [
+    "ENV_VAR",
+    "WEIGHTS_NAME",
+    "read_config",
+    "resolve_weights",
+    "sha256",
+    "shipped_folder",
+    "shipped_models",
+    "shipped_weights",
+    "weights_dir",
+    "weights_file",
+]
+
 import hashlib
 import json
 import os

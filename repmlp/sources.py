@@ -11,6 +11,19 @@ Every tool prints :attr:`ModelSource.weights`, so a run always says which of the
 
 from __future__ import annotations
 
+__all__ = [
+    "ModelSource",
+    "add_ema_argument",
+    "add_model_arguments",
+    "agree_with_record",
+    "deploy_record",
+    "model_from_checkpoint",
+    "model_source",
+    "read_record",
+    "recorded_dataset",
+    "recorded_model_args",
+]
+
 import argparse
 import json
 from dataclasses import dataclass, field

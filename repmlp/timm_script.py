@@ -10,6 +10,8 @@ would (``__main__``, ``sys.argv``, the script's folder first on ``sys.path``)::
 
 from __future__ import annotations
 
+__all__ = ["USAGE", "main", "run_script"]
+
 import runpy
 import sys
 from pathlib import Path

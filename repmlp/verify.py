@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+__all__ = [
+    "TOLERANCES",
+    "Agreement",
+    "EquivalenceReport",
+    "ErrorStats",
+    "compare_predictors",
+    "randomize_bn_stats",
+    "verify_conversion",
+    "verify_equivalence",
+]
+
 import contextlib
 import copy
 import math

@@ -181,7 +181,7 @@ CASES = [
             (f"{key}: {name!r} is not an argument here", *more),
         )
         for key, value, name, more in [
-            ("model.kwargs", "{widthz: [4, 8]}", "widthz", ("MLPCifarNet",)),
+            ("model.kwargs", "{widthz: [4, 8]}", "widthz", ("PureMLPNet",)),
             ("data.synthetic", "{num_samples:96}", "num_samples:96", ("a space after the colon",)),
             ("data.train_transform", "{colour_jitter: 0.1}", "colour_jitter", ("create_transform",)),
             ("optimizer.kwargs", "{betaz: [0.9, 0.99]}", "betaz", ()),

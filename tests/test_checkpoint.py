@@ -359,7 +359,7 @@ def test_timm_train_py_checkpoint_loads_its_state_dict_or_its_ema(tmp_path, capl
 def test_timm_checkpoint_without_args_and_ema_requests_that_cannot_be_met(tmp_path):
     path, model, _ = timm_train_checkpoint(tmp_path, with_args=False)
     state, held = read_checkpoint(path)
-    assert held.startswith("a timm CheckpointSaver checkpoint (arch mlpcifarnet, epoch 3")
+    assert held.startswith("a timm CheckpointSaver checkpoint (arch puremlpnet, epoch 3")
     torch.save(model.state_dict(), tmp_path / "plain.pth")
     with pytest.raises(ValueError, match="use_ema=True, but .*plain.pth holds a plain state dict"):
         read_state_dict(tmp_path / "plain.pth", use_ema=True)

@@ -1,6 +1,7 @@
 """The library's layers: no module imports, at module level or inside a function, one that imports it back."""
 
 import ast
+import importlib
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "repmlp"
@@ -66,3 +67,23 @@ def test_cycle_finder_finds_a_circle():
 
 def test_key_layouts_are_a_leaf():
     assert import_graph()["repmlp.authors"] == set()
+
+
+def test_every_public_module_declares_what_it_exports():
+    """``__all__`` in every public module, naming only what the module has."""
+    for name in sorted(import_graph()):
+        if any(part.startswith("_") for part in name.split(".")):
+            continue
+        module = importlib.import_module(name)
+        assert isinstance(getattr(module, "__all__", None), list), f"{name} declares no __all__"
+        assert not [n for n in module.__all__ if not hasattr(module, n)], name
+
+
+def test_former_names_still_import():
+    """What moved or was renamed keeps its old name (CHANGELOG.md): the int8 module, the small-image model class."""
+    import repmlp
+    import repmlp.int8
+    import repmlp.quantize
+
+    assert repmlp.MLPCifarNet is repmlp.PureMLPNet is repmlp.models.MLPCifarNet
+    assert all(getattr(repmlp.int8, n) is getattr(repmlp.quantize, n) for n in repmlp.int8.__all__)

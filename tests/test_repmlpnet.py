@@ -221,3 +221,11 @@ def test_locality_injected_checkpoint_is_refused_by_the_train_form():
 def test_stage_arguments_must_agree():
     with pytest.raises(ValueError, match="one entry per stage"):
         timm.create_model("repmlpnet_t224", depths=(2, 2, 6))
+
+
+def test_data_config_follows_the_size():
+    """timm's data config follows ``img_size`` and ``set_input_size``, as for the families with a fixed input size."""
+    model = timm.create_model("repmlpnet_t224", img_size=448, device="meta")
+    assert timm.data.resolve_input_data_config(model)["input_size"] == (3, 448, 448)
+    model.set_input_size(320)
+    assert timm.data.resolve_input_data_config(model)["input_size"] == (3, 320, 320)

@@ -188,8 +188,8 @@ def test_drop_block_in_the_resnet_bottlenecks_of_c4_and_c5():
     "name,kwargs,family",
     [
         ("repmlpnet_t224", dict(drop_block_rate=0.1), "RepMLPNet takes no drop_block_rate"),
-        ("repmlp_cifar_mlp", dict(drop_path_rate=0.1), "MLPCifarNet takes no drop_path_rate"),
-        ("repmlp_cifar_wideconv", dict(drop_block_rate=0.1), "MLPCifarNet takes no drop_block_rate"),
+        ("repmlp_cifar_mlp", dict(drop_path_rate=0.1), "PureMLPNet takes no drop_path_rate"),
+        ("repmlp_cifar_wideconv", dict(drop_block_rate=0.1), "PureMLPNet takes no drop_block_rate"),
         ("repmlp_res50_light_224", dict(drop_path_rate=1.0), r"drop_path_rate must be a number in \[0, 1\)"),
         ("repmlpnet_t224", dict(drop_path_rate=-0.1), r"drop_path_rate must be a number in \[0, 1\)"),
     ],

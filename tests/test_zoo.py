@@ -53,9 +53,12 @@ def test_model_api(name, kwargs):
 @pytest.mark.parametrize("name,kwargs", CASES)
 def test_three_routes_to_the_deploy_form(name, kwargs):
     """convert_to_deploy, timm's reparameterize_model and create_model(deploy=True): same keys and shapes;
-    the two conversions give the train form's outputs."""
+    the two conversions give the train form's outputs; converting a copy writes nothing into the train form (the
+    copy shares its tensors while it converts)."""
     train = create(name, **kwargs)
+    before = {k: v.clone() for k, v in train.state_dict().items()}
     converted = repmlp.convert_to_deploy(train)
+    assert all(torch.equal(before[k], v) for k, v in train.state_dict().items())
     walked = timm.utils.reparameterize_model(train)
     built = timm.create_model(name, deploy=True, **kwargs)
     shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (converted, walked, built)]

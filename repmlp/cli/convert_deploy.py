@@ -12,6 +12,8 @@ dtype, which tools/eval.py then runs it in. Example:
 
 from __future__ import annotations
 
+__all__ = ["load_train_model", "main", "parse_args"]
+
 import argparse
 import sys
 import time
@@ -22,9 +24,9 @@ import torch
 import repmlp
 from repmlp.flops import count_macs, count_params
 from repmlp.guards import add_overwrite_argument, check_outputs, integer
-from repmlp.int8 import format_ranges, weight_ranges
 from repmlp.models import model_input_size
 from repmlp.preprocess import INPUT_KEYS, LABEL_KEY
+from repmlp.quantize import format_ranges, weight_ranges
 from repmlp.sources import ModelSource, add_model_arguments, deploy_record, model_source
 from repmlp.verify import DTYPES
 

@@ -15,6 +15,8 @@ Examples:
 
 from __future__ import annotations
 
+__all__ = ["main", "parse_args"]
+
 import argparse
 import json
 import sys
@@ -26,9 +28,9 @@ from repmlp.cli.common import run_weights
 from repmlp.convert import is_deploy_form
 from repmlp.data import DATASETS, TIMM_SPECS, worker_error
 from repmlp.guards import integer
-from repmlp.int8 import FixedBatch, data_batches, onnx_batch_size, quantize_pytorch
 from repmlp.models import model_input_size
 from repmlp.onnx_io import onnx_predictor
+from repmlp.quantize import FixedBatch, data_batches, onnx_batch_size, quantize_pytorch
 from repmlp.runtime import in_runtime
 from repmlp.shipped import shipped_weights
 from repmlp.sources import add_ema_argument, model_source, read_record

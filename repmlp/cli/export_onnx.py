@@ -22,6 +22,8 @@ Examples:
 
 from __future__ import annotations
 
+__all__ = ["main", "parse_args"]
+
 import argparse
 import sys
 import time
@@ -32,9 +34,9 @@ import torch
 import repmlp
 from repmlp.export import OPSETS, export_onnx, export_openvino
 from repmlp.guards import add_overwrite_argument, check_outputs, integer, number
-from repmlp.int8 import QUANTIZE_MODES, data_batches
 from repmlp.onnx_io import set_onnx_metadata
 from repmlp.preprocess import INPUT_KEYS, LABEL_KEY, input_metadata
+from repmlp.quantize import QUANTIZE_MODES, data_batches
 from repmlp.sources import add_model_arguments, model_source
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)

@@ -11,6 +11,8 @@ Examples:
 
 from __future__ import annotations
 
+__all__ = ["main", "parse_args"]
+
 import argparse
 import json
 import sys

@@ -9,6 +9,8 @@ pretrained_cfg with the file's sha256. The folder's README.md model card is writ
 
 from __future__ import annotations
 
+__all__ = ["main"]
+
 import argparse
 import sys
 from pathlib import Path

@@ -12,6 +12,8 @@ Examples:
 
 from __future__ import annotations
 
+__all__ = ["dotted_flags", "main"]
+
 import argparse
 import sys
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+__all__ = ["MLPCifarNet", "PureMLPNet", "RepMLPNet", "RepMLPResNet", "load_model", "model_input_size"]
+
 import importlib
 
 from torch import nn
 
 from ..preprocess import model_input_size  # where it lives: what a model's files record of its input
-from .mlp_cifar import MLPCifarNet
+from .mlp_cifar import MLPCifarNet, PureMLPNet
 from .repmlp_resnet import RepMLPResNet
 from .repmlpnet import RepMLPNet
 

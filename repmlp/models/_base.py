@@ -4,9 +4,6 @@ No ``from __future__ import annotations`` here: FX copies ``forward``'s annotati
 and TorchScript can only script those graphs when the annotations are real types, not strings.
 """
 
-import contextlib
-import functools
-import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -88,42 +85,28 @@ def check_rate(name: str, value: float, family: str | None = None, why: str = ""
         raise ValueError(f"{family} takes no {name} ({why}); got {name}={value!r}, use 0")
 
 
-def _family_constructor(init: Callable) -> Callable:
-    """A family's constructor ``init``, taking timm's factory kwargs too: ``device`` (every tensor is created there,
-    ``'meta'`` included) and ``dtype`` (a floating dtype for every floating parameter and buffer). Once ``init`` has
-    run, what scripted code reads of ``feature_info`` (a list of dicts of mixed types, which TorchScript cannot
-    type) is kept as ints."""
-
-    @functools.wraps(init)
-    def __init__(self, *args, device: torch.device | str | None = None, dtype: torch.dtype | None = None, **kwargs):
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"{type(self).__name__}: dtype must be a floating torch.dtype, got {dtype!r}")
-        with torch.device(device) if device is not None else contextlib.nullcontext():
-            init(self, *args, **kwargs)
-        if dtype is not None:
-            self.to(dtype=dtype)
-        if hasattr(self.stem, "channels_last"):  # the stem sets the layout for whoever calls it (feature wrappers)
-            self.stem.channels_last = self.channels_last
-        self.num_feature_levels = len(self.feature_info)
-        self.first_stage_level = int(self.feature_info[0]["module"] == "stem")  # 1 when the stem is level 0
-
-    signature = inspect.signature(init)
-    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in ("device", "dtype")]
-    __init__.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
-    return __init__
+def factory_kwargs(
+    family: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> dict[str, torch.device | str | torch.dtype | None]:
+    """timm's factory kwargs ``dict(device=..., dtype=...)`` that a constructor passes down to every layer; a
+    TypeError unless ``dtype`` is a floating dtype (the integer buffers, BN step counts, keep theirs)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{family}: dtype must be a floating torch.dtype, got {dtype!r}")
+    return dict(device=device, dtype=dtype)
 
 
 class RepMLPModel(nn.Module):
     """Base of the zoo's models: ``stem`` -> ``stages`` -> ``head`` (a module with ``fc``, ``reset`` and
-    ``forward(x, pre_logits)``), built from the constructor arguments it records.
+    ``forward(x, pre_logits)``).
 
     ``feature_info`` lists the feature levels: the stages' outputs, preceded by the stem's output where a family
     lists it (``module='stem'``; models with fewer than three stages do, so every model has at least three).
 
-    A subclass's ``__init__`` starts with ``super().__init__(locals())``: the recorded arguments rebuild the
-    model's train-form twin (:meth:`train_form_twin`), which is how a train-form checkpoint reaches a
-    deploy-form model. Every subclass's ``__init__`` also takes timm's factory kwargs ``device`` and ``dtype``
-    (keyword-only, not recorded: placement is not architecture), added here for all of them.
+    A family's constructor passes its architecture arguments to ``super().__init__`` as ``init_args`` (they
+    rebuild the model's train-form twin, :meth:`train_form_twin`, which is how a train-form checkpoint reaches a
+    deploy-form model, and they are saved beside the weights), takes timm's factory kwargs ``device`` and ``dtype``
+    (not recorded: placement is not architecture) and passes them down to every layer, and ends with
+    :meth:`_init_feature_levels`.
     """
 
     #: Maps a foreign (the authors') state dict to our keys; a pure rename (see :mod:`repmlp.authors`).
@@ -132,22 +115,31 @@ class RepMLPModel(nn.Module):
     #: Run NHWC inside: inputs are turned channels_last, which is where oneDNN's convs and pooling and our partition
     #: copies are fastest; outputs are returned in the caller's layout. A family where it does not pay sets False.
     #: The activations' layout is the one decided here: weights stay contiguous (PyTorch's default), so
-    #: ``state_dict()`` saves as it is; oneDNN reorders a kernel for each call in either layout, and channels_last
-    #: kernels measured no faster (README, Speed).
+    #: ``state_dict()`` saves as it is; oneDNN reorders a kernel for each call in either layout, so channels_last
+    #: kernels would gain nothing.
     channels_last: bool = True
 
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        if "__init__" in cls.__dict__:
-            cls.__init__ = _family_constructor(cls.__init__)
+    def __init__(self, **init_args) -> None:
+        """Record the family's architecture arguments (``num_classes``, ``in_chans`` and the family's own).
 
-    def __init__(self, init_args: dict) -> None:
+        Args:
+            **init_args: the family constructor's arguments, by name, without ``device`` and ``dtype``.
+        """
         super().__init__()
-        self.init_args = {k: v for k, v in init_args.items() if k not in ("self", "__class__")}
-        self.num_classes = self.init_args.get("num_classes", 0)
-        self.in_chans = self.init_args["in_chans"]
+        self.init_args = init_args
+        self.num_classes = init_args.get("num_classes", 0)
+        self.in_chans = init_args["in_chans"]
         self.grad_checkpointing = False
         self.channels_last = type(self).channels_last  # an instance attribute, which TorchScript reads
+
+    def _init_feature_levels(self) -> None:
+        """What the model API reads of the built model, as ints (TorchScript cannot type ``feature_info``, a list
+        of dicts of mixed types): the number of feature levels and whether the stem is level 0; and the stem told
+        the model's layout (the stem sets it for whoever calls it, timm's feature wrappers included)."""
+        if hasattr(self.stem, "channels_last"):
+            self.stem.channels_last = self.channels_last
+        self.num_feature_levels = len(self.feature_info)
+        self.first_stage_level = int(self.feature_info[0]["module"] == "stem")
 
     @property
     @torch.jit.unused  # Python-side introspection, not compiled by TorchScript

@@ -1,5 +1,5 @@
-"""The pure-MLP CIFAR model of the RepMLP paper (v1, Table 1), its Wide ConvNet baseline, and a
-28x28 one-channel variant for Fashion-MNIST.
+"""The pure-MLP model of the RepMLP paper (v1, Table 1) for small images (:class:`PureMLPNet`): the paper's CIFAR
+model, its Wide ConvNet baseline, and the 28x28 one-channel model shipped for Fashion-MNIST.
 
 Layout (paper Sec. 4.1): stem FC(in -> C1); three stages, each ``RepMLP, FC(C, C), RepMLP,
 FC(C -> next C)`` with max-pooling between stages; head avgpool -> FC(C3 -> 512) -> FC(512 -> classes).
@@ -26,9 +26,9 @@ from torch import nn
 from ..data import FASHION_MNIST_LABELS, FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from ..layers import ConvBN, PatchEmbedding, RepMLP, cells, shape_str
 from ..shipped import shipped_folder
-from ._base import RepMLPModel, check_rate, pretrained_cfg, route_pretrained_file
+from ._base import RepMLPModel, check_rate, factory_kwargs, pretrained_cfg, route_pretrained_file
 
-__all__ = ["MLPCifarNet"]
+__all__ = ["PureMLPNet", "MLPCifarNet"]
 
 
 class RepMLPUnit(nn.Sequential):
@@ -43,6 +43,8 @@ class RepMLPUnit(nn.Sequential):
         reparam_conv_k: Sequence[int],
         fc1_fc2_reduction: int,
         deploy: bool,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             RepMLP(
@@ -55,6 +57,8 @@ class RepMLPUnit(nn.Sequential):
                 fc1_fc2_reduction=fc1_fc2_reduction,
                 fc3_groups=fc3_groups,
                 deploy=deploy,
+                device=device,
+                dtype=dtype,
             ),
             nn.ReLU(inplace=True),
         )
@@ -66,7 +70,7 @@ class MLPStage(nn.Sequential):
     def __init__(
         self,
         channels: int,
-        out_channels: int,
+        out_chs: int,
         size: tuple[int, int],
         downsample: bool,
         mixer: str,
@@ -75,18 +79,22 @@ class MLPStage(nn.Sequential):
         reparam_conv_k: Sequence[int],
         fc1_fc2_reduction: int,
         deploy: bool,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
+        dd = dict(device=device, dtype=dtype)
+
         def token_mixer() -> nn.Module:
             if mixer == "conv":
-                return ConvBN(channels, channels, 3, act=True, deploy=deploy)
-            return RepMLPUnit(channels, size, partition, fc3_groups, reparam_conv_k, fc1_fc2_reduction, deploy)
+                return ConvBN(channels, channels, 3, act=True, deploy=deploy, **dd)
+            return RepMLPUnit(channels, size, partition, fc3_groups, reparam_conv_k, fc1_fc2_reduction, deploy, **dd)
 
         super().__init__(
             nn.MaxPool2d(2, ceil_mode=True) if downsample else nn.Identity(),  # rounds up: no row dropped
             token_mixer(),
-            ConvBN(channels, channels, 1, act=True, deploy=deploy),
+            ConvBN(channels, channels, 1, act=True, deploy=deploy, **dd),
             token_mixer(),
-            ConvBN(channels, out_channels, 1, act=True, deploy=deploy),
+            ConvBN(channels, out_chs, 1, act=True, deploy=deploy, **dd),
         )
 
 
@@ -98,13 +106,22 @@ class MlpHead(nn.Module):
     """
 
     def __init__(
-        self, in_chs: int, hidden: int, num_classes: int, pool_type: str, drop_rate: float, deploy: bool = False
+        self,
+        in_chs: int,
+        hidden: int,
+        num_classes: int,
+        pool_type: str,
+        drop_rate: float,
+        deploy: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self._set_pool(pool_type)
-        self.pre_logits = ConvBN(in_chs, hidden, 1, act=True, deploy=deploy)
+        self.pre_logits = ConvBN(in_chs, hidden, 1, act=True, deploy=deploy, **dd)
         self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = nn.Linear(hidden, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
     def _set_pool(self, pool_type: str) -> None:
         pool = SelectAdaptivePool2d(pool_type=pool_type)
@@ -130,8 +147,9 @@ class MlpHead(nn.Module):
         return self.fc(x)
 
 
-class MLPCifarNet(RepMLPModel):
-    """Pure-MLP network of RepMLP blocks for small images (paper v1, Sec. 4.1), or its Wide ConvNet.
+class PureMLPNet(RepMLPModel):
+    """Pure-MLP network of RepMLP blocks for small images (paper v1, Sec. 4.1: CIFAR; our Fashion-MNIST model), or
+    its Wide ConvNet baseline. ``MLPCifarNet`` is its former name.
 
     Args:
         num_classes: classifier outputs; 0 for no classifier.
@@ -150,6 +168,8 @@ class MLPCifarNet(RepMLPModel):
         drop_path_rate: refused unless 0: the paper's layout has no residual branches for stochastic depth.
         drop_block_rate: refused unless 0: no DropBlock placement in this family (the paper's recipe has none).
         deploy: build the deploy form directly.
+        device: where every tensor is created (timm's factory kwarg; ``'meta'`` included).
+        dtype: the floating dtype of every parameter and buffer (timm's factory kwarg).
     """
 
     def __init__(
@@ -170,25 +190,43 @@ class MLPCifarNet(RepMLPModel):
         drop_path_rate: float = 0.0,
         drop_block_rate: float = 0.0,
         deploy: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(locals())
-        check_rate("drop_path_rate", drop_path_rate, "MLPCifarNet", "no residual branches for stochastic depth to drop")
-        check_rate("drop_block_rate", drop_block_rate, "MLPCifarNet", "no DropBlock placement in this family")
+        super().__init__(
+            num_classes=num_classes,
+            in_chans=in_chans,
+            img_size=img_size,
+            widths=widths,
+            stem_stride=stem_stride,
+            mixer=mixer,
+            partition=partition,
+            fc3_groups=fc3_groups,
+            reparam_conv_k=reparam_conv_k,
+            fc1_fc2_reduction=fc1_fc2_reduction,
+            head_hidden_size=head_hidden_size,
+            drop_rate=drop_rate,
+            global_pool=global_pool,
+            drop_path_rate=drop_path_rate,
+            drop_block_rate=drop_block_rate,
+            deploy=deploy,
+        )
+        dd = factory_kwargs("PureMLPNet", device, dtype)
+        check_rate("drop_path_rate", drop_path_rate, "PureMLPNet", "no residual branches for stochastic depth to drop")
+        check_rate("drop_block_rate", drop_block_rate, "PureMLPNet", "no DropBlock placement in this family")
         if mixer not in ("repmlp", "conv"):
-            raise ValueError(f"MLPCifarNet: mixer must be 'repmlp' or 'conv', got {mixer!r}")
+            raise ValueError(f"PureMLPNet: mixer must be 'repmlp' or 'conv', got {mixer!r}")
         img_size = tuple(to_2tuple(img_size))
         self.in_chans, self.img_size, self.drop_rate = in_chans, img_size, drop_rate
         self.stem_stride = stem_stride
         self.grid_partition = partition if mixer == "repmlp" else 0  # what cuts the stage maps (0: nothing)
         sizes = stage_sizes(*img_size, stem_stride, len(widths))
 
-        self.stem = PatchEmbedding(in_chans, widths[0], stem_stride, deploy)
+        self.stem = PatchEmbedding(in_chans, widths[0], stem_stride, deploy, **dd)
         outs = list(widths[1:]) + [widths[-1]]
+        mixing = (mixer, partition, fc3_groups, reparam_conv_k, fc1_fc2_reduction, deploy)
         self.stages = nn.Sequential(
-            *[
-                MLPStage(c, out, size, i > 0, mixer, partition, fc3_groups, reparam_conv_k, fc1_fc2_reduction, deploy)
-                for i, (c, out, size) in enumerate(zip(widths, outs, sizes))
-            ]
+            *[MLPStage(c, out, size, i > 0, *mixing, **dd) for i, (c, out, size) in enumerate(zip(widths, outs, sizes))]
         )
         self.feature_info = [
             dict(num_chs=out, reduction=stem_stride * 2**i, module=f"stages.{i}") for i, out in enumerate(outs)
@@ -197,7 +235,8 @@ class MLPCifarNet(RepMLPModel):
             self.feature_info.insert(0, dict(num_chs=widths[0], reduction=stem_stride, module="stem"))
         self.num_features = outs[-1]
         self.head_hidden_size = head_hidden_size
-        self.head = MlpHead(self.num_features, head_hidden_size, num_classes, global_pool, drop_rate, deploy)
+        self.head = MlpHead(self.num_features, head_hidden_size, num_classes, global_pool, drop_rate, deploy, **dd)
+        self._init_feature_levels()
 
     @staticmethod
     def stem_is_level(num_stages: int) -> bool:
@@ -217,6 +256,9 @@ class MLPCifarNet(RepMLPModel):
 
     def check_input(self, x: torch.Tensor) -> torch.Tensor:
         return _check_input(x, self.in_chans, self.img_size, self.stem_stride, len(self.stages), self.grid_partition)
+
+
+MLPCifarNet = PureMLPNet  # the former name (see CHANGELOG.md)
 
 
 def stage_sizes(H: int, W: int, stem_stride: int, num_stages: int) -> list[tuple[int, int]]:
@@ -244,7 +286,7 @@ def _check_input(
                 ok = ok and cells(b[d], partition) == cells(g[d], partition)
     if not ok:
         raise ValueError(
-            f"MLPCifarNet is built for (N, {chans}, {size[0]}, {size[1]}) inputs (its RepMLP blocks for the "
+            f"PureMLPNet is built for (N, {chans}, {size[0]}, {size[1]}) inputs (its RepMLP blocks for the "
             f"partition grids at that size; set_input_size changes it), got {shape_str(x.shape)}"
         )
     return x
@@ -258,12 +300,12 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
 MLPCifarNet.checkpoint_filter_fn = staticmethod(checkpoint_filter_fn)  # what load_checkpoint renames with
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> MLPCifarNet:
+def _create(variant: str, pretrained: bool = False, **kwargs) -> PureMLPNet:
     route_pretrained_file(variant, pretrained, kwargs)
     stages = len(kwargs["widths"])
-    levels = tuple(range(stages + MLPCifarNet.stem_is_level(stages)))
+    levels = tuple(range(stages + PureMLPNet.stem_is_level(stages)))
     return build_model_with_cfg(
-        MLPCifarNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=levels), **kwargs
+        PureMLPNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=levels), **kwargs
     )
 
 
@@ -315,21 +357,21 @@ default_cfgs = generate_default_cfgs(
 
 
 @register_model
-def repmlp_cifar_mlp(pretrained: bool = False, **kwargs) -> MLPCifarNet:
+def repmlp_cifar_mlp(pretrained: bool = False, **kwargs) -> PureMLPNet:
     """Pure-MLP CIFAR model (paper v1, Table 1): C = 16/32/64 at 32/16/8, RepMLP h = w = 8, g = 2."""
     args = dict(in_chans=3, img_size=32, widths=(16, 32, 64), partition=8, fc3_groups=2)
     return _create("repmlp_cifar_mlp", pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def repmlp_cifar_wideconv(pretrained: bool = False, **kwargs) -> MLPCifarNet:
+def repmlp_cifar_wideconv(pretrained: bool = False, **kwargs) -> PureMLPNet:
     """Wide ConvNet baseline of the pure-MLP model (paper v1, Table 1): 3x3 convs, C = 32/64/128."""
     args = dict(in_chans=3, img_size=32, widths=(32, 64, 128), mixer="conv")
     return _create("repmlp_cifar_wideconv", pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def repmlp_fmnist_mlp(pretrained: bool = False, **kwargs) -> MLPCifarNet:
+def repmlp_fmnist_mlp(pretrained: bool = False, **kwargs) -> PureMLPNet:
     """Pure-MLP model for 28x28 one-channel Fashion-MNIST, sized to train on a 2-core CPU: a 2x2-patch stem FC,
     two stages of the paper's layout at 14x14 and 7x7 with C = 24/48, RepMLP h = w = 7, g = 4, k = 1, 3."""
     args = dict(

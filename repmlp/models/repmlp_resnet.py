@@ -25,7 +25,16 @@ from torch import nn
 
 from ..authors import AUTHORS_RESNET, OURS, KeyLayout, keys_to_ours
 from ..layers import ConvBN, RepMLP, cells, in_layout, shape_str
-from ._base import NCHWStage, RepMLPModel, check_rate, drop_path, drop_path_rates, pretrained_cfg, route_pretrained_file
+from ._base import (
+    NCHWStage,
+    RepMLPModel,
+    check_rate,
+    drop_path,
+    drop_path_rates,
+    factory_kwargs,
+    pretrained_cfg,
+    route_pretrained_file,
+)
 
 torch.fx.wrap("in_layout")  # FX leaves are per module (see repmlp.layers.in_layout)
 
@@ -35,8 +44,15 @@ __all__ = ["RepMLPResNet"]
 class Stem(ConvBN):
     """7x7/2 conv-BN-ReLU and 3x3/2 max-pool."""
 
-    def __init__(self, in_chs: int, out_chs: int, deploy: bool = False) -> None:
-        super().__init__(in_chs, out_chs, 7, stride=2, act=True, deploy=deploy)
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        deploy: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_chs, out_chs, 7, stride=2, act=True, deploy=deploy, device=device, dtype=dtype)
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
         self.channels_last = False  # set by the model (RepMLPModel.channels_last)
 
@@ -62,16 +78,21 @@ class Bottleneck(nn.Module):
         drop_path_rate: float = 0.0,
         drop_block: nn.Module | None = None,
         dilation: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         mid = out_chs // 4
         self.shortcut = (
-            ConvBN(in_chs, out_chs, 1, stride, deploy=deploy) if stride != 1 or in_chs != out_chs else nn.Identity()
+            ConvBN(in_chs, out_chs, 1, stride, deploy=deploy, **dd)
+            if stride != 1 or in_chs != out_chs
+            else nn.Identity()
         )
-        self.conv1 = ConvBN(in_chs, mid, 1, act=True, deploy=deploy)
-        self.conv2 = ConvBN(mid, mid, 3, stride, dilation=dilation, act=True, deploy=deploy)
+        self.conv1 = ConvBN(in_chs, mid, 1, act=True, deploy=deploy, **dd)
+        self.conv2 = ConvBN(mid, mid, 3, stride, dilation=dilation, act=True, deploy=deploy, **dd)
         self.drop_block = drop_block or nn.Identity()
-        self.conv3 = ConvBN(mid, out_chs, 1, deploy=deploy)
+        self.conv3 = ConvBN(mid, out_chs, 1, deploy=deploy, **dd)
         self.drop_path = drop_path(drop_path_rate)
         self.act = nn.ReLU(inplace=True)
 
@@ -85,13 +106,21 @@ class RepMLPLightBlock(nn.Module):
     """Light block (paper Fig. 3): 1x1 conv (C -> C/8), RepMLP, ReLU, 1x1 conv (C/8 -> C), identity."""
 
     def __init__(
-        self, chs: int, size: tuple[int, int], repmlp_kwargs: dict, deploy: bool = False, drop_path_rate: float = 0.0
+        self,
+        chs: int,
+        size: tuple[int, int],
+        repmlp_kwargs: dict,
+        deploy: bool = False,
+        drop_path_rate: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         mid = chs // 8
-        self.conv1 = ConvBN(chs, mid, 1, act=True, deploy=deploy)
-        self.repmlp = RepMLP(mid, mid, *size, deploy=deploy, **repmlp_kwargs)
-        self.conv3 = ConvBN(mid, chs, 1, deploy=deploy)
+        self.conv1 = ConvBN(chs, mid, 1, act=True, deploy=deploy, **dd)
+        self.repmlp = RepMLP(mid, mid, *size, deploy=deploy, **repmlp_kwargs, **dd)
+        self.conv3 = ConvBN(mid, chs, 1, deploy=deploy, **dd)
         self.drop_path = drop_path(drop_path_rate)
         self.act = nn.ReLU(inplace=True)
 
@@ -113,15 +142,18 @@ class RepMLPBottleneckBlock(nn.Module):
         repmlp_kwargs: dict,
         deploy: bool = False,
         drop_path_rate: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         mid = chs // 4
         inner = mid // reduction
-        self.conv1 = ConvBN(chs, mid, 1, act=True, deploy=deploy)
-        self.conv2 = ConvBN(mid, inner, 3, act=True, deploy=deploy)
-        self.repmlp = RepMLP(inner, inner, *size, deploy=deploy, **repmlp_kwargs)
-        self.conv4 = ConvBN(inner, mid, 3, act=True, deploy=deploy)
-        self.conv5 = ConvBN(mid, chs, 1, deploy=deploy)
+        self.conv1 = ConvBN(chs, mid, 1, act=True, deploy=deploy, **dd)
+        self.conv2 = ConvBN(mid, inner, 3, act=True, deploy=deploy, **dd)
+        self.repmlp = RepMLP(inner, inner, *size, deploy=deploy, **repmlp_kwargs, **dd)
+        self.conv4 = ConvBN(inner, mid, 3, act=True, deploy=deploy, **dd)
+        self.conv5 = ConvBN(mid, chs, 1, deploy=deploy, **dd)
         self.drop_path = drop_path(drop_path_rate)
         self.act = nn.ReLU(inplace=True)
 
@@ -179,6 +211,8 @@ class RepMLPResNet(RepMLPModel):
         drop_block_rate: DropBlock in the ResNet bottlenecks of c4 and c5, as in timm's ResNet (RepMLP blocks
             have none); identity in eval.
         deploy: build the deploy form directly (no BatchNorm, three-FC RepMLP blocks).
+        device: where every tensor is created (timm's factory kwarg; ``'meta'`` included).
+        dtype: the floating dtype of every parameter and buffer (timm's factory kwarg).
     """
 
     def __init__(
@@ -199,8 +233,28 @@ class RepMLPResNet(RepMLPModel):
         drop_path_rate: float = 0.0,
         drop_block_rate: float = 0.0,
         deploy: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(locals())
+        super().__init__(
+            block_type=block_type,
+            img_size=img_size,
+            partition=partition,
+            fc3_groups=fc3_groups,
+            reparam_conv_k=reparam_conv_k,
+            bottleneck_reduction=bottleneck_reduction,
+            widths=widths,
+            fc1_fc2_reduction=fc1_fc2_reduction,
+            output_stride=output_stride,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            global_pool=global_pool,
+            drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate,
+            drop_block_rate=drop_block_rate,
+            deploy=deploy,
+        )
+        dd = factory_kwargs("RepMLPResNet", device, dtype)
         check_rate("drop_block_rate", drop_block_rate)  # drop_path_rate: by drop_path_rates
         if block_type not in ("light", "bottleneck"):
             raise ValueError(f"block_type must be 'light' or 'bottleneck', got {block_type!r}")
@@ -210,7 +264,7 @@ class RepMLPResNet(RepMLPModel):
         reductions = _per_stage(fc1_fc2_reduction, "fc1_fc2_reduction")
         self.img_size, self.partition, self.output_stride = img_size, partition, output_stride
         self.drop_rate = drop_rate
-        self.stem = Stem(in_chans, widths[0] // 4, deploy)
+        self.stem = Stem(in_chans, widths[0] // 4, deploy, **dd)
 
         depths, strides, sizes = (3, 4, 6, 3), stage_strides(output_stride), stage_sizes(*img_size, output_stride)
         stages, in_chs, reduction = [], widths[0] // 4, 4
@@ -230,23 +284,24 @@ class RepMLPResNet(RepMLPModel):
                         fc3_groups=fc3_groups[i - 1],
                     )
                     blocks.append(
-                        RepMLPLightBlock(width, size, kw, deploy, rate)
+                        RepMLPLightBlock(width, size, kw, deploy, rate, **dd)
                         if block_type == "light"
-                        else RepMLPBottleneckBlock(width, size, bottleneck_reduction[i - 1], kw, deploy, rate)
+                        else RepMLPBottleneckBlock(width, size, bottleneck_reduction[i - 1], kw, deploy, rate, **dd)
                     )
                 else:
                     drop_block = stage_drop_blocks[i]() if stage_drop_blocks[i] else None
                     chs_in, block_stride = (width, 1) if j else (in_chs, stride)
-                    blocks.append(Bottleneck(chs_in, width, block_stride, deploy, rate, drop_block, dilation))
-            # c5 (7x7 maps at 224, 512-2048 channels) runs NCHW: its 3x3 convs measured 1.5x (batch 1) and 1.25x
-            # (batch 8) faster than in NHWC here; c2-c4 and the max-pool are faster in NHWC
+                    blocks.append(Bottleneck(chs_in, width, block_stride, deploy, rate, drop_block, dilation, **dd))
+            # c5 runs NCHW: on its small, wide maps oneDNN's 3x3 convs run faster in NCHW, while c2-c4 and the
+            # max-pool run faster in NHWC
             stages.append(NCHWStage(*blocks) if i == 3 else nn.Sequential(*blocks))
             reduction *= stride
             self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"stages.{i}"))
             in_chs = width
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = in_chs
-        self.head = ClassifierHead(in_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.head = ClassifierHead(in_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+        self._init_feature_levels()
 
     def _repmlp_blocks(self) -> list[tuple[int, RepMLP]]:
         """(stage index, block) of every RepMLP block left in the model (a pruned model has fewer stages)."""

@@ -56,7 +56,15 @@ from ..layers import (
     shape_str,
     unpartition,
 )
-from ._base import RepMLPModel, check_rate, drop_path, drop_path_rates, pretrained_cfg, route_pretrained_file
+from ._base import (
+    RepMLPModel,
+    check_rate,
+    drop_path,
+    drop_path_rates,
+    factory_kwargs,
+    pretrained_cfg,
+    route_pretrained_file,
+)
 
 __all__ = ["RepMLPNet", "RepMLPBlock"]
 
@@ -68,10 +76,12 @@ _Size = tuple[int, int]
 class ChannelAffine(nn.Module):
     """Per-channel ``y = weight * x + bias`` on (N, C, ...) maps: an eval-mode BN with nothing left to fold."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(
+        self, channels: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(channels))
-        self.bias = nn.Parameter(torch.empty(channels))
+        self.weight = nn.Parameter(torch.empty(channels, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(channels, device=device, dtype=dtype))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -87,7 +97,8 @@ class ChannelAffine(nn.Module):
     @classmethod
     def from_bn(cls, bn: nn.Module) -> ChannelAffine:
         """The eval-mode affine of ``bn`` (a BatchNorm or a frozen one), in its dtype and on its device."""
-        affine = cls(bn.running_var.shape[0]).to(bn.running_var)
+        like = bn.running_var
+        affine = cls(like.shape[0], device=like.device, dtype=like.dtype)
         scale, shift = ops.bn_affine(bn)
         with torch.no_grad():
             affine.weight.copy_(scale), affine.bias.copy_(shift)
@@ -108,13 +119,21 @@ class SharedFC(nn.Module):
     minutes more of inductor compilation.
     """
 
-    def __init__(self, sharesets: int, tokens: int, bias: bool = False) -> None:
+    def __init__(
+        self,
+        sharesets: int,
+        tokens: int,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.sharesets, self.tokens = sharesets, tokens  # ints, not weight.shape: FX traces them as constants
         self.graph_layout = False
         self.per_set_in_graphs = tokens >= GRAPH_LAYOUT_MIN_TOKENS  # an attribute: TorchScript reads no globals
-        self.weight = nn.Parameter(torch.empty(sharesets, tokens, tokens))
-        self.bias = nn.Parameter(torch.empty(sharesets, tokens)) if bias else None
+        self.weight = nn.Parameter(torch.empty(sharesets, tokens, tokens, **dd))
+        self.bias = nn.Parameter(torch.empty(sharesets, tokens, **dd)) if bias else None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -148,10 +167,12 @@ class ChannelScaling(nn.Module):
     (N, C, 1, 1) that multiplies the block's output (unlike v1's :class:`repmlp.layers.GlobalPerceptron`, which adds
     one value per channel and partition to the input)."""
 
-    def __init__(self, channels: int, hidden: int) -> None:
+    def __init__(
+        self, channels: int, hidden: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(channels, hidden)
-        self.fc2 = nn.Linear(hidden, channels)
+        self.fc1 = nn.Linear(channels, hidden, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden, channels, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = self.fc2(F.relu(self.fc1(x.mean((2, 3)))))
@@ -161,11 +182,19 @@ class ChannelScaling(nn.Module):
 class ChannelPerceptron(nn.Module):
     """FC3 shared over channel sets, then BN(S); the deploy form is FC3 with a bias."""
 
-    def __init__(self, sharesets: int, h: int, w: int, deploy: bool = False) -> None:
+    def __init__(
+        self,
+        sharesets: int,
+        h: int,
+        w: int,
+        deploy: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        self.fc3 = SharedFC(sharesets, h * w, bias=deploy)
+        self.fc3 = SharedFC(sharesets, h * w, bias=deploy, device=device, dtype=dtype)
         # BatchNorm1d over (B, S, h*w) has the statistics of the authors' BatchNorm2d(S) over (B, S, h, w)
-        self.bn = None if deploy else nn.BatchNorm1d(sharesets)
+        self.bn = None if deploy else nn.BatchNorm1d(sharesets, device=device, dtype=dtype)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         """(..., S, h*w) -> (..., S, h*w)."""
@@ -199,6 +228,8 @@ class RepMLPBlock(nn.Module):
         reparam_conv_k: local perceptron kernel sizes (odd); empty for none.
         gp_reduction: global perceptron hidden reduction.
         deploy: build the locality-injected form (FC3 with bias) directly.
+        device: where every tensor is created (timm's factory kwarg).
+        dtype: the floating dtype of every parameter and buffer (timm's factory kwarg).
     """
 
     def __init__(
@@ -210,17 +241,20 @@ class RepMLPBlock(nn.Module):
         reparam_conv_k: Sequence[int] = (1, 3),
         gp_reduction: int = 4,
         deploy: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if channels % sharesets:
             raise ValueError(f"RepMLPBlock: sharesets={sharesets} must divide channels={channels}")
         self.channels, self.h, self.w, self.sharesets = channels, h, w, sharesets
         self.reparam_conv_k = [(int(k), 1) for k in reparam_conv_k]
-        self.global_perceptron = ChannelScaling(channels, channels // gp_reduction)
-        self.channel_perceptron = ChannelPerceptron(sharesets, h, w, deploy)
+        self.global_perceptron = ChannelScaling(channels, channels // gp_reduction, **dd)
+        self.channel_perceptron = ChannelPerceptron(sharesets, h, w, deploy, **dd)
         self.local_perceptron = None
         if self.reparam_conv_k and not deploy:
-            self.local_perceptron = LocalPerceptron(sharesets, sharesets, self.reparam_conv_k, groups=sharesets)
+            self.local_perceptron = LocalPerceptron(sharesets, sharesets, self.reparam_conv_k, sharesets, **dd)
 
     @property
     def deploy(self) -> bool:
@@ -296,17 +330,25 @@ class FFNBlock(nn.Module):
     :class:`repmlp.layers.GroupedLinear`) as Conv2d, which graph runtimes run well and int8 tools quantize.
     """
 
-    def __init__(self, channels: int, hidden: int, deploy: bool = False) -> None:
+    def __init__(
+        self,
+        channels: int,
+        hidden: int,
+        deploy: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.graph_layout = False
-        self.fc1 = ConvBN(channels, hidden, 1, deploy=deploy)
+        self.fc1 = ConvBN(channels, hidden, 1, deploy=deploy, **dd)
         self.act = nn.GELU()
-        self.fc2 = ConvBN(hidden, channels, 1, deploy=deploy)
+        self.fc2 = ConvBN(hidden, channels, 1, deploy=deploy, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fc1.bn is not None or self.fc2.bn is not None or self.graph_layout:
             return self.fc2(self.act(self.fc1(x)))
-        # deploy form: the 1x1 convs as batched matmuls over (N, C, H*W), 2-3x faster than a 1x1 conv on CPU
+        # deploy form: the 1x1 convs as batched matmuls over (N, C, H*W), faster than a 1x1 conv on CPU
         n, _, H, W = x.shape
         fc1, fc2 = self.fc1.conv, self.fc2.conv
         y = _pointwise(fc2.weight, fc2.bias, self.act(_pointwise(fc1.weight, fc1.bias, x.flatten(2))))
@@ -335,12 +377,15 @@ class RepMLPNetUnit(nn.Module):
         ffn_expand: int,
         deploy: bool = False,
         drop_path_rate: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.norm1 = ChannelAffine(channels) if deploy else nn.BatchNorm2d(channels)
-        self.repmlp = RepMLPBlock(channels, *size, sharesets, reparam_conv_k, gp_reduction, deploy)
-        self.norm2 = None if deploy else nn.BatchNorm2d(channels)
-        self.ffn = FFNBlock(channels, channels * ffn_expand, deploy)
+        dd = dict(device=device, dtype=dtype)
+        self.norm1 = ChannelAffine(channels, **dd) if deploy else nn.BatchNorm2d(channels, **dd)
+        self.repmlp = RepMLPBlock(channels, *size, sharesets, reparam_conv_k, gp_reduction, deploy, **dd)
+        self.norm2 = None if deploy else nn.BatchNorm2d(channels, **dd)
+        self.ffn = FFNBlock(channels, channels * ffn_expand, deploy, **dd)
         self.drop_path = drop_path(drop_path_rate)
         self.drops_paths = drop_path_rate > 0
 
@@ -385,12 +430,15 @@ class RepMLPNetStage(nn.Module):
         downsample: bool,
         deploy: bool = False,
         unit_drop_path_rates: Sequence[float] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.downsample = PatchEmbedding(in_chs, chs, 2, deploy) if downsample else nn.Identity()
+        dd = dict(device=device, dtype=dtype)
+        self.downsample = PatchEmbedding(in_chs, chs, 2, deploy, **dd) if downsample else nn.Identity()
         self.blocks = nn.Sequential(
             *[
-                RepMLPNetUnit(chs, size, sharesets, reparam_conv_k, gp_reduction, ffn_expand, deploy, rate)
+                RepMLPNetUnit(chs, size, sharesets, reparam_conv_k, gp_reduction, ffn_expand, deploy, rate, **dd)
                 for rate in unit_drop_path_rates or [0.0] * depth
             ]
         )
@@ -403,10 +451,20 @@ class NormClassifierHead(nn.Module):
     """Head BN, global pool, dropout, classifier; the deploy form keeps the BN as a :class:`ChannelAffine`
     (on the C x H x W map before pooling it costs next to nothing, and ``pre_logits`` stays the same)."""
 
-    def __init__(self, in_chs: int, num_classes: int, pool_type: str, drop_rate: float, deploy: bool = False) -> None:
+    def __init__(
+        self,
+        in_chs: int,
+        num_classes: int,
+        pool_type: str,
+        drop_rate: float,
+        deploy: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        self.norm = ChannelAffine(in_chs) if deploy else nn.BatchNorm2d(in_chs)
-        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=pool_type)
+        dd = dict(device=device, dtype=dtype)
+        self.norm = ChannelAffine(in_chs, **dd) if deploy else nn.BatchNorm2d(in_chs, **dd)
+        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=pool_type, **dd)
         self.drop = nn.Dropout(drop_rate)
 
     @property
@@ -450,10 +508,12 @@ class RepMLPNet(RepMLPModel):
             units); identity in eval, so conversion is unaffected.
         drop_block_rate: refused unless 0: RepMLPNet has no conv feature maps for DropBlock.
         deploy: build the deploy form directly.
+        device: where every tensor is created (timm's factory kwarg; ``'meta'`` included).
+        dtype: the floating dtype of every parameter and buffer (timm's factory kwarg).
     """
 
     #: RepMLPNet runs in NCHW: its token-mixing FC3 and FFN are batched matmuls over (C, H*W) rows that read an
-    #: NCHW map in place, and measured channels_last runs were 0.84-0.97x of NCHW (repmlpnet_t224, batch 1 and 4).
+    #: NCHW map in place, so channels_last would add a copy per block and runs slower.
     channels_last = False
 
     def __init__(
@@ -474,8 +534,28 @@ class RepMLPNet(RepMLPModel):
         drop_path_rate: float = 0.0,
         drop_block_rate: float = 0.0,
         deploy: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(locals())
+        super().__init__(
+            img_size=img_size,
+            channels=channels,
+            depths=depths,
+            sharesets=sharesets,
+            partitions=partitions,
+            reparam_conv_k=reparam_conv_k,
+            gp_reduction=gp_reduction,
+            ffn_expand=ffn_expand,
+            patch_size=patch_size,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            global_pool=global_pool,
+            drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate,
+            drop_block_rate=drop_block_rate,
+            deploy=deploy,
+        )
+        dd = factory_kwargs("RepMLPNet", device, dtype)
         check_rate("drop_block_rate", drop_block_rate, "RepMLPNet", "an MLP: no conv feature maps to drop blocks of")
         img_size = to_2tuple(img_size)
         if not len(channels) == len(depths) == len(sharesets) == len(partitions or channels):
@@ -484,13 +564,16 @@ class RepMLPNet(RepMLPModel):
                 f"{depths}, {sharesets}, {partitions}"
             )
         self.img_size, self.in_chans = img_size, in_chans
+        # timm's input traits: the data config follows the size the model is built (or set_input_size) for, as for
+        # the other families, though any size runs (for a model it calls flexible, timm keeps the weights' size)
+        self._traits = dict(img_size=img_size, fixed_input_size=True)
         self.reductions = [patch_size * 2**i for i in range(len(channels))]
         if partitions is None:
             partitions = [(cells(img_size[0], r), cells(img_size[1], r)) for r in self.reductions]
         self.partitions = [to_2tuple(p) for p in partitions]
         self.drop_rate = drop_rate
 
-        self.stem = PatchEmbedding(in_chans, channels[0], patch_size, deploy)
+        self.stem = PatchEmbedding(in_chans, channels[0], patch_size, deploy, **dd)
         stages, self.feature_info, in_chs = [], [], channels[0]
         rates = drop_path_rates(drop_path_rate, depths)
         for i, (chs, depth) in enumerate(zip(channels, depths)):
@@ -507,13 +590,15 @@ class RepMLPNet(RepMLPModel):
                     downsample=i > 0,
                     deploy=deploy,
                     unit_drop_path_rates=rates[i],
+                    **dd,
                 )
             )
             self.feature_info.append(dict(num_chs=chs, reduction=self.reductions[i], module=f"stages.{i}"))
             in_chs = chs
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = in_chs
-        self.head = NormClassifierHead(in_chs, num_classes, global_pool, drop_rate, deploy)
+        self.head = NormClassifierHead(in_chs, num_classes, global_pool, drop_rate, deploy, **dd)
+        self._init_feature_levels()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:

@@ -3,6 +3,16 @@ transforms, loss and Mixup."""
 
 from __future__ import annotations
 
+__all__ = [
+    "build_data",
+    "build_datasets",
+    "build_eval_data",
+    "build_loss",
+    "build_model",
+    "data_config",
+    "eval_data_config",
+]
+
 import json
 
 import timm

@@ -6,6 +6,8 @@ override naming an unknown key is an error rather than a silent no-op.
 
 from __future__ import annotations
 
+__all__ = ["DEFAULTS", "call_configured", "load_config", "set_value"]
+
 import copy
 import re
 from collections.abc import Callable, Iterable

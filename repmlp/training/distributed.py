@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+__all__ = [
+    "DistEnv",
+    "all_reduce_sum",
+    "any_rank",
+    "barrier",
+    "cleanup_distributed",
+    "init_distributed",
+    "weight_divergence",
+]
+
 import os
 from dataclasses import dataclass
 

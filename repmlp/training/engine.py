@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+__all__ = [
+    "AMP_DTYPES",
+    "EpochResult",
+    "TrainStep",
+    "amp_dtype",
+    "autocast",
+    "compare_forms",
+    "evaluate",
+    "train_one_epoch",
+]
+
 import contextlib
 import time
 from collections.abc import Callable

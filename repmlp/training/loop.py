@@ -3,6 +3,23 @@ to the deploy form, check it against the train form on the validation set and sa
 
 from __future__ import annotations
 
+__all__ = [
+    "MIN_AGREEMENT",
+    "Run",
+    "StopFlag",
+    "accumulation_steps",
+    "build_run",
+    "check_output_dir",
+    "export",
+    "finish",
+    "fit",
+    "hardware",
+    "restore",
+    "schedule_settings",
+    "seed_everything",
+    "train",
+]
+
 import itertools
 import json
 import math

@@ -9,6 +9,8 @@ frees it.
 
 from __future__ import annotations
 
+__all__ = ["RunFiles", "RunLock", "check_output_dir", "run_files", "start_afresh", "write_manifest"]
+
 import json
 import os
 import socket

@@ -4,6 +4,8 @@ loaded."""
 
 from __future__ import annotations
 
+__all__ = ["check_model_state", "check_optimizer_state", "check_resumable", "check_schema"]
+
 from pathlib import Path
 from typing import Any
 

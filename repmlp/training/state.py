@@ -7,6 +7,17 @@ state's tensors and whose metadata holds everything else as JSON, tensors replac
 
 from __future__ import annotations
 
+__all__ = [
+    "LEGACY_STATE_FILE",
+    "STATE_FILE",
+    "load_training_state",
+    "read_state",
+    "rng_states",
+    "save_training_state",
+    "set_rng_states",
+    "write_state",
+]
+
 import json
 import random
 from pathlib import Path
