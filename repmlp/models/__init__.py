@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from torch import nn
 
+from ..locations import read_json
 from .mlp_cifar import MLPCifarNet
 from .repmlp_resnet import RepMLPResNet
 from .repmlpnet import RepMLPNet
 
 
 def load_model(spec: str, **kwargs) -> nn.Module:
-    """A timm model name, or ``package.module:factory`` (any importable callable returning a module)."""
-    if ":" in spec:
+    """A timm model name (``hf-hub:`` and ``local-dir:`` sources too), or ``package.module:factory`` (any
+    importable callable returning a module): the caller's own spec, never one read from a file
+    (:func:`repmlp.records.model_name` judges those)."""
+    if spec.startswith("local-dir:"):  # timm reads its config.json: a regular file of sane size only
+        read_json(Path(spec.partition(":")[2]) / "config.json")
+    if ":" in spec and not spec.startswith(("hf-hub:", "local-dir:")):
         module_name, factory = spec.split(":", 1)
         return getattr(importlib.import_module(module_name), factory)(**kwargs)
     import timm
