@@ -1,67 +1,25 @@
-"""Weights on disk: safetensors with metadata, foreign checkpoints, strict loading with clear errors."""
+"""Loading weights into a model: renamed from the family's key layouts, judged by structure (train or deploy form,
+converted through the train-form twin), strict about keys, shapes, dtypes and trained heads, with clear errors.
+Reading the file is :mod:`repmlp.weights_file`'s; judging what it says of itself, :mod:`repmlp.records`'."""
 
 from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
 import os
 from collections.abc import Callable, Collection
-from pathlib import Path
 
-import safetensors.torch
 import torch
 from timm.models import adapt_input_conv
 from torch import nn
 
 from .authors import keys_to_ours
 from .convert import convert_to_deploy, is_deploy_form, reparameterizable
-from .guards import atomic_write
-from .shipped import _SOURCE_KEYS, WEIGHTS_NAME, sha256
+from .publish import save_checkpoint, write_folder  # noqa: F401 - their home before 0.2
 from .weights_file import PLAIN_STATE_DICT, WeightsFile
 
 _logger = logging.getLogger(__name__)
-
-
-def save_checkpoint(
-    model: nn.Module,
-    path: str | os.PathLike,
-    model_name: str | None = None,
-    form: str | None = None,
-    metadata: dict[str, str] | None = None,
-) -> None:
-    """Write ``model``'s state dict as safetensors, atomically, recording model name and form.
-
-    Args:
-        model: the model to save.
-        path: destination ``.safetensors`` file.
-        model_name: timm name; default: ``model.pretrained_cfg['architecture']`` when present.
-        form: 'train' or 'deploy'; default: detected from the model.
-        metadata: further string metadata.
-
-    Raises:
-        ValueError: ``path`` does not end in ``.safetensors`` (the format it is written in).
-    """
-    if Path(path).suffix != ".safetensors":
-        raise ValueError(f"save_checkpoint writes safetensors: name the file *.safetensors, got {str(path)!r}")
-    if model_name is None:
-        model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", "")
-    form = form or ("deploy" if is_deploy_form(model) else "train")
-    if form not in ("train", "deploy"):
-        raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"model": model_name, "form": form, "format": "pt", **_constructor_metadata(model), **(metadata or {})}
-    atomic_write(path, lambda tmp: safetensors.torch.save_file(state, tmp, metadata=meta))
-
-
-def _constructor_metadata(model: nn.Module) -> dict[str, str]:
-    """num_classes and constructor arguments of a zoo model, so that the file alone rebuilds it."""
-    args = dict(getattr(model, "init_args", None) or {})
-    if not args:
-        return {}
-    kwargs = {k: v for k, v in args.items() if k not in ("deploy", "num_classes")}
-    return {"num_classes": str(args.get("num_classes", 0)), "model_kwargs": json.dumps(kwargs)}
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -454,30 +412,3 @@ def _strict_load(
     if assign:  # the file's tensors themselves (conversion writes new tensors), in the twin's dtypes
         state = {k: v.to(dtype=expected[k].dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=assign)
-
-
-def write_folder(model: nn.Module, folder: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``model`` (train form) as a shipped folder: ``model.safetensors`` and ``config.json`` from its
-    ``pretrained_cfg`` (which names architecture and tag); a ``README.md`` model card is written by hand.
-
-    Returns:
-        The folder.
-    """
-    folder = Path(folder)
-    cfg = dict(model.pretrained_cfg)
-    if is_deploy_form(model):
-        raise ValueError("write_folder: ships the train form (the deploy form is converted from it on load)")
-    if not cfg.get("tag"):
-        raise ValueError("write_folder: the model's pretrained_cfg has no tag (create it as timm name.tag)")
-    save_checkpoint(model, folder / WEIGHTS_NAME, model_name=cfg["architecture"], form="train", metadata=metadata)
-    config = {
-        "architecture": cfg["architecture"],
-        "num_classes": model.num_classes,
-        "num_features": model.num_features,
-        "global_pool": model.init_args.get("global_pool", "avg"),
-        "pretrained_cfg": {k: v for k, v in cfg.items() if k not in _SOURCE_KEYS and v is not None},
-        "files": {WEIGHTS_NAME: {"sha256": sha256(folder / WEIGHTS_NAME), "form": "train"}},
-    }
-    text = json.dumps(config, indent=2) + "\n"
-    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
-    return folder

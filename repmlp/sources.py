@@ -24,6 +24,7 @@ from . import records
 from .checkpoint import file_form, load_checkpoint
 from .convert import convert_to_deploy
 from .models import MLPCifarNet, RepMLPNet, RepMLPResNet, load_model
+from .publish import deploy_record  # noqa: F401 - its home before 0.2
 from .shipped import resolve_weights, shipped_weights
 from .verify import randomize_bn_stats
 from .weights_file import PLAIN_STATE_DICT, WeightsFile, read_header_metadata
@@ -217,20 +218,6 @@ def recorded_model_args(
     for key in set(kwargs) & set(saved):
         agree_with_record(f"model argument {key}", kwargs[key], saved[key], file.path)
     return name, {**saved, **kwargs}, requested
-
-
-def deploy_record(source: ModelSource, model: nn.Module, model_kwargs: dict | None = None) -> dict[str, str]:
-    """What a deploy-form file converted from ``source`` records so that tools can rebuild it alone: the train-form
-    file's dataset and config, the constructor arguments used (``model_kwargs`` over the recorded ones; the form
-    and class count are recorded apart), the number of classes and where the weights came from."""
-    record = {k: v for k, v in source.record.items() if k in ("dataset", "config")}
-    kwargs = {**json.loads(source.record.get("model_kwargs", "{}")), **(model_kwargs or {})}
-    for key in ("num_classes", "deploy"):
-        kwargs.pop(key, None)
-    record.update(model_kwargs=json.dumps(kwargs), source=source.weights)
-    if isinstance(getattr(model, "num_classes", None), int):
-        record["num_classes"] = str(model.num_classes)
-    return record
 
 
 def model_from_checkpoint(
