@@ -40,14 +40,17 @@ def model_name(value: object, where: str) -> str:
     return name
 
 
-def model_args(family: type | None, args: object, where: str) -> dict:
+def model_args(family: type | None, args: object, where: str, form: bool = False) -> dict:
     """Constructor arguments recorded in a file, checked against ``family``'s constructor: a JSON object whose keys
-    are its parameters (no location field, no form: ``deploy`` is the caller's) with values of their types.
-    ``family`` None (a model outside the zoo): only ``num_classes`` and ``in_chans``."""
+    are its parameters (no location field; ``deploy`` only where the file records its weights' ``form``: a folder
+    timm's ``save_for_hf`` wrote) with values of their types. ``family`` None (a model outside the zoo): only
+    ``num_classes`` and ``in_chans``."""
     if not isinstance(args, dict):
         raise ValueError(f"{where}: constructor arguments must be a JSON object, got {args!r:.200}")
     params = _parameters(family)
     for key, value in args.items():
+        if key == "deploy" and form and isinstance(value, bool):
+            continue
         if key in LOCATION_FIELDS or key == "deploy":
             raise ValueError(
                 f"{where}: field {key!r} ({value!r:.100}) is not read from a file (it says where weights come from, "

@@ -271,6 +271,8 @@ def _trainer_record(content: object) -> dict[str, str]:
     args = content.get("args") if isinstance(content, dict) else None
     if not isinstance(args, argparse.Namespace) or not isinstance(getattr(args, "model", None), str):
         return {}
+    if args.model.startswith(("hf-hub:", "local-dir:")):  # a source, not a name: the user names the model
+        return {}
     record = {"model": args.model}
     if getattr(args, "num_classes", None) is not None:
         record["num_classes"] = str(args.num_classes)

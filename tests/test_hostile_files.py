@@ -32,7 +32,7 @@ META = {
     "num_classes": "3",
     "model_kwargs": json.dumps(ARGS),
 }
-SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _file(path: Path, **metadata: str) -> Path:
@@ -125,10 +125,12 @@ def test_a_folders_config_json_names_no_location_and_no_argument_unchecked(tmp_p
     folder = tmp_path / "folder"
     shutil.copytree(V01 / "hf_folder", folder)
     config = json.loads((folder / "config.json").read_text())
-    config["model_args"]["checkpoint_path"] = "/etc/passwd"
-    (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"folder/config.json: field 'model_args'.*'checkpoint_path'"):
-        timm.create_model(f"local-dir:{folder}", pretrained=True)
+    source = model_source(f"local-dir:{folder}", pretrained=True)  # a tool's --model local-dir:DIR --pretrained
+    assert source.model.num_classes == 3 and torch.equal(source.model.head.fc.weight, STATE["head.fc.weight"])
+    for key, value in (("checkpoint_path", "/etc/passwd"), ("deploy", "no")):
+        (folder / "config.json").write_text(json.dumps({**config, "model_args": {**ARGS, key: value}}))
+        with pytest.raises(ValueError, match=rf"folder/config.json: field 'model_args'.*field '{key}'"):
+            timm.create_model(f"local-dir:{folder}", pretrained=True)
     from test_publish import hub_cache  # the Hub cache's layout, read offline
 
     config["model_args"] = {"widths": "abc"}

@@ -346,7 +346,7 @@ def build(cls: type, variant: str, pretrained: bool, feature_cfg: dict, **kwargs
     if recorded:  # timm read them from a folder's config.json: data, never a location
         cfg = kwargs.get("pretrained_cfg") or {}
         where = f"{cfg.get('file') or cfg.get('hf_hub_id') or variant}/config.json: field 'model_args'"
-        records.model_args(cls, {k: v for k, v in recorded.items() if k != "deploy"}, where)
+        records.model_args(cls, recorded, where, form=True)
     asked = {k for k in ("num_classes", "in_chans") if k in kwargs and (recorded or {}).get(k, object()) != kwargs[k]}
     _route_pretrained(variant, pretrained, kwargs)
     token = _ASKED.set(frozenset(asked))
