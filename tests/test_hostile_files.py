@@ -218,6 +218,15 @@ def test_what_a_file_is_is_said(tmp_path, name, content, says):
     assert says in str(err.value) and "weights_only=False" not in str(err.value)
 
 
+def test_a_fifo_is_no_missing_file_and_an_odd_name_no_corrupt_file(tmp_path):
+    os.mkfifo(tmp_path / "w.safetensors")  # opening it would wait for a writer
+    with pytest.raises(ValueError, match=r"w.safetensors is not a regular file"):
+        WeightsFile.open(tmp_path / "w.safetensors")
+    odd = tmp_path / os.fsdecode(b"w\xff.safetensors")  # not UTF-8
+    shutil.copy(TRAIN, odd)
+    assert model_source(weights=odd).model.num_classes == 3
+
+
 @SETTINGS
 @given(data=st.binary(max_size=96))
 def test_any_bytes_are_a_value_error_without_unpickling_advice(tmp_path, data):
