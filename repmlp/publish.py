@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import safetensors.torch
 from torch import nn
@@ -14,9 +14,6 @@ from torch import nn
 from .convert import is_deploy_form
 from .guards import atomic_write
 from .shipped import _SOURCE_KEYS, WEIGHTS_NAME, sha256
-
-if TYPE_CHECKING:
-    from .sources import ModelSource
 
 
 def save_checkpoint(
@@ -59,10 +56,11 @@ def _constructor_metadata(model: nn.Module) -> dict[str, str]:
     return {"num_classes": str(args.get("num_classes", 0)), "model_kwargs": json.dumps(kwargs)}
 
 
-def deploy_record(source: ModelSource, model: nn.Module, model_kwargs: dict | None = None) -> dict[str, str]:
-    """What a deploy-form file converted from ``source`` records so that tools can rebuild it alone: the train-form
-    file's dataset and config, the constructor arguments used (``model_kwargs`` over the recorded ones; the form
-    and class count are recorded apart), the number of classes and where the weights came from."""
+def deploy_record(source: Any, model: nn.Module, model_kwargs: dict | None = None) -> dict[str, str]:
+    """What a deploy-form file converted from ``source`` (a :class:`repmlp.sources.ModelSource`) records so that
+    tools can rebuild it alone: the train-form file's dataset and config, the constructor arguments used
+    (``model_kwargs`` over the recorded ones; the form and class count are recorded apart), the number of classes
+    and where the weights came from."""
     record = {k: v for k, v in source.record.items() if k in ("dataset", "config")}
     kwargs = {**json.loads(source.record.get("model_kwargs", "{}")), **(model_kwargs or {})}
     for key in ("num_classes", "deploy"):
