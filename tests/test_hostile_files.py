@@ -63,8 +63,8 @@ def test_a_file_cannot_name_code_through_any_route(tmp_path, capsys):
     out = tmp_path / "out.safetensors"
     for weights in (hostile, folder):
         assert _tool("eval", "--checkpoint", weights) == 2
-        assert _tool("convert_deploy", "--weights", weights, "--output", out) != 0
-        assert _tool("export_onnx", "--weights", weights, "--output", tmp_path / "m.onnx") != 0
+        assert _tool("convert_deploy", "--weights", weights, "--output", out) == 2
+        assert _tool("export_onnx", "--weights", weights, "--output", tmp_path / "m.onnx") == 2
     assert "field 'model' is 'subprocess:run'" in capsys.readouterr().err
     assert not marker.exists() and not out.exists()
 
@@ -270,3 +270,7 @@ def test_one_load_reads_the_file_once(monkeypatch, weights):
     source = model_source(weights=V01 / weights, form="deploy")
     assert len(opened) == 1 and len(loads) == (weights.endswith(".pth"))
     assert repmlp.is_deploy_form(source.model) and source.model.num_classes == 3
+    opened.clear()
+    overlay = dict(file=str(V01 / weights))  # timm's builder, through the model's load_pretrained
+    timm.create_model("repmlp_cifar_mlp", pretrained=True, pretrained_cfg_overlay=overlay, **ARGS, num_classes=3)
+    assert len(opened) == 1
