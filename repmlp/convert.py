@@ -30,7 +30,12 @@ def convert_to_deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     Returns:
         The converted model in eval mode, its parameters new leaf tensors with no autograd history.
+
+    Raises:
+        ValueError: a non-finite weight or BatchNorm statistic, or a negative running variance
+            (:func:`check_convertible`); nothing is converted then.
     """
+    check_convertible(model)
     if inplace:
         _reparameterize_tree(model)
         return model.eval()
@@ -45,6 +50,45 @@ def convert_to_deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
         )
     _unshare(deploy, {id(t) for t in shared})
     return deploy.eval()
+
+
+@torch.no_grad()
+def check_convertible(model: nn.Module) -> None:
+    """Raise ValueError, naming the tensor, for weights a conversion would fold into garbage: a NaN or infinite
+    parameter or BatchNorm statistic, or a running variance below 0 (not a variance; ``rsqrt(var + eps)`` of it
+    is NaN or huge)."""
+    tensors = []  # (where, tensor, module, kind)
+    for name, module in model.named_modules():
+        own = [(n, t, "parameter") for n, t in module.named_parameters(recurse=False)]
+        if is_batch_norm(module):
+            own += [(n, getattr(module, n), "statistic") for n in ("running_mean", "running_var")]
+        for key, t, kind in own:
+            if t is not None and t.is_floating_point() and not t.is_meta and t.numel():
+                tensors.append((f"{name}.{key}" if name else key, t, module, kind))
+    if not tensors:
+        return
+    # One pass and one host sync for the whole model: a float64 sum is finite exactly when every value is (float64
+    # sums of float64 values could overflow: those are then looked at value by value).
+    device = tensors[0][1].device
+    sums = torch.stack([t.sum(dtype=torch.float64).to(device) for _, t, _, _ in tensors])
+    variances = [(where, t, m) for where, t, m, _ in tensors if where.endswith("running_var")]
+    lowest = torch.stack([t.min().double().to(device) for _, t, _ in variances]) if variances else sums[:1] * 0
+    if bool(torch.isfinite(sums).all()) and not bool((lowest < 0).any()):
+        return
+    for where, t, module, kind in tensors:
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(
+                f"cannot convert: {where} ({type(module).__name__} {kind}) has {bad} of {t.numel()} values NaN or "
+                "infinite; the weights are corrupt (a diverged training or a damaged file), converting them would "
+                "give a model that outputs NaN"
+            )
+    for where, t, module in variances:
+        if bool((t < 0).any()):
+            raise ValueError(
+                f"cannot convert: {where} ({type(module).__name__}) has {int((t < 0).sum())} negative values "
+                f"(min {t.min().item():.3g}); a running variance is >= 0, so these statistics are corrupt"
+            )
 
 
 def _shareable_tensors(model: nn.Module) -> list[torch.Tensor]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import create_dataset, create_transform
+from timm.data import ImageDataset, create_transform
 from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from torchvision import transforms
@@ -40,6 +40,7 @@ FASHION_MNIST_LABELS = (
     "Bag",
     "Ankle boot",
 )
+CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 DATASETS = ("imagefolder", "cifar10", "cifar100", "fashion_mnist", "synthetic")
 #: timm's dataset specs, read by :func:`repmlp.data_timm.timm_dataset`.
@@ -59,16 +60,39 @@ _FMNIST_LAYOUT = (
 )
 
 
+#: The label of an image that could not be decoded, where bad images are skipped (``skip_bad_images``): evaluation
+#: leaves such samples out and counts them.
+SKIPPED_LABEL = -1
+#: Most bytes of images a synthetic dataset may hold in memory.
+MAX_SYNTHETIC_BYTES = 4 << 30
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """Raise ValueError naming ``where`` and the first offending label unless every label is in [0, num_classes)."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise ValueError(
+            f"{where}: label {int(labels[bad[0]])} (sample {int(bad[0])}, {bad.size} such) is outside the "
+            f"{num_classes} classes 0..{num_classes - 1}; the labels file is corrupt or of another dataset"
+        )
+
+
 class ArrayImageDataset(Dataset):
     """Images held in memory as uint8 arrays (N, H, W) or (N, H, W, 3), served as PIL images."""
 
     def __init__(
-        self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None, num_classes: int | None = None
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        transform: Callable | None = None,
+        num_classes: int | None = None,
+        where: str = "ArrayImageDataset",
     ) -> None:
         if len(images) != len(labels):
-            raise ValueError(f"ArrayImageDataset: {len(images)} images but {len(labels)} labels")
+            raise ValueError(f"{where}: {len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.transform = images, labels.astype(np.int64), transform
         self.num_classes = num_classes or int(self.labels.max()) + 1
+        check_labels(self.labels, self.num_classes, where)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -127,7 +151,9 @@ def fashion_mnist(root: str | Path | None, split: str, transform: Callable | Non
             f"Fashion-MNIST in {root}: images {images.shape} and labels {labels.shape} do not "
             f"match; expected (N, 28, 28) images and (N,) labels"
         )
-    return ArrayImageDataset(images, labels, transform, num_classes=10)
+    dataset = ArrayImageDataset(images, labels, transform, 10, f"Fashion-MNIST {split} split in {root}")
+    dataset.label_names = list(FASHION_MNIST_LABELS)
+    return dataset
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -195,7 +221,11 @@ def cifar(name: str, root: str | Path, split: str, transform: Callable | None = 
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels.append(np.asarray(batch[label_key]))
     num_classes = 10 if name == "cifar10" else 100
-    return ArrayImageDataset(np.concatenate(images), np.concatenate(labels), transform, num_classes)
+    where = f"{name} {split} split in {root}"
+    dataset = ArrayImageDataset(np.concatenate(images), np.concatenate(labels), transform, num_classes, where)
+    if name == "cifar10":
+        dataset.label_names = list(CIFAR10_LABELS)
+    return dataset
 
 
 def folder_classes(root: str | Path) -> dict[str, int]:
@@ -208,22 +238,62 @@ def folder_classes(root: str | Path) -> dict[str, int]:
     return {name: index for index, name in enumerate(names)}
 
 
-def image_folder(root: str | Path, split: str, transform: Callable | None = None) -> Dataset:
+class ImageFolderDataset(ImageDataset):
+    """timm's image-folder dataset, decoding each image once: an image that cannot be decoded (corrupt, empty, over
+    PIL's pixel bound) is a ValueError naming its file, or with ``skip_bad`` a sample labelled
+    :data:`SKIPPED_LABEL` (a blank image) that evaluation leaves out and counts; never, as timm does, silently
+    another image in its place."""
+
+    skip_bad = False
+
+    def __getitem__(self, index: int) -> tuple[object, int]:
+        source, target = self.reader[index][:2]
+        try:
+            img = Image.open(source)
+            img = img.convert(self.input_img_mode)  # decodes the pixels
+        except Image.DecompressionBombError as err:  # kept: a bound against images that exhaust memory
+            img, target = self._bad(
+                index,
+                f"is too large to decode ({err}); resize it, or raise PIL.Image.MAX_IMAGE_PIXELS if it is a real image",
+            )
+        except (OSError, SyntaxError, ValueError) as err:  # PIL raises these for undecodable files
+            img, target = self._bad(index, f"cannot be decoded ({err}); remove or replace it")
+        if self.transform is not None:
+            img = self.transform(img)
+        if target != SKIPPED_LABEL and self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+    def _bad(self, index: int, problem: str) -> tuple[Image.Image, int]:
+        if not self.skip_bad:
+            raise ValueError(
+                f"image {self.filename(index, absolute=True)} {problem} (or evaluate with --skip-bad-images to leave "
+                "such images out and count them)"
+            )
+        return Image.new(self.input_img_mode, (8, 8)), SKIPPED_LABEL
+
+
+def image_folder(
+    root: str | Path, split: str, transform: Callable | None = None, skip_bad_images: bool = False
+) -> Dataset:
     """ImageNet-style class folders: ``<root>/<split>/<class>/<image>``, classes numbered by ``<root>/train``.
 
     A ``val/`` class folder unknown to ``train/`` is an error; a training class without a ``val/`` folder is
-    allowed and reported (a warning).
+    allowed and reported (a warning). An image that cannot be decoded is an error naming it, or with
+    ``skip_bad_images`` left out and counted by evaluation (:class:`ImageFolderDataset`).
     """
     folder = _require_dir(Path(root) / split, _IMAGEFOLDER_LAYOUT)
     class_to_idx = folder_classes(root)
     try:
-        dataset = create_dataset("", root=str(folder), search_split=False)
+        dataset = ImageFolderDataset(str(folder))
+        dataset.skip_bad = skip_bad_images
     except Exception as e:  # noqa: BLE001 - timm raises RuntimeError/AssertionError for empty folders
         raise ValueError(f"cannot read image folder {folder}: {e}; expected {_IMAGEFOLDER_LAYOUT}") from e
     if len(dataset) == 0:
         raise ValueError(f"image folder {folder} holds no images; expected {_IMAGEFOLDER_LAYOUT}")
     align_to_training_classes(dataset, class_to_idx, f"image folder {folder}")
     dataset.num_classes, dataset.transform = len(class_to_idx), transform
+    dataset.label_names = list(class_to_idx)  # the folder names, in class-index order
     return dataset
 
 
@@ -239,12 +309,25 @@ def synthetic(
     """Random images whose mean brightness depends on the class, so a model can learn them (smoke tests)."""
     if in_chans not in (1, 3):
         raise ValueError(f"synthetic: in_chans must be 1 or 3 (PIL images), got {in_chans}")
+    size = int(num_samples) * int(img_size) ** 2 * in_chans
+    if size > MAX_SYNTHETIC_BYTES:
+        raise ValueError(
+            f"synthetic: {num_samples} images of {in_chans}x{img_size}x{img_size} would take {size / 2**30:.3g} GiB "
+            f"of memory (at most {MAX_SYNTHETIC_BYTES / 2**30:.0f} GiB); lower data.synthetic.num_samples"
+        )
     rng = np.random.default_rng(seed + (0 if split == "train" else 1))
     labels = rng.integers(0, num_classes, num_samples)
     shape = (num_samples, img_size, img_size) + ((in_chans,) if in_chans == 3 else ())
     base = (labels * (200 // max(num_classes - 1, 1))).reshape(-1, *([1] * (len(shape) - 1)))
     images = np.clip(base + rng.integers(0, 56, shape), 0, 255).astype(np.uint8)
-    return ArrayImageDataset(images, labels, transform, num_classes)
+    return ArrayImageDataset(images, labels, transform, num_classes, "synthetic")
+
+
+def label_names_of(dataset: Dataset) -> list[str] | None:
+    """Class names of a dataset made by :func:`build_dataset`, in class-index order (None where the data names
+    none: synthetic images, WebDataset labels)."""
+    names = getattr(dataset, "label_names", None)
+    return list(names) if names is not None else None
 
 
 def num_classes_of(dataset: Dataset) -> int:
@@ -259,6 +342,7 @@ def build_dataset(
     transform: Callable | None = None,
     split_names: dict[str, str | None] | None = None,
     classes: int | None = None,
+    skip_bad_images: bool = False,
     **synthetic_args,
 ) -> Dataset:
     """A dataset by name (one of :data:`DATASETS`, or a timm spec of :data:`TIMM_SPECS`) and split ('train' or
@@ -267,6 +351,8 @@ def build_dataset(
     ``split_names`` (timm specs only) are the splits' names on disk, {'train': ..., 'val': ...}; ``classes`` the
     class count (data.num_classes),
     needed by WebDataset shards without one in their ``_info.json`` and checked against the data's for the others.
+    ``skip_bad_images`` (image folders): leave undecodable images out, labelled :data:`SKIPPED_LABEL`, instead of
+    stopping at the first with an error naming it.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -275,7 +361,10 @@ def build_dataset(
     for key, value in (split_names or {}).items():
         if value is not None:
             raise ValueError(f"data.{key}_split={value!r} applies to timm's specs {TIMM_SPECS}, not {name!r}")
-    dataset = _named_dataset(name, split, root, transform, synthetic_args)
+    if name == "imagefolder" and root is not None:
+        dataset = image_folder(root, split, transform, skip_bad_images)
+    else:
+        dataset = _named_dataset(name, split, root, transform, synthetic_args)
     if classes and classes != dataset.num_classes:
         raise ValueError(f"data.num_classes={classes} but dataset {name!r} has {dataset.num_classes} classes")
     return dataset
@@ -383,6 +472,15 @@ def build_loader(
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+def worker_error(err: BaseException) -> str:
+    """The message of an error raised in a DataLoader worker without the traceback torch puts in it."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def epoch_batches(loader: DataLoader, epoch: int, skip: int = 0) -> Iterator:

@@ -224,6 +224,7 @@ def timm_dataset(
         present = _hfds_classes_present(dataset, name[5:], split_name, where) if kind == "hfds" else None
         align_to_training_classes(dataset, train_classes, where, present)
         dataset.num_classes = len(train_classes)
+        dataset.label_names = sorted(train_classes, key=train_classes.__getitem__)
         if num_classes and num_classes != dataset.num_classes:
             raise ValueError(f"data.num_classes={num_classes} but {where} has {dataset.num_classes} classes")
     if len(dataset) == 0:

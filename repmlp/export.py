@@ -180,13 +180,14 @@ def _export_float(
     y = model(x)
     with contextlib.nullcontext() if eager_layout else graph_layout(model):
         write_onnx(model, x, path, opset)
-    err = ErrorStats.of(y, onnx_predictor(path)(x)).max_rel_err
-    if err > tolerance:
+    stats = ErrorStats.of(y, onnx_predictor(path)(x))
+    if not stats.within(tolerance):  # NaN anywhere fails
+        where = f" ({stats.describe_nonfinite()})" if stats.nonfinite else ""
         raise RuntimeError(
-            f"export_onnx: onnxruntime output differs from PyTorch's: max rel err {err:.2e} > {tolerance:.0e} "
-            f"({target} not written)"
+            f"export_onnx: onnxruntime output differs from PyTorch's: max rel err {stats.max_rel_err:.2e} > "
+            f"{tolerance:.0e}{where} ({target} not written)"
         )
-    return err
+    return stats.max_rel_err
 
 
 def _quantize_checked(
@@ -202,7 +203,12 @@ def _quantize_checked(
     ``min_agreement``)."""
     quantize_onnx(float_path, path, report.quantize, calibration, report.reduce_range)
     report.int8 = compare_outputs(onnx_predictor(float_path), onnx_predictor(path), check_batches, check_data)
-    if report.int8.argmax_agreement < min_agreement:
+    if not report.int8.finite:
+        raise RuntimeError(
+            f"export_onnx: the {report.quantize} int8 model or its float32 form outputs non-finite values on "
+            f"{check_data} inputs ({report.int8.describe_nonfinite()}); {report.path} not written"
+        )
+    if not report.int8.argmax_agreement >= min_agreement:
         raise RuntimeError(
             f"export_onnx: the {report.quantize} int8 model agrees with float32 on only "
             f"{report.int8.argmax_agreement:.2%} of {report.int8.count} {check_data} inputs "

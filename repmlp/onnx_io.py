@@ -58,3 +58,24 @@ def onnx_predictor(
     """``x -> output`` through an :func:`ort_session` of an ONNX file or its bytes (input named ``input``)."""
     session = ort_session(model, threads)
     return lambda x: torch.from_numpy(session.run(None, {"input": x.detach().contiguous().numpy()})[0])
+
+
+def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """An ONNX file's ``metadata_props`` (the graph's weights are not read)."""
+    import onnx
+
+    return {prop.key: prop.value for prop in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def set_onnx_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Record ``metadata`` in an ONNX file's ``metadata_props`` (replacing entries of the same keys), atomically."""
+    import onnx
+
+    from .guards import atomic_write
+
+    proto = onnx.load(str(path))
+    kept = {prop.key: prop.value for prop in proto.metadata_props if prop.key not in metadata}
+    del proto.metadata_props[:]
+    for key, value in {**kept, **metadata}.items():
+        proto.metadata_props.add(key=key, value=str(value))
+    atomic_write(path, lambda tmp: onnx.save(proto, tmp))

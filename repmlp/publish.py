@@ -13,6 +13,7 @@ from torch import nn
 
 from .convert import is_deploy_form
 from .guards import atomic_write
+from .preprocess import input_metadata
 from .shipped import _SOURCE_KEYS, WEIGHTS_NAME, sha256
 
 
@@ -30,7 +31,8 @@ def save_checkpoint(
         path: destination ``.safetensors`` file.
         model_name: timm name; default: ``model.pretrained_cfg['architecture']`` when present.
         form: 'train' or 'deploy'; default: detected from the model.
-        metadata: further string metadata.
+        metadata: further string metadata (over the class names and input settings recorded from the model,
+            :func:`repmlp.preprocess.input_metadata`, which let ``repmlp-predict`` run the file alone).
 
     Raises:
         ValueError: ``path`` does not end in ``.safetensors`` (the format it is written in).
@@ -43,7 +45,8 @@ def save_checkpoint(
     if form not in ("train", "deploy"):
         raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"model": model_name, "form": form, "format": "pt", **_constructor_metadata(model), **(metadata or {})}
+    recorded = {**_constructor_metadata(model), **input_metadata(model), **(metadata or {})}
+    meta = {"model": model_name, "form": form, "format": "pt", **recorded}
     atomic_write(path, lambda tmp: safetensors.torch.save_file(state, tmp, metadata=meta))
 
 

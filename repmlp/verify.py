@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -18,20 +19,69 @@ from .ops import is_batch_norm
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-3}
 
 
+def _first_nonfinite(t: torch.Tensor, offset: int = 0) -> tuple[int, tuple[int, ...] | None]:
+    """The number of non-finite elements of ``t`` and the index of the first one (its batch index moved by
+    ``offset``), or (0, None)."""
+    bad = ~torch.isfinite(t)
+    count = int(bad.sum())
+    if not count:
+        return 0, None
+    index = [int(i) for i in torch.nonzero(bad)[0]]
+    if index:
+        index[0] += offset
+    return count, tuple(index)
+
+
 @dataclass
 class ErrorStats:
-    """Per-element error of ``candidate`` against ``reference``."""
+    """Per-element error of ``candidate`` against ``reference``.
+
+    A NaN or infinity in either output makes every error NaN, and NaN is never within a tolerance (compare with
+    :meth:`within`, or as ``not err <= tol``: ``max(0.0, nan)`` is 0.0, ``nan > tol`` is False). Where the
+    non-finite values are is kept: their counts and the index of the first one in each output.
+    """
 
     max_abs_err: float
     max_rel_err: float
     mean_abs_err: float
+    nonfinite: dict[str, int] = field(default_factory=dict, kw_only=True)  # 'reference'/'candidate' -> count
+    first_nonfinite: dict[str, tuple[int, ...]] = field(default_factory=dict, kw_only=True)
 
     @classmethod
     def of(cls, reference: torch.Tensor, candidate: torch.Tensor) -> ErrorStats:
         ref, cand = reference.double(), candidate.double()
         diff = (ref - cand).abs()
         scale = ref.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-        return cls(diff.max().item(), (diff.max() / scale).item(), diff.mean().item())
+        stats = cls(diff.max().item(), (diff.max() / scale).item(), diff.mean().item())
+        stats.note_nonfinite(ref, cand)
+        return stats
+
+    def note_nonfinite(self, reference: torch.Tensor, candidate: torch.Tensor, offset: int = 0) -> None:
+        """Count the non-finite elements of both outputs (batch indices moved by ``offset``); any makes the errors
+        NaN."""
+        for role, t in (("reference", reference), ("candidate", candidate)):
+            count, index = _first_nonfinite(t, offset)
+            if count:
+                self.nonfinite[role] = self.nonfinite.get(role, 0) + count
+                self.first_nonfinite.setdefault(role, index)
+        if self.nonfinite:
+            self.max_abs_err = self.max_rel_err = self.mean_abs_err = float("nan")
+
+    @property
+    def finite(self) -> bool:
+        """Both outputs finite everywhere and so the errors too."""
+        return not self.nonfinite and all(map(math.isfinite, (self.max_abs_err, self.max_rel_err, self.mean_abs_err)))
+
+    def within(self, tolerance: float) -> bool:
+        """Finite, and the max relative error at most ``tolerance``."""
+        return self.finite and self.max_rel_err <= tolerance
+
+    def describe_nonfinite(self) -> str:
+        """Where the non-finite values are, e.g. 'candidate: 108 non-finite values, the first at [0, 3]'."""
+        return "; ".join(
+            f"{role}: {count} non-finite value{'s' * (count > 1)}, the first at {list(self.first_nonfinite[role])}"
+            for role, count in self.nonfinite.items()
+        )
 
 
 @dataclass
@@ -58,11 +108,13 @@ def compare_predictors(
     max_abs = scale = abs_sum = 0.0
     elements = seen = agree = ref_correct = cand_correct = 0
     logits = labelled = True
+    nonfinite = ErrorStats(0.0, 0.0, 0.0)  # where the outputs are not finite (then every error is NaN)
     for batch in batches:
         x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
         ref, cand = reference(x).double(), candidate(x).double()
+        nonfinite.note_nonfinite(ref, cand, seen)
         diff = (ref - cand).abs()
-        max_abs, scale = max(max_abs, diff.max().item()), max(scale, ref.abs().max().item())
+        max_abs, scale = max(max_abs, diff.max().item()), max(scale, ref.abs().max().item())  # NaN: see nonfinite
         abs_sum, elements, seen = abs_sum + diff.sum().item(), elements + diff.numel(), seen + ref.shape[0]
         logits, labelled = logits and ref.dim() == 2, labelled and y is not None
         if logits:
@@ -74,14 +126,17 @@ def compare_predictors(
     if not seen:
         raise ValueError("compare_predictors: no batches to compare")
     top1 = labelled and logits
+    nan = float("nan")
     return Agreement(
-        max_abs,
-        max_abs / max(scale, torch.finfo(torch.float64).tiny),
-        abs_sum / max(elements, 1),
+        nan if nonfinite.nonfinite else max_abs,
+        nan if nonfinite.nonfinite else max_abs / max(scale, torch.finfo(torch.float64).tiny),
+        nan if nonfinite.nonfinite else abs_sum / max(elements, 1),
         agree / seen if logits else None,
         seen,
         100 * ref_correct / seen if top1 else None,
         100 * cand_correct / seen if top1 else None,
+        nonfinite=nonfinite.nonfinite,
+        first_nonfinite=nonfinite.first_nonfinite,
     )
 
 
@@ -102,10 +157,21 @@ class EquivalenceReport(ErrorStats):
             f"mean abs err {self.mean_abs_err:.3e}"
             + ("" if self.argmax_agreement is None else f", argmax agreement {self.argmax_agreement:.4%}")
         ]
+        if self.nonfinite:
+            lines.append(f"  non-finite outputs (never within a tolerance): {self.describe_nonfinite()}")
+            block = self.first_nonfinite_block()
+            if block is not None:
+                lines.append(
+                    f"  first block with a non-finite output: {block} ({self.per_block[block].describe_nonfinite()})"
+                )
         lines += [
             f"  {name}: max abs {s.max_abs_err:.3e}, max rel {s.max_rel_err:.3e}" for name, s in self.per_block.items()
         ]
         return "\n".join(lines)
+
+    def first_nonfinite_block(self) -> str | None:
+        """The first compared block (in the model's order) with a non-finite output, where blocks were compared."""
+        return next((name for name, s in self.per_block.items() if s.nonfinite), None)
 
 
 @contextlib.contextmanager
@@ -171,7 +237,8 @@ def verify_equivalence(
         seed: seed of the random inputs.
 
     Returns:
-        The report; ``passed`` when the max relative error is within tolerance.
+        The report; ``passed`` when both outputs are finite and the max relative error is within tolerance
+        (a NaN or infinity anywhere is a FAIL that says where, and with ``per_block`` the first block it came from).
     """
     stored = [next(m.parameters()).dtype for m in (reference, candidate)]
     if dtype is not None:
@@ -204,8 +271,10 @@ def verify_equivalence(
         stats.argmax_agreement,
         tol,
         str(run_dtype).replace("torch.", ""),
-        stats.max_rel_err <= tol,
+        stats.within(tol),
         blocks,
+        nonfinite=stats.nonfinite,
+        first_nonfinite=stats.first_nonfinite,
     )
 
 

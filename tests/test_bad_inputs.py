@@ -533,7 +533,7 @@ def test_resume_with_more_epochs_rebuilds_the_schedule(tmp_path, tiny_run, capsy
         [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
         for d in ("resumed", "straight")
     )
-    assert [r["epoch"] for r in resumed] == [0, 1, 2]
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]  # counted from 1
     assert resumed[1]["lr"] > 0.01 and resumed[1]["lr"] == pytest.approx(straight[1]["lr"], rel=1e-12)
     with pytest.raises(ValueError, match="set train.epochs to at least 3"):
         train_tiny(tmp_path / "resumed", "train.epochs=2", resume=True)

@@ -128,7 +128,7 @@ def test_two_nodes_train_the_weights_of_one_node_through_a_kill_and_resume(one_n
     assert reference.keys() == weights.keys()
     assert all((reference[k] == weights[k]).all() for k in reference)  # bitwise
     records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert [r["epoch"] for r in records] == [1, 2, 3]  # counted from 1
 
 
 # A model without BatchNorm (timm's test_convnext: LayerNorm), and augmentation that draws but changes nothing, so

@@ -33,6 +33,8 @@ def test_convert_deploy_from_a_train_checkpoint(tmp_path):
     assert "params" in res.stdout and "MACs" in res.stdout
     meta = read_metadata(out)
     assert json.loads(meta.pop("model_kwargs"))["widths"] == [24, 48]  # the constructor arguments, recorded
+    inputs = {key: meta.pop(key) for key in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")}
+    assert json.loads(inputs["input_size"]) == [1, 28, 28] and len(json.loads(meta.pop("label_names"))) == 10
     assert meta == {
         "model": "repmlp_fmnist_mlp",
         "form": "deploy",

@@ -103,12 +103,12 @@ def test_shipped_configs_load(config):
     import timm
 
     cfg = load_config(ROOT / "configs" / config)
-    assert cfg["model"]["name"] in timm.list_models()
+    assert cfg["model"]["name"] in timm.list_models() + timm.list_models(pretrained=True)  # NAME or NAME.TAG
 
 
 def test_full_run_writes_metrics_plot_and_equivalent_forms(reference_run, capsys):
     records = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert [r["epoch"] for r in records] == [1, 2, 3]  # counted from 1
     assert {"train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "img_per_s"} <= set(records[0])
     assert (reference_run / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     final = json.loads((reference_run / "final.json").read_text())
@@ -162,7 +162,7 @@ def test_killed_run_resumes_to_the_same_weights(reference_run, tmp_path):
     proc.wait()
     assert _resume_in_process(tmp_path)["equivalence"]["passed"]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert [r["epoch"] for r in records] == [1, 2, 3]  # counted from 1
     assert _max_abs_diff(reference_run / "model_train.safetensors", tmp_path / "model_train.safetensors") <= 1e-6
 
 
@@ -185,7 +185,10 @@ def test_qat_run_resumes_after_a_kill_and_exports_int8(tmp_path, mode, capsys):
     form = forms[0]
     assert _max_abs_diff(reference / f"model_{form}.safetensors", out / f"model_{form}.safetensors") <= 1e-6
     weights, onnx_file = reference / f"model_{form}.safetensors", tmp_path / "int8.onnx"
+    # A few steps on random data leave logits close together, so int8 flips some argmaxes of random inputs (2 of 64
+    # with the 7-bit weights of a CPU without VNNI); 90% still fails a broken quantization (about 1 in 4 agree).
     options = "--quantize static --batch-size 4 --calibration random --calibration-samples 16 --check-samples 64"
+    options += " --min-agreement 0.9"
     capsys.readouterr()
     code = load_tool("export_onnx").main(["--weights", str(weights), "--output", str(onnx_file), *options.split()])
     assert code == 0 and "static int8" in capsys.readouterr().out

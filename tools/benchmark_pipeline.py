@@ -1,57 +1,22 @@
 #!/usr/bin/env python
-"""Images/s of the training input pipeline alone (JPEG decode, timm's train augmentation, collation, normalisation):
-our loader against timm's create_loader, interleaved rounds, medians (benchmarks.pipeline).
+"""Images/s of the training input pipeline alone: our loader against timm's create_loader.
 
-Run with OMP_WAIT_POLICY=PASSIVE on a shared machine. Example (the README's table):
-    OMP_WAIT_POLICY=PASSIVE python tools/benchmark_pipeline.py --images 256 --img-size 224 --batch-size 32 \\
-        --workers 1 2 --rounds 7 --json output/bench_pipeline.json
+The tool's code is ``benchmarks/pipeline_tool.py`` (beside the library, in a clone only); ``--help`` describes it.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the library in a clone
-
-from benchmarks.pipeline import format_pipeline_table, run_pipeline_benchmark, write_jpegs  # noqa: E402
-from repmlp.guards import atomic_write, check_output_file, integer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=integer(1), default=256, help="JPEGs written to a temporary folder (375x500)")
-    p.add_argument("--img-size", type=integer(8), default=224)
-    p.add_argument("--batch-size", type=integer(1), default=32)
-    p.add_argument("--workers", type=integer(0), nargs="+", default=[1, 2], help="loader worker counts")
-    p.add_argument("--rounds", type=integer(1), default=7)
-    p.add_argument("--json", help="write the report here (refused if the file exists)")
-    args = p.parse_args(argv)
-    if args.json:
-        check_output_file(args.json, what="--json")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = write_jpegs(Path(tmp), args.images)
-        report = run_pipeline_benchmark(
-            root,
-            args.images,
-            args.img_size,
-            args.batch_size,
-            args.workers,
-            args.rounds,
-            log=lambda m: print(m, file=sys.stderr),
-        )
-    print(format_pipeline_table(report))
-    print(json.dumps(report["machine"]))
-    if args.json:
-        text = json.dumps(report, indent=2)
-        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(text))
-    return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the library in a clone
+    from benchmarks.pipeline_tool import main as run  # here, so that torch loads after the environment below is set
+
+    return run(argv)
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # libgomp reads it when torch loads: no spin-waiting
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.exit(main())

@@ -1,110 +1,20 @@
 #!/usr/bin/env python
 """Convert a train-form checkpoint to its deploy form, prove the two agree, write it atomically.
 
-Where the model comes from (repmlp.sources, the rule of every tool): --weights FILE, or --model NAME[.TAG]
---pretrained (registered weights), else seeded random weights with randomised BatchNorm statistics, labelled as
-such. With no arguments: the model shipped with the package, repmlp_fmnist_mlp.fmnist --pretrained.
+The tool's code is ``repmlp/cli/convert_deploy.py``; ``--help`` describes it.
 """
 
-from __future__ import annotations
-
-import argparse
 import os
 import sys
-import time
-import warnings
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
-
-import torch  # noqa: E402
-
-import repmlp  # noqa: E402
-from repmlp.flops import count_macs, count_params  # noqa: E402
-from repmlp.guards import check_output_file, integer  # noqa: E402
-from repmlp.int8 import format_ranges, weight_ranges  # noqa: E402
-from repmlp.sources import ModelSource, add_model_arguments, deploy_record, model_source  # noqa: E402
-
-DEFAULT = "repmlp_fmnist_mlp.fmnist"  # with --pretrained: the shipped model
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(p, f"{DEFAULT} --pretrained, the shipped model", "train-form weights file or model folder")
-    p.add_argument("--output", help="deploy-form .safetensors to write (default: output/<model>_deploy.safetensors)")
-    p.add_argument("--batch-size", type=integer(1), default=2, help="random inputs for the check (default 2)")
-    p.add_argument("--seed", type=integer(0), default=0, help="seed of the random model and inputs")
-    p.add_argument("--no-float64", action="store_true", help="skip the float64 check of the conversion")
-    p.add_argument(
-        "--ranges",
-        action="store_true",
-        help="print each deploy-form layer's weight range and int8 noise (which layers int8 hurts most)",
-    )
-    return p.parse_args(argv)
-
-
-def load_train_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str, ModelSource]:
-    """The train-form model, its name (for file names) and where its weights come from."""
-    default = args.model is None and args.weights is None
-    source = model_source(
-        args.model or (None if args.weights else DEFAULT),
-        args.weights,
-        args.pretrained or default,
-        args.model_kwargs,
-        form="train" if not args.weights else None,
-        seed=args.seed,
-        use_ema=args.ema,
-    )
-    name = (source.model.pretrained_cfg or {}).get("architecture") or source.name.replace(":", "_")
-    return source.model, name, source
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        if args.output:  # refused before anything is read
-            check_output_file(args.output, [args.weights])
-        model, name, source = load_train_model(args)
-        if repmlp.is_deploy_form(model):
-            raise ValueError(f"{args.weights or name} is already in deploy form; nothing to convert")
-        output = check_output_file(args.output or f"output/{name}_deploy.safetensors", [args.weights])
-    except (ValueError, OSError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    model.eval()
-    input_size = tuple(model.pretrained_cfg["input_size"])
-    print(f"model   {name} ({source.weights})")
+    from repmlp.cli.convert_deploy import main as run  # here, so that torch loads after the environment below is set
 
-    start = time.perf_counter()
-    deploy = repmlp.convert_to_deploy(model)
-    seconds = time.perf_counter() - start
-
-    gen = torch.Generator().manual_seed(args.seed)
-    inputs = torch.randn((args.batch_size, *input_size), generator=gen)
-    reports = [repmlp.verify_equivalence(model, deploy, inputs)]
-    if not args.no_float64:  # the conversion's own error, on a float64 copy (the model itself is not cast)
-        reports.append(repmlp.verify_conversion(model, torch.float64, inputs=inputs))
-
-    rows = [
-        ("params", count_params(model), count_params(deploy)),
-        ("MACs", count_macs(model, input_size), count_macs(deploy, input_size)),
-    ]
-    print(f"{'':8}{'train form':>16}{'deploy form':>16}")
-    for label, before, after in rows:
-        print(f"{label:8}{before / 1e6:>15.3f}M{after / 1e6:>15.3f}M")
-    print(f"convert {seconds:.3f} s")
-    for report in reports:
-        print(f"check   {report}")
-    if args.ranges:
-        print(format_ranges(weight_ranges(deploy)))
-    if not all(r.passed for r in reports):
-        print(f"NOT written: the deploy form does not match the train form ({output})", file=sys.stderr)
-        return 1
-    meta = deploy_record(source, model, args.model_kwargs)
-    repmlp.save_checkpoint(deploy, output, model_name=name, form="deploy", metadata=meta)
-    print(f"wrote   {output}")
-    return 0
+    return run(argv)
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # libgomp reads it when torch loads: no spin-waiting
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.exit(main())

@@ -8,6 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from ..locations import read_json
+from ..preprocess import model_input_size  # where it lives: what a model's files record of its input
 from .mlp_cifar import MLPCifarNet
 from .repmlp_resnet import RepMLPResNet
 from .repmlpnet import RepMLPNet
@@ -25,14 +26,3 @@ def load_model(spec: str, **kwargs) -> nn.Module:
     import timm
 
     return timm.create_model(spec, **kwargs)
-
-
-def model_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model is built for: its ``img_size``, else its pretrained config, else 3x224x224."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    chans = int(cfg.get("input_size", (3,))[0])
-    size = getattr(model, "img_size", None)
-    if size is not None:
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return chans, int(size[0]), int(size[1])
-    return tuple(cfg.get("input_size", (3, 224, 224)))

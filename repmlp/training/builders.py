@@ -9,7 +9,7 @@ import timm
 from timm.data import Mixup, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..data import DATASETS, TIMM_SPECS, build_dataset, build_loader, build_transform
 from ..sources import agree_with_record
@@ -82,7 +82,25 @@ def build_eval_data(cfg: dict, model: nn.Module, split: str = "val") -> DataLoad
     )
     dataset = build_datasets(cfg, data_cfg["input_size"], splits=(split,))[0]
     dataset.transform = transform
+    check_channels(model, dataset, cfg)
     return build_loader(dataset, cfg["train"]["eval_batch_size"], False, d["num_workers"])
+
+
+def check_channels(model: nn.Module, dataset: Dataset, cfg: dict) -> None:
+    """Refuse, before the first step (training) or batch (evaluation), a model whose input channels differ from the
+    data's (one transformed sample's: an image folder gives RGB whatever the model takes), naming the fix."""
+    expected = getattr(model, "in_chans", None)  # timm's attribute: the built model's, whatever its pretrained_cfg
+    if expected is None or isinstance(dataset, IterableDataset) or not len(dataset):
+        return
+    channels = dataset[0][0].shape[0]
+    if channels != expected:
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or cfg["model"]["name"]
+        raise ValueError(
+            f"model {name} takes {expected}-channel images but data.dataset={cfg['data']['dataset']} gives "
+            f"{channels}-channel ones; set model.kwargs={{in_chans: {channels}}} (--set 'model.kwargs={{in_chans: "
+            f"{channels}}}', keeping its other arguments; a pretrained stem is adapted to it, as timm does), or use "
+            f"{expected}-channel data{' (image folders are read as RGB)' if channels == 3 else ''}"
+        )
 
 
 def build_datasets(
@@ -104,6 +122,7 @@ def build_datasets(
             d["root"],
             split_names={"train": d["train_split"], "val": d["val_split"]},
             classes=d["num_classes"],
+            skip_bad_images=d["skip_bad_images"],
             **extra,
         )
         for split in splits

@@ -39,6 +39,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "crop_padding": 0,  # > 0: pad-and-random-crop (the CIFAR recipe) instead of random-resized crop
         "train_transform": {},  # timm.data.create_transform training arguments (hflip, scale, auto_augment, ...)
         "synthetic": {"num_samples": 256, "num_classes": 10, "img_size": 32, "in_chans": 3},
+        # image folders: leave out images that cannot be decoded, counted ('skipped'); evaluation only (eval.py
+        # --skip-bad-images). Off: the first such image is an error naming its file.
+        "skip_bad_images": False,
     },
     "optimizer": {
         "opt": "sgd",  # timm optimizer name ('sgd' is Nesterov momentum)
@@ -206,6 +209,10 @@ def _check_type(dotted_key: str, value: Any) -> None:
     )
 
 
+#: The key of a run's config.json under which each resumption records its source and changed settings.
+RESUMED = "resumed"
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
     """Defaults, then the YAML file at ``path``, then ``key=value`` overrides (``train.epochs=2``).
 
@@ -221,6 +228,8 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a YAML mapping of sections {sorted(DEFAULTS)}")
         for section, values in data.items():
+            if section == RESUMED:  # a run's record of its resumptions (config.json), not a setting
+                continue
             if section not in cfg or not isinstance(values, dict):
                 raise ValueError(f"{path}: unknown section {section!r} or not a mapping; sections: {sorted(DEFAULTS)}")
             for key, value in values.items():

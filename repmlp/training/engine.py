@@ -12,7 +12,7 @@ from timm.utils import accuracy, dispatch_clip_grad, unwrap_model
 from torch import nn
 from tqdm import tqdm
 
-from ..data import epoch_batches
+from ..data import SKIPPED_LABEL, epoch_batches
 from ..verify import compare_predictors
 from .distributed import DistEnv, all_reduce_sum, any_rank
 from .state import set_rng_states
@@ -31,6 +31,20 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def check_targets(y: torch.Tensor, num_classes: int) -> None:
+    """Raise ValueError unless every label of a (CPU) batch is a class of a model with ``num_classes`` outputs (torch's
+    own error is an IndexError deep in the loss)."""
+    if y.dtype.is_floating_point or not y.numel():
+        return
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"the data has label {high if high >= num_classes else low} but the model has {num_classes} classes "
+            f"(0..{num_classes - 1}): the data has other classes than the model (another dataset or class count), "
+            "or its labels are corrupt"
+        )
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
@@ -96,7 +110,7 @@ def train_one_epoch(
     bar = tqdm(
         total=total,
         initial=start_step,
-        desc=f"epoch {epoch}",
+        desc=f"epoch {epoch + 1}",  # counted from 1, as every output of a run
         dynamic_ncols=True,
         disable=not (progress and env.is_main),
         mininterval=1.0,
@@ -110,6 +124,7 @@ def train_one_epoch(
     for x, y in batches:
         if steps >= total:
             break
+        labels = y
         x, y = _to_device(x, y, env.device, step.channels_last)
         target = y
         if step.mixup is not None:
@@ -120,6 +135,7 @@ def train_one_epoch(
         with no_sync:
             with autocast(env.device, step.amp_dtype):
                 out = model(x)
+                check_targets(labels, out.shape[-1])
                 loss = step.loss_fn(out, target)
             _backward(loss / accum, step)
         steps += 1
@@ -182,24 +198,35 @@ def evaluate(
     channels_last: bool = False,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Cross-entropy loss, top-1 and top-5 accuracy (%) over the whole dataset (all ranks' shares)."""
+    """Cross-entropy loss, top-1 and top-5 accuracy (%) over the whole dataset (all ranks' shares), the images counted,
+    and those left out because they could not be decoded (``skipped``: where the dataset skips bad images)."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    loss_sum, correct1, correct5, seen = 0.0, 0.0, 0.0, 0
+    loss_sum, correct1, correct5, seen, skipped = 0.0, 0.0, 0.0, 0, 0
     for x, y in tqdm(loader, desc="eval", dynamic_ncols=True, disable=not (progress and env.is_main), mininterval=1.0):
+        keep = y != SKIPPED_LABEL
+        if not bool(keep.all()):
+            skipped += int((~keep).sum())
+            x, y = x[keep], y[keep]
+            if not len(y):
+                continue
+        labels = y
         x, y = _to_device(x, y, env.device, channels_last)
         with autocast(env.device, dtype):
             out = model(x)
         out = out.float()
+        check_targets(labels, out.shape[1])
         k = min(5, out.shape[1])
         top1, top5 = accuracy(out, y, topk=(1, k))
         loss_sum += loss_fn(out, y).item()
         correct1 += top1.item() * y.shape[0] / 100
         correct5 += top5.item() * y.shape[0] / 100
         seen += y.shape[0]
-    loss_sum, correct1, correct5, seen = all_reduce_sum([loss_sum, correct1, correct5, float(seen)], env)
-    seen = max(seen, 1.0)
-    return {"loss": loss_sum / seen, "top1": 100 * correct1 / seen, "top5": 100 * correct5 / seen, "count": int(seen)}
+    totals = all_reduce_sum([loss_sum, correct1, correct5, float(seen), float(skipped)], env)
+    loss_sum, correct1, correct5, seen, skipped = totals
+    count, seen = int(seen), max(seen, 1.0)
+    metrics = {"loss": loss_sum / seen, "top1": 100 * correct1 / seen, "top5": 100 * correct5 / seen, "count": count}
+    return {**metrics, "skipped": int(skipped)} if skipped else metrics
 
 
 @torch.no_grad()
@@ -207,7 +234,8 @@ def compare_forms(
     train_form: nn.Module, deploy_form: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device
 ) -> dict[str, float]:
     """Run both forms over a whole dataset (one process, :func:`repmlp.verify.compare_predictors`): top-1 of each,
-    argmax agreement and the largest per-element logit errors of the deploy form against the train form."""
+    argmax agreement and the largest per-element logit errors of the deploy form against the train form (NaN, with
+    'nonfinite' saying where, when either form outputs a NaN or infinity)."""
     train_form.eval(), deploy_form.eval()
     check = compare_predictors(train_form, deploy_form, ((x.to(device), y) for x, y in loader))
     return {
@@ -217,4 +245,5 @@ def compare_forms(
         "train_top1": check.reference_top1,
         "deploy_top1": check.candidate_top1,
         "count": check.count,
+        **({"nonfinite": check.describe_nonfinite()} if check.nonfinite else {}),
     }

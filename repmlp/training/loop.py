@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import platform
 import random
@@ -24,29 +25,27 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import save_checkpoint
 from ..convert import convert_to_deploy, is_deploy_form
-from ..data import build_loader, num_classes_of
-from ..guards import atomic_write, check_writable_dir
+from ..data import build_loader, label_names_of, num_classes_of
+from ..guards import atomic_write
+from ..preprocess import input_metadata
 from ..quantize import finish_qat, prepare_qat
-from .builders import build_data, build_datasets, build_loss, build_model
-from .config import call_configured
-from .distributed import DistEnv, barrier, cleanup_distributed, init_distributed, weight_divergence
+from .builders import build_data, build_datasets, build_loss, build_model, check_channels, data_config
+from .config import RESUMED, call_configured
+from .distributed import DistEnv, any_rank, barrier, cleanup_distributed, init_distributed, weight_divergence
 from .engine import TrainStep, amp_dtype, compare_forms, evaluate, train_one_epoch
 from .metrics_log import MetricsLog
-from .state import LEGACY_STATE_FILE, STATE_FILE, load_training_state, rng_states, save_training_state
+from .rundir import MANIFEST, RunFiles, RunLock, check_output_dir, start_afresh, write_manifest
+from .schema import check_resumable, check_schema
+from .state import (
+    STATE_FILE,
+    load_training_state,
+    read_state,
+    rng_states,
+    save_training_state,
+)
 
 #: Minimum argmax agreement between train and deploy form on the validation set.
 MIN_AGREEMENT = 0.9995
-#: What a run writes in its output directory; any of them there means an earlier run.
-RUN_FILES = (
-    "config.json",
-    "metrics.jsonl",
-    "metrics.png",
-    STATE_FILE,
-    LEGACY_STATE_FILE,
-    "final.json",
-    "model_train.safetensors",
-    "model_deploy.safetensors",
-)
 
 
 class StopFlag:
@@ -118,15 +117,37 @@ def train(cfg: dict, resume: bool | str = False, overwrite: bool = False) -> dic
             (without it such a directory is refused, untouched).
     """
     env = init_distributed(cfg["train"]["device"])
+    out_dir = Path(cfg["train"]["output_dir"])
+    existed, lock = out_dir.exists(), None
     try:
-        check_output_dir(Path(cfg["train"]["output_dir"]), resume, overwrite)
+        check_output_dir(out_dir, resume, overwrite)  # refused before anything is created
+        lock = _lock(out_dir, env)
+        files = check_output_dir(out_dir, resume, overwrite)  # again, now that no other run can write there
         barrier(env)  # every rank has looked before rank 0 writes anything
         run = build_run(cfg, env)
-        start = restore(run, resume) if resume else _start_fresh(run, overwrite)
+        start = restore(run, resume) if resume else _start_fresh(run, files)
         interrupted = fit(run, *start)
         return interrupted or finish(run)
     finally:
+        if lock is not None:
+            lock.release()
+            if not existed and not any(out_dir.iterdir()):
+                out_dir.rmdir()  # a refused run leaves nothing behind
         cleanup_distributed()
+
+
+def _lock(out_dir: Path, env: DistEnv) -> RunLock | None:
+    """Rank 0 locks the output directory (a second run into it is refused while this one holds it); every rank
+    raises when it could not."""
+    lock, error = None, None
+    if env.is_main:
+        try:
+            lock = RunLock.acquire(out_dir)
+        except OSError as err:
+            error = err
+    if any_rank(error is not None, env):
+        raise error or FileExistsError(f"train.output_dir {out_dir}: rank 0 could not lock it (see its error)")
+    return lock
 
 
 def build_run(cfg: dict, env: DistEnv) -> Run:
@@ -136,11 +157,22 @@ def build_run(cfg: dict, env: DistEnv) -> Run:
     if t["threads"]:
         torch.set_num_threads(int(t["threads"]))
     seed_everything(t["seed"])
+    if cfg["data"]["skip_bad_images"]:
+        raise ValueError(
+            "data.skip_bad_images is for evaluation (tools/eval.py --skip-bad-images); training stops at an image it "
+            "cannot decode, naming it: remove or replace that file"
+        )
     (train_set,) = build_datasets(cfg, splits=("train",))
     num_classes = num_classes_of(train_set)
+    if num_classes < 2:
+        raise ValueError(
+            f"the training set of data.dataset={cfg['data']['dataset']} has {num_classes} class; a classifier needs "
+            "at least 2 (one class trains to a meaningless 100%)"
+        )
     qat = cfg["qat"]
     model = build_model(cfg, num_classes, deploy=qat["mode"] == "fc3_bn")
     train_loader, val_loader = build_data(cfg, model, env, train_set)
+    check_channels(model, val_loader.dataset, cfg)  # its transform draws no random numbers
     accum = accumulation_steps(t["global_batch"], t["batch_size"], env.world_size)
     epoch_steps = len(train_loader) // accum * accum
     if epoch_steps == 0:
@@ -224,38 +256,20 @@ def accumulation_steps(global_batch: int | None, batch_size: int, world_size: in
     return global_batch // per_step
 
 
-def earlier_run_files(out_dir: Path) -> list[str]:
-    """Names of the files of an earlier run in ``out_dir``."""
-    return [name for name in RUN_FILES if (out_dir / name).exists()]
-
-
-def check_output_dir(out_dir: Path, resume: bool | str, overwrite: bool) -> None:
-    """Refuse, before any work, an output directory that cannot be written, or one that holds an earlier run
-    when neither resuming nor overwriting."""
-    if resume and overwrite:
-        raise ValueError(
-            "--resume continues the run in the output directory and --overwrite replaces it: give one of them"
-        )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"train.output_dir {out_dir} is a file; give a directory")
-    check_writable_dir(out_dir, f"train.output_dir {out_dir}")
-    found = earlier_run_files(out_dir)
-    if found and not resume and not overwrite:
-        raise FileExistsError(
-            f"train.output_dir {out_dir} holds an earlier run ({', '.join(found)}); continue it "
-            "with --resume, replace it with --overwrite, or give another --output directory"
-        )
-
-
-def _start_fresh(run: Run, overwrite: bool = False) -> tuple[int, int, int, None]:
+def _start_fresh(run: Run, files: RunFiles) -> tuple[int, int, int, None]:
     if run.env.is_main:
-        run.out_dir.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for name in earlier_run_files(run.out_dir):
-                (run.out_dir / name).unlink()
-        text = json.dumps(run.cfg, indent=2)
-        atomic_write(run.out_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
+        deleted = start_afresh(run.out_dir, files)
+        if deleted and not files.trained:
+            print(f"note: an earlier attempt stopped before its first checkpoint; starting afresh over {deleted}")
+        _write_config(run)
     return 0, 0, 0, None
+
+
+def _write_config(run: Run, resumed: list | None = None) -> None:
+    """The run's config.json: its config, and (resumed runs) each resumption's source and changed settings."""
+    cfg = {**run.cfg, RESUMED: resumed} if resumed else run.cfg
+    text = json.dumps(cfg, indent=2)
+    atomic_write(run.out_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
 
 
 def schedule_settings(run: Run) -> dict[str, Any]:
@@ -268,38 +282,61 @@ def schedule_settings(run: Run) -> dict[str, Any]:
     }
 
 
-def restore(run: Run, resume: bool | str) -> tuple[int, int, int, dict]:
+def restore(run: Run, resume: bool | str) -> tuple[int, int, int, dict | None]:
     """Load the training state; returns (epoch, step in epoch, optimizer updates, RNG states).
 
+    The state is checked against this run before anything is loaded (:func:`repmlp.training.state.check_resumable`).
     Changed schedule settings (e.g. more ``train.epochs``) rebuild the LR schedule for the new settings, at the
-    saved position.
+    saved position; other allowed changes are stated and recorded in the run's config.json.
     """
     path = run.out_dir / STATE_FILE if resume is True else Path(resume)
-    s = run.step
-    state = load_training_state(path, run.model, s.optimizer, s.scheduler, s.ema, s.scaler, schedule_settings(run))
-    if state["epoch"] > run.num_epochs:
-        raise ValueError(
-            f"cannot resume from {path}: it has done {state['epoch']} epochs but this run is "
-            f"configured for {run.num_epochs}; set train.epochs to at least {state['epoch']}"
-        )
-    changes = state["schedule_changes"]
-    if changes and s.scheduler is not None:
+    s, env = run.step, run.env
+    state = read_state(path)
+    check_schema(state, path)
+    changes = check_resumable(state, path, run.cfg, run.num_classes, run.num_epochs, run.epoch_steps, env.world_size)
+    state = load_training_state(
+        path, run.model, s.optimizer, s.scheduler, s.ema, s.scaler, schedule_settings(run), state=state
+    )
+    schedule_changes = state["schedule_changes"]
+    if schedule_changes and s.scheduler is not None:
         s.scheduler.step(state["epoch"])  # set the LR the rebuilt schedule has at the saved position
         s.scheduler.step_update(num_updates=state["num_updates"])
-    rng = state["rng"][run.env.rank] if isinstance(state["rng"], list) else state["rng"]
+    rng = state["rng"]
+    if isinstance(rng, list):  # one per process; used only mid-epoch, where the process count is the saved one
+        rng = rng[env.rank] if env.rank < len(rng) else None
     run.elapsed = state.get("elapsed", 0.0)
-    if run.env.is_main:
+    if env.is_main:
         MetricsLog(run.out_dir).truncate(state["epoch"])
-        print(f"resumed from {path}: epoch {state['epoch']}, step {state['step_in_epoch']}", flush=True)
-        if changes:
-            what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        print(
+            f"resumed from {path}: {state['epoch']} epochs done, epoch {state['epoch'] + 1} at step "
+            f"{state['step_in_epoch']}",
+            flush=True,
+        )
+        if schedule_changes:
+            what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in schedule_changes.items())
             print(
                 f"note: schedule settings changed since the state was saved ({what}): the LR schedule is rebuilt "
                 f"for the new settings and continues from update {state['num_updates']} (LR now "
                 f"{s.optimizer.param_groups[0]['lr']:.3g})",
                 flush=True,
             )
+        if changes:
+            what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            print(f"note: resumed with changed settings ({what}); recorded in config.json", flush=True)
+        if not (run.out_dir / MANIFEST).is_file():  # an earlier version's run, or a state from elsewhere
+            write_manifest(run.out_dir)
+        record = {"from": str(path), "epoch": state["epoch"], "step": state["step_in_epoch"], "changes": changes}
+        _write_config(run, _resumptions(run.out_dir) + [record])
     return state["epoch"], state["step_in_epoch"], state["num_updates"], rng
+
+
+def _resumptions(out_dir: Path) -> list:
+    """The resumptions recorded in ``out_dir``'s config.json so far."""
+    try:
+        earlier = json.loads((out_dir / "config.json").read_text()).get(RESUMED, [])
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return []
+    return earlier if isinstance(earlier, list) else []
 
 
 def fit(run: Run, start_epoch: int, start_step: int, num_updates: int, rng: dict | None) -> dict[str, Any] | None:
@@ -331,7 +368,7 @@ def fit(run: Run, start_epoch: int, start_step: int, num_updates: int, rng: dict
                 _save_state(run, epoch, result.steps, num_updates)
                 if env.is_main:
                     print(
-                        f"interrupted by signal {stop.signal} at epoch {epoch} step {result.steps}; state saved "
+                        f"interrupted by signal {stop.signal} in epoch {epoch + 1} at step {result.steps}; state saved "
                         f"to {run.out_dir / STATE_FILE}; continue with --resume",
                         flush=True,
                     )
@@ -341,7 +378,7 @@ def fit(run: Run, start_epoch: int, start_step: int, num_updates: int, rng: dict
             _save_state(run, epoch + 1, 0, num_updates)
             if env.is_main:
                 log.append(record)
-                print(json.dumps(record), flush=True)
+                print(epoch_line(record, run.num_epochs), flush=True)
     finally:
         stop.restore()
     return None
@@ -351,7 +388,7 @@ def _epoch_record(run: Run, epoch: int, result: Any) -> dict[str, Any]:
     t, s = run.cfg["train"], run.step
     metrics = evaluate(run.ddp_model, run.val_loader, run.env, s.amp_dtype, t["channels_last"])
     record = {
-        "epoch": epoch,
+        "epoch": epoch + 1,  # counted from 1 in every output: this line, metrics.jsonl, metrics.png, the state
         "train_loss": result.loss,
         "train_top1": result.top1,
         "val_loss": metrics["loss"],
@@ -365,6 +402,33 @@ def _epoch_record(run: Run, epoch: int, result: Any) -> dict[str, Any]:
         ema_metrics = evaluate(s.ema.module, run.val_loader, run.env, s.amp_dtype, t["channels_last"])
         record["ema_val_top1"] = ema_metrics["top1"]
     return record
+
+
+def epoch_line(record: dict[str, Any], num_epochs: int) -> str:
+    """One epoch's results as a line to read (``metrics.jsonl`` holds the same record as JSON)."""
+    r = record
+    line = (
+        f"epoch {r['epoch']}/{num_epochs}: train loss {r['train_loss']:.4f} top-1 {r['train_top1']:.2f}% | "
+        f"val loss {r['val_loss']:.4f} top-1 {r['val_top1']:.2f}% top-5 {r['val_top5']:.2f}%"
+    )
+    if "ema_val_top1" in r:
+        line += f" | EMA val top-1 {r['ema_val_top1']:.2f}%"
+    return line + f" | lr {r['lr']:.3g} | {r['epoch_seconds']:.1f} s, {r['img_per_s']:.0f} images/s"
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """The end of a run as a line to read (``final.json`` holds the whole summary)."""
+    check = summary.get("equivalence")
+    if not check:
+        return f"done in {summary['train_seconds']:.1f} s of training"
+    forms = [form for form in ("train", "deploy") if f"{form}_top1" in check]
+    top1 = ", ".join(f"{form} form {check[f'{form}_top1']:.2f}%" for form in forms)
+    verdict = "PASS" if check.get("passed") else "FAIL"
+    files = ", ".join(summary.get("files", {}).values())
+    return (
+        f"done: val top-1 {top1}; deploy vs train form: {verdict}, argmax agreement "
+        f"{check['argmax_agreement']:.4%}; wrote {files} (final.json: the whole summary)"
+    )
 
 
 def _save_state(run: Run, epoch: int, step_in_epoch: int, num_updates: int) -> None:
@@ -386,7 +450,14 @@ def _save_state(run: Run, epoch: int, step_in_epoch: int, num_updates: int) -> N
             epoch,
             step_in_epoch,
             num_updates,
-            extra={"elapsed": run.elapsed, "rng": rng, "schedule": schedule_settings(run)},
+            extra={
+                "elapsed": run.elapsed,
+                "rng": rng,
+                "schedule": schedule_settings(run),
+                "config": run.cfg,  # what a resumed run must agree with (state.check_resumable)
+                "num_classes": run.num_classes,
+                "world_size": run.env.world_size,
+            },
         )
     barrier(run.env)
 
@@ -405,7 +476,7 @@ def finish(run: Run) -> dict[str, Any]:
         summary.update(export(model, run.cfg, run.val_loader.dataset, run.num_classes, run.out_dir))
         text = json.dumps(summary, indent=2)
         atomic_write(run.out_dir / "final.json", lambda tmp: Path(tmp).write_text(text))
-        print(json.dumps(summary), flush=True)
+        print(summary_line(summary), flush=True)
     barrier(run.env)
     return summary
 
@@ -418,16 +489,26 @@ def export(model: nn.Module, cfg: dict, val_set: Dataset, num_classes: int, out_
         plain = build_model(cfg, num_classes, deploy=is_deploy_form(model)).to(next(model.parameters()).device)
         plain.load_state_dict(model.state_dict())
         model = plain.eval()
-    deploy = convert_to_deploy(model)
+    try:
+        deploy = convert_to_deploy(model)
+    except ValueError as err:  # non-finite weights (a diverged run): nothing to export, and never 'passed'
+        print(f"WARNING: not exported: {err}", flush=True)
+        return {"equivalence": {"passed": False, "error": str(err)}, "files": {}}
     val_loader = build_loader(val_set, cfg["train"]["eval_batch_size"], False, cfg["data"]["num_workers"])
     check = compare_forms(model, deploy, val_loader, next(model.parameters()).device)
-    check["passed"] = check["argmax_agreement"] >= MIN_AGREEMENT
+    finite = all(math.isfinite(check[k]) for k in ("max_abs_err", "max_rel_err")) and "nonfinite" not in check
+    check["passed"] = finite and check["argmax_agreement"] >= MIN_AGREEMENT
     meta = {
         "dataset": cfg["data"]["dataset"],
         "num_classes": str(num_classes),
         "model_kwargs": json.dumps(cfg["model"]["kwargs"]),
         "config": json.dumps(cfg),
+        **input_metadata(model, data_config(cfg, model), label_names_of(val_set)),  # what predict needs
     }
+    if not finite:  # nothing written: a model that outputs NaN is no result; final.json stays strict JSON
+        print(f"WARNING: not exported: non-finite outputs on the validation set ({check.get('nonfinite')})", flush=True)
+        check.update({k: None for k in ("max_abs_err", "max_rel_err") if not math.isfinite(check[k])})
+        return {"equivalence": check, "files": {}}
     forms = {"deploy": deploy} if is_deploy_form(model) else {"train": model, "deploy": deploy}
     files = {form: out_dir / f"model_{form}.safetensors" for form in forms}
     for form, form_model in forms.items():

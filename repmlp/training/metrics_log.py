@@ -10,7 +10,8 @@ from ..guards import atomic_write
 
 
 class MetricsLog:
-    """``metrics.jsonl`` (one JSON object per epoch) and ``metrics.png`` in an output directory."""
+    """``metrics.jsonl`` (one JSON object per epoch, epochs numbered from 1) and ``metrics.png`` in an output
+    directory."""
 
     def __init__(self, output_dir: str | Path) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -21,9 +22,10 @@ class MetricsLog:
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
-    def truncate(self, epoch: int) -> None:
-        """Drop records of ``epoch`` and later (a resumed run writes them again)."""
-        kept = [r for r in self.records() if r["epoch"] < epoch]
+    def truncate(self, epochs_done: int) -> None:
+        """Keep the records of the first ``epochs_done`` epochs (numbered from 1); a resumed run writes the others
+        again."""
+        kept = [r for r in self.records() if r["epoch"] <= epochs_done]
         text = "".join(json.dumps(r) + "\n" for r in kept)
         atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
 
@@ -43,7 +45,7 @@ class MetricsLog:
         records = self.records()
         if not records:
             return
-        epochs = [r["epoch"] + 1 for r in records]
+        epochs = [r["epoch"] for r in records]  # from 1, as metrics.jsonl and the printed lines
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
         for ax, keys, title in (
             (ax_loss, ("train_loss", "val_loss"), "loss"),

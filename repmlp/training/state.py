@@ -20,6 +20,7 @@ from timm.utils import unwrap_model
 from torch import nn
 
 from ..guards import atomic_write
+from .schema import check_model_state, check_optimizer_state, check_schema
 
 STATE_FILE = "last_state.safetensors"
 LEGACY_STATE_FILE = "last.pth"  # pickled by earlier versions; never loaded
@@ -76,22 +77,68 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], storages: set[int], wher
     raise TypeError(f"training state: cannot store a {type(obj).__name__!r} (at {where}) without pickle")
 
 
-def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+#: Deepest nesting a training state's JSON may have (a real one: about 8).
+MAX_DEPTH = 64
+#: numpy dtype kinds an ``__ndarray__`` may have (bool, ints, floats: what RNG states hold), at most 16 bytes each.
+_NDARRAY_KINDS = "biuf"
+
+
+class MalformedState(ValueError):
+    """A training state file whose JSON is not what :func:`write_state` writes."""
+
+
+def _decode(node: Any, tensors: dict[str, torch.Tensor], where: str = "state", depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:
+        raise MalformedState(f"{where}: nested deeper than {MAX_DEPTH} levels")
     if isinstance(node, list):
-        return [_decode(v, tensors) for v in node]
+        return [_decode(v, tensors, f"{where}[{i}]", depth + 1) for i, v in enumerate(node)]
     if not isinstance(node, dict):
         return node
     if len(node) == 1 and next(iter(node)) in _TAGS:
         tag, value = next(iter(node.items()))
         if tag == "__tensor__":
+            if not isinstance(value, str) or value not in tensors:
+                raise MalformedState(f"{where}: refers to tensor {value!r}, which the file does not hold")
             return tensors[value]
-        if tag == "__tuple__":
-            return tuple(_decode(v, tensors) for v in value)
-        if tag == "__items__":
-            return {_decode(k, tensors): _decode(v, tensors) for k, v in value}
-        dtype, shape, data = value
-        return np.array(data, dtype=np.dtype(dtype)).reshape(shape)
-    return {k: _decode(v, tensors) for k, v in node.items()}
+        if tag == "__tuple__" and isinstance(value, list):
+            return tuple(_decode(v, tensors, f"{where}[{i}]", depth + 1) for i, v in enumerate(value))
+        if (
+            tag == "__items__"
+            and isinstance(value, list)
+            and all(isinstance(kv, list) and len(kv) == 2 for kv in value)
+        ):
+            items = [
+                (_decode(k, tensors, where, depth + 1), _decode(v, tensors, f"{where}[{k!r}]", depth + 1))
+                for k, v in value
+            ]
+            if not all(isinstance(k, (str, int, float, bool, type(None), tuple)) for k, _ in items):
+                raise MalformedState(f"{where}: a mapping key that is not a number, string or tuple")
+            return dict(items)
+        if tag == "__ndarray__":
+            return _ndarray(value, where)
+        raise MalformedState(f"{where}: a malformed {tag} entry")
+    return {k: _decode(v, tensors, f"{where}.{k}", depth + 1) for k, v in node.items()}
+
+
+def _ndarray(value: Any, where: str) -> np.ndarray:
+    """An ``__ndarray__`` entry [dtype, shape, flat data], checked before numpy allocates anything."""
+    if not (isinstance(value, list) and len(value) == 3 and isinstance(value[0], str) and isinstance(value[2], list)):
+        raise MalformedState(f"{where}: a malformed __ndarray__ entry (expected [dtype, shape, data])")
+    name, shape, data = value
+    try:
+        dtype = np.dtype(name)
+    except (TypeError, ValueError):
+        raise MalformedState(f"{where}: unknown array dtype {name!r}") from None
+    if dtype.kind not in _NDARRAY_KINDS or dtype.itemsize > 16:
+        raise MalformedState(f"{where}: array dtype {name!r} is not a plain number type")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise MalformedState(f"{where}: array shape {shape!r} is not a list of sizes")
+    if int(np.prod(shape, dtype=object)) != len(data):
+        raise MalformedState(f"{where}: array shape {shape} does not hold its {len(data)} values")
+    try:
+        return np.array(data, dtype=dtype).reshape(shape)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise MalformedState(f"{where}: array values do not fit {name}: {err}") from None
 
 
 def write_state(path: str | Path, state: dict[str, Any]) -> None:
@@ -132,7 +179,12 @@ def read_state(path: str | Path) -> dict[str, Any]:
             f"cannot resume from {path}: a safetensors file but not a training state (format "
             f"{meta.get('format')!r}, expected {_FORMAT!r})"
         )
-    return _decode(json.loads(meta["state"]), tensors)
+    try:
+        return _decode(json.loads(meta["state"]), tensors)
+    except RecursionError:
+        raise ValueError(f"cannot resume from {path}: its state is nested too deeply to be a training state") from None
+    except (json.JSONDecodeError, MalformedState) as err:
+        raise ValueError(f"cannot resume from {path}: a malformed training state ({err})") from None
 
 
 def save_training_state(
@@ -175,14 +227,20 @@ def load_training_state(
     ema: nn.Module | None,
     scaler: torch.amp.GradScaler | None,
     schedule: dict[str, Any] | None = None,
+    state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Restore the objects in place from ``path``; returns the rest (epoch, step_in_epoch, num_updates, rng, ...).
+    """Restore the objects in place from ``path`` (or from ``state``, read from it); returns the rest (epoch,
+    step_in_epoch, num_updates, rng, ...). The state is checked first (:func:`check_schema`, the model's parameter
+    names and shapes, the optimizer's type and groups): nothing is restored from a state that does not fit.
 
     ``schedule`` holds the settings the LR schedule is built from; where they differ from the saved run's,
     ``scheduler`` is kept as built (rebuilt for the new settings) and the differences are returned under
     'schedule_changes' as {setting: [saved, now]}.
     """
-    state = read_state(path)
+    state = read_state(path) if state is None else state
+    check_schema(state, path)
+    check_model_state(state["model"], model, path)
+    check_optimizer_state(state["optimizer"], optimizer, path)
     saved_schedule = state.pop("schedule", None)
     changes = {
         k: [(saved_schedule or {}).get(k), v]

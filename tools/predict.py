@@ -1,0 +1,20 @@
+#!/usr/bin/env python
+"""The top-k classes, by name, of image files under a model file (safetensors, ONNX, OpenVINO IR).
+
+The tool's code is ``repmlp/cli/predict.py``; ``--help`` describes it.
+"""
+
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from repmlp.cli.predict import main as run  # here, so that torch loads after the environment below is set
+
+    return run(argv)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # libgomp reads it when torch loads: no spin-waiting
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())
