@@ -11,7 +11,8 @@ One rule finds them: ``$REPMLP_PRETRAINED_DIR`` if set, else ``repmlp/pretrained
 - ``README.md``: the model card (data, recipe, command, measured accuracy of both forms, licence).
 
 The registry's ``pretrained_cfg['file']`` names the folder relative to :func:`weights_dir`; every load of a file
-listed in a folder's ``config.json`` checks its sha256 (:func:`weights_file`).
+listed in a folder's ``config.json`` checks its sha256, from the one read of the load
+(:class:`repmlp.weights_file.WeightsFile`).
 """
 
 from __future__ import annotations
