@@ -180,13 +180,21 @@ def _as_it_is(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str
     return state_dict
 
 
-OURS = KeyLayout("ours", "stem.conv.weight", _as_it_is)
+def _ours_and_repmlp_01(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Ours; repmlp 0.1 kept the classifier (RepMLP-ResNet) or the head's layers (the CIFAR models) at the root."""
+    return {re.sub(r"^(pre_logits|fc)\.", r"head.\1.", k): v for k, v in state_dict.items()}
+
+
+OURS = KeyLayout("ours", "stem.conv.weight", _ours_and_repmlp_01)
 AUTHORS_RESNET = KeyLayout("the authors' RepMLP-ResNet (paper v1)", "stage0.0.conv.weight", resnet_keys_to_ours)
 AUTHORS_REPMLPNET = KeyLayout("the authors' RepMLPNet", "conv_embedding.conv.weight", authors_repmlpnet_keys_to_ours)
 MMPRETRAIN_REPMLPNET = KeyLayout(
     "mmpretrain's RepMLPNet", "backbone.patch_embed.projection.weight", mmpretrain_repmlpnet_keys_to_ours
 )
-REPMLPNET_LAYOUTS = (OURS, AUTHORS_REPMLPNET, MMPRETRAIN_REPMLPNET)
+#: The layouts each family's files come in, in the order they are tried (a family's class declares its own).
+REPMLPNET_LAYOUTS = (KeyLayout(OURS.name, OURS.marker, _as_it_is), AUTHORS_REPMLPNET, MMPRETRAIN_REPMLPNET)
+RESNET_LAYOUTS = (OURS, AUTHORS_RESNET)
+CIFAR_LAYOUTS = (OURS,)
 
 
 def detect_layout(state_dict: dict[str, torch.Tensor], layouts: tuple[KeyLayout, ...]) -> KeyLayout | None:
@@ -197,9 +205,10 @@ def detect_layout(state_dict: dict[str, torch.Tensor], layouts: tuple[KeyLayout,
 def keys_to_ours(
     state_dict: dict[str, torch.Tensor], model: nn.Module, layouts: tuple[KeyLayout, ...]
 ) -> dict[str, torch.Tensor]:
-    """``state_dict`` renamed to ours from the layout its keys show; as it is when they show none of ``layouts``."""
-    layout = detect_layout(state_dict, layouts)
-    return state_dict if layout is None else layout.to_ours(state_dict, model)
+    """``state_dict`` renamed to ours from the layout its keys show (the first of ``layouts``, ours, when they show
+    none: the strict load then names what does not fit)."""
+    layout = detect_layout(state_dict, layouts) or layouts[0]
+    return layout.to_ours(state_dict, model)
 
 
 def repmlpnet_keys_to_ours(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

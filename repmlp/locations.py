@@ -13,11 +13,13 @@ __all__ = ["WEIGHT_NAMES", "folder_weights", "hub_weights"]
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 
 from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES, hf_split
 
 _logger = logging.getLogger(__name__)
+MAX_JSON_BYTES = 1 << 20  # a config.json is a few KB; more is not one
 
 #: timm's weight file names for a model folder or Hub repository, in its order of preference.
 WEIGHT_NAMES: tuple[str, ...] = tuple(_PREFERRED_FILES)
@@ -46,9 +48,34 @@ def folder_weights(folder: str | os.PathLike) -> Path | None:
 
 def _is_timm_config(path: Path) -> bool:
     try:
-        return "architecture" in json.loads(path.read_text())
-    except (OSError, ValueError, TypeError):  # absent, unreadable, not JSON, not an object
+        return "architecture" in read_json(path)
+    except ValueError:  # not a regular file, too large, not JSON, not an object: no model folder
         return False
+
+
+def read_json(path: str | os.PathLike, what: str = "config") -> dict:
+    """A JSON object from ``path`` if it is a regular file of at most :data:`MAX_JSON_BYTES` ({} when there is no
+    file): a FIFO, a device, a huge or non-JSON file is a ValueError naming it, never a hang or a flood."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return {}
+    except OSError as err:
+        raise ValueError(f"{what} {path}: cannot be read ({err.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{what} {path} is not a regular file (a FIFO, device or socket); replace it with a file")
+    if info.st_size > MAX_JSON_BYTES:
+        raise ValueError(f"{what} {path} is {info.st_size} bytes, more than a config's {MAX_JSON_BYTES}; not read")
+    with open(path, "rb") as f:
+        text = f.read(MAX_JSON_BYTES + 1)
+    try:
+        data = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{what} {path} is not valid JSON ({err}); fix or remove it") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} holds a JSON {type(data).__name__}, not an object; fix or remove it")
+    return data
 
 
 def hub_weights(hub_id: str, filename: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:

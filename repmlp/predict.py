@@ -22,7 +22,8 @@ from .data import build_transform
 from .onnx_io import onnx_metadata, onnx_predictor
 from .preprocess import LABEL_KEY, OPENVINO_SECTION, input_metadata, parse_input_metadata
 from .quantize import FixedBatch, onnx_batch_size
-from .sources import model_from_checkpoint, read_record
+from .sources import judged_record, model_from_checkpoint
+from .weights_file import WeightsFile
 
 __all__ = ["IMAGE_SUFFIXES", "Prediction", "Predictor", "image_files", "load_predictor", "predict"]
 
@@ -113,8 +114,9 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
         return Predictor(FixedBatch(run, batch), parse_input_metadata(meta), str(path))  # batch None: any batch
     if suffix == ".xml":
         return _openvino_predictor(path)
-    model = model_from_checkpoint(path).eval()
-    recorded = parse_input_metadata(read_record(path))
+    weights = WeightsFile.open(path)  # read once: the model and what the file records
+    model = model_from_checkpoint(weights).eval()
+    recorded = parse_input_metadata(judged_record(weights.metadata, weights.path))
     return Predictor(model, {**parse_input_metadata(input_metadata(model)), **recorded}, str(path))
 
 

@@ -11,7 +11,8 @@ One rule finds them: ``$REPMLP_PRETRAINED_DIR`` if set, else ``repmlp/pretrained
 - ``README.md``: the model card (data, recipe, command, measured accuracy of both forms, licence).
 
 The registry's ``pretrained_cfg['file']`` names the folder relative to :func:`weights_dir`; every load of a file
-listed in a folder's ``config.json`` checks its sha256 (:func:`weights_file`).
+listed in a folder's ``config.json`` checks its sha256, from the one read of the load
+(:class:`repmlp.weights_file.WeightsFile`).
 """
 
 from __future__ import annotations
@@ -30,11 +31,10 @@ __all__ = [
 ]
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
-from .locations import folder_weights
+from .locations import folder_weights, read_json
 
 ENV_VAR = "REPMLP_PRETRAINED_DIR"
 WEIGHTS_NAME = "model.safetensors"  # the file a shipped folder holds: the first of timm's names
@@ -55,9 +55,8 @@ def weights_dir() -> Path:
 
 
 def read_config(folder: str | os.PathLike) -> dict:
-    """A model folder's ``config.json`` ({} when there is none)."""
-    config = Path(folder) / "config.json"
-    return json.loads(config.read_text()) if config.is_file() else {}
+    """A model folder's ``config.json`` ({} when there is none; read bounded, :func:`repmlp.locations.read_json`)."""
+    return read_json(Path(folder) / "config.json")
 
 
 def shipped_models() -> list[dict]:
@@ -88,7 +87,7 @@ def shipped_weights(name: str) -> Path | None:
     without a tag or with no shipped folder. Its metadata records the model's dataset, classes and arguments."""
     base, _, tag = name.partition(".")
     entry = next((e for e in shipped_models() if (e["model"], e["tag"], e["form"]) == (base, tag, "train")), None)
-    return weights_file(weights_dir() / entry["file"]) if tag and entry else None
+    return weights_dir() / entry["file"] if tag and entry else None
 
 
 def resolve_weights(path: str | os.PathLike) -> Path:
@@ -118,14 +117,8 @@ def weights_file(path: str | os.PathLike) -> Path:
     Raises:
         ValueError: the file does not match its listed sha256 (corrupted, truncated or replaced).
     """
+    from .weights_file import WeightsFile  # reads the file once (and checks its listed sha256)
+
     path = Path(path)
-    if path.is_dir():
-        path = folder_weights(path) or path
-    listed = read_config(path.parent).get("files", {}).get(path.name)
-    if listed and path.is_file() and sha256(path) != listed["sha256"]:
-        raise ValueError(
-            f"weights file {path} is corrupted or was replaced: its sha256 {sha256(path)} is not the "
-            f"{listed['sha256']} listed in {path.parent / 'config.json'}; reinstall the package (or "
-            f"restore the file)"
-        )
-    return path
+    path = (folder_weights(path) or path) if path.is_dir() else path
+    return WeightsFile.open(path).path if path.is_file() else path

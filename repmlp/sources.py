@@ -26,17 +26,21 @@ __all__ = [
 
 import argparse
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import PLAIN_STATE_DICT, file_form, load_checkpoint, read_checkpoint, read_metadata, read_state_dict
+from . import records
+from .checkpoint import file_form, load_checkpoint
 from .convert import convert_to_deploy
-from .models import load_model
-from .shipped import resolve_weights, shipped_weights, weights_file
+from .models import MLPCifarNet, RepMLPNet, RepMLPResNet, load_model
+from .publish import deploy_record  # noqa: F401 - its home before 0.2
+from .shipped import resolve_weights, shipped_weights
 from .verify import randomize_bn_stats
+from .weights_file import PLAIN_STATE_DICT, WeightsFile, read_header_metadata
 
 
 @dataclass
@@ -59,7 +63,7 @@ class ModelSource:
 def recorded_dataset(record: dict[str, str]) -> str | None:
     """``DATASET[:ROOT]`` named by a weights file's metadata (its ``dataset``, else its training config's), or None
     for none or synthetic data."""
-    data = json.loads(record.get("config", "{}")).get("data", {})
+    data = json.loads(record.get("config", "{}")).get("data", {})  # judged by read_record: an object
     dataset = record.get("dataset") or data.get("dataset")
     if not dataset or dataset == "synthetic":
         return None
@@ -111,21 +115,20 @@ def model_source(
 ) -> ModelSource:
     """The model the rule of this module gives (``form``: 'train', 'deploy' or None for the weights' own form;
     random and registered weights are train form unless 'deploy' is asked for; ``use_ema``: a trainer checkpoint's
-    EMA weights, see :func:`repmlp.checkpoint.read_checkpoint`).
+    EMA weights). A weights file is read once (:class:`repmlp.weights_file.WeightsFile`).
 
     Raises:
         ValueError: contradicting arguments, or weights that do not fit the model (the message says which).
     """
     kwargs = dict(model_kwargs or {})
     if weights is not None:
-        weights = resolve_weights(weights)  # a shipped folder by name or by its pre-0.2 path
         if pretrained:
             raise ValueError("--pretrained and --weights both name weights; give one of them")
-        built = model_from_checkpoint(weights, model, form, kwargs, use_ema)
+        file = WeightsFile.open(resolve_weights(weights), use_ema)  # a shipped folder by name or by its old path
+        built = model_from_checkpoint(file, model, form, kwargs, use_ema)
         name = model or (getattr(built, "pretrained_cfg", None) or {}).get("architecture") or "model"
-        held = read_checkpoint(weights, use_ema)[1]  # what a trainer's checkpoint held, and which entry loaded
-        label = f"weights {weights}" + ("" if held == PLAIN_STATE_DICT else f": {held}")
-        return ModelSource(built, name, label, read_record(weights), weights_file(weights))
+        label = f"weights {file.path}" + ("" if file.held == PLAIN_STATE_DICT else f": {file.held}")
+        return ModelSource(built, name, label, judged_record(file.metadata, file.path), file.path)
     if use_ema:
         raise ValueError("--ema (use_ema) selects the EMA weights of a --weights file; give the file")
     name = model or default
@@ -144,17 +147,58 @@ def model_source(
 
 
 def read_record(path: str | Path) -> dict[str, str]:
-    """What a weights file (or model folder) records of its model and data; {} where it records nothing."""
-    try:
-        return read_metadata(path) if weights_file(path).is_file() else {}
-    except Exception:  # noqa: BLE001 - unreadable: read_state_dict says why when the weights are loaded
-        return {}
+    """What a shipped safetensors file records of its model and data (its header only, judged); {} for none."""
+    return judged_record(read_header_metadata(path), Path(path))
+
+
+def judged_record(metadata: dict[str, str], path: str | Path) -> dict[str, str]:
+    """A file's metadata as far as it may be used (:mod:`repmlp.records`): its model a registered name, its
+    ``num_classes`` a count, its ``model_kwargs`` the family's constructor arguments; its dataset and the data
+    section of its training ``config`` only where they name a known dataset on a local path (else dropped)."""
+    record = dict(metadata)
+    if "model" in record:
+        name = records.model_name(record["model"], str(path))
+        record["model"] = name
+        kwargs = records.parse_json(record.get("model_kwargs", "{}"), f"{path}: field 'model_kwargs'")
+        record["model_kwargs"] = json.dumps(records.model_args(family(name), kwargs, f"{path}: field 'model_kwargs'"))
+    if "num_classes" in record and not re.fullmatch(r"\d{1,7}", str(record["num_classes"])):
+        raise ValueError(
+            f"{path}: field 'num_classes' is {record['num_classes']!r}, not a count of classes; fix the file or "
+            "give --model-kwargs '{\"num_classes\": N}'"
+        )
+    config = records.parse_json(record.get("config", "{}"), f"{path}: field 'config'")
+    data = config.get("data", {}) if isinstance(config, dict) else None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: field 'config' must be a JSON object with a 'data' object, got {config!r:.100}")
+    recorded = data.get("dataset")
+    data["dataset"], data["root"] = records.dataset(recorded, data.get("root"), f"{path}: field 'config'")
+    record["config"] = json.dumps({**config, "data": {k: v for k, v in data.items() if v is not None}})
+    refused = recorded is not None and data["dataset"] is None
+    if "dataset" in record and (
+        refused or records.dataset(record["dataset"], None, f"{path}: field 'dataset'")[0] is None
+    ):
+        del record["dataset"]
+    if "config" not in metadata:
+        del record["config"]
+    return record
+
+
+def family(name: str) -> type | None:
+    """The zoo's model class that the registered timm model ``name`` builds, or None for a model outside it."""
+    import timm
+
+    module = timm.models.model_entrypoint(name.split(".")[0]).__module__
+    return next((c for c in (MLPCifarNet, RepMLPNet, RepMLPResNet) if c.__module__ == module), None)
 
 
 def agree_with_record(what: str, given: object, saved: object, path: str | Path) -> object:
     """``given`` where the file at ``path`` records nothing, else the recorded value; a contradiction is a ValueError
-    naming both."""
-    if given is not None and saved is not None and given != saved:
+    naming both (sequences compare by their items: JSON records lists)."""
+
+    def plain(value: object) -> object:
+        return list(value) if isinstance(value, tuple) else value
+
+    if given is not None and saved is not None and plain(given) != plain(saved):
         raise ValueError(
             f"{what} {given!r} contradicts {path}, which records {what} {saved!r}; drop the argument "
             "or give the recorded value"
@@ -163,49 +207,34 @@ def agree_with_record(what: str, given: object, saved: object, path: str | Path)
 
 
 def recorded_model_args(
-    path: str | Path, model_name: str | None = None, model_kwargs: dict | None = None
+    path: str | Path | WeightsFile, model_name: str | None = None, model_kwargs: dict | None = None
 ) -> tuple[str, dict, str | None]:
-    """(model name, constructor kwargs, requested form) of a weights file: its metadata (model, model_kwargs,
-    num_classes) merged with the arguments, which fill what it lacks; a contradiction is a ValueError naming both.
-    ``model_kwargs`` may hold ``deploy`` (a form request) and ``num_classes``."""
+    """(model name, constructor kwargs, requested form) of a weights file: its judged metadata (model, model_kwargs,
+    num_classes; :func:`judged_record`) merged with the arguments, which fill what it lacks; a contradiction is a
+    ValueError naming both. ``model_kwargs`` may hold ``deploy`` (a form request) and ``num_classes``."""
+    file = path if isinstance(path, WeightsFile) else WeightsFile.open(path)
     kwargs = dict(model_kwargs or {})
-    meta = read_record(path)
-    if not meta:
-        read_state_dict(path)  # raises its clear error for a missing, directory or corrupted file
+    meta = judged_record(file.metadata, file.path)
     requested = ("deploy" if kwargs.pop("deploy") else "train") if "deploy" in kwargs else None
     saved_name = meta.get("model") or None
     untagged = model_name.split(".")[0] if model_name and ":" not in model_name else model_name  # timm NAME.TAG
-    agree_with_record("model", untagged, saved_name, path)
+    agree_with_record("model", untagged, saved_name, file.path)
     name = model_name or saved_name
     if not name:
         raise ValueError(
-            f"{path} does not record its model (no 'model' metadata, e.g. the authors' files); "
+            f"{file.path} does not record its model (no 'model' metadata, e.g. the authors' files); "
             "pass the model name (--model NAME)"
         )
     saved = json.loads(meta.get("model_kwargs", "{}"))
     if "num_classes" in meta:
         saved["num_classes"] = int(meta["num_classes"])
     for key in set(kwargs) & set(saved):
-        agree_with_record(f"model argument {key}", kwargs[key], saved[key], path)
+        agree_with_record(f"model argument {key}", kwargs[key], saved[key], file.path)
     return name, {**saved, **kwargs}, requested
 
 
-def deploy_record(source: ModelSource, model: nn.Module, model_kwargs: dict | None = None) -> dict[str, str]:
-    """What a deploy-form file converted from ``source`` records so that tools can rebuild it alone: the train-form
-    file's dataset and config, the constructor arguments used (``model_kwargs`` over the recorded ones; the form
-    and class count are recorded apart), the number of classes and where the weights came from."""
-    record = {k: v for k, v in source.record.items() if k in ("dataset", "config")}
-    kwargs = {**json.loads(source.record.get("model_kwargs", "{}")), **(model_kwargs or {})}
-    for key in ("num_classes", "deploy"):
-        kwargs.pop(key, None)
-    record.update(model_kwargs=json.dumps(kwargs), source=source.weights)
-    if isinstance(getattr(model, "num_classes", None), int):
-        record["num_classes"] = str(model.num_classes)
-    return record
-
-
 def model_from_checkpoint(
-    path: str | Path,
+    path: str | Path | WeightsFile,
     model_name: str | None = None,
     form: str | None = None,
     model_kwargs: dict | None = None,
@@ -213,15 +242,20 @@ def model_from_checkpoint(
 ) -> nn.Module:
     """Build the model a weights file describes (see :func:`recorded_model_args`) in the requested form (default:
     the file's, judged by structure) and load it; a train-form file loads into a deploy-form model by conversion.
-    ``model_name`` is a timm name or ``package.module:factory``; ``use_ema`` loads a trainer checkpoint's EMA
-    weights."""
-    name, kwargs, requested = recorded_model_args(path, model_name, model_kwargs)
+    ``model_name`` is the caller's timm name or ``package.module:factory``; ``use_ema`` loads a trainer checkpoint's
+    EMA weights. The file is read once."""
+    file = path if isinstance(path, WeightsFile) else WeightsFile.open(path, use_ema)
+    name, kwargs, requested = recorded_model_args(file, model_name, model_kwargs)
     form = agree_with_record("form", form, requested, "--model-kwargs") if requested else form
     if form not in (None, "train", "deploy"):
         raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
-    train = load_model(name, **kwargs)
-    form = form or file_form(read_state_dict(path, use_ema), train) or "train"  # no match: the strict load says why
+    asked = set(model_kwargs or {})  # the caller's own arguments: only these may give the file a fresh head
+    try:
+        train = load_model(name, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{file.path}: cannot build {name} with {kwargs}: {err}") from None
+    form = form or file_form(file.state, train) or "train"  # no match: the strict load says why
     if form == "train":
-        return load_checkpoint(train, path, use_ema=use_ema)
+        return load_checkpoint(train, file, asked=asked)
     model = load_model(name, **kwargs, deploy=True)
-    return load_checkpoint(model, path, train_model_factory=lambda: train, use_ema=use_ema)  # the twin, built once
+    return load_checkpoint(model, file, train_model_factory=lambda: train, asked=asked)  # the twin, built once

@@ -237,8 +237,9 @@ FINE_TUNE = CASES + [
 
 @pytest.mark.parametrize("name,kwargs", FINE_TUNE)
 def test_fine_tuning_loads(tmp_path, caplog, name, kwargs):
-    """Another num_classes (0 included) keeps the model's fresh classifier and says so; another in_chans adapts
-    the first conv; everything else is loaded (a train-form file, so deploy-form models also convert)."""
+    """Another num_classes (0 included), asked for, gives the model a fresh classifier and says so; another
+    in_chans asked for adapts the first conv; everything else is loaded (a train-form file, so deploy-form models
+    also convert). Not asked for, a classifier of another size is an error naming the num_classes that loads it."""
     kwargs = dict(kwargs)
     deploy = kwargs.pop("deploy", False)
     train = create(name, 4, **kwargs)
@@ -251,7 +252,7 @@ def test_fine_tuning_loads(tmp_path, caplog, name, kwargs):
             model = timm.create_model(
                 name, pretrained=True, deploy=deploy, pretrained_cfg_overlay=overlay, num_classes=num_classes, **kwargs
             ).eval()
-        assert "classifier" in caplog.text and "skipped" in caplog.text
+        assert f"num_classes={num_classes} asked: a fresh classifier" in caplog.text
         assert model(x).shape == (2, num_classes or model.head_hidden_size)
         assert (
             rel_err(

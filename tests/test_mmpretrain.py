@@ -17,6 +17,7 @@ from test_repmlpnet import TINY as AUTHORS_TINY  # the authors' tiny RepMLPNet a
 from timm.data import create_transform, resolve_data_config
 
 import repmlp
+from repmlp.authors import keys_to_ours
 from repmlp.models.repmlpnet import RepMLPBlock
 from repmlp.training import build_eval_data, load_config
 
@@ -113,7 +114,7 @@ def test_full_size_layouts_map_onto_our_models(size, file_form):
         if file_form == "deploy":
             for block in [m for m in model.modules() if isinstance(m, RepMLPBlock)]:
                 block.reparameterize()
-    ours = model.checkpoint_filter_fn(state, model)
+    ours = keys_to_ours(state, model, model.key_layouts)
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 

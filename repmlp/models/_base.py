@@ -4,7 +4,11 @@ No ``from __future__ import annotations`` here: FX copies ``forward``'s annotati
 and TorchScript can only script those graphs when the annotations are real types, not strings.
 """
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Sequence
+from contextvars import ContextVar
+from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from timm.layers import ClassifierHead, DropPath, to_2tuple
@@ -14,7 +18,8 @@ from timm.models._input import update_model_input_size
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import load_checkpoint
+from .. import records
+from ..checkpoint import checkpoint_filter_fn, load_checkpoint
 from ..convert import is_deploy_form
 from ..layers import in_layout
 from ..locations import hub_weights
@@ -109,8 +114,9 @@ class RepMLPModel(nn.Module):
     :meth:`_init_feature_levels`.
     """
 
-    #: Maps a foreign (the authors') state dict to our keys; a pure rename (see :mod:`repmlp.authors`).
-    checkpoint_filter_fn: Callable[[dict, nn.Module], dict] | None = None
+    #: The checkpoint key layouts a family's files come in (:class:`repmlp.authors.KeyLayout`, ours first): a file
+    #: is renamed from the one whose marker key it holds; a file that fits none is compared with each.
+    key_layouts: tuple = ()
 
     #: Run NHWC inside: inputs are turned channels_last, which is where oneDNN's convs and pooling and our partition
     #: copies are fastest; outputs are returned in the caller's layout. A family where it does not pay sets False.
@@ -317,17 +323,51 @@ class RepMLPModel(nn.Module):
     def load_pretrained(self, path: str) -> None:
         """timm ``custom_load`` hook (``pretrained=True``): :func:`repmlp.load_checkpoint` of ours or the
         authors' file, train or deploy form; a shipped file may be named relative to the weights directory."""
-        load_checkpoint(self, resolve_weights(path))
+        load_checkpoint(self, resolve_weights(path), asked=_ASKED.get())
 
 
-def route_pretrained_file(variant: str, pretrained: bool, kwargs: dict) -> None:
+def build(cls: type, variant: str, pretrained: bool, feature_cfg: dict, **kwargs) -> "RepMLPModel":
+    """A family's ``_create``: timm's ``build_model_with_cfg`` with the family's one ``pretrained_filter_fn``
+    (:func:`repmlp.checkpoint.checkpoint_filter_fn`, which timm applies to a ``state_dict`` given in
+    ``pretrained_cfg_overlay``), every weights file sent through ``custom_load`` (:func:`_route_pretrained`), and
+    the constructor arguments a ``local-dir:`` or ``hf-hub:`` folder's ``config.json`` supplied checked as a file's
+    (:func:`repmlp.records.model_args`)."""
+    from timm.models import build_model_with_cfg
+
+    recorded = kwargs.get("pretrained_model_args")
+    if recorded:  # timm read them from a folder's config.json: data, never a location
+        cfg = kwargs.get("pretrained_cfg") or {}
+        where = f"{cfg.get('file') or cfg.get('hf_hub_id') or variant}/config.json: field 'model_args'"
+        records.model_args(cls, recorded, where, form=True)
+    asked = {k for k in ("num_classes", "in_chans") if k in kwargs and (recorded or {}).get(k, object()) != kwargs[k]}
+    _route_pretrained(variant, pretrained, kwargs)
+    token = _ASKED.set(frozenset(asked))
+    try:
+        return build_model_with_cfg(
+            cls, variant, pretrained, feature_cfg=feature_cfg, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
+        )
+    finally:
+        _ASKED.reset(token)
+
+
+#: The constructor arguments the caller of the ``create_model`` in progress gave (``num_classes``, ``in_chans``):
+#: timm's loader calls ``load_pretrained(path)`` with the path alone, and only these may give a file's trained
+#: classifier or stem a fresh one (:func:`repmlp.checkpoint.load_checkpoint`'s ``asked``).
+_ASKED: ContextVar[frozenset] = ContextVar("repmlp_asked", default=frozenset())
+
+
+def _route_pretrained(variant: str, pretrained: bool, kwargs: dict) -> None:
     """Send ``pretrained=True`` loads through the model's ``load_pretrained`` (our :func:`load_checkpoint`).
 
+    Why ``custom_load`` and not timm's loader (one place for it): timm's reads the whole file before the filter can
+    judge it, defaults a trainer's checkpoint to its EMA weights (our documented default is its state dict), and
+    replaces a classifier by comparing with ``pretrained_cfg['num_classes']`` rather than the file's own tensors.
+
     timm resets ``custom_load`` when ``pretrained_cfg_overlay`` names a file, so it is set again here. A
-    ``local-dir:`` folder (timm reads it with its own loader) is loaded as a file too, and so is an ``hf-hub:``
-    model's weights file, found in (offline: only read from) the Hugging Face cache by timm's weight file names
-    (:func:`repmlp.locations.hub_weights`): every checkpoint is converted, adapted and hash-checked like any other.
-    A model with no weights file, URL or Hub id configured is refused (timm would silently keep the random init).
+    ``local-dir:`` folder and an ``hf-hub:`` model's weights file (found in, offline only read from, the Hugging
+    Face cache: :func:`repmlp.locations.hub_weights`) load as files; a ``url`` loads from timm's cache, downloaded
+    there unless offline. Locations a folder's ``config.json`` names besides its own are not used. A model with no
+    weights configured is refused (timm would silently keep the random init).
     """
     if not pretrained:
         return
@@ -335,6 +375,7 @@ def route_pretrained_file(variant: str, pretrained: bool, kwargs: dict) -> None:
 
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
     cfg = timm.models.resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
+    from_folder = cfg.get("source") in ("local-dir", "hf-hub")  # the cfg came from a config.json
     hub = cfg.get("hf_hub_id") if cfg.get("source") == "hf-hub" or not (cfg.get("file") or cfg.get("url")) else None
     if not (cfg.get("file") or cfg.get("url") or hub):
         raise ValueError(
@@ -342,9 +383,30 @@ def route_pretrained_file(variant: str, pretrained: bool, kwargs: dict) -> None:
             f"pretrained_cfg_overlay=dict(file=PATH) (ours or the authors' .pth/.safetensors)"
         )
     overlay.setdefault("custom_load", True)
+    if from_folder:
+        overlay.update(url=None, state_dict=None, hf_hub_filename=None, custom_load=True)
     if hub:
-        overlay["file"] = str(hub_weights(hub, cfg.get("hf_hub_filename"), kwargs.get("cache_dir")))
-        overlay["source"] = "file"
-    elif cfg.get("source") == "local-dir":
-        overlay["source"] = "file"
+        overlay["file"] = str(
+            hub_weights(hub, None if from_folder else cfg.get("hf_hub_filename"), kwargs.get("cache_dir"))
+        )
+    elif not cfg.get("file") and not cfg.get("state_dict"):
+        overlay["file"] = _cached_url(cfg["url"], kwargs.get("cache_dir"))
+    overlay["source"] = "file"
     kwargs["pretrained_cfg_overlay"] = overlay
+
+
+def _cached_url(url: str, cache_dir: str | None) -> str:
+    """The file of ``url`` in timm's cache, downloaded there when it is not (unless offline); a FileNotFoundError
+    naming the URL and the file to place otherwise."""
+    from timm.models._hub import download_cached_file, get_cache_dir
+
+    cached = Path(cache_dir or get_cache_dir()) / Path(urlparse(url).path).name
+    if cached.is_file():
+        return str(cached)
+    why = "offline (HF_HUB_OFFLINE=1)"
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", "no", ""):
+        try:
+            return download_cached_file(url, cache_dir=cache_dir)
+        except OSError as err:  # URLError, HTTPError, no space: all OSErrors
+            why = f"the download failed ({err})"
+    raise FileNotFoundError(f"weights not in the cache and {why}: download {url} and place it as {cached}")

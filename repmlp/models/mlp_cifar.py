@@ -15,18 +15,18 @@ grid. The Wide ConvNet accepts any size.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
 from timm.layers import SelectAdaptivePool2d, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
+from ..authors import CIFAR_LAYOUTS, keys_to_ours
 from ..data import FASHION_MNIST_LABELS, FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from ..layers import ConvBN, PatchEmbedding, RepMLP, cells, shape_str
 from ..shipped import shipped_folder
-from ._base import RepMLPModel, check_rate, factory_kwargs, pretrained_cfg, route_pretrained_file
+from ._base import RepMLPModel, build, check_rate, factory_kwargs, pretrained_cfg
 
 __all__ = ["PureMLPNet", "MLPCifarNet"]
 
@@ -172,6 +172,8 @@ class PureMLPNet(RepMLPModel):
         dtype: the floating dtype of every parameter and buffer (timm's factory kwarg).
     """
 
+    key_layouts = CIFAR_LAYOUTS  # ours (repmlp 0.1 kept the head's layers at the root)
+
     def __init__(
         self,
         num_classes: int = 10,
@@ -293,20 +295,15 @@ def _check_input(
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Key renames only: repmlp 0.1 kept the head's layers at the root."""
-    return {re.sub(r"^(pre_logits|fc)\.", r"head.\1.", k): v for k, v in state_dict.items()}
-
-
-MLPCifarNet.checkpoint_filter_fn = staticmethod(checkpoint_filter_fn)  # what load_checkpoint renames with
+    """Deprecated alias (until 0.3; CHANGELOG.md): the renames of :attr:`MLPCifarNet.key_layouts`."""
+    return keys_to_ours(state_dict, model, CIFAR_LAYOUTS)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> PureMLPNet:
-    route_pretrained_file(variant, pretrained, kwargs)
     stages = len(kwargs["widths"])
     levels = tuple(range(stages + PureMLPNet.stem_is_level(stages)))
-    return build_model_with_cfg(
-        PureMLPNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=levels), **kwargs
-    )
+    features = dict(flatten_sequential=True, out_indices=levels)
+    return build(PureMLPNet, variant, pretrained, feature_cfg=features, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:

@@ -13,28 +13,18 @@ the paper ran Cityscapes (v1 Sec. 4.4, following PSPNet-50): c4 is not dilated, 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import drop_blocks
 from torch import nn
 
-from ..authors import AUTHORS_RESNET, OURS, KeyLayout, keys_to_ours
+from ..authors import RESNET_LAYOUTS, keys_to_ours
 from ..layers import ConvBN, RepMLP, cells, in_layout, shape_str
-from ._base import (
-    NCHWStage,
-    RepMLPModel,
-    check_rate,
-    drop_path,
-    drop_path_rates,
-    factory_kwargs,
-    pretrained_cfg,
-    route_pretrained_file,
-)
+from ._base import NCHWStage, RepMLPModel, build, check_rate, drop_path, drop_path_rates, factory_kwargs, pretrained_cfg
 
 torch.fx.wrap("in_layout")  # FX leaves are per module (see repmlp.layers.in_layout)
 
@@ -190,6 +180,8 @@ def _per_stage(value: int | Sequence[int], name: str) -> list[int]:
 class RepMLPResNet(RepMLPModel):
     """ResNet-50 with RepMLP blocks in c3 and c4.
 
+    Files load in our layout (and repmlp 0.1's) or the authors' (:data:`repmlp.authors.RESNET_LAYOUTS`).
+
     Args:
         block_type: 'light' or 'bottleneck'.
         img_size: the input resolution the RepMLP blocks are built for (any size; see the module docstring for
@@ -214,6 +206,8 @@ class RepMLPResNet(RepMLPModel):
         device: where every tensor is created (timm's factory kwarg; ``'meta'`` included).
         dtype: the floating dtype of every parameter and buffer (timm's factory kwarg).
     """
+
+    key_layouts = RESNET_LAYOUTS
 
     def __init__(
         self,
@@ -340,26 +334,13 @@ def _check_input(x: torch.Tensor, size: tuple[int, int], partition: int, output_
     return x
 
 
-def _ours_and_repmlp_01(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    return {re.sub(r"^fc\.", "head.fc.", k): v for k, v in state_dict.items()}  # 0.1: a root classifier
-
-
-#: The layouts a RepMLP-ResNet file may come in: ours (and repmlp 0.1's), the authors' (train and inference form).
-KEY_LAYOUTS = (KeyLayout(OURS.name, OURS.marker, _ours_and_repmlp_01), AUTHORS_RESNET)
-
-
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Key renames only, from the layout of :data:`KEY_LAYOUTS` the keys show."""
-    return keys_to_ours(state_dict, model, KEY_LAYOUTS)
-
-
-RepMLPResNet.checkpoint_filter_fn = staticmethod(checkpoint_filter_fn)  # what load_checkpoint renames with
-RepMLPResNet.key_layouts = KEY_LAYOUTS  # what a file that matches none is compared with
+    """Deprecated alias (until 0.3; CHANGELOG.md): the renames of :attr:`RepMLPResNet.key_layouts`."""
+    return keys_to_ours(state_dict, model, RESNET_LAYOUTS)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> RepMLPResNet:
-    route_pretrained_file(variant, pretrained, kwargs)
-    return build_model_with_cfg(
+    return build(
         RepMLPResNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)), **kwargs
     )
 

@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from .. import ops
-from ..authors import REPMLPNET_LAYOUTS, repmlpnet_keys_to_ours
+from ..authors import REPMLPNET_LAYOUTS
 from ..layers import (
     ConvBN,
     LocalPerceptron,
@@ -56,15 +56,7 @@ from ..layers import (
     shape_str,
     unpartition,
 )
-from ._base import (
-    RepMLPModel,
-    check_rate,
-    drop_path,
-    drop_path_rates,
-    factory_kwargs,
-    pretrained_cfg,
-    route_pretrained_file,
-)
+from ._base import RepMLPModel, build, check_rate, drop_path, drop_path_rates, factory_kwargs, pretrained_cfg
 
 __all__ = ["RepMLPNet", "RepMLPBlock"]
 
@@ -512,6 +504,8 @@ class RepMLPNet(RepMLPModel):
         dtype: the floating dtype of every parameter and buffer (timm's factory kwarg).
     """
 
+    key_layouts = REPMLPNET_LAYOUTS  # ours, the authors', mmpretrain's
+
     #: RepMLPNet runs in NCHW: its token-mixing FC3 and FFN are batched matmuls over (C, H*W) rows that read an
     #: NCHW map in place, so channels_last would add a copy per block and runs slower.
     channels_last = False
@@ -631,13 +625,8 @@ def _check_input(x: torch.Tensor, chans: int) -> torch.Tensor:
     return x
 
 
-RepMLPNet.checkpoint_filter_fn = staticmethod(repmlpnet_keys_to_ours)  # what load_checkpoint renames with
-RepMLPNet.key_layouts = REPMLPNET_LAYOUTS  # what a file that matches none is compared with
-
-
 def _create(variant: str, pretrained: bool = False, **kwargs) -> RepMLPNet:
-    route_pretrained_file(variant, pretrained, kwargs)
-    return build_model_with_cfg(
+    return build(
         RepMLPNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)), **kwargs
     )
 

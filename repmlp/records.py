@@ -1,0 +1,135 @@
+"""Judging what a file says about its model and data: a file is data, never code.
+
+A weights file's metadata, a trainer's ``args`` and a model folder's ``config.json`` may name a model, its
+constructor arguments and its dataset. Here, in one place, each is checked before anything is built or read from it:
+a model name must be a registered timm name (``package.module:factory`` comes only from the user); constructor
+arguments must be the family's constructor's, of its types, and never a location (``file``, ``url``,
+``checkpoint_path``, ...); a dataset must be a known one on a local path. Every refusal names the file, the field,
+the value and what would work. A leaf module: models and sources both ask it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["dataset", "model_args", "model_name", "parse_json"]
+
+import inspect
+import json
+import logging
+import re
+
+_logger = logging.getLogger(__name__)
+
+#: Where weights come from, and how they are loaded: the caller's to say, never a file's.
+LOCATION_FIELDS = frozenset(
+    "file url hf_hub_id hf_hub_filename source state_dict checkpoint_path custom_load pretrained pretrained_cfg "
+    "pretrained_cfg_overlay pretrained_model_args pretrained_strict cache_dir features_only device dtype".split()
+)
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # pipe:, http:, s3:, ... (a Windows drive is no concern here)
+_LOCAL_DATASETS = ("imagefolder", "cifar10", "cifar100", "fashion_mnist", "synthetic")
+_TIMM_PREFIXES = ("tar", "wds/", "torch/", "hfds/")
+
+
+def model_name(value: object, where: str) -> str:
+    """``value`` if it is a registered timm model name (optionally ``NAME.TAG``), else a ValueError."""
+    import timm
+
+    name = value.split(".")[0] if isinstance(value, str) else None
+    if not name or ":" in value or not timm.is_model(name):
+        raise ValueError(
+            f"{where}: field 'model' is {value!r}, not a registered timm model name; a file cannot name code to "
+            "run: give the model yourself (--model NAME, or package.module:factory)"
+        )
+    return name
+
+
+def model_args(family: type | None, args: object, where: str, form: bool = False) -> dict:
+    """Constructor arguments recorded in a file, checked against ``family``'s constructor: a JSON object whose keys
+    are its parameters (no location field; ``deploy`` only where the file records its weights' ``form``: a folder
+    timm's ``save_for_hf`` wrote) with values of their types. ``family`` None (a model outside the zoo): only
+    ``num_classes`` and ``in_chans``."""
+    if not isinstance(args, dict):
+        raise ValueError(f"{where}: constructor arguments must be a JSON object, got {args!r:.200}")
+    params = _parameters(family)
+    for key, value in args.items():
+        if key == "deploy" and form and isinstance(value, bool):
+            continue
+        if key in LOCATION_FIELDS or key == "deploy":
+            raise ValueError(
+                f"{where}: field {key!r} ({value!r:.100}) is not read from a file (it says where weights come from, "
+                "or their form); give it yourself"
+            )
+        if key not in params:
+            raise ValueError(f"{where}: unknown constructor argument {key!r}; the model takes {', '.join(params)}")
+        if not _fits(value, params[key]) or (key in ("num_classes", "in_chans") and value < (key == "in_chans")):
+            raise ValueError(
+                f"{where}: field {key!r} is {value!r:.100}, not a valid {params[key]}; fix the file or give "
+                f"--model-kwargs '{{\"{key}\": ...}}'"
+            )
+    return dict(args)
+
+
+def parse_json(text: object, where: str) -> object:
+    """A JSON field of a file's metadata, parsed; a ValueError naming it otherwise."""
+    try:
+        return json.loads(text) if isinstance(text, str) else text
+    except ValueError as err:
+        raise ValueError(f"{where} is not JSON ({err}): {text!r:.100}") from None
+
+
+def dataset(dataset: object, root: object, where: str) -> tuple[str | None, str | None]:
+    """(dataset, root) a file records, if they name a known dataset and a local path; else (None, None) with a
+    warning that names them (the user must give --dataset / --data-root)."""
+    known = isinstance(dataset, str) and (
+        dataset in _LOCAL_DATASETS or any(dataset.startswith(p) for p in _TIMM_PREFIXES)
+    )
+    local = root is None or (isinstance(root, str) and root not in ("", "-") and not _SCHEME.match(root))
+    if dataset is None or (known and local):
+        return dataset, root
+    _logger.warning(
+        "%s: recorded dataset %r with root %r not used (a known dataset on a local path only); "
+        "give --dataset and --data-root",
+        where,
+        dataset,
+        root,
+    )
+    return None, None
+
+
+def _parameters(family: type | None) -> dict[str, str]:
+    if family is None:
+        return {"num_classes": "int", "in_chans": "int"}
+    signature = inspect.signature(family.__init__)
+    return {
+        p.name: p.annotation if isinstance(p.annotation, str) else type(p.default).__name__
+        for p in signature.parameters.values()
+        if p.name not in ("self", "deploy", "device", "dtype") and p.kind is p.POSITIONAL_OR_KEYWORD
+    }
+
+
+def _alternatives(annotation: str) -> list[str]:
+    """``'int | tuple[int, int]'`` -> ['int', 'tuple[int, int]'] (split at the top level only)."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(annotation):
+        depth += {"[": 1, "]": -1}.get(c, 0)
+        if c == "|" and depth == 0:
+            parts.append(annotation[start:i].strip())
+            start = i + 1
+    return [*parts, annotation[start:].strip()]
+
+
+def _fits(value: object, annotation: str) -> bool:
+    """Whether a JSON value fits a constructor's annotation (the few types the zoo's constructors take)."""
+    for kind in _alternatives(annotation):
+        inner = kind[kind.index("[") + 1 : -1] if "[" in kind else "int"
+        if kind == "None" and value is None:
+            return True
+        if kind == "bool" and isinstance(value, bool):
+            return True
+        if kind == "str" and isinstance(value, str):
+            return True
+        if kind in ("int", "float") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return kind == "float" or isinstance(value, int)
+        if kind.split("[")[0] in ("Sequence", "tuple", "list", "_Size") and isinstance(value, list):
+            if all(_fits(v, inner.split(",")[0].strip()) for v in value):
+                return True
+    return False
