@@ -8,15 +8,22 @@ against the authors' conversion (emulated) and the machine's state (threads, OMP
 optionally writes JSON and a PNG chart. Weights are random (BN statistics randomised): speed does not depend on them,
 and every deploy and authors' form is checked against its train form. Inputs are NCHW unless --channels-last.
 
-Run with OMP_WAIT_POLICY=PASSIVE on a shared machine (libgomp's default spin-waiting made 2-thread runs up to 12x
-slower under load; docs/speed.md). Example:
-    OMP_WAIT_POLICY=PASSIVE python tools/benchmark.py --batch-sizes 1 8 32 --runtime eager compile onnxruntime \\
-        --json output/bench_cpu.json
+A fair race: every runtime (PyTorch, onnxruntime, OpenVINO) gets the same threads (--threads, default the cores
+available) with spin-waiting off (OMP_WAIT_POLICY=PASSIVE unless set, by tools/benchmark.py: libgomp's default
+spin-waiting made 2-thread runs up to 12x slower under load; onnxruntime's spinning off; OpenVINO one stream, no
+pinning); baselines run in their fastest layout (channels_last, --channels-last); speed-ups between models of
+different input sizes name them; the output and JSON name the CPU and its instruction sets (AVX2, AVX-512,
+AVX512-BF16, AMX, VNNI) and the command. --dtype bf16 or fp16 times every candidate in that dtype (onnxruntime:
+float32 only; OpenVINO: its precision hint, refused where the CPU lacks it), each against the dense matmul of the
+same dtype (%mm). --profile adds where each eager candidate spends its time (matmul, conv, copy/layout,
+elementwise, pool). Example:
+    python tools/benchmark.py --batch-sizes 1 8 32 --runtime eager compile onnxruntime --json output/bench_cpu.json
+benchmarks/run_results.sh runs every command whose JSON the speed page (docs/speed.md) is made from.
 
 With --int8: int8 against float32 instead (repmlp.int8): PyTorch eager and compiled float32, PyTorch int8 (PT2E,
 compiled), onnxruntime float32 and int8 (dynamic, static), each checked against the PyTorch float32 deploy form;
 default models the shipped Fashion-MNIST model (its weights and test images), repmlpnet_t224, repmlp_res50_light_224:
-    OMP_WAIT_POLICY=PASSIVE python tools/benchmark.py --int8 --batch-sizes 1 8 --rounds 15 --json output/bench_int8.json
+    python tools/benchmark.py --int8 --batch-sizes 1 8 --rounds 15 --json output/bench_int8.json
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import shlex
 import sys
 import tempfile
 import warnings
@@ -60,7 +69,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
     )
     p.add_argument("--int8", action="store_true", help="time int8 against float32 forms (see above)")
     p.add_argument(
-        "--profile", action="store_true", help="with --int8: time each onnxruntime form's operator types too"
+        "--profile",
+        action="store_true",
+        help="time each eager candidate's operator kinds too (with --int8: each onnxruntime form's operator types)",
     )
     p.add_argument(
         "--int8-forms",
@@ -93,8 +104,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
     p.add_argument(
         "--channels-last",
         nargs="*",
-        choices=(*FORMS, "baseline"),
-        help="run these forms on channels_last inputs (no value: all forms and baselines)",
+        choices=(*FORMS, "baseline", "none"),
+        help="run these forms on channels_last inputs (default: baseline, resnet50's fastest layout; no value: all "
+        "forms and baselines; none: NCHW inputs for all)",
     )
     p.add_argument(
         "--runtime",
@@ -104,7 +116,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
         choices=RUNTIMES,
         help="runtimes to run every candidate in (outputs checked against eager PyTorch first)",
     )
-    p.add_argument("--threads", type=integer(1), default=d.threads, help="CPU threads (default 2)")
+    p.add_argument(
+        "--threads", type=integer(1), help="CPU threads of every runtime (default: the cores available to this process)"
+    )
     p.add_argument("--warmup", type=integer(0), default=d.warmup, help="untimed calls per candidate after the first")
     p.add_argument("--rounds", type=integer(1), default=d.rounds, help="timed, interleaved rounds (at least)")
     p.add_argument(
@@ -140,8 +154,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
     outputs = {"json": args.json, "png": args.png, "overwrite": args.overwrite}
     if args.conversion_only and args.png:
         p.error("--png charts the forms' images/s, which --conversion-only does not measure; write --json")
-    if args.profile and not args.int8:
-        p.error("--profile times onnxruntime's operators of the --int8 forms; add --int8")
     if args.int8:
         if args.png:
             p.error("--png charts the form benchmark; with --int8 write --json")
@@ -156,19 +168,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig | Int8Ben
             profile=args.profile,
         )
         return cfg, outputs
-    del args.json, args.png, args.int8, args.int8_forms, args.profile, args.overwrite
+    del args.json, args.png, args.int8, args.int8_forms, args.overwrite
     args.models = args.models or list(d.models)
     if args.input_size:
         args.input_size = tuple(args.input_size)
     if args.channels_last is None:
-        args.channels_last = ()
+        args.channels_last = d.channels_last
     elif not args.channels_last:
         args.channels_last = (*FORMS, "baseline")
+    elif "none" in args.channels_last:
+        args.channels_last = ()
     return BenchmarkConfig(**vars(args)), outputs
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, outputs = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    policy = "OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "unset")
+    command = shlex.join([policy, "python", "tools/benchmark.py", *argv])
     try:  # refused before the (long) measurement
         check_outputs({"--json": outputs["json"], "--png": outputs["png"]}, overwrite=outputs["overwrite"])
     except (ValueError, OSError) as err:
@@ -184,8 +201,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(format_int8_table(report))
     else:
-        report = run_benchmark(cfg, log=log)
+        try:
+            report = run_benchmark(cfg, log=log)
+        except ValueError as err:  # a runtime, dtype or device this machine cannot run, refused before any timing
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         print(format_table(report))
+    report = {"command": command, **report}  # the JSON says what made it (benchmarks/speed_page.py prints it)
     if outputs["json"]:
         text = json.dumps(report, indent=1)
         atomic_write(outputs["json"], lambda tmp: Path(tmp).write_text(text))

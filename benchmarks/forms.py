@@ -33,17 +33,36 @@ import torch
 from torch import nn
 
 from repmlp.convert import convert_to_deploy
+from repmlp.cpu import available_cores
 from repmlp.flops import count_macs, count_params
 from repmlp.models import load_model, model_input_size
 from repmlp.runtime import RUNTIMES, RuntimeModel, check_against_eager, in_runtime
 from repmlp.sources import model_source
-from repmlp.verify import ErrorStats
+from repmlp.verify import DTYPES, TOLERANCES, ErrorStats
 
 from .emulation import authors_convert, authors_form
-from .timing import machine_state, percentile, spread, sync, timed_round
+from .timing import (
+    format_machine,
+    machine_description,
+    machine_state,
+    percentile,
+    profile_ops,
+    quiet_profiler,
+    spread,
+    sync,
+    timed_round,
+)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMS = ("train", "deploy", "authors")
+GRAPH_RUNTIMES = ("onnxruntime", "openvino")  # exported once per candidate, with a dynamic batch
+
+
+def sizes_note(ratio: dict) -> str:
+    """``, inputs 1x28x28 vs 3x224x224`` where a speed-up compares models of different input sizes, else ``''``."""
+    if ratio.get("input_size") == ratio.get("versus_input_size"):
+        return ""
+    size = lambda s: "x".join(map(str, s))  # noqa: E731
+    return f", inputs {size(ratio['input_size'])} vs {size(ratio['versus_input_size'])}"
 
 
 def fc3_weight_bytes(model: nn.Module) -> dict[str, int]:
@@ -78,7 +97,7 @@ def peak_forward_bytes(module: nn.Module, x: torch.Tensor) -> int:
         return torch.cuda.max_memory_allocated(x.device) - before
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         module(x)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     return max(itertools.accumulate(nbytes for _, nbytes in events), default=0)
@@ -115,8 +134,10 @@ class BenchmarkConfig:
     batch_sizes: Sequence[int] = (1, 8, 32)
     device: str = "cpu"
     dtype: str = "fp32"
-    channels_last: Sequence[str] = ()  # forms given channels_last inputs ("train", "deploy", "authors", "baseline")
-    threads: int | None = 2
+    # forms given channels_last inputs ("train", "deploy", "authors", "baseline"): by default the baselines, whose
+    # fastest layout it is (resnet50); our zoo models turn their inputs channels_last themselves where that is faster
+    channels_last: Sequence[str] = ("baseline",)
+    threads: int | None = None  # default: the cores available (repmlp.cpu.available_cores)
     warmup: int = 2
     rounds: int = 10
     max_rounds: int | None = None  # default: 3 x rounds
@@ -126,6 +147,7 @@ class BenchmarkConfig:
     memory: bool = True
     convert_rounds: int = 3
     conversion_only: bool = False  # time the conversions (and the authors'), no forward passes
+    profile: bool = False  # also the milliseconds per operator kind of every eager candidate (timing.profile_ops)
     seed: int = 0
 
 
@@ -253,6 +275,25 @@ def _time_rounds(
     return mm, r
 
 
+def _in_dtype(
+    cands: list[Candidate], device: torch.device, dtype: torch.dtype, seed: int
+) -> tuple[list[nn.Module], list[float]]:
+    """The candidates' modules moved and cast (in place) to the benchmark's device and dtype, and the max relative
+    error of each against itself in float32 on the CPU; RuntimeError where one of our forms exceeds the dtype's
+    tolerance (:data:`repmlp.verify.TOLERANCES`) or gives non-finite outputs."""
+    modules, errors = [], []
+    for c in cands:
+        x = torch.randn(2, *c.input_size, generator=torch.Generator().manual_seed(seed))
+        reference = c.module(x) if dtype != torch.float32 or device.type != "cpu" else None
+        module = c.module.to(device=device, dtype=dtype)
+        err = 0.0 if reference is None else ErrorStats.of(reference, module(x.to(device, dtype)).cpu()).max_rel_err
+        if c.form != "baseline" and not err <= TOLERANCES[dtype]:
+            raise RuntimeError(f"{c.label} in {dtype} differs from its float32 self: max rel err {err:.2e}")
+        modules.append(module)
+        errors.append(err)
+    return modules, errors
+
+
 @torch.inference_mode()
 def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> dict:
     """Build, check and time every candidate in every runtime; returns a JSON-serialisable report."""
@@ -260,31 +301,34 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> d
         if runtime not in RUNTIMES:
             raise ValueError(f"runtimes must be among {RUNTIMES}, got {runtime!r}")
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
-    if device.type == "cpu" and cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: no CUDA device here (torch.cuda.is_available() is False)")
+    if device.type != "cpu" and set(GRAPH_RUNTIMES) & set(cfg.runtimes):
+        raise ValueError(f"{' and '.join(GRAPH_RUNTIMES)} run on the CPU here; time them with --device cpu")
+    torch.set_num_threads(cfg.threads or available_cores())  # the threads of every runtime (repmlp.runtime)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    machine = {"start": machine_state()}
+    machine = {**machine_description(device), "start": machine_state()}
     cands, conversions = build_candidates(cfg)
-    modules = [c.module.to(device=device, dtype=dtype) for c in cands]
+    modules, cast_errors = _in_dtype(cands, device, dtype, cfg.seed)
     matmul_n = cfg.matmul_size or (1024 if device.type == "cpu" else 8192)
     matmul = matmul_time(device, dtype, matmul_n)
     machine.update(matmul_n=matmul_n, matmul_gflops={}, rounds={}, widest_spread={}, after={})
     formats = [torch.channels_last if c.form in cfg.channels_last else torch.contiguous_format for c in cands]
-    onnx_sessions: dict[int, RuntimeModel] = {}  # one session per candidate serves every batch size
+    sessions: dict[tuple[int, str], RuntimeModel] = {}  # graph runtimes: one per candidate serves every batch size
     results, ratios = [], []
     for bs in () if cfg.conversion_only else cfg.batch_sizes:
         entries = []
         for i, (c, m, f) in enumerate(zip(cands, modules, formats)):
             x = torch.randn(bs, *c.input_size, device=device).to(dtype).contiguous(memory_format=f)
             for runtime in cfg.runtimes:
-                if runtime == "onnxruntime" and i in onnx_sessions:
-                    call = onnx_sessions[i]
-                    call.max_rel_err = check_against_eager(m, call, x)
+                if (i, runtime) in sessions:
+                    call = sessions[(i, runtime)]
+                    call.max_rel_err = check_against_eager(m, call, x, dtype=dtype)
                 else:
-                    call = in_runtime(m, runtime, x)
-                    if runtime == "onnxruntime":
-                        onnx_sessions[i] = call
+                    call = in_runtime(m, runtime, x, dtype=dtype)
+                    if runtime in GRAPH_RUNTIMES:
+                        sessions[(i, runtime)] = call
                 for _ in range(cfg.warmup):
                     call(x)
                 entries.append(_Entry(c, m, runtime, call, x))
@@ -302,12 +346,15 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> d
                 p.numel() * p.element_size() for p in itertools.chain(e.module.parameters(), e.module.buffers())
             )
             peak = weights + peak_forward_bytes(e.module, e.x) if cfg.memory and e.runtime == "eager" else None
+            profile = cfg.profile and e.runtime == "eager" and device.type == "cpu"
             results.append(
                 dict(
                     model=c.model,
                     form=c.form,
                     runtime=e.runtime,
                     batch_size=bs,
+                    input_size=list(c.input_size),
+                    dtype=cfg.dtype,
                     channels_last=c.form in cfg.channels_last,
                     ms=1e3 * sec,
                     ms_p90=1e3 * percentile(e.times, 90),
@@ -322,8 +369,10 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> d
                     fc3_bytes_per_block=c.fc3_bytes,
                     peak_bytes=peak,
                     max_rel_err=c.max_rel_err,
+                    dtype_max_rel_err=cast_errors[cands.index(c)],
                     runtime_max_rel_err=m.max_rel_err,
                     build_s=m.build_s,
+                    profile_ms=profile_ops(lambda e=e: e.call(e.x)) if profile else None,
                 )
             )
         for versus, deploy, ref in pairs:
@@ -334,6 +383,8 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> d
                     runtime=deploy.runtime,
                     batch_size=bs,
                     versus=versus,
+                    input_size=list(deploy.cand.input_size),
+                    versus_input_size=list(ref.cand.input_size),
                     speedup=statistics.median(ref.times) / statistics.median(deploy.times),
                     per_round=per_round,
                 )
@@ -342,25 +393,16 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> d
             f"batch {bs}: {rounds} rounds done, dense {matmul_n}^3 matmul {peak_gflops:.1f} GFLOP/s, "
             f"load average {machine['after'][bs]['loadavg']}"
         )
-    machine.update(torch=torch.__version__, device=_device_name(device), threads=torch.get_num_threads())
+    machine.update(device=machine.get("gpu", machine["cpu"]), threads=torch.get_num_threads())
     if "onnxruntime" in cfg.runtimes:
         import onnxruntime
 
         machine["onnxruntime"] = onnxruntime.__version__
+    if "openvino" in cfg.runtimes:
+        import openvino
+
+        machine["openvino"] = openvino.get_version()
     return dict(config=_jsonable(asdict(cfg)), machine=machine, conversion=conversions, results=results, ratios=ratios)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def _jsonable(value):
@@ -397,7 +439,7 @@ def format_table(report: dict) -> str:
     for r in report["ratios"]:
         s = r["per_round"]
         lines.append(
-            f"{r['model']} deploy vs {r['versus']} [{r['runtime']}] (batch {r['batch_size']}): "
+            f"{r['model']} deploy vs {r['versus']} [{r['runtime']}] (batch {r['batch_size']}{sizes_note(r)}): "
             f"x{r['speedup']:.2f}; per round median x{s['median']:.2f}, p25-p75 {s['p25']:.2f}-{s['p75']:.2f}, "
             f"min-max {s['min']:.2f}-{s['max']:.2f}, {s['rounds']} rounds"
         )
@@ -414,7 +456,13 @@ def format_table(report: dict) -> str:
                     f"(min-max {s['min']:.2f}-{s['max']:.2f})"
                 )
             lines.append(line)
+    for r in report["results"]:
+        if r.get("profile_ms"):
+            total = sum(r["profile_ms"].values())
+            kinds = ", ".join(f"{kind} {ms:.1f} ({ms / total:.0%})" for kind, ms in r["profile_ms"].items())
+            lines.append(f"{r['model']} [{r['form']}] batch {r['batch_size']}, ms per call by operator kind: {kinds}")
     start = machine["start"]
+    lines.append(format_machine(machine))
     lines.append(
         f"{machine['device']}, torch {machine['torch']}, {start['threads']} threads, "
         f"OMP_WAIT_POLICY={start['omp_wait_policy']}, load average {start['loadavg']} at start, "

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from repmlp.convert import is_deploy_form
+from repmlp.cpu import available_cores
 from repmlp.export import export_onnx
 from repmlp.onnx_io import onnx_predictor
 from repmlp.quantize import (
@@ -24,7 +25,7 @@ from repmlp.quantize import (
 from repmlp.shipped import shipped_weights
 from repmlp.sources import ModelSource, model_source
 
-from .timing import machine_state, timed_round
+from .timing import format_machine, machine_description, machine_state, timed_round
 
 INT8_FORMS = (
     "pytorch fp32",
@@ -46,7 +47,7 @@ class Int8BenchmarkConfig:
     models: Sequence[str] = ("repmlp_fmnist_mlp.fmnist", "repmlpnet_t224", "repmlp_res50_light_224")
     forms: Sequence[str] = INT8_FORMS
     batch_sizes: Sequence[int] = (1, 8)
-    threads: int = 2
+    threads: int | None = None  # default: the cores available
     warmup: int = 2
     rounds: int = 10
     calibration_samples: int = 64
@@ -111,8 +112,8 @@ def _int8_candidates(
 def run_int8_benchmark(cfg: Int8BenchmarkConfig, workdir: str | Path, log=print) -> dict:
     """Median ms per batch of every form in ``cfg.forms``, timed in interleaved rounds (order rotated each round),
     with each form's max relative logit error and argmax agreement against the PyTorch float32 deploy form."""
-    torch.set_num_threads(cfg.threads)
-    machine = {"start": machine_state()}
+    torch.set_num_threads(cfg.threads or available_cores())  # onnxruntime's sessions take the same count
+    machine = {**machine_description(), "start": machine_state()}
     results = []
     models = {name: deploy_model(name, cfg.seed) for name in cfg.models}  # every model refused or built first
     for name, source in models.items():
@@ -173,6 +174,7 @@ def format_int8_table(report: dict) -> str:
             f"{speedups[0]:>11} {speedups[1]:>10} {r['max_rel_err']:>11.1e} {r['argmax_agreement']:>10.2%}"
         )
     start, end = report["machine"]["start"], report["machine"]["end"]
+    lines.append(format_machine(report["machine"]))
     lines.append(
         f"{start['threads']} threads, OMP_WAIT_POLICY={start['omp_wait_policy']}, load average "
         f"{start['loadavg']} at the start, {end['loadavg']} at the end"

@@ -19,7 +19,7 @@ def reparameterizable(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def convert_to_deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
+def convert_to_deploy(model: nn.Module, inplace: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
     """Convert every re-parameterizable block of ``model`` into its deploy form.
 
     Works on any module tree (a zoo model, a user's detector holding our blocks). BatchNorms are folded
@@ -28,6 +28,8 @@ def convert_to_deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
     Args:
         model: the train-form model; left untouched unless ``inplace``.
         inplace: convert ``model`` itself instead of a copy.
+        dtype: the deploy form's dtype (e.g. ``torch.bfloat16``) when it is not the model's: a float64 copy is
+            converted and cast once, so the deploy form's only rounding is the cast. Not with ``inplace``.
 
     Returns:
         The converted model in eval mode, its parameters new leaf tensors with no autograd history.
@@ -37,6 +39,10 @@ def convert_to_deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
             (:func:`check_convertible`); nothing is converted then.
     """
     check_convertible(model)
+    if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
+        if inplace:
+            raise ValueError("convert_to_deploy: dtype casts a float64 copy; it cannot convert in place")
+        return convert_to_deploy(copy.deepcopy(model).to(torch.float64), inplace=True).to(dtype)
     if inplace:
         _reparameterize_tree(model)
         return model.eval()

@@ -97,8 +97,12 @@ def unpartition(p: torch.Tensor, n: int, hp: int, wp: int, channels_last: bool =
 
 
 def cells(size: int, step: int) -> int:
-    """How many ``step``-sized cells cover ``size`` pixels: ``ceil(size / step)`` (the padding rule below)."""
-    return -(-size // step)
+    """How many ``step``-sized cells cover ``size`` pixels: ``ceil(size / step)`` (the padding rule below).
+
+    No floor division of a negative number (``-(-size // step)``): traced for ONNX it becomes an integer Div, which
+    truncates toward zero, and the export's constant folding then padded by a negative amount (a crop).
+    """
+    return (size + step - 1) // step
 
 
 @torch.fx.wrap

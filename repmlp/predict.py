@@ -111,7 +111,7 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
         meta = onnx_metadata(path)
         batch = onnx_batch_size(path)
         run = onnx_predictor(path)
-        return Predictor(FixedBatch(run, batch) if batch > 0 else run, parse_input_metadata(meta), str(path))
+        return Predictor(FixedBatch(run, batch), parse_input_metadata(meta), str(path))  # batch None: any batch
     if suffix == ".xml":
         return _openvino_predictor(path)
     weights = WeightsFile.open(path)  # read once: the model and what the file records

@@ -28,6 +28,8 @@ from .ops import is_batch_norm
 
 #: Max relative error (max |y_ref - y| / max |y_ref|) accepted per dtype of the compared run.
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-3}
+#: The dtypes a deploy form is run or written in, by the name the tools take (``--dtype``).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _first_nonfinite(t: torch.Tensor, offset: int = 0) -> tuple[int, tuple[int, ...] | None]:
@@ -250,6 +252,8 @@ def verify_equivalence(
     Returns:
         The report; ``passed`` when both outputs are finite and the max relative error is within tolerance
         (a NaN or infinity anywhere is a FAIL that says where, and with ``per_block`` the first block it came from).
+        Models stored in different dtypes (a bfloat16 deploy form against its float32 train form) each run on the
+        inputs cast to their own dtype.
     """
     stored = [next(m.parameters()).dtype for m in (reference, candidate)]
     if dtype is not None:
@@ -261,6 +265,7 @@ def verify_equivalence(
         gen = torch.Generator().manual_seed(seed)
         inputs = torch.randn((batch_size, *size), generator=gen, dtype=torch.float64)
     inputs = inputs.to(device=device, dtype=run_dtype)
+    ref_dtype, cand_dtype = (next(m.parameters()).dtype for m in (reference, candidate))  # each in its own dtype
     names = _outermost([n for n, _ in reparameterizable(reference) if n]) if per_block else []
     ref_blocks, cand_blocks = {}, {}
     hooks = _record_outputs(reference, names, ref_blocks) + _record_outputs(candidate, names, cand_blocks)
@@ -268,7 +273,9 @@ def verify_equivalence(
     try:
         reference.eval(), candidate.eval()
         with _no_tf32():
-            stats = compare_predictors(reference, candidate, [inputs])
+            stats = compare_predictors(
+                lambda x: reference(x.to(ref_dtype)), lambda x: candidate(x.to(cand_dtype)), [inputs]
+            )
     finally:
         for h in hooks:
             h.remove()
@@ -281,7 +288,7 @@ def verify_equivalence(
         stats.mean_abs_err,
         stats.argmax_agreement,
         tol,
-        str(run_dtype).replace("torch.", ""),
+        " against ".join(dict.fromkeys(str(d).replace("torch.", "") for d in (cand_dtype, ref_dtype))),
         stats.within(tol),
         blocks,
         nonfinite=stats.nonfinite,

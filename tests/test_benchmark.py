@@ -9,8 +9,10 @@ from conftest import load_tool, rel_err
 from torch import nn
 
 from benchmarks.emulation import AuthorsRepMLP, authors_deploy_form
-from benchmarks.forms import fc3_weight_bytes
+from benchmarks.forms import fc3_weight_bytes, sizes_note
+from benchmarks.speed_page import render_report
 from repmlp import RepMLP, convert_to_deploy
+from repmlp.cpu import available_cores, instruction_sets
 from repmlp.layers import ConvBN
 from repmlp.models import model_input_size
 from repmlp.verify import randomize_bn_stats
@@ -101,13 +103,42 @@ def test_benchmark_tool_end_to_end(tmp_path, capsys):
         s = r["per_round"]
         assert 2 <= s["rounds"] <= 4 and s["min"] <= s["p25"] <= s["median"] <= s["p75"] <= s["max"]
     machine = report["machine"]
-    assert all(g > 0 for g in machine["matmul_gflops"].values()) and machine["start"]["threads"] == 2
+    assert all(g > 0 for g in machine["matmul_gflops"].values()) and machine["start"]["threads"] == available_cores()
+    assert machine["instruction_sets"] == instruction_sets() and machine["cpu"] and machine["torch_cpu_capability"]
+    assert report["command"].startswith("OMP_WAIT_POLICY=") and "--models test_benchmark:tiny_" in report["command"]
     assert len(machine["start"]["loadavg"]) == 3 and "omp_wait_policy" in machine["start"]
     conversion = report["conversion"]["test_benchmark:tiny_model"]
     assert conversion["with_copy_s"] > 0 and "speedup_vs_authors" not in conversion  # C != O: not theirs to convert
     assert (tmp_path / "bench.png").stat().st_size > 0
     printed = capsys.readouterr().out
-    assert "deploy vs train [onnxruntime]" in printed and "OMP_WAIT_POLICY=" in printed
+    assert "deploy vs train [onnxruntime]" in printed and "OMP_WAIT_POLICY=" in printed and "AVX-512" in printed
+    section = render_report("bench", report)  # as the speed page shows it: machine, command, tables
+    assert "; has AVX" in section and "; lacks " in section and report["command"] in section
+    assert "| test_benchmark:tiny_model | deploy | onnxruntime | NHWC | 3x16x16 | 3 |" in section
+
+
+def test_benchmark_in_bf16_profiles_quietly(tmp_path, capfd):
+    """bf16 (the path GPUs take too), the baseline channels_last by default, where each eager candidate spends its
+    time, and none of the profiler's C++ noise (``gpuGetDeviceCount failed``) on a machine without a GPU."""
+    out = tmp_path / "bf16.json"
+    args = "--models test_benchmark:tiny_model --baselines test_benchmark:tiny_baseline --forms deploy --dtype bf16"
+    args += " --batch-sizes 2 --rounds 1 --warmup 0 --convert-rounds 0 --matmul-size 64 --profile --json"
+    assert load_tool("benchmark").main([*args.split(), str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {(r["form"], r["channels_last"], r["dtype"]) for r in report["results"]} == {
+        ("deploy", False, "bf16"),
+        ("baseline", True, "bf16"),
+    }
+    deploy = next(r for r in report["results"] if r["form"] == "deploy")
+    assert deploy["profile_ms"]["matmul"] > 0 and 1e-5 < deploy["dtype_max_rel_err"] <= 5e-2
+    captured = capfd.readouterr()
+    assert "gpuGetDeviceCount" not in captured.err + captured.out and "by operator kind: " in captured.out
+
+
+def test_speedups_name_different_input_sizes():
+    same = dict(input_size=[3, 224, 224], versus_input_size=[3, 224, 224])
+    assert sizes_note(same) == ""
+    assert sizes_note({**same, "input_size": [1, 28, 28]}) == ", inputs 1x28x28 vs 3x224x224"
 
 
 # (C, O, H, W, h, w, groups): several partitions with a global perceptron, h != w, C != O, one partition
@@ -167,3 +198,10 @@ def test_pipeline_benchmark_times_each_loader(tmp_path, capsys):
     assert report["images"] == 16 and row["workers"] == 0
     assert all(row[f"{kind}_img_s"] > 0 for kind in ("ours", "timm", "ours_uint8"))
     assert "| 0 worker(s) |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused_before_any_work(capsys):
+    args = ["--device", "cuda", "--models", "test_benchmark:tiny_model", "--baselines", "--dtype", "fp16"]
+    assert load_tool("benchmark").main(args) == 2
+    assert "no CUDA device here" in capsys.readouterr().err

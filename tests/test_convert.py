@@ -126,3 +126,12 @@ def test_half_precision_conversion(dtype, tol):
         assert ((got.double() - ref).abs() <= ulp).all(), name
     x = torch.randn(2, 8, 12, 12)  # against the fp32 train form
     assert rel_err(block32(x), deploy_half(x.to(dtype))) <= tol
+    # a float32 train form to a half deploy form (convert_deploy --dtype): converted in float64, cast once
+    cast_once = convert_to_deploy(block32, dtype=dtype)
+    exact = convert_to_deploy(copy.deepcopy(block32).double())
+    for (name, ref), got in zip(exact.state_dict().items(), cast_once.state_dict().values()):
+        assert got.dtype == dtype and torch.equal(got, ref.to(dtype)), name
+    assert next(block32.parameters()).dtype == torch.float32 and not block32.deploy
+    assert rel_err(block32(x), cast_once(x.to(dtype))) <= tol
+    with pytest.raises(ValueError, match="cannot convert in place"):
+        convert_to_deploy(block32, inplace=True, dtype=dtype)

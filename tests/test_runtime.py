@@ -11,7 +11,7 @@ from repmlp import convert_to_deploy, load_checkpoint, save_checkpoint
 from repmlp.models import model_input_size
 from repmlp.models._base import NCHWStage
 from repmlp.runtime import RUNTIMES, in_runtime
-from repmlp.verify import randomize_bn_stats
+from repmlp.verify import TOLERANCES, randomize_bn_stats
 
 # small members of each family (the suite's sizes); RepMLPNet runs NCHW inside, the others NHWC
 FAMILIES = {
@@ -33,7 +33,7 @@ def family(request):
     return request.param, *_forms(request.param)
 
 
-@pytest.mark.parametrize("runtime", [r for r in RUNTIMES if r != "compile"])
+@pytest.mark.parametrize("runtime", [r for r in RUNTIMES if r not in ("compile", "openvino")])  # see below
 def test_runtime_and_layout_give_eager_nchw_outputs(family, runtime):
     name, train, deploy, x = family
     with torch.inference_mode():
@@ -66,6 +66,43 @@ def test_runtime_refuses_unknown_names_and_wrong_outputs(family):
         in_runtime(deploy, "tensorrt", x)
     with pytest.raises(RuntimeError, match="differ from eager"):
         in_runtime(deploy, "eager", x, tolerance=-1.0)
+    with pytest.raises(ValueError, match="onnxruntime runtime runs float32"):
+        in_runtime(deploy, "onnxruntime", x, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_is_checked_with_its_tolerance(family, dtype):
+    """A float32 deploy form run in bf16/fp16 (a copy cast once; the model itself stays float32), checked per element
+    against itself in float32 with the dtype's tolerance; it really ran in the dtype (errors above float32's)."""
+    _, _, deploy, x = family
+    run = in_runtime(deploy, "eager", x, dtype=dtype)
+    out = run(x)
+    assert run.dtype == dtype and out.dtype == dtype and torch.isfinite(out).all()
+    assert TOLERANCES[torch.float32] < run.max_rel_err <= TOLERANCES[dtype]
+    assert next(deploy.parameters()).dtype == torch.float32
+
+
+def test_openvino_is_checked_in_its_precision():
+    """OpenVINO (one tiny model, one size): float32 against eager PyTorch with float32's tolerance at any batch; bf16
+    with bf16's where the CPU has it (AVX512-BF16, AMX), else refused rather than quietly run in float32."""
+    pytest.importorskip("openvino")
+    from test_benchmark import tiny_model
+
+    deploy = convert_to_deploy(randomize_bn_stats(tiny_model()).eval())
+    x = torch.randn(2, 3, 16, 16)
+    run = in_runtime(deploy, "openvino", x)
+    assert run.max_rel_err <= TOLERANCES[torch.float32] and run.dtype == torch.float32
+    x3 = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_err(deploy(x3), run(x3)) <= TOLERANCES[torch.float32]
+    import openvino
+
+    if "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        bf16 = in_runtime(deploy, "openvino", x, dtype=torch.bfloat16)
+        assert TOLERANCES[torch.float32] < bf16.max_rel_err <= TOLERANCES[torch.bfloat16]
+    else:
+        with pytest.raises(ValueError, match="OpenVINO runs f32 on this CPU when asked for bf16"):
+            in_runtime(deploy, "openvino", x, dtype=torch.bfloat16)
 
 
 def _conv_input_layouts(model: torch.nn.Module, x: torch.Tensor) -> dict[str, tuple[bool, bool]]:

@@ -41,6 +41,7 @@ def test_convert_deploy_from_a_train_checkpoint(tmp_path):
         "format": "pt",
         "num_classes": "10",
         "source": f"weights {weights}",
+        "dtype": "fp32",
     }
     deploy = timm.create_model(
         "repmlp_fmnist_mlp", deploy=True, pretrained=True, pretrained_cfg_overlay=dict(file=str(out))
@@ -94,6 +95,13 @@ def test_tools_rebuild_the_model_from_a_runs_files_alone(tiny_run, tmp_path, cap
         onnx_file = tmp_path / f"{path.stem}.onnx"
         assert export.main(["--weights", str(path), "--output", str(onnx_file)]) == 0
         assert onnx_file.stat().st_size > 0
+    # a bf16 deploy form (converted in float64, cast once), evaluated in the dtype its file records
+    bf16 = tmp_path / "bf16.safetensors"
+    args = ["--weights", str(tiny_run / "model_train.safetensors"), "--dtype", "bf16", "--output", str(bf16)]
+    assert convert.main(args) == 0 and "PASS (bfloat16 against float32)" in capsys.readouterr().out
+    assert evaluate.main(["--checkpoint", str(bf16), "--no-progress"]) == 0
+    metrics = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (metrics["form"], metrics["count"]) == ("deploy, bf16", 32)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(  # no temporary file left behind
-        ["converted.safetensors", "converted.onnx", "model_train.onnx", "model_deploy.onnx"]
+        ["converted.safetensors", "converted.onnx", "model_train.onnx", "model_deploy.onnx", "bf16.safetensors"]
     )

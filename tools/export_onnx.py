@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Export a model's deploy form to ONNX at its fixed input size, optionally int8, and check the file.
+"""Export a model's deploy form to ONNX (or OpenVINO IR) at its input size and any batch, optionally int8, and check
+the file.
 
 The tool's code is ``repmlp/cli/export_onnx.py``; ``--help`` describes it.
 """

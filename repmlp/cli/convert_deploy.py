@@ -3,6 +3,11 @@
 Where the model comes from (repmlp.sources, the rule of every tool): --weights FILE, or --model NAME[.TAG]
 --pretrained (registered weights), else seeded random weights with randomised BatchNorm statistics, labelled as
 such. With no arguments: the model shipped with the package, repmlp_fmnist_mlp.fmnist --pretrained.
+
+--dtype bf16 (or fp16) writes the deploy form in that dtype: converted from a float64 copy and cast once, then
+checked against the float32 train form with that dtype's tolerance (repmlp.verify.TOLERANCES); the file records its
+dtype, which tools/eval.py then runs it in. Example:
+    python tools/convert_deploy.py --dtype bf16 --output output/fmnist_deploy_bf16.safetensors
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from repmlp.models import model_input_size
 from repmlp.preprocess import INPUT_KEYS, LABEL_KEY
 from repmlp.quantize import format_ranges, weight_ranges
 from repmlp.sources import ModelSource, add_model_arguments, deploy_record, model_source
+from repmlp.verify import DTYPES
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
 
@@ -38,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=integer(1), default=2, help="random inputs for the check (default 2)")
     p.add_argument("--seed", type=integer(0), default=0, help="seed of the random model and inputs")
     p.add_argument("--no-float64", action="store_true", help="skip the float64 check of the conversion")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the deploy form written (default fp32)")
     p.add_argument(
         "--ranges",
         action="store_true",
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model   {name} ({source.weights})")
 
     start = time.perf_counter()
-    deploy = repmlp.convert_to_deploy(model)
+    deploy = repmlp.convert_to_deploy(model, dtype=DTYPES[args.dtype])
     seconds = time.perf_counter() - start
 
     gen = torch.Generator().manual_seed(args.seed)
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if not all(r.passed for r in reports):
         print(f"NOT written: the deploy form does not match the train form ({output})", file=sys.stderr)
         return 1
-    meta = deploy_record(source, model, args.model_kwargs)
+    meta = {**deploy_record(source, model, args.model_kwargs), "dtype": args.dtype}
     meta.update({k: v for k, v in source.record.items() if k in (LABEL_KEY, *INPUT_KEYS)})  # as trained
     repmlp.save_checkpoint(deploy, output, model_name=name, form="deploy", metadata=meta)
     print(f"wrote   {output}")

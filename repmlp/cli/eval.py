@@ -10,6 +10,7 @@ Examples:
     python tools/eval.py --model repmlp_fmnist_mlp.fmnist --pretrained
     python tools/eval.py --onnx output/repmlp_fmnist_mlp.fmnist_int8_static.onnx --model repmlp_fmnist_mlp.fmnist
     python tools/eval.py --model repmlp_fmnist_mlp.fmnist --pretrained --int8 static    # PyTorch int8 (PT2E)
+    python tools/eval.py --model repmlp_fmnist_mlp.fmnist --pretrained --form deploy --dtype bf16
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ from repmlp.cli.common import run_weights
 from repmlp.convert import is_deploy_form
 from repmlp.data import DATASETS, TIMM_SPECS, worker_error
 from repmlp.guards import integer
+from repmlp.models import model_input_size
 from repmlp.onnx_io import onnx_predictor
 from repmlp.quantize import FixedBatch, data_batches, onnx_batch_size, quantize_pytorch
+from repmlp.runtime import in_runtime
 from repmlp.shipped import shipped_weights
 from repmlp.sources import add_ema_argument, model_source, read_record
 from repmlp.training import build_eval_data, eval_data_config, evaluate
 from repmlp.training.distributed import DistEnv
+from repmlp.verify import DTYPES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=integer(1), default=500)
     parser.add_argument("--workers", type=integer(0), default=1)
     parser.add_argument("--threads", type=integer(1), help="torch CPU threads")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="compute in this dtype: the model cast once to it, inputs cast (default: the dtype a file records, "
+        "else fp32)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument(
         "--int8",
@@ -93,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--pretrained and --onnx need --model NAME.TAG, e.g. repmlp_fmnist_mlp.fmnist")
     if args.onnx and args.int8:
         parser.error("--int8 quantizes a PyTorch model; an --onnx file is run as it is")
+    if (args.onnx or args.int8) and args.dtype not in (None, "fp32"):
+        parser.error("--dtype casts a PyTorch model; --onnx and --int8 run float32 and int8")
     if args.int8:
         args.form = "deploy"
     return args
@@ -130,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         batches = data_batches(data, model, args.int8_batch_size, args.calibration_samples, "train")
         runner = FixedBatch(quantize_pytorch(model, batches[0], args.int8, batches), args.int8_batch_size)
         form = f"deploy, PyTorch int8 {args.int8}" + (f" (calibrated on {data})" if args.int8 == "static" else "")
+    elif (args.dtype or meta.get("dtype", "fp32")) != "fp32":  # checked against float32 with the dtype's tolerance
+        dtype = args.dtype or meta["dtype"]
+        example = torch.randn(2, *model_input_size(model))
+        runner, form = FixedBatch(in_runtime(model, "eager", example, dtype=DTYPES[dtype]), None), f"{form}, {dtype}"
     try:
         metrics = evaluate(runner, loader, DistEnv(), progress=args.progress)
     except ValueError as err:  # an image that cannot be decoded, labels the model has no class for

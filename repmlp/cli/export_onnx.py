@@ -1,14 +1,23 @@
-"""Export a model's deploy form to ONNX at its fixed input size, optionally int8, and check the file.
+"""Export a model's deploy form to ONNX (or OpenVINO IR) at its input size and any batch, optionally int8, and check
+the file.
 
-Converts a train-form model (random weights with randomised BN statistics unless --weights is given or the model is
-a shipped NAME.TAG such as repmlp_fmnist_mlp.fmnist) to its deploy form, exports it with torch.onnx, refuses graphs
-with a tensor of rank > 5, runs the file in onnxruntime and compares with PyTorch (max relative error <= 1e-4).
---quantize dynamic|static writes the int8 file made by onnxruntime's quantization tools instead, after checking it
-against the float32 one in onnxruntime (argmax agreement >= --min-agreement). The file is renamed into place only
-when every check passed. Needs the onnx extra: pip install -e .[onnx]
+Converts a train-form model (random weights with randomised BN statistics unless --weights or --pretrained is given)
+to its deploy form, exports it with torch.onnx with a dynamic batch (--static-batch fixes it to --batch-size),
+refuses graphs with a tensor of rank > 5, runs the file in onnxruntime and compares with PyTorch (max relative error
+<= --tolerance) at --batch-size and one more. --quantize dynamic|static writes the int8 file made by onnxruntime's
+quantization tools instead, after checking it against the float32 one in onnxruntime (argmax agreement >=
+--min-agreement). --format openvino writes OpenVINO IR (NAME.xml and NAME.bin, float32 weights) converted by
+openvino.convert_model and checked in OpenVINO (float32) the same way. The file is renamed into place only when
+every check passed; it records what predicting needs (class names, input settings: repmlp.preprocess). Needs the
+onnx extra (pip install -e .[onnx]), for OpenVINO the openvino extra.
 
-Example (static int8 of the shipped model, calibrated on Fashion-MNIST training images):
-    python tools/export_onnx.py --model repmlp_fmnist_mlp.fmnist --quantize static --batch-size 8
+Examples:
+    # static int8 of the shipped model, calibrated on Fashion-MNIST training images
+    python tools/export_onnx.py --model repmlp_fmnist_mlp.fmnist --pretrained --quantize static --batch-size 8
+    # a size the blocks pad (30 is no multiple of the 8x8 partitions), random weights
+    python tools/export_onnx.py --model repmlp_cifar_mlp --model-kwargs '{"img_size": 30}'
+    # the shipped model as OpenVINO IR
+    python tools/export_onnx.py --model repmlp_fmnist_mlp.fmnist --pretrained --format openvino
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import warnings
 import torch
 
 import repmlp
-from repmlp.export import OPSETS, export_onnx
+from repmlp.export import OPSETS, export_onnx, export_openvino
 from repmlp.guards import add_overwrite_argument, check_outputs, integer, number
 from repmlp.onnx_io import set_onnx_metadata
 from repmlp.preprocess import INPUT_KEYS, LABEL_KEY, input_metadata
@@ -40,9 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_arguments(
         p, f"{RANDOM_DEFAULT} with random weights", "weights file or model folder, train or deploy form"
     )
-    p.add_argument("--output", help="the .onnx file (default: output/<model>_deploy.onnx)")
+    p.add_argument("--output", help="the .onnx (or .xml) file (default: output/<model>_deploy.onnx or .xml)")
     add_overwrite_argument(p)
-    p.add_argument("--batch-size", type=integer(1), default=1, help="batch of the exported (static) input shape")
+    p.add_argument("--format", choices=("onnx", "openvino"), default="onnx", help="ONNX, or OpenVINO IR (float32)")
+    p.add_argument(
+        "--batch-size", type=integer(1), default=1, help="batch of the example traced and checked (and one more)"
+    )
+    p.add_argument("--static-batch", action="store_true", help="fix the file's batch to --batch-size")
     p.add_argument("--opset", type=integer(OPSETS.start, OPSETS.stop - 1), default=17, help="ONNX opset (default 17)")
     p.add_argument("--tolerance", type=number(0), default=1e-4, help="max rel error of onnxruntime vs PyTorch")
     p.add_argument("--seed", type=integer(0), default=0)
@@ -85,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    if args.format == "openvino" and args.quantize != "none":
+        print("error: --quantize writes onnxruntime's int8 ONNX; --format openvino writes float32 IR", file=sys.stderr)
+        return 2
     try:
         check_outputs({"--output": args.output}, [args.weights], args.overwrite)  # refused before any reading
         source = model_source(
@@ -99,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         model, name = source.model, source.name
         repmlp.convert.check_convertible(model)  # NaN weights, negative variances: refused before converting
         suffix = "deploy" if args.quantize == "none" else f"int8_{args.quantize}"
-        output = args.output or f"output/{name.replace(':', '_')}_{suffix}.onnx"
+        extension = ".xml" if args.format == "openvino" else ".onnx"
+        output = args.output or f"output/{name.replace(':', '_')}_{suffix}{extension}"
         output = check_outputs({"--output": output}, [args.weights, source.path], args.overwrite)["--output"]
     except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -126,23 +143,21 @@ def main(argv: list[str] | None = None) -> int:
             min_agreement=args.min_agreement,
             reduce_range=reduce_range,
         )
+    # what predicting needs, in the file: as the weights record it (training's classes and transform), else the model's
+    recorded = {k: v for k, v in source.record.items() if k in (LABEL_KEY, *INPUT_KEYS)}
+    metadata = {**input_metadata(model), **recorded, "model": name, "form": "deploy"}
     start = time.perf_counter()
+    common = dict(batch_size=args.batch_size, tolerance=args.tolerance, seed=args.seed)
+    common["dynamic_batch"] = not args.static_batch
     try:
-        report = export_onnx(
-            model,
-            output,
-            batch_size=args.batch_size,
-            opset=args.opset,
-            tolerance=args.tolerance,
-            seed=args.seed,
-            **int8,
-        )
+        if args.format == "openvino":
+            report = export_openvino(model, output, metadata=metadata, **common)
+        else:
+            report = export_onnx(model, output, opset=args.opset, **common, **int8)
+            set_onnx_metadata(output, metadata)
     except RuntimeError as err:  # a check failed: nothing written
         print(f"error: {err}", file=sys.stderr)
         return 1
-    # what predicting needs, in the file: as the weights record it (training's classes and transform), else the model's
-    recorded = {k: v for k, v in source.record.items() if k in (LABEL_KEY, *INPUT_KEYS)}
-    set_onnx_metadata(output, {**input_metadata(model), **recorded, "model": name, "form": "deploy"})
     print(f"export  {time.perf_counter() - start:.1f} s")
     print(f"check   {report}")
     return 0

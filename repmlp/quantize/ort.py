@@ -135,11 +135,12 @@ def profile_onnx(path: str | Path, x: torch.Tensor, runs: int = 5, threads: int 
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
-def onnx_batch_size(path: str | Path) -> int:
-    """The static batch of an ONNX file's input."""
+def onnx_batch_size(path: str | Path) -> int | None:
+    """The static batch of an ONNX file's input; None for a dynamic batch."""
     import onnx  # the onnx extra: imported when used
 
-    return onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0].dim_value
+    dim = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.dim_value if dim.HasField("dim_value") else None
 
 
 def quantize_checked(

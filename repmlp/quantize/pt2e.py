@@ -77,14 +77,17 @@ def compile_frozen(graph: nn.Module, example: torch.Tensor):
 
 class FixedBatch(nn.Module):
     """A ``tensor -> logits`` callable fixed to one batch size (an onnxruntime session, a compiled int8 graph) as a
-    module that takes any batch: inputs run in chunks of ``batch_size``, the last one zero-padded."""
+    module that takes any batch: inputs run in chunks of ``batch_size``, the last one zero-padded; a callable that
+    takes any batch (``batch_size`` None) is called as it is."""
 
-    def __init__(self, predict, batch_size: int) -> None:
+    def __init__(self, predict, batch_size: int | None) -> None:
         super().__init__()
         object.__setattr__(self, "predict", predict)  # not a submodule: exported graphs refuse train()/eval()
         self.batch_size = batch_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_size is None:
+            return self.predict(x)
         outs = []
         for chunk in x.split(self.batch_size):
             n = chunk.shape[0]

@@ -16,9 +16,9 @@ __all__ = [
     "weight_qmax",
 ]
 
-from pathlib import Path
-
 import torch
+
+from ..cpu import cpu_has_vnni  # re-exported: its former home
 
 
 def weight_qmax(reduce_range: bool | None = None) -> int:
@@ -28,15 +28,6 @@ def weight_qmax(reduce_range: bool | None = None) -> int:
     their u8 x s8 kernels add pairs of products in int16, which saturates with full-range weights.
     """
     return 64 if resolve_reduce_range(reduce_range) else 127
-
-
-def cpu_has_vnni() -> bool:
-    """Whether this CPU has int8 dot-product instructions (VNNI or AMX), where full-range int8 weights are safe."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def resolve_reduce_range(reduce_range: bool | None) -> bool:
