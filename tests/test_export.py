@@ -119,7 +119,7 @@ def test_help_examples_do_what_they_say(example, tmp_path, capsys):
     if openvino:
         pytest.importorskip("openvino")
     if "--pretrained" in example and not Path(FASHION_MNIST_ROOT).is_dir():
-        pytest.skip("Fashion-MNIST not installed here")
+        pytest.skip("Fashion-MNIST not installed here: apt-get install -y dataset-fashion-mnist")
     out = tmp_path / ("model.xml" if openvino else "model.onnx")
     assert load_tool("export_onnx").main([*shlex.split(example)[2:], "--output", str(out)]) == 0
     printed = capsys.readouterr().out
