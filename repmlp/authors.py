@@ -19,10 +19,8 @@ __all__ = [
     "KeyLayout",
     "authors_repmlpnet_keys_to_ours",
     "block_keys_to_ours",
-    "detect_layout",
     "keys_to_ours",
     "mmpretrain_repmlpnet_keys_to_ours",
-    "repmlpnet_keys_to_ours",
     "resnet_keys_to_ours",
 ]
 
@@ -197,20 +195,10 @@ RESNET_LAYOUTS = (OURS, AUTHORS_RESNET)
 CIFAR_LAYOUTS = (OURS,)
 
 
-def detect_layout(state_dict: dict[str, torch.Tensor], layouts: tuple[KeyLayout, ...]) -> KeyLayout | None:
-    """The layout whose marker key ``state_dict`` holds, or None."""
-    return next((layout for layout in layouts if layout.marker in state_dict), None)
-
-
 def keys_to_ours(
     state_dict: dict[str, torch.Tensor], model: nn.Module, layouts: tuple[KeyLayout, ...]
 ) -> dict[str, torch.Tensor]:
     """``state_dict`` renamed to ours from the layout its keys show (the first of ``layouts``, ours, when they show
     none: the strict load then names what does not fit)."""
-    layout = detect_layout(state_dict, layouts) or layouts[0]
+    layout = next((layout for layout in layouts if layout.marker in state_dict), layouts[0])
     return layout.to_ours(state_dict, model)
-
-
-def repmlpnet_keys_to_ours(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """A RepMLPNet state dict in any of :data:`REPMLPNET_LAYOUTS` (ours, the authors', mmpretrain's), in ours."""
-    return keys_to_ours(state_dict, model, REPMLPNET_LAYOUTS)

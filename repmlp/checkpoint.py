@@ -217,7 +217,7 @@ def _refuse_unless_it_fits(
     (``raw`` renamed) has exactly the keys and shapes of ``target`` (the model, or the twin it loads through)."""
     if not getattr(model, "key_layouts", None):
         return
-    if target is None or any(_mismatches({k: v.shape for k, v in target.state_dict().items()}, state)):
+    if target is None or any(_mismatches(_shapes(target), state)):
         raise ValueError(_no_layout_matches(raw, model, factory, source))
 
 
@@ -228,26 +228,21 @@ def _no_layout_matches(
     file is compared with the model's form, the train form and the (partly) re-parameterized form its keys suggest
     (twins built on the meta device), and the closest comparison's mismatches are named."""
     factory = factory or getattr(model, "train_form_twin", None)
-    forms = [{k: v.shape for k, v in model.state_dict().items()}]
-    if factory is not None:
-        forms.append({k: v.shape for k, v in _on_meta(factory).state_dict().items()})
+    forms = [_shapes(model)] + ([_shapes(_on_meta(factory))] if factory is not None else [])
     closest = None
     for layout in model.key_layouts:
         renamed = layout.to_ours(dict(state), model)
         candidates = forms
         if factory is not None:
             twin, _ = _reparameterized_where_missing(_on_meta(factory), set(renamed), most=True)
-            candidates = [*forms, {k: v.shape for k, v in twin.state_dict().items()}]
+            candidates = [*forms, _shapes(twin)]
         for expected in candidates:
             found = _mismatches(expected, renamed)
             if closest is None or sum(map(len, found)) < sum(map(len, closest[1])):
                 closest = layout.name, found
-    missing, unexpected, shapes = closest[1]
     tried = ", ".join(layout.name for layout in model.key_layouts)
-    return (
-        f"{source} does not match the model: missing keys {_show(missing)}, unexpected keys {_show(unexpected)}, "
-        f"shape mismatches {_show(shapes)} (keys in our names; the file read as {closest[0]}, the closest of the "
-        f"layouts tried: {tried})"
+    return _mismatch_text(source, *closest[1]) + (
+        f" (keys in our names; the file read as {closest[0]}, the closest of the layouts tried: {tried})"
     )
 
 
@@ -273,22 +268,14 @@ def _check_dtypes(state: dict, expected: dict, source: str) -> None:
                 f"{source}: {kind} tensors for float parameters (the file was saved with the wrong dtype): "
                 f"{_show(keys)}, e.g. {state[keys[0]].dtype}"
             )
-    lower = [
-        k
-        for k, v in state.items()
-        if k in expected
-        and v.is_floating_point()
-        and expected[k].is_floating_point()
-        and torch.finfo(v.dtype).bits < torch.finfo(expected[k].dtype).bits
+    floats = [
+        k for k, v in state.items() if k in expected and v.is_floating_point() and expected[k].is_floating_point()
     ]
+    lower = [k for k in floats if torch.finfo(state[k].dtype).bits < torch.finfo(expected[k].dtype).bits]
     if lower:
+        e = lower[0], state[lower[0]].dtype, expected[lower[0]].dtype
         _logger.warning(
-            "%s: %d tensors stored in lower precision than the model's (e.g. %s %s); cast to %s",
-            source,
-            len(lower),
-            lower[0],
-            state[lower[0]].dtype,
-            expected[lower[0]].dtype,
+            "%s: %d tensors stored in lower precision than the model's (e.g. %s %s); cast to %s", source, len(lower), *e
         )
 
 
@@ -391,6 +378,10 @@ def _adapt_to_partitions(state: dict, expected: dict, resized: list[str], source
     return state
 
 
+def _shapes(state: dict[str, torch.Tensor] | nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in (state.state_dict() if isinstance(state, nn.Module) else state).items()}
+
+
 def _show(keys: list[str]) -> str:
     return "[" + ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "") + "]"
 
@@ -403,14 +394,18 @@ def _on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
         return factory()
 
 
+def _mismatch_text(source: str, missing: list, unexpected: list, shapes: list) -> str:
+    return (
+        f"{source} does not match the model: missing keys {_show(missing)}, unexpected keys {_show(unexpected)}, "
+        f"shape mismatches {_show(shapes)}"
+    )
+
+
 def _refuse_mismatches(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
     """A ValueError naming every missing and unexpected key and every shape that differs, if any."""
-    missing, unexpected, shapes = _mismatches({k: v.shape for k, v in expected.items()}, state)
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{source} does not match the model: missing keys {_show(missing)}, "
-            f"unexpected keys {_show(unexpected)}, shape mismatches {_show(shapes)}"
-        )
+    found = _mismatches(_shapes(expected), state)
+    if any(found):
+        raise ValueError(_mismatch_text(source, *found))
 
 
 def _strict_load(

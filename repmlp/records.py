@@ -106,20 +106,9 @@ def _parameters(family: type | None) -> dict[str, str]:
     }
 
 
-def _alternatives(annotation: str) -> list[str]:
-    """``'int | tuple[int, int]'`` -> ['int', 'tuple[int, int]'] (split at the top level only)."""
-    parts, depth, start = [], 0, 0
-    for i, c in enumerate(annotation):
-        depth += {"[": 1, "]": -1}.get(c, 0)
-        if c == "|" and depth == 0:
-            parts.append(annotation[start:i].strip())
-            start = i + 1
-    return [*parts, annotation[start:].strip()]
-
-
 def _fits(value: object, annotation: str) -> bool:
     """Whether a JSON value fits a constructor's annotation (the few types the zoo's constructors take)."""
-    for kind in _alternatives(annotation):
+    for kind in (k.strip() for k in re.split(r"\|(?![^\[]*\])", annotation)):  # 'int | tuple[int, int]': top level
         inner = kind[kind.index("[") + 1 : -1] if "[" in kind else "int"
         if kind == "None" and value is None:
             return True

@@ -34,11 +34,10 @@ import hashlib
 import os
 from pathlib import Path
 
-from .locations import folder_weights, read_json
+from .locations import read_json
 
 ENV_VAR = "REPMLP_PRETRAINED_DIR"
 WEIGHTS_NAME = "model.safetensors"  # the file a shipped folder holds: the first of timm's names
-_SOURCE_KEYS = ("file", "url", "hf_hub_id", "hf_hub_filename", "source", "state_dict", "architecture")
 
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -102,11 +101,8 @@ def resolve_weights(path: str | os.PathLike) -> Path:
 
 def sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def weights_file(path: str | os.PathLike) -> Path:
@@ -117,8 +113,7 @@ def weights_file(path: str | os.PathLike) -> Path:
     Raises:
         ValueError: the file does not match its listed sha256 (corrupted, truncated or replaced).
     """
-    from .weights_file import WeightsFile  # reads the file once (and checks its listed sha256)
+    from .weights_file import WeightsFile, resolve  # reads the file once (and checks its listed sha256)
 
-    path = Path(path)
-    path = (folder_weights(path) or path) if path.is_dir() else path
+    path = resolve(path)
     return WeightsFile.open(path).path if path.is_file() else path

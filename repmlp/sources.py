@@ -20,7 +20,6 @@ __all__ = [
     "model_from_checkpoint",
     "model_source",
     "read_record",
-    "recorded_dataset",
     "recorded_model_args",
 ]
 
@@ -56,18 +55,12 @@ class ModelSource:
     @property
     def dataset(self) -> str | None:
         """``DATASET[:ROOT]`` the weights were trained on, as their file records it (None: not recorded, or
-        synthetic data)."""
-        return recorded_dataset(self.record)
-
-
-def recorded_dataset(record: dict[str, str]) -> str | None:
-    """``DATASET[:ROOT]`` named by a weights file's metadata (its ``dataset``, else its training config's), or None
-    for none or synthetic data."""
-    data = json.loads(record.get("config", "{}")).get("data", {})  # judged by read_record: an object
-    dataset = record.get("dataset") or data.get("dataset")
-    if not dataset or dataset == "synthetic":
-        return None
-    return ":".join(filter(None, (dataset, data.get("root"))))
+        synthetic data): its ``dataset``, else its training config's."""
+        data = json.loads(self.record.get("config", "{}")).get("data", {})  # judged by read_record: an object
+        dataset = self.record.get("dataset") or data.get("dataset")
+        if not dataset or dataset == "synthetic":
+            return None
+        return ":".join(filter(None, (dataset, data.get("root"))))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default: str, weights_help: str = "") -> None:

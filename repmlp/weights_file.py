@@ -66,14 +66,13 @@ def read_header_metadata(path: str | os.PathLike) -> dict[str, str]:
         return {}
     with open(path, "rb") as f:
         length = int.from_bytes(f.read(8), "little")
-        if not 2 <= length <= min(_MAX_HEADER_BYTES, os.fstat(f.fileno()).st_size - 8):
+        if length > min(_MAX_HEADER_BYTES, os.fstat(f.fileno()).st_size - 8):
             return {}
         header = f.read(length)
     try:
-        metadata = json.loads(header).get("__metadata__") or {}
-    except (UnicodeDecodeError, ValueError, AttributeError):
+        return _header(header, "")[0]
+    except ValueError:
         return {}
-    return metadata if isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()) else {}
 
 
 def listed_sha256(path: Path) -> str | None:
@@ -145,12 +144,12 @@ class WeightsFile:
             metadata, state = _read_safetensors(buffer, path)
             _refuse_other_formats(metadata, path)
             held = PLAIN_STATE_DICT
-            if use_ema:
-                raise ValueError(f"use_ema=True, but {path} holds a plain state dict, no EMA weights; drop use_ema")
         else:
             content = _read_torch(buffer, path)
             state, held = _unwrap(content, path, use_ema)
             metadata = _trainer_record(content)
+        if use_ema and held == PLAIN_STATE_DICT:
+            raise ValueError(f"use_ema=True, but {path} holds a plain state dict, no EMA weights; drop use_ema")
         cleaned = clean_state_dict(state)
         removed = {k[: len(k) - len(c)] for k, c in zip(state, cleaned) if k != c}  # e.g. 'module._orig_mod.'
         if removed:
@@ -170,15 +169,7 @@ def _read_safetensors(buffer: mmap.mmap, path: Path) -> tuple[dict[str, str], di
     bad = f"cannot read weights file {path}: not valid safetensors"
     if length > min(_MAX_HEADER_BYTES, size - 8):
         raise ValueError(f"{bad} (truncated at byte {size}): its header declares {length} bytes")
-    try:
-        header = json.loads(bytes(buffer[8 : 8 + length]))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"{bad}: its header is not JSON ({err})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{bad}: its header is a JSON {type(header).__name__}, not an object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError(f"{bad}: its __metadata__ must map names to strings, got {metadata!r:.200}")
+    metadata, header = _header(bytes(buffer[8 : 8 + length]), bad)
     start, state = 8 + length, {}
     for key, entry in header.items():
         dtype, shape, begin, end = _entry(entry)
@@ -191,6 +182,20 @@ def _read_safetensors(buffer: mmap.mmap, path: Path) -> tuple[dict[str, str], di
             raise ValueError(f"{bad} (truncated at byte {size}): tensor {key!r} ends at byte {start + end}")
         state[key] = _view(buffer, start + begin, dtype, shape)
     return metadata, state
+
+
+def _header(data: bytes, bad: str) -> tuple[dict[str, str], dict]:
+    """(metadata, tensor entries) of a safetensors header's bytes; a ValueError (``bad``: its start) otherwise."""
+    try:
+        header = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{bad}: its header is not JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{bad}: its header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{bad}: its __metadata__ must map names to strings, got {metadata!r:.200}")
+    return metadata, header
 
 
 def _entry(entry: object) -> tuple[torch.dtype | None, tuple[int, ...], int, int]:
@@ -295,8 +300,6 @@ def _tensors(value: object) -> bool:
 def _unwrap(content: object, path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict in a torch file's content (itself, or a trainer checkpoint's entry) and what the file held."""
     if _tensors(content):
-        if use_ema:
-            raise ValueError(f"use_ema=True, but {path} holds a plain state dict, no EMA weights; drop use_ema")
         return content, PLAIN_STATE_DICT
     if not isinstance(content, dict):
         raise ValueError(f"weights file {path} does not hold a state dict of tensors (it holds a {type(content)})")
