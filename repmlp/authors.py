@@ -1,12 +1,7 @@
-"""The authors' checkpoint key layouts (DingXiaoH/RepMLP), mapped to ours by pure renames.
-
-Train and inference forms are both renamed, each family's layouts listed as :class:`KeyLayout` entries detected by
-a marker key: the authors' and, for RepMLPNet, mmpretrain's (its files are the authors' release under mmpretrain's
-module names). The RepMLPNet inference forms ("locality injection": FC3 with a bias, every other BN kept) are partly
-re-parameterized states that :func:`repmlp.load_checkpoint` matches structurally, so nothing here converts weights.
-A leaf module: it imports nothing of the package, so blocks and models can read it while they load. Emulations of
-the authors' inference code are in :mod:`benchmarks.emulation`.
-"""
+"""The authors' (DingXiaoH/RepMLP) and mmpretrain's checkpoint key layouts, train and inference forms, renamed to
+ours (:class:`KeyLayout`); the partly re-parameterized inference forms are matched structurally by
+:func:`repmlp.load_checkpoint`, so nothing here converts weights. A leaf module: blocks and models read it while
+they load. Emulations of the authors' inference code are in :mod:`benchmarks.emulation`."""
 
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""Judging what a file says about its model and data: a file is data, never code.
-
-A weights file's metadata, a trainer's ``args`` and a model folder's ``config.json`` may name a model, its
-constructor arguments and its dataset. Here, in one place, each is checked before anything is built or read from it:
-a model name must be a registered timm name (``package.module:factory`` comes only from the user); constructor
-arguments must be the family's constructor's, of its types, and never a location (``file``, ``url``,
-``checkpoint_path``, ...); a dataset must be a known one on a local path. Every refusal names the file, the field,
-the value and what would work. A leaf module: models and sources both ask it.
-"""
+"""Judging what a file says about its model and data (a weights file's metadata, a trainer's ``args``, a model
+folder's ``config.json``), in one place, before anything is built or read from it: a file is data, never code. Every
+refusal names the file, the field, the value and what would work. A leaf module: models and sources both ask it."""
 
 from __future__ import annotations
 

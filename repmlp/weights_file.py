@@ -1,12 +1,6 @@
-"""Reading a weights file: once, bounded, as data.
-
-:meth:`WeightsFile.open` maps the file into memory once; everything a load asks of it (its format, its metadata or
-what a trainer recorded, the tensors and their declared shapes, what it held besides them, its sha256) comes from
-that one map. A safetensors header is checked against the file's size before any tensor is touched, and its tensors
-are views of the map; a torch file is unpickled with ``weights_only=True`` (timm's one allowance besides,
-``argparse.Namespace``). A folder's ``config.json`` is read only when it is a regular file of sane size
-(:func:`read_json`). Nothing read here is run, imported or trusted: :mod:`repmlp.sources` judges what a file says.
-"""
+"""Reading a weights file: once (one memory map, :class:`WeightsFile`), bounded, as data: a safetensors header is
+checked against the file's size before any tensor is touched; a torch file is unpickled with ``weights_only=True``.
+Nothing read here is run, imported or trusted: :mod:`repmlp.records` judges what a file says."""
 
 from __future__ import annotations
 
