@@ -44,10 +44,15 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """The state dict of a weights file or model folder (:class:`repmlp.weights_file.WeightsFile`), logging what
     the file held where it held more."""
-    weights = WeightsFile.open(path, use_ema)
+    return _opened(path, use_ema).state
+
+
+def _opened(path: str | os.PathLike | WeightsFile, use_ema: bool = False) -> WeightsFile:
+    """``path`` read (unless it is read already), what it held besides a state dict logged."""
+    weights = path if isinstance(path, WeightsFile) else WeightsFile.open(path, use_ema)
     if weights.held != PLAIN_STATE_DICT:
         _logger.info("%s: %s", weights.path, weights.held)
-    return weights.state
+    return weights
 
 
 def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], str]:
@@ -66,11 +71,8 @@ def file_form(
     :func:`prepare_state_dict` and the tools both apply): 'train' when, renamed into our layout, it has the keys of
     the train-form twin; 'deploy' when it has them of a twin with some or all blocks re-parameterized (our deploy
     form, the authors' inference forms); None when it matches neither (a strict load then lists the mismatches)."""
-    state = _renamed(state, model, filter_fn)
-    twin, reparameterized = _matching_twin(model, state, train_model_factory)
-    if twin is None:
-        return None
-    return "deploy" if reparameterized else "train"
+    twin, reparameterized = _matching_twin(model, _renamed(state, model, filter_fn), train_model_factory)
+    return None if twin is None else "deploy" if reparameterized else "train"
 
 
 def load_checkpoint(
@@ -82,10 +84,8 @@ def load_checkpoint(
     use_ema: bool = False,
     asked: Collection[str] = (),
 ) -> nn.Module:
-    """Load weights strictly into ``model`` (train or deploy form), in place; returns ``model``.
-
-    The one path every loader takes (``create_model(pretrained=True)``, the tools, training): see
-    :func:`prepare_state_dict` for what is converted, adapted and refused.
+    """Load weights strictly into ``model`` (train or deploy form), in place; returns ``model``. The one path every
+    loader takes (``create_model(pretrained=True)``, the tools, training): see :func:`prepare_state_dict`.
 
     Args:
         model: destination.
@@ -96,12 +96,10 @@ def load_checkpoint(
         allow_nonfinite: accept NaN/Inf weights (for debugging a diverged run).
         use_ema: load a trainer checkpoint's EMA weights (``state_dict_ema``).
         asked: the constructor arguments the caller gave explicitly (``num_classes``, ``in_chans``): only for
-            those may the file's classifier or stem differ from the model's (see :func:`prepare_state_dict`).
+            those may the file's classifier or stem differ from the model's (:func:`_check_heads`).
     """
-    weights = path if isinstance(path, WeightsFile) else WeightsFile.open(path, use_ema)
+    weights = _opened(path, use_ema)
     source = str(weights.path)
-    if weights.held != PLAIN_STATE_DICT:
-        _logger.info("%s: %s", source, weights.held)
     state = prepare_state_dict(
         weights.state, model, filter_fn, train_model_factory, allow_nonfinite, source=source, asked=asked
     )
@@ -151,8 +149,7 @@ def prepare_state_dict(
     state = _adapt_to_partitions(state, expected, resized, source)
     if set(state) == set(expected):
         _refuse_unless_it_fits(raw, state, model, model, train_model_factory, source)
-        _refuse_mismatches(expected, state, source)
-        _check_finite(state, source, allow_nonfinite)
+        _refuse_mismatches(expected, state, source, allow_nonfinite)
         return state
     twin, reparameterized = _matching_twin(model, state, train_model_factory)
     if not is_deploy_form(model) and twin is not None and reparameterized:
@@ -279,16 +276,6 @@ def _check_dtypes(state: dict, expected: dict, source: str) -> None:
         )
 
 
-def _check_finite(state: dict, source: str, allow_nonfinite: bool) -> None:
-    """Refuse NaN/Inf (unless allowed): read once the keys and shapes are known to fit."""
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad and not allow_nonfinite:
-        raise ValueError(
-            f"{source}: NaN or Inf values in {_show(bad)} (pass allow_nonfinite=True to load "
-            "them anyway, e.g. to debug a diverged run)"
-        )
-
-
 def _check_heads(state: dict, model: nn.Module, expected: dict, source: str, asked: Collection[str]) -> dict:
     """The rule for trained heads, decided against the file's own tensors: a classifier (timm's ``classifier``) or
     stem (``first_conv``) whose shape equals the model's loads; one that differs is replaced by the model's fresh
@@ -401,11 +388,18 @@ def _mismatch_text(source: str, missing: list, unexpected: list, shapes: list) -
     )
 
 
-def _refuse_mismatches(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
-    """A ValueError naming every missing and unexpected key and every shape that differs, if any."""
+def _refuse_mismatches(expected: dict, state: dict[str, torch.Tensor], source: str, allow_nonfinite: bool) -> None:
+    """A ValueError naming every missing and unexpected key and every shape that differs, if any; then, unless
+    ``allow_nonfinite``, every tensor with NaN or Inf (read only once keys and shapes are known to fit)."""
     found = _mismatches(_shapes(expected), state)
     if any(found):
         raise ValueError(_mismatch_text(source, *found))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad and not allow_nonfinite:
+        raise ValueError(
+            f"{source}: NaN or Inf values in {_show(bad)} (pass allow_nonfinite=True to load "
+            "them anyway, e.g. to debug a diverged run)"
+        )
 
 
 def _strict_load(
@@ -415,8 +409,7 @@ def _strict_load(
     ``allow_nonfinite``, NaN or Inf) before a value is copied. ``assign``: the model's tensors become ``state``'s, in
     the model's dtypes (for a twin built by :func:`_on_meta`)."""
     expected = model.state_dict()
-    _refuse_mismatches(expected, state, source)
-    _check_finite(state, source, allow_nonfinite)
+    _refuse_mismatches(expected, state, source, allow_nonfinite)
     if assign:  # the file's tensors themselves (conversion writes new tensors), in the twin's dtypes
         state = {k: v.to(dtype=expected[k].dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=assign)
