@@ -187,11 +187,8 @@ def family(name: str) -> type | None:
 def agree_with_record(what: str, given: object, saved: object, path: str | Path) -> object:
     """``given`` where the file at ``path`` records nothing, else the recorded value; a contradiction is a ValueError
     naming both (sequences compare by their items: JSON records lists)."""
-
-    def plain(value: object) -> object:
-        return list(value) if isinstance(value, tuple) else value
-
-    if given is not None and saved is not None and plain(given) != plain(saved):
+    plain = [list(v) if isinstance(v, tuple) else v for v in (given, saved)]
+    if given is not None and saved is not None and plain[0] != plain[1]:
         raise ValueError(
             f"{what} {given!r} contradicts {path}, which records {what} {saved!r}; drop the argument "
             "or give the recorded value"

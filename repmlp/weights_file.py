@@ -194,12 +194,10 @@ def _header(data: bytes, bad: str) -> tuple[dict[str, str], dict]:
 
 def _entry(entry: object) -> tuple[torch.dtype | None, tuple[int, ...], int, int]:
     """(dtype, shape, begin, end) of a header entry; dtype None when it is malformed."""
-    if not isinstance(entry, dict):
-        return None, (), 0, 0
-    shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    ints = [*(shape or []), *(offsets or [])]
+    shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if isinstance(entry, dict) else (None, None)
     if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
         return None, (), 0, 0
+    ints = shape + offsets
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints) or offsets[0] > offsets[1]:
         return None, (), 0, 0
     return _DTYPES.get(entry.get("dtype")), tuple(shape), offsets[0], offsets[1]
