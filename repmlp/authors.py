@@ -169,10 +169,6 @@ class KeyLayout:
     to_ours: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
 
 
-def _as_it_is(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    return state_dict
-
-
 def _ours_and_repmlp_01(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Ours; repmlp 0.1 kept the classifier (RepMLP-ResNet) or the head's layers (the CIFAR models) at the root."""
     return {re.sub(r"^(pre_logits|fc)\.", r"head.\1.", k): v for k, v in state_dict.items()}
@@ -185,7 +181,7 @@ MMPRETRAIN_REPMLPNET = KeyLayout(
     "mmpretrain's RepMLPNet", "backbone.patch_embed.projection.weight", mmpretrain_repmlpnet_keys_to_ours
 )
 #: The layouts each family's files come in, in the order they are tried (a family's class declares its own).
-REPMLPNET_LAYOUTS = (KeyLayout(OURS.name, OURS.marker, _as_it_is), AUTHORS_REPMLPNET, MMPRETRAIN_REPMLPNET)
+REPMLPNET_LAYOUTS = (KeyLayout(OURS.name, OURS.marker, lambda s, m: s), AUTHORS_REPMLPNET, MMPRETRAIN_REPMLPNET)
 RESNET_LAYOUTS = (OURS, AUTHORS_RESNET)
 CIFAR_LAYOUTS = (OURS,)
 

@@ -301,7 +301,7 @@ def _check_heads(state: dict, model: nn.Module, expected: dict, source: str, ask
         ours = {k: v for k, v in expected.items() if k.startswith(classifier + ".")}
         theirs = [k for k in state if k.startswith(classifier + ".")]
         fits_elsewhere = any(k in expected for k in state if k not in theirs)  # else: another layout, listed later
-        if fits_elsewhere and {k: state[k].shape for k in theirs} != {k: v.shape for k, v in ours.items()}:
+        if fits_elsewhere and {k: state[k].shape for k in theirs} != _shapes(ours):
             weight = state.get(f"{classifier}.weight")
             classes = weight.shape[0] if weight is not None and weight.dim() else 0
             if "num_classes" not in asked:
@@ -333,9 +333,7 @@ def _resized_children(state: dict, model: nn.Module, expected: dict) -> list[str
     ]
 
     def fc_shapes(tensors: dict, prefix: str) -> dict:  # fc1/fc2 only: a deploy-form file has no BN there
-        return {
-            k: v.shape for k, v in tensors.items() if k.startswith(prefix + "fc1.") or k.startswith(prefix + "fc2.")
-        }
+        return {k: v.shape for k, v in tensors.items() if k.startswith((prefix + "fc1.", prefix + "fc2."))}
 
     if not set(state) & set(expected):
         return []  # another layout altogether (the strict load lists it), not another grid
