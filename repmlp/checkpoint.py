@@ -124,14 +124,12 @@ def prepare_state_dict(
 ) -> dict[str, torch.Tensor]:
     """A state dict in ``model``'s form and layout, from ours or a foreign one, train or deploy form.
 
-    Steps: rename keys (``filter_fn``); check dtypes (a float file loads into a model of another float dtype; integer
-    or complex tensors for float parameters are errors); the trained classifier and stem (:func:`_check_heads`);
-    weights trained at another number of partitions keep the model's fresh global perceptrons
-    (:func:`_adapt_to_partitions`); then judge the file against the model's structure. A file in the model's form
-    loads as it is. A file whose blocks are (partly) re-parameterized, offered to a deploy-form model, is loaded into
-    a train-form twin whose matching blocks are re-parameterized first, and converted. Such a file offered to a
-    train-form model raises a ValueError: the branches cannot be recovered. Keys and shapes are checked before any
-    value is read (NaN or Inf are errors unless ``allow_nonfinite``).
+    Steps: rename keys (``filter_fn``); dtypes (:func:`_check_dtypes`), trained heads (:func:`_check_heads`) and
+    partitions (:func:`_adapt_to_partitions`); then judge the file against the model's structure: a file in the
+    model's form loads as it is; a (partly) re-parameterized one offered to a deploy-form model is loaded into a
+    train-form twin re-parameterized to match, and converted; offered to a train-form model, a ValueError (the
+    branches cannot be recovered). Keys and shapes are checked before any value is read (NaN or Inf are errors
+    unless ``allow_nonfinite``).
     """
     raw, state = state, _renamed(state, model, filter_fn)
     expected = model.state_dict()
@@ -324,8 +322,7 @@ def _check_heads(state: dict, model: nn.Module, expected: dict, source: str, ask
 def _resized_children(state: dict, model: nn.Module, expected: dict) -> list[str]:
     """Key prefixes of the children whose shape depends on the number of partitions (a block's
     ``partition_dependent``: the RepMLP v1 global perceptron, fc1/fc2 over C * hp * wp) where ``state`` differs
-    from the model: weights trained at another input size (another grid, or no global perceptron at one partition).
-    """
+    from the model: weights trained at another input size (another grid, or no global perceptron at one partition)."""
     prefixes = [
         f"{name}.{child}." if name else f"{child}."
         for name, m in model.named_modules()

@@ -268,11 +268,10 @@ def _trainer_record(content: object) -> dict[str, str]:
     """``model``, ``num_classes`` and ``model_kwargs`` a timm ``train.py`` checkpoint's ``args`` record, in the form
     of our files' metadata (unjudged); {} for any other content."""
     args = content.get("args") if isinstance(content, dict) else None
-    if not isinstance(args, argparse.Namespace) or not isinstance(getattr(args, "model", None), str):
+    model = getattr(args, "model", None) if isinstance(args, argparse.Namespace) else None
+    if not isinstance(model, str) or model.startswith(("hf-hub:", "local-dir:")):  # a source: the user names the model
         return {}
-    if args.model.startswith(("hf-hub:", "local-dir:")):  # a source, not a name: the user names the model
-        return {}
-    record = {"model": args.model}
+    record = {"model": model}
     if getattr(args, "num_classes", None) is not None:
         record["num_classes"] = str(args.num_classes)
     kwargs = getattr(args, "model_kwargs", None) or {}
