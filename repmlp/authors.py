@@ -1,12 +1,7 @@
-"""The authors' checkpoint key layouts (DingXiaoH/RepMLP), mapped to ours by pure renames.
-
-Train and inference forms are both renamed, each family's layouts listed as :class:`KeyLayout` entries detected by
-a marker key: the authors' and, for RepMLPNet, mmpretrain's (its files are the authors' release under mmpretrain's
-module names). The RepMLPNet inference forms ("locality injection": FC3 with a bias, every other BN kept) are partly
-re-parameterized states that :func:`repmlp.load_checkpoint` matches structurally, so nothing here converts weights.
-A leaf module: it imports nothing of the package, so blocks and models can read it while they load. Emulations of
-the authors' inference code are in :mod:`benchmarks.emulation`.
-"""
+"""The authors' (DingXiaoH/RepMLP) and mmpretrain's checkpoint key layouts, train and inference forms, renamed to
+ours (:class:`KeyLayout`); the partly re-parameterized inference forms are matched structurally by
+:func:`repmlp.load_checkpoint`, so nothing here converts weights. A leaf module: blocks and models read it while
+they load. Emulations of the authors' inference code are in :mod:`benchmarks.emulation`."""
 
 from __future__ import annotations
 
@@ -19,10 +14,8 @@ __all__ = [
     "KeyLayout",
     "authors_repmlpnet_keys_to_ours",
     "block_keys_to_ours",
-    "detect_layout",
     "keys_to_ours",
     "mmpretrain_repmlpnet_keys_to_ours",
-    "repmlpnet_keys_to_ours",
     "resnet_keys_to_ours",
 ]
 
@@ -176,10 +169,6 @@ class KeyLayout:
     to_ours: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
 
 
-def _as_it_is(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    return state_dict
-
-
 def _ours_and_repmlp_01(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Ours; repmlp 0.1 kept the classifier (RepMLP-ResNet) or the head's layers (the CIFAR models) at the root."""
     return {re.sub(r"^(pre_logits|fc)\.", r"head.\1.", k): v for k, v in state_dict.items()}
@@ -192,14 +181,9 @@ MMPRETRAIN_REPMLPNET = KeyLayout(
     "mmpretrain's RepMLPNet", "backbone.patch_embed.projection.weight", mmpretrain_repmlpnet_keys_to_ours
 )
 #: The layouts each family's files come in, in the order they are tried (a family's class declares its own).
-REPMLPNET_LAYOUTS = (KeyLayout(OURS.name, OURS.marker, _as_it_is), AUTHORS_REPMLPNET, MMPRETRAIN_REPMLPNET)
+REPMLPNET_LAYOUTS = (KeyLayout(OURS.name, OURS.marker, lambda s, m: s), AUTHORS_REPMLPNET, MMPRETRAIN_REPMLPNET)
 RESNET_LAYOUTS = (OURS, AUTHORS_RESNET)
 CIFAR_LAYOUTS = (OURS,)
-
-
-def detect_layout(state_dict: dict[str, torch.Tensor], layouts: tuple[KeyLayout, ...]) -> KeyLayout | None:
-    """The layout whose marker key ``state_dict`` holds, or None."""
-    return next((layout for layout in layouts if layout.marker in state_dict), None)
 
 
 def keys_to_ours(
@@ -207,10 +191,5 @@ def keys_to_ours(
 ) -> dict[str, torch.Tensor]:
     """``state_dict`` renamed to ours from the layout its keys show (the first of ``layouts``, ours, when they show
     none: the strict load then names what does not fit)."""
-    layout = detect_layout(state_dict, layouts) or layouts[0]
+    layout = next((layout for layout in layouts if layout.marker in state_dict), layouts[0])
     return layout.to_ours(state_dict, model)
-
-
-def repmlpnet_keys_to_ours(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """A RepMLPNet state dict in any of :data:`REPMLPNET_LAYOUTS` (ours, the authors', mmpretrain's), in ours."""
-    return keys_to_ours(state_dict, model, REPMLPNET_LAYOUTS)

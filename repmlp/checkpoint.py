@@ -44,10 +44,15 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """The state dict of a weights file or model folder (:class:`repmlp.weights_file.WeightsFile`), logging what
     the file held where it held more."""
-    weights = WeightsFile.open(path, use_ema)
+    return _opened(path, use_ema).state
+
+
+def _opened(path: str | os.PathLike | WeightsFile, use_ema: bool = False) -> WeightsFile:
+    """``path`` read (unless it is read already), what it held besides a state dict logged."""
+    weights = path if isinstance(path, WeightsFile) else WeightsFile.open(path, use_ema)
     if weights.held != PLAIN_STATE_DICT:
         _logger.info("%s: %s", weights.path, weights.held)
-    return weights.state
+    return weights
 
 
 def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], str]:
@@ -66,11 +71,8 @@ def file_form(
     :func:`prepare_state_dict` and the tools both apply): 'train' when, renamed into our layout, it has the keys of
     the train-form twin; 'deploy' when it has them of a twin with some or all blocks re-parameterized (our deploy
     form, the authors' inference forms); None when it matches neither (a strict load then lists the mismatches)."""
-    state = _renamed(state, model, filter_fn)
-    twin, reparameterized = _matching_twin(model, state, train_model_factory)
-    if twin is None:
-        return None
-    return "deploy" if reparameterized else "train"
+    twin, reparameterized = _matching_twin(model, _renamed(state, model, filter_fn), train_model_factory)
+    return None if twin is None else "deploy" if reparameterized else "train"
 
 
 def load_checkpoint(
@@ -82,10 +84,8 @@ def load_checkpoint(
     use_ema: bool = False,
     asked: Collection[str] = (),
 ) -> nn.Module:
-    """Load weights strictly into ``model`` (train or deploy form), in place; returns ``model``.
-
-    The one path every loader takes (``create_model(pretrained=True)``, the tools, training): see
-    :func:`prepare_state_dict` for what is converted, adapted and refused.
+    """Load weights strictly into ``model`` (train or deploy form), in place; returns ``model``. The one path every
+    loader takes (``create_model(pretrained=True)``, the tools, training): see :func:`prepare_state_dict`.
 
     Args:
         model: destination.
@@ -96,12 +96,10 @@ def load_checkpoint(
         allow_nonfinite: accept NaN/Inf weights (for debugging a diverged run).
         use_ema: load a trainer checkpoint's EMA weights (``state_dict_ema``).
         asked: the constructor arguments the caller gave explicitly (``num_classes``, ``in_chans``): only for
-            those may the file's classifier or stem differ from the model's (see :func:`prepare_state_dict`).
+            those may the file's classifier or stem differ from the model's (:func:`_check_heads`).
     """
-    weights = path if isinstance(path, WeightsFile) else WeightsFile.open(path, use_ema)
+    weights = _opened(path, use_ema)
     source = str(weights.path)
-    if weights.held != PLAIN_STATE_DICT:
-        _logger.info("%s: %s", source, weights.held)
     state = prepare_state_dict(
         weights.state, model, filter_fn, train_model_factory, allow_nonfinite, source=source, asked=asked
     )
@@ -126,14 +124,12 @@ def prepare_state_dict(
 ) -> dict[str, torch.Tensor]:
     """A state dict in ``model``'s form and layout, from ours or a foreign one, train or deploy form.
 
-    Steps: rename keys (``filter_fn``); check dtypes (a float file loads into a model of another float dtype; integer
-    or complex tensors for float parameters are errors); the trained classifier and stem (:func:`_check_heads`);
-    weights trained at another number of partitions keep the model's fresh global perceptrons
-    (:func:`_adapt_to_partitions`); then judge the file against the model's structure. A file in the model's form
-    loads as it is. A file whose blocks are (partly) re-parameterized, offered to a deploy-form model, is loaded into
-    a train-form twin whose matching blocks are re-parameterized first, and converted. Such a file offered to a
-    train-form model raises a ValueError: the branches cannot be recovered. Keys and shapes are checked before any
-    value is read (NaN or Inf are errors unless ``allow_nonfinite``).
+    Steps: rename keys (``filter_fn``); dtypes (:func:`_check_dtypes`), trained heads (:func:`_check_heads`) and
+    partitions (:func:`_adapt_to_partitions`); then judge the file against the model's structure: a file in the
+    model's form loads as it is; a (partly) re-parameterized one offered to a deploy-form model is loaded into a
+    train-form twin re-parameterized to match, and converted; offered to a train-form model, a ValueError (the
+    branches cannot be recovered). Keys and shapes are checked before any value is read (NaN or Inf are errors
+    unless ``allow_nonfinite``).
     """
     raw, state = state, _renamed(state, model, filter_fn)
     expected = model.state_dict()
@@ -151,8 +147,7 @@ def prepare_state_dict(
     state = _adapt_to_partitions(state, expected, resized, source)
     if set(state) == set(expected):
         _refuse_unless_it_fits(raw, state, model, model, train_model_factory, source)
-        _refuse_mismatches(expected, state, source)
-        _check_finite(state, source, allow_nonfinite)
+        _refuse_mismatches(expected, state, source, allow_nonfinite)
         return state
     twin, reparameterized = _matching_twin(model, state, train_model_factory)
     if not is_deploy_form(model) and twin is not None and reparameterized:
@@ -217,7 +212,7 @@ def _refuse_unless_it_fits(
     (``raw`` renamed) has exactly the keys and shapes of ``target`` (the model, or the twin it loads through)."""
     if not getattr(model, "key_layouts", None):
         return
-    if target is None or any(_mismatches({k: v.shape for k, v in target.state_dict().items()}, state)):
+    if target is None or any(_mismatches(_shapes(target), state)):
         raise ValueError(_no_layout_matches(raw, model, factory, source))
 
 
@@ -228,26 +223,21 @@ def _no_layout_matches(
     file is compared with the model's form, the train form and the (partly) re-parameterized form its keys suggest
     (twins built on the meta device), and the closest comparison's mismatches are named."""
     factory = factory or getattr(model, "train_form_twin", None)
-    forms = [{k: v.shape for k, v in model.state_dict().items()}]
-    if factory is not None:
-        forms.append({k: v.shape for k, v in _on_meta(factory).state_dict().items()})
+    forms = [_shapes(model)] + ([_shapes(_on_meta(factory))] if factory is not None else [])
     closest = None
     for layout in model.key_layouts:
         renamed = layout.to_ours(dict(state), model)
         candidates = forms
         if factory is not None:
             twin, _ = _reparameterized_where_missing(_on_meta(factory), set(renamed), most=True)
-            candidates = [*forms, {k: v.shape for k, v in twin.state_dict().items()}]
+            candidates = [*forms, _shapes(twin)]
         for expected in candidates:
             found = _mismatches(expected, renamed)
             if closest is None or sum(map(len, found)) < sum(map(len, closest[1])):
                 closest = layout.name, found
-    missing, unexpected, shapes = closest[1]
     tried = ", ".join(layout.name for layout in model.key_layouts)
-    return (
-        f"{source} does not match the model: missing keys {_show(missing)}, unexpected keys {_show(unexpected)}, "
-        f"shape mismatches {_show(shapes)} (keys in our names; the file read as {closest[0]}, the closest of the "
-        f"layouts tried: {tried})"
+    return _mismatch_text(source, *closest[1]) + (
+        f" (keys in our names; the file read as {closest[0]}, the closest of the layouts tried: {tried})"
     )
 
 
@@ -273,32 +263,14 @@ def _check_dtypes(state: dict, expected: dict, source: str) -> None:
                 f"{source}: {kind} tensors for float parameters (the file was saved with the wrong dtype): "
                 f"{_show(keys)}, e.g. {state[keys[0]].dtype}"
             )
-    lower = [
-        k
-        for k, v in state.items()
-        if k in expected
-        and v.is_floating_point()
-        and expected[k].is_floating_point()
-        and torch.finfo(v.dtype).bits < torch.finfo(expected[k].dtype).bits
+    floats = [
+        k for k, v in state.items() if k in expected and v.is_floating_point() and expected[k].is_floating_point()
     ]
+    lower = [k for k in floats if torch.finfo(state[k].dtype).bits < torch.finfo(expected[k].dtype).bits]
     if lower:
+        e = lower[0], state[lower[0]].dtype, expected[lower[0]].dtype
         _logger.warning(
-            "%s: %d tensors stored in lower precision than the model's (e.g. %s %s); cast to %s",
-            source,
-            len(lower),
-            lower[0],
-            state[lower[0]].dtype,
-            expected[lower[0]].dtype,
-        )
-
-
-def _check_finite(state: dict, source: str, allow_nonfinite: bool) -> None:
-    """Refuse NaN/Inf (unless allowed): read once the keys and shapes are known to fit."""
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad and not allow_nonfinite:
-        raise ValueError(
-            f"{source}: NaN or Inf values in {_show(bad)} (pass allow_nonfinite=True to load "
-            "them anyway, e.g. to debug a diverged run)"
+            "%s: %d tensors stored in lower precision than the model's (e.g. %s %s); cast to %s", source, len(lower), *e
         )
 
 
@@ -327,7 +299,7 @@ def _check_heads(state: dict, model: nn.Module, expected: dict, source: str, ask
         ours = {k: v for k, v in expected.items() if k.startswith(classifier + ".")}
         theirs = [k for k in state if k.startswith(classifier + ".")]
         fits_elsewhere = any(k in expected for k in state if k not in theirs)  # else: another layout, listed later
-        if fits_elsewhere and {k: state[k].shape for k in theirs} != {k: v.shape for k, v in ours.items()}:
+        if fits_elsewhere and {k: state[k].shape for k in theirs} != _shapes(ours):
             weight = state.get(f"{classifier}.weight")
             classes = weight.shape[0] if weight is not None and weight.dim() else 0
             if "num_classes" not in asked:
@@ -350,8 +322,7 @@ def _check_heads(state: dict, model: nn.Module, expected: dict, source: str, ask
 def _resized_children(state: dict, model: nn.Module, expected: dict) -> list[str]:
     """Key prefixes of the children whose shape depends on the number of partitions (a block's
     ``partition_dependent``: the RepMLP v1 global perceptron, fc1/fc2 over C * hp * wp) where ``state`` differs
-    from the model: weights trained at another input size (another grid, or no global perceptron at one partition).
-    """
+    from the model: weights trained at another input size (another grid, or no global perceptron at one partition)."""
     prefixes = [
         f"{name}.{child}." if name else f"{child}."
         for name, m in model.named_modules()
@@ -359,9 +330,7 @@ def _resized_children(state: dict, model: nn.Module, expected: dict) -> list[str
     ]
 
     def fc_shapes(tensors: dict, prefix: str) -> dict:  # fc1/fc2 only: a deploy-form file has no BN there
-        return {
-            k: v.shape for k, v in tensors.items() if k.startswith(prefix + "fc1.") or k.startswith(prefix + "fc2.")
-        }
+        return {k: v.shape for k, v in tensors.items() if k.startswith((prefix + "fc1.", prefix + "fc2."))}
 
     if not set(state) & set(expected):
         return []  # another layout altogether (the strict load lists it), not another grid
@@ -391,6 +360,10 @@ def _adapt_to_partitions(state: dict, expected: dict, resized: list[str], source
     return state
 
 
+def _shapes(state: dict[str, torch.Tensor] | nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in (state.state_dict() if isinstance(state, nn.Module) else state).items()}
+
+
 def _show(keys: list[str]) -> str:
     return "[" + ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "") + "]"
 
@@ -403,13 +376,24 @@ def _on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
         return factory()
 
 
-def _refuse_mismatches(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
-    """A ValueError naming every missing and unexpected key and every shape that differs, if any."""
-    missing, unexpected, shapes = _mismatches({k: v.shape for k, v in expected.items()}, state)
-    if missing or unexpected or shapes:
+def _mismatch_text(source: str, missing: list, unexpected: list, shapes: list) -> str:
+    return (
+        f"{source} does not match the model: missing keys {_show(missing)}, unexpected keys {_show(unexpected)}, "
+        f"shape mismatches {_show(shapes)}"
+    )
+
+
+def _refuse_mismatches(expected: dict, state: dict[str, torch.Tensor], source: str, allow_nonfinite: bool) -> None:
+    """A ValueError naming every missing and unexpected key and every shape that differs, if any; then, unless
+    ``allow_nonfinite``, every tensor with NaN or Inf (read only once keys and shapes are known to fit)."""
+    found = _mismatches(_shapes(expected), state)
+    if any(found):
+        raise ValueError(_mismatch_text(source, *found))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad and not allow_nonfinite:
         raise ValueError(
-            f"{source} does not match the model: missing keys {_show(missing)}, "
-            f"unexpected keys {_show(unexpected)}, shape mismatches {_show(shapes)}"
+            f"{source}: NaN or Inf values in {_show(bad)} (pass allow_nonfinite=True to load "
+            "them anyway, e.g. to debug a diverged run)"
         )
 
 
@@ -420,8 +404,7 @@ def _strict_load(
     ``allow_nonfinite``, NaN or Inf) before a value is copied. ``assign``: the model's tensors become ``state``'s, in
     the model's dtypes (for a twin built by :func:`_on_meta`)."""
     expected = model.state_dict()
-    _refuse_mismatches(expected, state, source)
-    _check_finite(state, source, allow_nonfinite)
+    _refuse_mismatches(expected, state, source, allow_nonfinite)
     if assign:  # the file's tensors themselves (conversion writes new tensors), in the twin's dtypes
         state = {k: v.to(dtype=expected[k].dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=assign)

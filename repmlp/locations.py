@@ -1,10 +1,6 @@
-"""Which file holds a model's weights: in a model folder, and in a Hugging Face Hub repository.
-
-One rule for both, timm's: the first of its weight file names present (``model.safetensors``, ``pytorch_model.bin``,
-``pytorch_model.pth``, ``model.pth``, then open_clip's), taken from timm itself, so a folder ``timm.models.save_for_hf``
-wrote (either format) or timm's ``local-dir:`` loader reads is read here too. What is in the file is read by
-:func:`repmlp.checkpoint.read_state_dict` (``torch.load(weights_only=True)`` for torch files).
-"""
+"""Which file holds a model's weights, in a model folder or a Hugging Face Hub repository: timm's rule, from timm's
+own names (:data:`WEIGHT_NAMES`), so a folder ``timm.models.save_for_hf`` wrote or ``local-dir:`` reads is read here
+too; and a folder's ``config.json``, read bounded (:func:`read_json`)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,9 @@ from torch import nn
 from .convert import is_deploy_form
 from .guards import atomic_write
 from .preprocess import input_metadata
-from .shipped import _SOURCE_KEYS, WEIGHTS_NAME, sha256
+from .shipped import WEIGHTS_NAME, sha256
+
+_SOURCE_KEYS = ("file", "url", "hf_hub_id", "hf_hub_filename", "source", "state_dict", "architecture")
 
 
 def save_checkpoint(

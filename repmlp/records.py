@@ -1,12 +1,6 @@
-"""Judging what a file says about its model and data: a file is data, never code.
-
-A weights file's metadata, a trainer's ``args`` and a model folder's ``config.json`` may name a model, its
-constructor arguments and its dataset. Here, in one place, each is checked before anything is built or read from it:
-a model name must be a registered timm name (``package.module:factory`` comes only from the user); constructor
-arguments must be the family's constructor's, of its types, and never a location (``file``, ``url``,
-``checkpoint_path``, ...); a dataset must be a known one on a local path. Every refusal names the file, the field,
-the value and what would work. A leaf module: models and sources both ask it.
-"""
+"""Judging what a file says about its model and data (a weights file's metadata, a trainer's ``args``, a model
+folder's ``config.json``), in one place, before anything is built or read from it: a file is data, never code. Every
+refusal names the file, the field, the value and what would work. A leaf module: models and sources both ask it."""
 
 from __future__ import annotations
 
@@ -106,20 +100,9 @@ def _parameters(family: type | None) -> dict[str, str]:
     }
 
 
-def _alternatives(annotation: str) -> list[str]:
-    """``'int | tuple[int, int]'`` -> ['int', 'tuple[int, int]'] (split at the top level only)."""
-    parts, depth, start = [], 0, 0
-    for i, c in enumerate(annotation):
-        depth += {"[": 1, "]": -1}.get(c, 0)
-        if c == "|" and depth == 0:
-            parts.append(annotation[start:i].strip())
-            start = i + 1
-    return [*parts, annotation[start:].strip()]
-
-
 def _fits(value: object, annotation: str) -> bool:
     """Whether a JSON value fits a constructor's annotation (the few types the zoo's constructors take)."""
-    for kind in _alternatives(annotation):
+    for kind in (k.strip() for k in re.split(r"\|(?![^\[]*\])", annotation)):  # 'int | tuple[int, int]': top level
         inner = kind[kind.index("[") + 1 : -1] if "[" in kind else "int"
         if kind == "None" and value is None:
             return True

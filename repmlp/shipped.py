@@ -1,18 +1,9 @@
-"""The weights shipped with the package: where they are, how they are checked, how a shipped folder is written.
+"""The weights shipped with the package: where they are (:func:`weights_dir`) and how they are found and checked.
 
-One rule finds them: ``$REPMLP_PRETRAINED_DIR`` if set, else ``repmlp/pretrained/`` inside an installed wheel
-(package data), else the clone's top-level ``pretrained/`` (a clone or an editable install). Paths under the old
-``repmlp/pretrained/`` of a clone still resolve (:func:`resolve_weights`). Each shipped model is a folder
-``<model>.<tag>/`` that timm's ``local-dir:`` loader reads:
-
-- ``config.json``: timm's format (``architecture``, ``num_classes``, ``pretrained_cfg``, ...) written from the
-  registry's ``pretrained_cfg``, plus ``files``: ``{name: {sha256, form}}``, the one record of the folder's files;
-- ``model.safetensors``: the train-form weights (the deploy form is converted from them on load, exactly);
-- ``README.md``: the model card (data, recipe, command, measured accuracy of both forms, licence).
-
-The registry's ``pretrained_cfg['file']`` names the folder relative to :func:`weights_dir`; every load of a file
-listed in a folder's ``config.json`` checks its sha256, from the one read of the load
-(:class:`repmlp.weights_file.WeightsFile`).
+Each shipped model is a folder ``<model>.<tag>/`` that timm's ``local-dir:`` loader reads (docs/loading.md): timm's
+``config.json`` plus ``files`` (``{name: {sha256, form}}``, checked on every load by
+:class:`repmlp.weights_file.WeightsFile`), the train-form ``model.safetensors`` and the ``README.md`` model card.
+The registry's ``pretrained_cfg['file']`` names the folder relative to :func:`weights_dir`.
 """
 
 from __future__ import annotations
@@ -34,13 +25,10 @@ import hashlib
 import os
 from pathlib import Path
 
-from .locations import folder_weights, read_json
+from .locations import read_json
 
 ENV_VAR = "REPMLP_PRETRAINED_DIR"
 WEIGHTS_NAME = "model.safetensors"  # the file a shipped folder holds: the first of timm's names
-_SOURCE_KEYS = ("file", "url", "hf_hub_id", "hf_hub_filename", "source", "state_dict", "architecture")
-
-
 _PACKAGE = Path(__file__).resolve().parent
 _OLD_PREFIX = Path("repmlp", "pretrained")  # where a clone kept them before 0.2 (CHANGELOG.md)
 
@@ -64,16 +52,10 @@ def shipped_models() -> list[dict]:
     entries = []
     for config in sorted(weights_dir().glob("*/config.json")):
         cfg, folder = read_config(config.parent), config.parent.name
-        for name, info in cfg.get("files", {}).items():
-            entries.append(
-                dict(
-                    model=cfg["architecture"],
-                    tag=cfg["pretrained_cfg"]["tag"],
-                    folder=folder,
-                    file=f"{folder}/{name}",
-                    **info,
-                )
-            )
+        model, tag, files = cfg["architecture"], cfg["pretrained_cfg"]["tag"], cfg.get("files", {})
+        entries += [
+            dict(model=model, tag=tag, folder=folder, file=f"{folder}/{n}", **info) for n, info in files.items()
+        ]
     return entries
 
 
@@ -102,23 +84,14 @@ def resolve_weights(path: str | os.PathLike) -> Path:
 
 def sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def weights_file(path: str | os.PathLike) -> Path:
-    """The weights file ``path`` names (a model folder names the file timm's ``local-dir:`` loader would read:
-    :func:`repmlp.locations.folder_weights`), checked against the sha256 its folder's ``config.json`` lists for it,
-    if any.
+    """The weights file ``path`` names (:func:`repmlp.weights_file.resolve`); a ValueError when it does not match the
+    sha256 its folder's ``config.json`` lists for it (corrupted, truncated or replaced)."""
+    from .weights_file import WeightsFile, resolve  # reads the file once (and checks its listed sha256)
 
-    Raises:
-        ValueError: the file does not match its listed sha256 (corrupted, truncated or replaced).
-    """
-    from .weights_file import WeightsFile  # reads the file once (and checks its listed sha256)
-
-    path = Path(path)
-    path = (folder_weights(path) or path) if path.is_dir() else path
+    path = resolve(path)
     return WeightsFile.open(path).path if path.is_file() else path

@@ -20,7 +20,6 @@ __all__ = [
     "model_from_checkpoint",
     "model_source",
     "read_record",
-    "recorded_dataset",
     "recorded_model_args",
 ]
 
@@ -56,18 +55,12 @@ class ModelSource:
     @property
     def dataset(self) -> str | None:
         """``DATASET[:ROOT]`` the weights were trained on, as their file records it (None: not recorded, or
-        synthetic data)."""
-        return recorded_dataset(self.record)
-
-
-def recorded_dataset(record: dict[str, str]) -> str | None:
-    """``DATASET[:ROOT]`` named by a weights file's metadata (its ``dataset``, else its training config's), or None
-    for none or synthetic data."""
-    data = json.loads(record.get("config", "{}")).get("data", {})  # judged by read_record: an object
-    dataset = record.get("dataset") or data.get("dataset")
-    if not dataset or dataset == "synthetic":
-        return None
-    return ":".join(filter(None, (dataset, data.get("root"))))
+        synthetic data): its ``dataset``, else its training config's."""
+        data = json.loads(self.record.get("config", "{}")).get("data", {})  # judged by read_record: an object
+        dataset = self.record.get("dataset") or data.get("dataset")
+        if not dataset or dataset == "synthetic":
+            return None
+        return ":".join(filter(None, (dataset, data.get("root"))))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default: str, weights_help: str = "") -> None:
@@ -194,11 +187,8 @@ def family(name: str) -> type | None:
 def agree_with_record(what: str, given: object, saved: object, path: str | Path) -> object:
     """``given`` where the file at ``path`` records nothing, else the recorded value; a contradiction is a ValueError
     naming both (sequences compare by their items: JSON records lists)."""
-
-    def plain(value: object) -> object:
-        return list(value) if isinstance(value, tuple) else value
-
-    if given is not None and saved is not None and plain(given) != plain(saved):
+    plain = [list(v) if isinstance(v, tuple) else v for v in (given, saved)]
+    if given is not None and saved is not None and plain[0] != plain[1]:
         raise ValueError(
             f"{what} {given!r} contradicts {path}, which records {what} {saved!r}; drop the argument "
             "or give the recorded value"

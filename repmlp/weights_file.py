@@ -1,12 +1,6 @@
-"""Reading a weights file: once, bounded, as data.
-
-:meth:`WeightsFile.open` maps the file into memory once; everything a load asks of it (its format, its metadata or
-what a trainer recorded, the tensors and their declared shapes, what it held besides them, its sha256) comes from
-that one map. A safetensors header is checked against the file's size before any tensor is touched, and its tensors
-are views of the map; a torch file is unpickled with ``weights_only=True`` (timm's one allowance besides,
-``argparse.Namespace``). A folder's ``config.json`` is read only when it is a regular file of sane size
-(:func:`read_json`). Nothing read here is run, imported or trusted: :mod:`repmlp.sources` judges what a file says.
-"""
+"""Reading a weights file: once (one memory map, :class:`WeightsFile`), bounded, as data: a safetensors header is
+checked against the file's size before any tensor is touched; a torch file is unpickled with ``weights_only=True``.
+Nothing read here is run, imported or trusted: :mod:`repmlp.records` judges what a file says."""
 
 from __future__ import annotations
 
@@ -66,14 +60,13 @@ def read_header_metadata(path: str | os.PathLike) -> dict[str, str]:
         return {}
     with open(path, "rb") as f:
         length = int.from_bytes(f.read(8), "little")
-        if not 2 <= length <= min(_MAX_HEADER_BYTES, os.fstat(f.fileno()).st_size - 8):
+        if length > min(_MAX_HEADER_BYTES, os.fstat(f.fileno()).st_size - 8):
             return {}
         header = f.read(length)
     try:
-        metadata = json.loads(header).get("__metadata__") or {}
-    except (UnicodeDecodeError, ValueError, AttributeError):
+        return _header(header, "")[0]
+    except ValueError:
         return {}
-    return metadata if isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()) else {}
 
 
 def listed_sha256(path: Path) -> str | None:
@@ -145,12 +138,12 @@ class WeightsFile:
             metadata, state = _read_safetensors(buffer, path)
             _refuse_other_formats(metadata, path)
             held = PLAIN_STATE_DICT
-            if use_ema:
-                raise ValueError(f"use_ema=True, but {path} holds a plain state dict, no EMA weights; drop use_ema")
         else:
             content = _read_torch(buffer, path)
             state, held = _unwrap(content, path, use_ema)
             metadata = _trainer_record(content)
+        if use_ema and held == PLAIN_STATE_DICT:
+            raise ValueError(f"use_ema=True, but {path} holds a plain state dict, no EMA weights; drop use_ema")
         cleaned = clean_state_dict(state)
         removed = {k[: len(k) - len(c)] for k, c in zip(state, cleaned) if k != c}  # e.g. 'module._orig_mod.'
         if removed:
@@ -170,15 +163,7 @@ def _read_safetensors(buffer: mmap.mmap, path: Path) -> tuple[dict[str, str], di
     bad = f"cannot read weights file {path}: not valid safetensors"
     if length > min(_MAX_HEADER_BYTES, size - 8):
         raise ValueError(f"{bad} (truncated at byte {size}): its header declares {length} bytes")
-    try:
-        header = json.loads(bytes(buffer[8 : 8 + length]))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"{bad}: its header is not JSON ({err})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{bad}: its header is a JSON {type(header).__name__}, not an object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError(f"{bad}: its __metadata__ must map names to strings, got {metadata!r:.200}")
+    metadata, header = _header(bytes(buffer[8 : 8 + length]), bad)
     start, state = 8 + length, {}
     for key, entry in header.items():
         dtype, shape, begin, end = _entry(entry)
@@ -193,14 +178,26 @@ def _read_safetensors(buffer: mmap.mmap, path: Path) -> tuple[dict[str, str], di
     return metadata, state
 
 
+def _header(data: bytes, bad: str) -> tuple[dict[str, str], dict]:
+    """(metadata, tensor entries) of a safetensors header's bytes; a ValueError (``bad``: its start) otherwise."""
+    try:
+        header = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{bad}: its header is not JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{bad}: its header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{bad}: its __metadata__ must map names to strings, got {metadata!r:.200}")
+    return metadata, header
+
+
 def _entry(entry: object) -> tuple[torch.dtype | None, tuple[int, ...], int, int]:
     """(dtype, shape, begin, end) of a header entry; dtype None when it is malformed."""
-    if not isinstance(entry, dict):
-        return None, (), 0, 0
-    shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    ints = [*(shape or []), *(offsets or [])]
+    shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if isinstance(entry, dict) else (None, None)
     if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
         return None, (), 0, 0
+    ints = shape + offsets
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints) or offsets[0] > offsets[1]:
         return None, (), 0, 0
     return _DTYPES.get(entry.get("dtype")), tuple(shape), offsets[0], offsets[1]
@@ -271,11 +268,10 @@ def _trainer_record(content: object) -> dict[str, str]:
     """``model``, ``num_classes`` and ``model_kwargs`` a timm ``train.py`` checkpoint's ``args`` record, in the form
     of our files' metadata (unjudged); {} for any other content."""
     args = content.get("args") if isinstance(content, dict) else None
-    if not isinstance(args, argparse.Namespace) or not isinstance(getattr(args, "model", None), str):
+    model = getattr(args, "model", None) if isinstance(args, argparse.Namespace) else None
+    if not isinstance(model, str) or model.startswith(("hf-hub:", "local-dir:")):  # a source: the user names the model
         return {}
-    if args.model.startswith(("hf-hub:", "local-dir:")):  # a source, not a name: the user names the model
-        return {}
-    record = {"model": args.model}
+    record = {"model": model}
     if getattr(args, "num_classes", None) is not None:
         record["num_classes"] = str(args.num_classes)
     kwargs = getattr(args, "model_kwargs", None) or {}
@@ -295,8 +291,6 @@ def _tensors(value: object) -> bool:
 def _unwrap(content: object, path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict in a torch file's content (itself, or a trainer checkpoint's entry) and what the file held."""
     if _tensors(content):
-        if use_ema:
-            raise ValueError(f"use_ema=True, but {path} holds a plain state dict, no EMA weights; drop use_ema")
         return content, PLAIN_STATE_DICT
     if not isinstance(content, dict):
         raise ValueError(f"weights file {path} does not hold a state dict of tensors (it holds a {type(content)})")
