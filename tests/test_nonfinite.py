@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_verify import _pair  # a RepMLP block and its deploy form
 
 import repmlp
 from repmlp.verify import ErrorStats, compare_predictors, randomize_bn_stats
@@ -53,12 +54,6 @@ def test_compare_predictors_says_which_input_gave_the_first_nonfinite_output():
     check = compare_predictors(reference, candidate, batches)
     assert math.isnan(check.max_abs_err) and math.isnan(check.max_rel_err) and not check.finite
     assert check.nonfinite == {"candidate": 1} and check.first_nonfinite["candidate"] == (4, 1)  # 2nd batch, row 1
-
-
-def _pair():
-    torch.manual_seed(0)
-    block = randomize_bn_stats(repmlp.RepMLP(8, 16, 12, 12, 6, 6, (1, 3, 5), 1, 4)).eval()
-    return block, repmlp.convert_to_deploy(block)
 
 
 def test_verify_equivalence_fails_nonfinite_outputs_and_names_the_block():
