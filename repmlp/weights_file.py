@@ -9,6 +9,7 @@ __all__ = ["PLAIN_STATE_DICT", "WeightsFile", "listed_sha256", "read_header_meta
 import argparse
 import hashlib
 import json
+import logging
 import math
 import mmap
 import os
@@ -22,6 +23,7 @@ from timm.models import clean_state_dict
 
 from .locations import WEIGHT_NAMES, folder_weights, read_json
 
+_logger = logging.getLogger(__name__)
 _MAX_HEADER_BYTES = 100 << 20  # the limit of the safetensors library itself
 _SAFE_GLOBALS = [argparse.Namespace]  # what timm's loader unpickles besides tensors: train.py's args
 _PLAIN_KEYS = ("state_dict", "model")  # trainers' entries for the weights, in timm's order of preference
@@ -149,6 +151,8 @@ class WeightsFile:
         if removed:
             wrappers = [w for prefix, w in _WRAPPER_PREFIXES.items() if any(prefix in r for r in removed)]
             held += f"; stripped the {' and '.join(wrappers)} prefix"
+        if held != PLAIN_STATE_DICT:
+            _logger.info("%s: %s", path, held)
         return cls(path, metadata, cleaned, held, digest)
 
 
