@@ -23,7 +23,6 @@ __all__ = [
     "recorded_model_args",
 ]
 
-import argparse
 import json
 import re
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from torch import nn
 
 from . import records
 from .checkpoint import file_form, load_checkpoint
+from .cli.common import add_ema_argument, add_model_arguments  # noqa: F401 - their home before 0.2
 from .convert import convert_to_deploy
 from .models import MLPCifarNet, RepMLPNet, RepMLPResNet, load_model
 from .publish import deploy_record  # noqa: F401 - its home before 0.2
@@ -61,39 +61,6 @@ class ModelSource:
         if not dataset or dataset == "synthetic":
             return None
         return ":".join(filter(None, (dataset, data.get("root"))))
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, default: str, weights_help: str = "") -> None:
-    """``--model``, ``--pretrained``, ``--weights`` and ``--model-kwargs``, as every tool takes them."""
-    parser.add_argument("--model", help=f"timm name NAME[.TAG] or package.module:factory (default: {default})")
-    parser.add_argument(
-        "--pretrained", action="store_true", help="load the registered weights of --model NAME[.TAG] (as timm does)"
-    )
-    parser.add_argument(
-        "--weights",
-        help=weights_help
-        or "weights file or model folder: ours (model, classes and arguments read from it) or a foreign layout "
-        "(needs --model)",
-    )
-    parser.add_argument(
-        "--model-kwargs",
-        type=json.loads,
-        default={},
-        help="JSON constructor arguments, e.g. '{\"num_classes\": 10}' (default: what the weights record)",
-    )
-    add_ema_argument(parser)
-
-
-def add_ema_argument(parser: argparse.ArgumentParser) -> None:
-    """``--ema``: load a trainer checkpoint's EMA weights (as timm's scripts' ``--use-ema``, which it also takes)."""
-    parser.add_argument(
-        "--ema",
-        "--use-ema",
-        dest="ema",
-        action="store_true",
-        help="load the EMA weights of a trainer's checkpoint (state_dict_ema, e.g. timm train.py's); default: its "
-        "state_dict",
-    )
 
 
 def model_source(

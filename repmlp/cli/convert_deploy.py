@@ -22,12 +22,13 @@ import warnings
 import torch
 
 import repmlp
+from repmlp.cli.common import add_model_arguments
 from repmlp.flops import count_macs, count_params
 from repmlp.guards import add_overwrite_argument, check_outputs, integer
 from repmlp.models import model_input_size
 from repmlp.preprocess import INPUT_KEYS, LABEL_KEY
 from repmlp.quantize import format_ranges, weight_ranges
-from repmlp.sources import ModelSource, add_model_arguments, deploy_record, model_source
+from repmlp.sources import ModelSource, deploy_record, model_source
 from repmlp.verify import DTYPES
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)

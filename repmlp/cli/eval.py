@@ -24,7 +24,7 @@ import sys
 import timm
 import torch
 
-from repmlp.cli.common import run_weights
+from repmlp.cli.common import add_ema_argument, run_weights
 from repmlp.convert import is_deploy_form
 from repmlp.data import DATASETS, TIMM_SPECS, worker_error
 from repmlp.guards import integer
@@ -33,7 +33,7 @@ from repmlp.onnx_io import onnx_predictor
 from repmlp.quantize import FixedBatch, data_batches, onnx_batch_size, quantize_pytorch
 from repmlp.runtime import in_runtime
 from repmlp.shipped import shipped_weights
-from repmlp.sources import add_ema_argument, model_source, read_record
+from repmlp.sources import model_source, read_record
 from repmlp.training import build_eval_data, eval_data_config, evaluate
 from repmlp.training.distributed import DistEnv
 from repmlp.verify import DTYPES

@@ -32,12 +32,13 @@ import warnings
 import torch
 
 import repmlp
+from repmlp.cli.common import add_model_arguments
 from repmlp.export import OPSETS, export_onnx, export_openvino
 from repmlp.guards import add_overwrite_argument, check_outputs, integer, number
 from repmlp.onnx_io import set_onnx_metadata
 from repmlp.preprocess import INPUT_KEYS, LABEL_KEY, input_metadata
 from repmlp.quantize import QUANTIZE_MODES, data_batches
-from repmlp.sources import add_model_arguments, model_source
+from repmlp.sources import model_source
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
 

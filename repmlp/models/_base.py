@@ -51,14 +51,13 @@ class NCHWStage(nn.Sequential):
 
 
 def pretrained_cfg(family: dict, **kwargs) -> dict:
-    """A timm ``pretrained_cfg``: the fields every family shares (fixed input size, stem and head names, our loader,
-    the authors' repository and license), updated with the ``family``'s, then with a model's ``kwargs``."""
+    """A timm ``pretrained_cfg``: the fields every family shares (fixed input size, stem and head names, the authors'
+    repository and license), updated with the ``family``'s, then with a model's ``kwargs``."""
     return {
         "fixed_input_size": True,
         "interpolation": "bilinear",
         "first_conv": "stem.conv",
         "classifier": "head.fc",
-        "custom_load": True,
         "license": "mit",
         "origin_url": "https://github.com/DingXiaoH/RepMLP",
         **family,
@@ -329,22 +328,26 @@ class RepMLPModel(nn.Module):
 def build(cls: type, variant: str, pretrained: bool, feature_cfg: dict, **kwargs) -> "RepMLPModel":
     """A family's ``_create``: timm's ``build_model_with_cfg`` with the family's one ``pretrained_filter_fn``
     (:func:`repmlp.checkpoint.checkpoint_filter_fn`, which timm applies to a ``state_dict`` given in
-    ``pretrained_cfg_overlay``), every weights file sent through ``custom_load`` (:func:`_route_pretrained`), and
-    the constructor arguments a ``local-dir:`` or ``hf-hub:`` folder's ``config.json`` supplied checked as a file's
-    (:func:`repmlp.records.model_args`)."""
-    from timm.models import build_model_with_cfg
+    ``pretrained_cfg_overlay``), the pretrained config resolved once, here, every weights file sent through
+    ``custom_load`` (:func:`_route_pretrained`), and the constructor arguments a ``local-dir:`` or ``hf-hub:``
+    folder's ``config.json`` supplied checked as a file's (:func:`repmlp.records.model_args`)."""
+    from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
+    cfg = resolve_pretrained_cfg(
+        variant, kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None)
+    )
+    cfg = cfg.to_dict()
     recorded = kwargs.get("pretrained_model_args")
     if recorded:  # timm read them from a folder's config.json: data, never a location
-        cfg = kwargs.get("pretrained_cfg") or {}
         where = f"{cfg.get('file') or cfg.get('hf_hub_id') or variant}/config.json: field 'model_args'"
         records.model_args(cls, recorded, where, form=True)
     asked = {k for k in ("num_classes", "in_chans") if k in kwargs and (recorded or {}).get(k, object()) != kwargs[k]}
-    _route_pretrained(variant, pretrained, kwargs)
+    if pretrained:
+        _route_pretrained(variant, cfg, kwargs.get("cache_dir"))
     token = _ASKED.set(frozenset(asked))
     try:
         return build_model_with_cfg(
-            cls, variant, pretrained, feature_cfg=feature_cfg, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
+            cls, variant, pretrained, cfg, feature_cfg=feature_cfg, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
         )
     finally:
         _ASKED.reset(token)
@@ -356,43 +359,33 @@ def build(cls: type, variant: str, pretrained: bool, feature_cfg: dict, **kwargs
 _ASKED: ContextVar[frozenset] = ContextVar("repmlp_asked", default=frozenset())
 
 
-def _route_pretrained(variant: str, pretrained: bool, kwargs: dict) -> None:
-    """Send ``pretrained=True`` loads through the model's ``load_pretrained`` (our :func:`load_checkpoint`).
+def _route_pretrained(variant: str, cfg: dict, cache_dir: str | None) -> None:
+    """Send a ``pretrained=True`` load through the model's ``load_pretrained`` (our :func:`load_checkpoint`): set
+    ``cfg`` (resolved) to ``custom_load`` from one local ``file``.
 
     Why ``custom_load`` and not timm's loader (one place for it): timm's reads the whole file before the filter can
     judge it, defaults a trainer's checkpoint to its EMA weights (our documented default is its state dict), and
     replaces a classifier by comparing with ``pretrained_cfg['num_classes']`` rather than the file's own tensors.
 
-    timm resets ``custom_load`` when ``pretrained_cfg_overlay`` names a file, so it is set again here. A
-    ``local-dir:`` folder and an ``hf-hub:`` model's weights file (found in, offline only read from, the Hugging
+    A ``local-dir:`` folder and an ``hf-hub:`` model's weights file (found in, offline only read from, the Hugging
     Face cache: :func:`repmlp.locations.hub_weights`) load as files; a ``url`` loads from timm's cache, downloaded
     there unless offline. Locations a folder's ``config.json`` names besides its own are not used. A model with no
     weights configured is refused (timm would silently keep the random init).
     """
-    if not pretrained:
-        return
-    import timm
-
-    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
-    cfg = timm.models.resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
     from_folder = cfg.get("source") in ("local-dir", "hf-hub")  # the cfg came from a config.json
     hub = cfg.get("hf_hub_id") if cfg.get("source") == "hf-hub" or not (cfg.get("file") or cfg.get("url")) else None
-    if not (cfg.get("file") or cfg.get("url") or hub):
+    if not (cfg.get("file") or cfg.get("url") or hub or cfg.get("state_dict")):
         raise ValueError(
             f"{variant}: no weights are shipped for this model; pass a file with "
             f"pretrained_cfg_overlay=dict(file=PATH) (ours or the authors' .pth/.safetensors)"
         )
-    overlay.setdefault("custom_load", True)
     if from_folder:
-        overlay.update(url=None, state_dict=None, hf_hub_filename=None, custom_load=True)
+        cfg.update(url=None, state_dict=None, hf_hub_filename=None)
     if hub:
-        overlay["file"] = str(
-            hub_weights(hub, None if from_folder else cfg.get("hf_hub_filename"), kwargs.get("cache_dir"))
-        )
+        cfg["file"] = str(hub_weights(hub, None if from_folder else cfg.get("hf_hub_filename"), cache_dir))
     elif not cfg.get("file") and not cfg.get("state_dict"):
-        overlay["file"] = _cached_url(cfg["url"], kwargs.get("cache_dir"))
-    overlay["source"] = "file"
-    kwargs["pretrained_cfg_overlay"] = overlay
+        cfg["file"] = _cached_url(cfg["url"], cache_dir)
+    cfg.update(custom_load=True, source="file")
 
 
 def _cached_url(url: str, cache_dir: str | None) -> str:
