@@ -23,7 +23,6 @@ __all__ = [
     "wds_num_classes",
 ]
 
-import json
 import os
 import warnings
 from collections.abc import Callable
@@ -32,6 +31,8 @@ from pathlib import Path
 from timm.data import create_dataset
 from timm.utils.misc import natural_key
 from torch.utils.data import Dataset, IterableDataset
+
+from .locations import read_json
 
 #: Prefixes of the dataset specs read by timm (``tar`` is a spec of its own).
 TIMM_PREFIXES = ("wds/", "hfds/", "torch/")
@@ -158,7 +159,7 @@ def _hfds_classes_present(dataset: Dataset, path: str, split_name: str, where: s
     names = reader.dataset.features[reader.label_key].names
     saved_info = Path(path) / split_name / "dataset_info.json"
     if saved_info.is_file():
-        saved = json.loads(saved_info.read_text()).get("features", {}).get(reader.label_key, {}).get("names")
+        saved = read_json(saved_info, "dataset info").get("features", {}).get(reader.label_key, {}).get("names")
         if saved is not None and saved != names:
             raise ValueError(
                 f"{where} was saved with classes {saved[:10]} but datasets.load_dataset reads it with the first "
@@ -188,7 +189,7 @@ def _training_classes(name: str, root: str | None, train_name: str, train_set: D
 def wds_num_classes(root: str | None, where: str, num_classes: int | None) -> int:
     """The class count of WebDataset shards: data.num_classes, else ``num_classes`` in ``<root>/_info.json``."""
     info_path = Path(root or ".") / "_info.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info = read_json(info_path, "WebDataset info")
     count = num_classes or info.get("num_classes")
     if not count:
         raise ValueError(

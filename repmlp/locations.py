@@ -67,7 +67,7 @@ def read_json(path: str | os.PathLike, what: str = "config") -> dict:
         text = f.read(MAX_JSON_BYTES + 1)
     try:
         data = json.loads(text)
-    except (UnicodeDecodeError, ValueError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise ValueError(f"{what} {path} is not valid JSON ({err}); fix or remove it") from None
     if not isinstance(data, dict):
         raise ValueError(f"{what} {path} holds a JSON {type(data).__name__}, not an object; fix or remove it")

@@ -274,3 +274,20 @@ def test_one_load_reads_the_file_once(monkeypatch, weights):
     overlay = dict(file=str(V01 / weights))  # timm's builder, through the model's load_pretrained
     timm.create_model("repmlp_cifar_mlp", pretrained=True, pretrained_cfg_overlay=overlay, **ARGS, num_classes=3)
     assert len(opened) == 1
+
+
+def test_json_a_run_or_dataset_keeps_beside_it_is_read_bounded(tmp_path):
+    """A run's manifest and a WebDataset's ``_info.json`` are read as a config is: a FIFO or a huge file is refused,
+    never a hang or a flood."""
+    from repmlp.data_timm import wds_num_classes
+    from repmlp.training.rundir import MANIFEST, run_files
+
+    os.mkfifo(tmp_path / "_info.json")
+    with pytest.raises(ValueError, match="_info.json is not a regular file"):
+        wds_num_classes(str(tmp_path), "data", None)
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / MANIFEST, "wb") as f:
+        f.truncate(64 << 20)  # sparse: 64 MiB of zeros
+    with pytest.raises(ValueError, match="is damaged .*more than a config's"):
+        run_files(run)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..guards import atomic_write, check_writable_dir
+from ..locations import read_json
 from .state import LEGACY_STATE_FILE, STATE_FILE
 
 MANIFEST = "run_files.json"
@@ -56,8 +57,8 @@ class RunFiles:
 def _is_run_config(path: Path) -> bool:
     """A run's config.json (written by versions without a manifest): a training config's sections."""
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
+        cfg = read_json(path)
+    except ValueError:
         return False
     return isinstance(cfg, dict) and {"train", "model", "data", "optimizer"} <= set(cfg)
 
@@ -69,8 +70,8 @@ def run_files(out_dir: Path) -> RunFiles:
     manifest = out_dir / MANIFEST
     if manifest.is_file():
         try:
-            listed = set(json.loads(manifest.read_text())["files"])
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+            listed = set(read_json(manifest, "run manifest")["files"])
+        except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"train.output_dir {out_dir}: {manifest} is damaged ({err}); remove it") from err
         own = [MANIFEST] + [n for n in present if n in listed]
         return RunFiles(own, [n for n in present if n not in listed])
@@ -168,8 +169,8 @@ class RunLock:
 
 def _read_lock(path: Path) -> dict | None:
     try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
+        record = read_json(path, "lock")
+    except ValueError:
         return None
     return record if isinstance(record, dict) and isinstance(record.get("pid"), int) else None
 
