@@ -1,13 +1,8 @@
-"""Where a tool's model comes from: one rule for every tool, as timm's own scripts have it.
-
-- ``--weights FILE``: the file (ours, a model folder, or a foreign layout with ``--model``); model name, constructor
-  arguments and classes from what the file records, filled in by the arguments; its form judged by structure
-  (:func:`repmlp.checkpoint.file_form`) unless a form is asked for.
-- ``--model NAME[.TAG] --pretrained``: the registered weights of ``NAME.TAG`` (timm's default tag without one).
-- otherwise: seeded random weights with randomised BN statistics, labelled as such.
-
-Every tool prints :attr:`ModelSource.weights`, so a run always says which of the three it used.
-"""
+"""Where a tool's model comes from, one rule for every tool as timm's own scripts have it: ``--weights FILE`` builds
+the model the file records (judged first: :mod:`repmlp.records`), filled in by the arguments, in the file's form
+(:func:`repmlp.checkpoint.file_form`) unless one is asked for; ``--model NAME[.TAG] --pretrained`` loads registered
+weights (timm's default tag without one); otherwise seeded random weights with randomised BN statistics. Every tool
+prints :attr:`ModelSource.weights`, so a run always says which of the three it used."""
 
 from __future__ import annotations
 
@@ -113,33 +108,30 @@ def read_record(path: str | Path) -> dict[str, str]:
 
 def judged_record(metadata: dict[str, str], path: str | Path) -> dict[str, str]:
     """A file's metadata as far as it may be used (:mod:`repmlp.records`): its model a registered name, its
-    ``num_classes`` a count, its ``model_kwargs`` the family's constructor arguments; its dataset and the data
-    section of its training ``config`` only where they name a known dataset on a local path (else dropped)."""
-    record = dict(metadata)
+    ``num_classes`` a count, its ``model_kwargs`` the family's constructor arguments; a dataset (its own, or its
+    training ``config``'s) only where it is known and on a local path, else dropped."""
+    record, field = dict(metadata), f"{path}: field"
     if "model" in record:
-        name = records.model_name(record["model"], str(path))
-        record["model"] = name
-        kwargs = records.parse_json(record.get("model_kwargs", "{}"), f"{path}: field 'model_kwargs'")
-        record["model_kwargs"] = json.dumps(records.model_args(family(name), kwargs, f"{path}: field 'model_kwargs'"))
-    if "num_classes" in record and not re.fullmatch(r"\d{1,7}", str(record["num_classes"])):
+        record["model"] = name = records.model_name(record["model"], str(path))
+        kwargs = records.parse_json(record.get("model_kwargs", "{}"), f"{field} 'model_kwargs'")
+        record["model_kwargs"] = json.dumps(records.model_args(family(name), kwargs, f"{field} 'model_kwargs'"))
+    if not re.fullmatch(r"\d{1,7}", record.get("num_classes", "0")):
         raise ValueError(
-            f"{path}: field 'num_classes' is {record['num_classes']!r}, not a count of classes; fix the file or "
-            "give --model-kwargs '{\"num_classes\": N}'"
+            f"{field} 'num_classes' is {record['num_classes']!r}, not a count of classes; fix the file or give "
+            "--model-kwargs '{\"num_classes\": N}'"
         )
-    config = records.parse_json(record.get("config", "{}"), f"{path}: field 'config'")
-    data = config.get("data", {}) if isinstance(config, dict) else None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: field 'config' must be a JSON object with a 'data' object, got {config!r:.100}")
-    recorded = data.get("dataset")
-    data["dataset"], data["root"] = records.dataset(recorded, data.get("root"), f"{path}: field 'config'")
-    record["config"] = json.dumps({**config, "data": {k: v for k, v in data.items() if v is not None}})
-    refused = recorded is not None and data["dataset"] is None
-    if "dataset" in record and (
-        refused or records.dataset(record["dataset"], None, f"{path}: field 'dataset'")[0] is None
-    ):
+    if "config" in record:
+        config = records.parse_json(record["config"], f"{field} 'config'")
+        data = config.get("data", {}) if isinstance(config, dict) else None
+        if not isinstance(data, dict):
+            raise ValueError(f"{field} 'config' must be a JSON object with a 'data' object, got {config!r:.100}")
+        recorded = data.get("dataset")
+        data["dataset"], data["root"] = records.dataset(recorded, data.get("root"), f"{field} 'config'")
+        record["config"] = json.dumps({**config, "data": {k: v for k, v in data.items() if v is not None}})
+        if recorded is not None and data["dataset"] is None:
+            record.pop("dataset", None)
+    if "dataset" in record and records.dataset(record["dataset"], None, f"{field} 'dataset'")[0] is None:
         del record["dataset"]
-    if "config" not in metadata:
-        del record["config"]
     return record
 
 
@@ -170,21 +162,19 @@ def recorded_model_args(
     num_classes; :func:`judged_record`) merged with the arguments, which fill what it lacks; a contradiction is a
     ValueError naming both. ``model_kwargs`` may hold ``deploy`` (a form request) and ``num_classes``."""
     file = path if isinstance(path, WeightsFile) else WeightsFile.open(path)
-    kwargs = dict(model_kwargs or {})
-    meta = judged_record(file.metadata, file.path)
+    kwargs, meta = dict(model_kwargs or {}), judged_record(file.metadata, file.path)
     requested = ("deploy" if kwargs.pop("deploy") else "train") if "deploy" in kwargs else None
-    saved_name = meta.get("model") or None
     untagged = model_name.split(".")[0] if model_name and ":" not in model_name else model_name  # timm NAME.TAG
-    agree_with_record("model", untagged, saved_name, file.path)
-    name = model_name or saved_name
+    agree_with_record("model", untagged, meta.get("model") or None, file.path)
+    name = model_name or meta.get("model")
     if not name:
         raise ValueError(
             f"{file.path} does not record its model (no 'model' metadata, e.g. the authors' files); "
             "pass the model name (--model NAME)"
         )
-    saved = json.loads(meta.get("model_kwargs", "{}"))
-    if "num_classes" in meta:
-        saved["num_classes"] = int(meta["num_classes"])
+    saved = json.loads(meta.get("model_kwargs", "{}")) | (
+        {"num_classes": int(meta["num_classes"])} if "num_classes" in meta else {}
+    )
     for key in set(kwargs) & set(saved):
         agree_with_record(f"model argument {key}", kwargs[key], saved[key], file.path)
     return name, {**saved, **kwargs}, requested
