@@ -34,6 +34,7 @@ from .weights_file import PLAIN_STATE_DICT, WeightsFile
 
 _logger = logging.getLogger(__name__)
 Factory = Callable[[], nn.Module]
+Filter = Callable[[dict, nn.Module], dict]
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -53,22 +54,19 @@ def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dic
 
 
 def file_form(
-    state: dict[str, torch.Tensor],
-    model: nn.Module,
-    filter_fn: Callable[[dict, nn.Module], dict] | None = None,
-    train_model_factory: Factory | None = None,
+    state: dict, model: nn.Module, filter_fn: Filter | None = None, train_model_factory: Factory | None = None
 ) -> str | None:
-    """The form of a state dict judged against ``model``'s structure (the one rule, which :func:`prepare_state_dict`
-    applies too): 'train' when, renamed into our layout, it has the keys of the train-form twin; 'deploy' when it has
-    those of a twin with some or all blocks re-parameterized (ours, the authors' inference forms); None for neither."""
-    twin, _, reparameterized = _twin(model, _renamed(state, model, filter_fn), train_model_factory, None)
+    """The form of a state dict judged against ``model``'s structure, by the rule :func:`prepare_state_dict` applies:
+    'train' when, in our keys, it has those of the train-form twin; 'deploy' when it has those of a twin with some or
+    all blocks re-parameterized (ours, the authors' inference forms); None for neither."""
+    twin, _, reparameterized = _twin(model, _renamed(state, model, filter_fn), train_model_factory)
     return None if twin is None else "deploy" if reparameterized else "train"
 
 
 def load_checkpoint(
     model: nn.Module,
     path: str | os.PathLike | WeightsFile,
-    filter_fn: Callable[[dict, nn.Module], dict] | None = None,
+    filter_fn: Filter | None = None,
     train_model_factory: Factory | None = None,
     allow_nonfinite: bool = False,
     use_ema: bool = False,
@@ -96,15 +94,15 @@ def load_checkpoint(
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """The family's ``pretrained_filter_fn`` for timm's builder, and a filter for ``timm.models.load_checkpoint``:
-    :func:`prepare_state_dict`, returning the state dict for ``model.load_state_dict``."""
+    """The families' ``pretrained_filter_fn`` for timm's builder (and a filter for ``timm.models.load_checkpoint``):
+    :func:`prepare_state_dict`."""
     return prepare_state_dict(state_dict, model)
 
 
 def prepare_state_dict(
     state: dict[str, torch.Tensor],
     model: nn.Module,
-    filter_fn: Callable[[dict, nn.Module], dict] | None = None,
+    filter_fn: Filter | None = None,
     train_model_factory: Factory | None = None,
     allow_nonfinite: bool = False,
     source: str = "state dict",
@@ -113,11 +111,11 @@ def prepare_state_dict(
     """A state dict in ``model``'s form and layout, from ours or a foreign one, train or deploy form.
 
     Steps: rename keys (``filter_fn``); check dtypes and trained heads (:func:`_check_heads`); keep the model's
-    global perceptrons where the file was trained at another partition grid (:func:`_adapt_to_partitions`); then a
-    file with the model's keys loads as it is, and any other goes through a train-form twin on the meta device,
-    re-parameterized where the file is (:func:`_twin`), and is converted, which a deploy-form model accepts and a
-    train-form one refuses (the branches cannot be recovered). Keys and shapes are checked before any value is read
-    (NaN or Inf are errors unless ``allow_nonfinite``).
+    global perceptrons where the file was trained at another partition grid (:func:`_adapt_to_partitions`). A file
+    with the model's keys then loads as it is; any other goes through a train-form twin re-parameterized where the
+    file is (:func:`_twin`) and converted, which a deploy-form model accepts and a train-form one refuses (the
+    branches cannot be recovered). Keys and shapes are checked before any value is read (NaN or Inf are errors
+    unless ``allow_nonfinite``).
     """
     raw, state = state, _renamed(state, model, filter_fn)
     expected = model.state_dict()
@@ -146,7 +144,7 @@ def prepare_state_dict(
     return convert_to_deploy(twin, inplace=True).state_dict()
 
 
-def _renamed(state: dict, model: nn.Module, filter_fn: Callable[[dict, nn.Module], dict] | None) -> dict:
+def _renamed(state: dict, model: nn.Module, filter_fn: Filter | None) -> dict:
     """``state`` in our keys: ``filter_fn``'s renames, else those of the family's layout the keys show."""
     if filter_fn is not None:
         return filter_fn(state, model)
@@ -155,12 +153,12 @@ def _renamed(state: dict, model: nn.Module, filter_fn: Callable[[dict, nn.Module
 
 
 def _twin(
-    model: nn.Module, state: dict[str, torch.Tensor], factory: Factory | None, source: str | None
-) -> tuple[nn.Module | None, dict[str, torch.Tensor], bool]:
-    """A train-form twin of ``model``, built on the meta device (the file's tensors are then assigned to it instead
-    of initialised only to be overwritten), ``state`` adapted to its partitions, the twin's blocks re-parameterized
-    (innermost first) whose train-only keys the state lacks, and whether any were; (None, ...) when no such twin has
-    the state's keys. A train-form model without a factory is its own twin (copied); ``source`` None: silent."""
+    model: nn.Module, state: dict, factory: Factory | None, source: str | None = None
+) -> tuple[nn.Module | None, dict, bool]:
+    """A train-form twin of ``model`` built on the meta device (the file's tensors are then assigned to it, not
+    initialised only to be overwritten), ``state`` adapted to its partitions, and whether blocks were
+    re-parameterized (innermost first) where the state lacks their train-only keys; (None, ...) when no such twin
+    has the state's keys. A train-form model without a factory is its own twin (copied)."""
     factory = factory or getattr(model, "train_form_twin", None)
     if factory is None and not is_deploy_form(model):
         factory = functools.partial(copy.deepcopy, model)
@@ -181,10 +179,8 @@ def _reparameterize_where_missing(twin: nn.Module, keys: set[str], most: bool = 
     of them, or with ``most`` more than half: a near miss's guess); whether any were."""
     reparameterized = False
     for name, module in reversed(reparameterizable(twin)):
-        prefix = f"{name}." if name else ""
-        own = list(module.state_dict())
-        lacking = sum(prefix + k not in keys for k in own)
-        if not getattr(module, "deploy", False) and lacking > (len(own) // 2 if most else 0):
+        own = [f"{name}.{k}" if name else k for k in module.state_dict()]
+        if not getattr(module, "deploy", False) and sum(k not in keys for k in own) > (len(own) // 2 if most else 0):
             module.reparameterize()
             reparameterized = True
     return reparameterized
@@ -192,7 +188,7 @@ def _reparameterize_where_missing(twin: nn.Module, keys: set[str], most: bool = 
 
 def _no_layout_matches(state: dict, model: nn.Module, factory: Factory | None, source: str) -> str:
     """The error for a file that fits ``model`` in none of its family's ``key_layouts``: each layout's rename of the
-    file is compared with the model's form and the (partly) re-parameterized twin its keys suggest, and the closest
+    file is compared with the model and with the (partly) re-parameterized twin its keys suggest, and the closest
     comparison's mismatches are named."""
     factory = factory or getattr(model, "train_form_twin", None)
     closest = None
@@ -211,18 +207,6 @@ def _no_layout_matches(state: dict, model: nn.Module, factory: Factory | None, s
     return _mismatch_text(source, *closest[1]) + (
         f" (keys in our names; the file read as {closest[0]}, the closest of the layouts tried: {tried})"
     )
-
-
-def _mismatches(expected: dict[str, torch.Size], state: dict[str, torch.Tensor]) -> tuple[list, list, list]:
-    """Keys ``state`` lacks, keys it has in excess, and 'key: file (shape) vs model (shape)' for the others."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k])}"
-        for k in expected
-        if k in state and state[k].shape != expected[k]
-    ]
-    return missing, unexpected, shapes
 
 
 def _check_dtypes(state: dict, expected: dict, source: str) -> None:
@@ -251,8 +235,7 @@ def _check_heads(state: dict, model: nn.Module, expected: dict, source: str, ask
     ``num_classes`` (``in_chans``) explicitly (``asked``); otherwise a ValueError names the argument that would load
     the file. (timm's loader compares with ``pretrained_cfg['num_classes']`` instead, which would drop a 3-class
     file's trained head when ``num_classes=3`` is asked for.)"""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    state = dict(state)
+    cfg, state = getattr(model, "pretrained_cfg", None) or {}, dict(state)
     conv = f"{cfg['first_conv']}.weight" if cfg.get("first_conv") else None
     if conv in state and conv in expected and state[conv].dim() == expected[conv].dim() == 4:
         (out, theirs), ours = state[conv].shape[:2], expected[conv].shape[1]
@@ -264,12 +247,11 @@ def _check_heads(state: dict, model: nn.Module, expected: dict, source: str, ask
                 )
             state[conv] = adapt_input_conv(ours, state[conv], base_chans=theirs)
             _logger.warning("%s: in_chans=%d asked: the stem %s adapted from %d channels", source, ours, conv, theirs)
-    prefix = f"{cfg['classifier']}." if cfg.get("classifier") else None
-    theirs = [k for k in state if prefix and k.startswith(prefix)]
-    ours = {k: v for k, v in expected.items() if prefix and k.startswith(prefix)}
+    prefix = f"{cfg['classifier']}." if cfg.get("classifier") else "\0"
+    theirs = {k: v for k, v in state.items() if k.startswith(prefix)}
     fits_elsewhere = any(k in expected for k in state if k not in theirs)  # else: another layout, listed later
-    if prefix and fits_elsewhere and _shapes({k: state[k] for k in theirs}) != _shapes(ours):
-        weight = state.get(f"{prefix}weight")
+    if fits_elsewhere and _shapes(theirs) != _shapes({k: v for k, v in expected.items() if k.startswith(prefix)}):
+        weight = theirs.get(f"{prefix}weight")
         classes = weight.shape[0] if weight is not None and weight.dim() else 0
         if "num_classes" not in asked:
             held = f"a classifier for {classes} classes" if classes else "no classifier"
@@ -277,7 +259,8 @@ def _check_heads(state: dict, model: nn.Module, expected: dict, source: str, ask
                 f"{source} holds {held}, the model has {model.num_classes} classes: pass num_classes={classes} to "
                 "load it as trained (or another num_classes explicitly for a fresh classifier)"
             )
-        state = {k: v for k, v in state.items() if k not in theirs} | ours
+        state = {k: v for k, v in state.items() if k not in theirs}
+        state |= {k: v for k, v in expected.items() if k.startswith(prefix)}
         _logger.warning(
             "%s: num_classes=%s asked: a fresh classifier replaces the file's (%d classes)",
             source,
@@ -288,19 +271,18 @@ def _check_heads(state: dict, model: nn.Module, expected: dict, source: str, ask
 
 
 def _adapt_to_partitions(state: dict, model: nn.Module) -> tuple[dict, list[str]]:
-    """``state`` with ``model``'s own global perceptrons (a block's ``partition_dependent`` children: fc1/fc2 over
-    C * hp * wp) wherever the file's fc1/fc2 differ from the model's: weights trained at another input size (another
-    grid, or none at one partition) keep the model's fresh fc1/fc2 (the paper's recipe, v1 Sec. 4.4), initialised
-    here on a twin built on the meta device; a BN loads from the file where both have it. Also the names adapted."""
+    """``state`` with ``model``'s own global perceptrons (a block's ``partition_dependent`` children, fc1/fc2 over
+    C * hp * wp) wherever the file's fc1/fc2 differ: weights trained at another input size (another grid, or none at
+    one partition) keep fresh fc1/fc2 (the paper's recipe, v1 Sec. 4.4), initialised here where ``model`` is a twin
+    on the meta device; a BN loads from the file where both have it. Also the names of those adapted."""
     if not set(state) & set(model.state_dict()):
         return state, []  # another layout altogether (the strict load lists it), not another grid
     state, resized = dict(state), []
     for name, block in model.named_modules():
         for child_name in getattr(block, "partition_dependent", ()):
-            prefix = f"{name}.{child_name}." if name else f"{child_name}."
-            child = getattr(block, child_name)
+            prefix, child = f"{name}.{child_name}." if name else f"{child_name}.", getattr(block, child_name)
+            fc = (prefix + "fc1.", prefix + "fc2.")
             ours = {prefix + k: v for k, v in (child.state_dict() if child is not None else {}).items()}
-            fc = tuple(prefix + fc for fc in ("fc1.", "fc2."))
             if _shapes({k: v for k, v in state.items() if k.startswith(fc)}) == _shapes(
                 {k: v for k, v in ours.items() if k.startswith(fc)}
             ):
@@ -314,8 +296,8 @@ def _adapt_to_partitions(state: dict, model: nn.Module) -> tuple[dict, list[str]
             for key in [k for k in state if k.startswith(prefix)]:
                 if key.startswith(fc) or key not in ours or state[key].shape != ours[key].shape:
                     del state[key]
-            state.update({k: v for k, v in ours.items() if k not in state})
-            resized.append(prefix.rstrip("."))
+            state |= {k: v for k, v in ours.items() if k not in state}
+            resized.append(prefix[:-1])
     return state, resized
 
 
@@ -337,6 +319,16 @@ def _show(keys: list[str]) -> str:
     return "[" + ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "") + "]"
 
 
+def _mismatches(expected: dict[str, torch.Size], state: dict[str, torch.Tensor]) -> tuple[list, list, list]:
+    """Keys ``state`` lacks, keys it has in excess, and 'key: file (shape) vs model (shape)' for the others."""
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v
+    ]
+    return sorted(set(expected) - set(state)), sorted(set(state) - set(expected)), shapes
+
+
 def _mismatch_text(source: str, missing: list, unexpected: list, shapes: list) -> str:
     return (
         f"{source} does not match the model: missing keys {_show(missing)}, unexpected keys {_show(unexpected)}, "
@@ -348,16 +340,16 @@ def _refuse_mismatches(
     expected: dict, state: dict, source: str, allow_nonfinite: bool, closest: Callable[[], str] | None = None
 ) -> None:
     """A ValueError naming every missing and unexpected key and every shape that differs (``closest``: the error
-    naming the family's closest layout instead), if any; then, unless ``allow_nonfinite``, every tensor with NaN or
-    Inf (read only once keys and shapes are known to fit)."""
+    naming the family's closest layout instead); then, unless ``allow_nonfinite``, every tensor with NaN or Inf
+    (read only once keys and shapes are known to fit)."""
     found = _mismatches(_shapes(expected), state)
     if any(found):
         raise ValueError(closest() if closest else _mismatch_text(source, *found))
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad and not allow_nonfinite:
         raise ValueError(
-            f"{source}: NaN or Inf values in {_show(bad)} (pass allow_nonfinite=True to load "
-            "them anyway, e.g. to debug a diverged run)"
+            f"{source}: NaN or Inf values in {_show(bad)} (pass allow_nonfinite=True to load them anyway, e.g. to "
+            "debug a diverged run)"
         )
 
 
@@ -369,9 +361,8 @@ def _strict_load(
     allow_nonfinite: bool = True,
     closest: Callable[[], str] | None = None,
 ) -> None:
-    """``model.load_state_dict(state, strict=True)``, refused before a value is copied as
-    :func:`_refuse_mismatches` says. ``assign``: the model's tensors become ``state``'s, in the model's dtypes (a
-    twin built on the meta device)."""
+    """``model.load_state_dict(state, strict=True)``, refused before a value is copied as :func:`_refuse_mismatches`
+    says. ``assign``: the model's tensors become ``state``'s, in the model's dtypes (a twin on the meta device)."""
     expected = model.state_dict()
     _refuse_mismatches(expected, state, source, allow_nonfinite, closest)
     if assign:  # the file's tensors themselves (conversion writes new tensors), in the twin's dtypes

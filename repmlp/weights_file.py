@@ -62,9 +62,7 @@ def read_header_metadata(path: str | os.PathLike) -> dict[str, str]:
         return {}
     with open(path, "rb") as f:
         length = int.from_bytes(f.read(8), "little")
-        if length > min(_MAX_HEADER_BYTES, os.fstat(f.fileno()).st_size - 8):
-            return {}
-        header = f.read(length)
+        header = f.read(length) if length <= min(_MAX_HEADER_BYTES, os.fstat(f.fileno()).st_size - 8) else b""
     try:
         return _header(header, "")[0]
     except ValueError:
