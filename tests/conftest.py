@@ -1,6 +1,7 @@
 import importlib.util
 import os
 import re
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -123,7 +124,9 @@ def official_state_dict(keys_file, seed=0):
 
 
 def load_tool(name):
-    """A script of tools/ as a module, to call its ``main(argv)`` in-process."""
+    """A script of tools/ as a module, to call its ``main(argv)`` in-process (tools/ on the path, as for a script)."""
+    if str(TOOLS) not in sys.path:
+        sys.path.insert(0, str(TOOLS))
     spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

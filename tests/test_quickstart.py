@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_tool
 from PIL import Image
 from test_docs import readme_block
 
@@ -129,3 +130,4 @@ def test_console_scripts_are_the_tools(monkeypatch):
         cli.run_predict()
     assert started[0][1:] == ["-m", "repmlp.cli.predict", "--help"]
     assert cli.os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert load_tool("_launch").ENV_DEFAULTS == cli.ENV_DEFAULTS  # what tools/*.py set before torch loads
