@@ -135,26 +135,29 @@ def test_eval_tool_runs_an_onnx_file(tmp_path, capsys):
     assert evaluate.main(["--onnx", str(path), "--model", "repmlp_fmnist_mlp", *synthetic]) == 0
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert result["form"] == "onnx" and result["checkpoint"] == str(path) and result["count"] == 256
-    with pytest.raises(SystemExit):
-        evaluate.main(["--onnx", str(path), *synthetic])  # no --model: no data transform
+    assert evaluate.main(["--onnx", str(path), *synthetic]) == 2  # no --model, and the file records no transform
+    assert "records no input transform" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("source", ["--pretrained", "--onnx"])
+@pytest.mark.parametrize("source", ["--pretrained", "--onnx --model", "--onnx"])
 def test_eval_tool_reads_a_shipped_models_dataset(tmp_path, capsys, source):
-    """NAME.TAG needs no --dataset: the shipped weights record Fashion-MNIST (here a small set in its format)."""
+    """NAME.TAG needs no --dataset: the shipped weights record Fashion-MNIST (here a small set in its format), and so
+    does the ONNX file tools/export_onnx.py writes of them, with its transform: it needs no --model either."""
     from test_data import _write_fmnist
 
     _write_fmnist(tmp_path, n_test=20)
-    args = ["--model", "repmlp_fmnist_mlp.fmnist", "--data-root", str(tmp_path), "--batch-size", "10"]
-    if source == "--onnx":
+    model = ["--model", "repmlp_fmnist_mlp.fmnist"]
+    args = ["--data-root", str(tmp_path), "--batch-size", "10"] + (model if source != "--onnx" else [])
+    if source.startswith("--onnx"):
         path = tmp_path / "f.onnx"
-        export_onnx(timm.create_model("repmlp_fmnist_mlp.fmnist", pretrained=True, deploy=True), path, batch_size=10)
+        assert load_tool("export_onnx").main([*model, "--pretrained", "--output", str(path), "--batch-size", "10"]) == 0
         args += ["--onnx", str(path)]
     else:
         args += ["--pretrained"]
     assert load_tool("eval").main(args) == 0
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert result["dataset"] == "fashion_mnist" and result["count"] == 20
+    assert result["model"] == "repmlp_fmnist_mlp"
 
 
 def test_int8_benchmark_tool(tmp_path, capsys):

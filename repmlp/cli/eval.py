@@ -8,7 +8,7 @@ Examples:
     python tools/eval.py --checkpoint runs/fmnist --form deploy      # a run directory: its deploy-form file
     python tools/eval.py --checkpoint runs/fmnist/model_train.safetensors --form deploy
     python tools/eval.py --model repmlp_fmnist_mlp.fmnist --pretrained
-    python tools/eval.py --onnx output/repmlp_fmnist_mlp.fmnist_int8_static.onnx --model repmlp_fmnist_mlp.fmnist
+    python tools/eval.py --onnx output/repmlp_fmnist_mlp.fmnist_int8_static.onnx   # a file repmlp-export wrote
     python tools/eval.py --model repmlp_fmnist_mlp.fmnist --pretrained --int8 static    # PyTorch int8 (PT2E)
     python tools/eval.py --model repmlp_fmnist_mlp.fmnist --pretrained --form deploy --dtype bf16
 """
@@ -29,14 +29,17 @@ from repmlp.convert import is_deploy_form
 from repmlp.data import DATASETS, TIMM_SPECS, worker_error
 from repmlp.guards import integer
 from repmlp.models import model_input_size
-from repmlp.onnx_io import onnx_predictor
+from repmlp.onnx_io import onnx_metadata, onnx_predictor
+from repmlp.preprocess import parse_input_metadata
 from repmlp.quantize import FixedBatch, data_batches, onnx_batch_size, quantize_pytorch
 from repmlp.runtime import in_runtime
 from repmlp.shipped import shipped_weights
-from repmlp.sources import model_source, read_record
+from repmlp.sources import judged_record, model_source, read_record
 from repmlp.training import build_eval_data, eval_data_config, evaluate
 from repmlp.training.distributed import DistEnv
 from repmlp.verify import DTYPES
+
+TRANSFORM = ("input_size", "mean", "std", "crop_pct", "interpolation")  # data.* keys an ONNX file records
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     source.add_argument("--pretrained", action="store_true", help="the shipped weights of --model NAME.TAG")
     source.add_argument(
-        "--onnx", help="an ONNX file (float32 or int8) run in onnxruntime; --model names its model (data transform)"
+        "--onnx",
+        help="an ONNX file (float32 or int8) run in onnxruntime, with the transform and dataset it records (files of "
+        "tools/export_onnx.py); --model NAME[.TAG] gives them for another file",
     )
     parser.add_argument("--model", help="timm model name (default: the checkpoint's metadata)")
     parser.add_argument(
@@ -99,8 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calibration", help="--int8 static: 'random' or DATASET[:ROOT] (default: the dataset)")
     parser.add_argument("--calibration-samples", type=integer(1), default=256, help="--int8 static: training images")
     args = parser.parse_args(argv)
-    if (args.pretrained or args.onnx) and not args.model:
-        parser.error("--pretrained and --onnx need --model NAME.TAG, e.g. repmlp_fmnist_mlp.fmnist")
+    if args.pretrained and not args.model:
+        parser.error("--pretrained needs --model NAME.TAG, e.g. repmlp_fmnist_mlp.fmnist")
     if args.onnx and args.int8:
         parser.error("--int8 quantizes a PyTorch model; an --onnx file is run as it is")
     if (args.onnx or args.int8) and args.dtype not in (None, "fp32"):
@@ -116,10 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         args.checkpoint = run_weights(args.checkpoint, args.form)
-        if args.onnx:  # the model's pretrained_cfg gives the transform, NAME.TAG's registered weights the dataset
-            model = timm.create_model(args.model, **args.model_kwargs)
-            registered = shipped_weights(args.model)  # NAME.TAG
-            meta = read_record(registered) if registered else {}
+        if args.onnx:
+            model, meta = _onnx_record(args.onnx, args.model, args.model_kwargs)
         else:
             source = model_source(
                 args.model, args.checkpoint, args.pretrained, args.model_kwargs, form=args.form, use_ema=args.ema
@@ -130,11 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides += ["data.skip_bad_images=true"] if args.skip_bad_images else []
         name = args.checkpoint or args.model
         cfg = eval_data_config(meta, name, args.config, args.dataset, args.data_root, overrides)
+        recorded = parse_input_metadata(meta) if args.onnx else {}  # as trained: over the model's pretrained_cfg
+        cfg["data"].update({k: v for k, v in recorded.items() if k in TRANSFORM and cfg["data"][k] is None})
         loader = build_eval_data(cfg, model, args.split)
     except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    runner, form = model, "deploy" if is_deploy_form(model) else "train"
     if args.onnx:
         runner, form = FixedBatch(onnx_predictor(args.onnx), onnx_batch_size(args.onnx)), "onnx"
     elif args.int8:
@@ -142,10 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         batches = data_batches(data, model, args.int8_batch_size, args.calibration_samples, "train")
         runner = FixedBatch(quantize_pytorch(model, batches[0], args.int8, batches), args.int8_batch_size)
         form = f"deploy, PyTorch int8 {args.int8}" + (f" (calibrated on {data})" if args.int8 == "static" else "")
-    elif (args.dtype or meta.get("dtype", "fp32")) != "fp32":  # checked against float32 with the dtype's tolerance
-        dtype = args.dtype or meta["dtype"]
-        example = torch.randn(2, *model_input_size(model))
-        runner, form = FixedBatch(in_runtime(model, "eager", example, dtype=DTYPES[dtype]), None), f"{form}, {dtype}"
+    else:
+        runner, form = model, "deploy" if is_deploy_form(model) else "train"
+        if (args.dtype or meta.get("dtype", "fp32")) != "fp32":  # checked against float32 with the dtype's tolerance
+            dtype = args.dtype or meta["dtype"]
+            example = torch.randn(2, *model_input_size(model))
+            runner, form = (
+                FixedBatch(in_runtime(model, "eager", example, dtype=DTYPES[dtype]), None),
+                f"{form}, {dtype}",
+            )
     try:
         metrics = evaluate(runner, loader, DistEnv(), progress=args.progress)
     except ValueError as err:  # an image that cannot be decoded, labels the model has no class for
@@ -154,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         json.dumps(
             {
-                "model": model.pretrained_cfg.get("architecture", args.model),
+                "model": (args.model or meta.get("model")) if model is None else model.pretrained_cfg["architecture"],
                 "checkpoint": args.onnx or args.checkpoint or model.pretrained_cfg.get("file"),
                 "form": form,
                 "dataset": cfg["data"]["dataset"],
@@ -164,6 +173,24 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     return 0
+
+
+def _onnx_record(path: str, name: str | None, kwargs: dict) -> tuple[torch.nn.Module | None, dict[str, str]]:
+    """For ``--onnx``: the model whose ``pretrained_cfg`` gives what the file does not record (``--model``; None
+    without it), and what the file records (judged as any file's metadata) over the registered weights' record of
+    ``--model NAME.TAG``."""
+    recorded = onnx_metadata(path)
+    if name:
+        recorded.pop("model", None)  # the file's model name is only a label; the user's stands
+    meta = judged_record(recorded, path)
+    if not name and "input_size" not in meta:
+        raise ValueError(
+            f"{path} records no input transform (it was not written by tools/export_onnx.py); give --model NAME[.TAG] "
+            "for the transform (and the dataset of its registered weights)"
+        )
+    registered = shipped_weights(name) if name else None  # NAME.TAG
+    model = timm.create_model(name, **kwargs) if name else None
+    return model, {**(read_record(registered) if registered else {}), **meta}
 
 
 if __name__ == "__main__":

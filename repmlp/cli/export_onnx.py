@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             min_agreement=args.min_agreement,
             reduce_range=reduce_range,
         )
-    # what predicting needs, in the file: as the weights record it (training's classes and transform), else the model's
-    recorded = {k: v for k, v in source.record.items() if k in (LABEL_KEY, *INPUT_KEYS)}
+    # what predicting and evaluating need, in the file: as the weights record it (training's classes, transform and
+    # data), else the model's
+    recorded = {k: v for k, v in source.record.items() if k in (LABEL_KEY, *INPUT_KEYS, "dataset", "config")}
     metadata = {**input_metadata(model), **recorded, "model": name, "form": "deploy"}
     start = time.perf_counter()
     common = dict(batch_size=args.batch_size, tolerance=args.tolerance, seed=args.seed)

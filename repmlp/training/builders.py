@@ -78,8 +78,9 @@ def build_data(
     return train_loader, val_loader
 
 
-def build_eval_data(cfg: dict, model: nn.Module, split: str = "val") -> DataLoader:
-    """One process's loader over a whole split with the model's evaluation transform."""
+def build_eval_data(cfg: dict, model: nn.Module | None, split: str = "val") -> DataLoader:
+    """One process's loader over a whole split with the model's evaluation transform (``model`` None: the one
+    ``cfg``'s data section gives whole, e.g. as an ONNX file records it)."""
     d, data_cfg = cfg["data"], data_config(cfg, model)
     transform = build_transform(
         False,
@@ -92,14 +93,15 @@ def build_eval_data(cfg: dict, model: nn.Module, split: str = "val") -> DataLoad
     )
     dataset = build_datasets(cfg, data_cfg["input_size"], splits=(split,))[0]
     dataset.transform = transform
-    check_channels(model, dataset, cfg)
+    check_channels(model, dataset, cfg, data_cfg["input_size"][0] if model is None else None)
     return build_loader(dataset, cfg["train"]["eval_batch_size"], False, d["num_workers"])
 
 
-def check_channels(model: nn.Module, dataset: Dataset, cfg: dict) -> None:
+def check_channels(model: nn.Module | None, dataset: Dataset, cfg: dict, expected: int | None = None) -> None:
     """Refuse, before the first step (training) or batch (evaluation), a model whose input channels differ from the
-    data's (one transformed sample's: an image folder gives RGB whatever the model takes), naming the fix."""
-    expected = getattr(model, "in_chans", None)  # timm's attribute: the built model's, whatever its pretrained_cfg
+    data's (one transformed sample's: an image folder gives RGB whatever the model takes), naming the fix.
+    ``expected``: the channels where there is no model (an ONNX file's recorded input)."""
+    expected = getattr(model, "in_chans", expected)  # timm's attribute: the built model's, whatever its pretrained_cfg
     if expected is None or isinstance(dataset, IterableDataset) or not len(dataset):
         return
     channels = dataset[0][0].shape[0]
