@@ -79,6 +79,26 @@ def test_a_recorded_dataset_cannot_name_a_command(tmp_path, capsys):
     assert "does not record its dataset" in capsys.readouterr().err and not marker.exists()
 
 
+def test_an_onnx_files_metadata_names_no_code_and_no_command(tmp_path, capsys):
+    """``eval --onnx`` reads what the file records as any file's metadata: a model that is no registered name is
+    refused, a recorded dataset on a ``pipe:`` root is not used."""
+    from repmlp.export import export_onnx
+    from repmlp.onnx_io import set_onnx_metadata
+
+    marker, path = tmp_path / "RAN", tmp_path / "m.onnx"
+    model = repmlp.convert_to_deploy(timm.create_model("repmlp_cifar_mlp", **ARGS, num_classes=3).eval())
+    export_onnx(model, path, batch_size=2)
+    inputs = {"input_size": "[3, 8, 8]", "mean": "[0.5, 0.5, 0.5]", "std": "[0.5, 0.5, 0.5]"}
+    command = json.dumps({"args": ["touch", str(marker)]})
+    set_onnx_metadata(path, {**inputs, "model": "subprocess:run", "model_kwargs": command})
+    assert _tool("eval", "--onnx", path, "--dataset", "synthetic") == 2
+    assert "not a registered timm model name" in capsys.readouterr().err and not marker.exists()
+    config = json.dumps({"data": {"dataset": "wds/x", "root": f"pipe:touch {marker} #"}})
+    set_onnx_metadata(path, {"model": "repmlp_cifar_mlp", "model_kwargs": "{}", "config": config, "dataset": "wds/x"})
+    assert _tool("eval", "--onnx", path) == 2
+    assert "does not record its dataset" in capsys.readouterr().err and not marker.exists()
+
+
 @pytest.mark.parametrize(
     "field, value, says",
     [
