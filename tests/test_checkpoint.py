@@ -419,3 +419,19 @@ def test_a_training_state_is_refused_as_weights_naming_what_it_is(tmp_path):
     save_training_state(path, block, torch.optim.SGD(block.parameters(), lr=0.1), None, None, None, 0, 0, 0)
     with pytest.raises(ValueError, match="format 'repmlp-training-state-1' .*resume it with --resume"):
         repmlp.load_checkpoint(_block(), path)
+
+
+def test_a_state_dict_in_the_overlay_keeps_its_trained_head_and_converts():
+    """``pretrained_cfg_overlay=dict(state_dict=...)`` goes through our loader as a file does: a 3-class state loads
+    with ``num_classes=3`` although the registry says 10 (timm's loader would drop the head), into the deploy form
+    too, and without ``num_classes`` it is an error naming the argument."""
+    trained = randomize_bn_stats(timm.create_model("repmlp_cifar_mlp", **TINY_CIFAR, num_classes=3)).eval()
+    overlay = dict(state_dict=trained.state_dict())
+    x, args = torch.randn(2, 3, 32, 32), dict(pretrained=True, pretrained_cfg_overlay=overlay, **TINY_CIFAR)
+    for deploy in (False, True):
+        loaded = timm.create_model("repmlp_cifar_mlp", **args, num_classes=3, deploy=deploy).eval()
+        assert repmlp.is_deploy_form(loaded) == deploy and loaded.pretrained_cfg.get("file") is None
+        with torch.no_grad():
+            assert rel_err(trained(x), loaded(x)) < 1e-5
+    with pytest.raises(ValueError, match="pretrained_cfg_overlay holds a classifier for 3 classes.* num_classes=3"):
+        timm.create_model("repmlp_cifar_mlp", **args)

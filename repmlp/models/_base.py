@@ -24,6 +24,7 @@ from ..convert import is_deploy_form
 from ..layers import in_layout
 from ..locations import hub_weights
 from ..shipped import resolve_weights
+from ..weights_file import WeightsFile
 
 torch.fx.wrap("in_layout")  # FX leaves are per module: a layout choice made at run time, here as in layers
 
@@ -322,35 +323,49 @@ class RepMLPModel(nn.Module):
     def load_pretrained(self, path: str) -> None:
         """timm ``custom_load`` hook (``pretrained=True``): :func:`repmlp.load_checkpoint` of ours or the
         authors' file, train or deploy form; a shipped file may be named relative to the weights directory."""
-        load_checkpoint(self, resolve_weights(path), asked=_ASKED.get())
+        weights = path.weights if isinstance(path, _GivenState) else resolve_weights(path)
+        load_checkpoint(self, weights, asked=_ASKED.get())
 
 
 def build(cls: type, variant: str, pretrained: bool, feature_cfg: dict, **kwargs) -> "RepMLPModel":
     """A family's ``_create``: timm's ``build_model_with_cfg`` with the family's one ``pretrained_filter_fn``
-    (:func:`repmlp.checkpoint.checkpoint_filter_fn`, which timm applies to a ``state_dict`` given in
-    ``pretrained_cfg_overlay``), the pretrained config resolved once, here, every weights file sent through
-    ``custom_load`` (:func:`_route_pretrained`), and the constructor arguments a ``local-dir:`` or ``hf-hub:``
-    folder's ``config.json`` supplied checked as a file's (:func:`repmlp.records.model_args`)."""
+    (:func:`repmlp.checkpoint.checkpoint_filter_fn`), the pretrained config resolved once, here, every weights file
+    or ``state_dict`` sent through ``custom_load`` (:func:`_route_pretrained`), and the constructor arguments a
+    ``local-dir:`` or ``hf-hub:`` folder's ``config.json`` supplied checked as a file's
+    (:func:`repmlp.records.model_args`)."""
     from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
-    cfg = resolve_pretrained_cfg(
-        variant, kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None)
-    )
-    cfg = cfg.to_dict()
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    given = overlay.pop("state_dict", None)  # not deep-copied with the config, as timm's dataclass copies would
+    cfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None), overlay).to_dict()
     recorded = kwargs.get("pretrained_model_args")
     if recorded:  # timm read them from a folder's config.json: data, never a location
         where = f"{cfg.get('file') or cfg.get('hf_hub_id') or variant}/config.json: field 'model_args'"
         records.model_args(cls, recorded, where, form=True)
     asked = {k for k in ("num_classes", "in_chans") if k in kwargs and (recorded or {}).get(k, object()) != kwargs[k]}
     if pretrained:
-        _route_pretrained(variant, cfg, kwargs.get("cache_dir"))
+        _route_pretrained(variant, cfg, kwargs.get("cache_dir"), given)
     token = _ASKED.set(frozenset(asked))
     try:
-        return build_model_with_cfg(
+        model = build_model_with_cfg(
             cls, variant, pretrained, cfg, feature_cfg=feature_cfg, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
         )
     finally:
         _ASKED.reset(token)
+    if isinstance(model.pretrained_cfg.get("file"), _GivenState):
+        model.pretrained_cfg["file"] = None  # loaded; the config describes no file
+    return model
+
+
+class _GivenState:
+    """A ``state_dict`` given in ``pretrained_cfg_overlay``, carried as the config's ``file`` to ``load_pretrained``
+    (timm copies its configs deeply; this one is passed on as it is)."""
+
+    def __init__(self, state: dict) -> None:
+        self.weights = WeightsFile(Path("the state_dict of pretrained_cfg_overlay"), {}, state)
+
+    def __deepcopy__(self, memo: dict) -> "_GivenState":
+        return self
 
 
 #: The constructor arguments the caller of the ``create_model`` in progress gave (``num_classes``, ``in_chans``):
@@ -359,22 +374,27 @@ def build(cls: type, variant: str, pretrained: bool, feature_cfg: dict, **kwargs
 _ASKED: ContextVar[frozenset] = ContextVar("repmlp_asked", default=frozenset())
 
 
-def _route_pretrained(variant: str, cfg: dict, cache_dir: str | None) -> None:
+def _route_pretrained(variant: str, cfg: dict, cache_dir: str | None, given: dict | None = None) -> None:
     """Send a ``pretrained=True`` load through the model's ``load_pretrained`` (our :func:`load_checkpoint`): set
-    ``cfg`` (resolved) to ``custom_load`` from one local ``file``.
+    ``cfg`` (resolved) to ``custom_load`` from one local ``file`` (or the ``given`` state dict).
 
     Why ``custom_load`` and not timm's loader (one place for it): timm's reads the whole file before the filter can
     judge it, defaults a trainer's checkpoint to its EMA weights (our documented default is its state dict), and
-    replaces a classifier by comparing with ``pretrained_cfg['num_classes']`` rather than the file's own tensors.
+    replaces a classifier by comparing with ``pretrained_cfg['num_classes']`` rather than the file's own tensors (a
+    given state dict too: it would drop a 3-class head loaded with ``num_classes=3``, and give a stem it cannot adapt
+    a random one).
 
     A ``local-dir:`` folder and an ``hf-hub:`` model's weights file (found in, offline only read from, the Hugging
     Face cache: :func:`repmlp.locations.hub_weights`) load as files; a ``url`` loads from timm's cache, downloaded
     there unless offline. Locations a folder's ``config.json`` names besides its own are not used. A model with no
     weights configured is refused (timm would silently keep the random init).
     """
+    if given is not None:
+        cfg.update(file=_GivenState(given), custom_load=True, source="file")
+        return
     from_folder = cfg.get("source") in ("local-dir", "hf-hub")  # the cfg came from a config.json
     hub = cfg.get("hf_hub_id") if cfg.get("source") == "hf-hub" or not (cfg.get("file") or cfg.get("url")) else None
-    if not (cfg.get("file") or cfg.get("url") or hub or cfg.get("state_dict")):
+    if not (cfg.get("file") or cfg.get("url") or hub):
         raise ValueError(
             f"{variant}: no weights are shipped for this model; pass a file with "
             f"pretrained_cfg_overlay=dict(file=PATH) (ours or the authors' .pth/.safetensors)"
@@ -383,7 +403,7 @@ def _route_pretrained(variant: str, cfg: dict, cache_dir: str | None) -> None:
         cfg.update(url=None, state_dict=None, hf_hub_filename=None)
     if hub:
         cfg["file"] = str(hub_weights(hub, None if from_folder else cfg.get("hf_hub_filename"), cache_dir))
-    elif not cfg.get("file") and not cfg.get("state_dict"):
+    elif not cfg.get("file"):
         cfg["file"] = _cached_url(cfg["url"], cache_dir)
     cfg.update(custom_load=True, source="file")
 
