@@ -160,10 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # an image that cannot be decoded, labels the model has no class for
         print(f"error: {worker_error(err)}", file=sys.stderr)
         return 2
+    label = (args.model or meta.get("model")) if model is None else model.pretrained_cfg.get("architecture", args.model)
     print(
         json.dumps(
             {
-                "model": (args.model or meta.get("model")) if model is None else model.pretrained_cfg["architecture"],
+                "model": label,
                 "checkpoint": args.onnx or args.checkpoint or model.pretrained_cfg.get("file"),
                 "form": form,
                 "dataset": cfg["data"]["dataset"],
