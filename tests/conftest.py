@@ -4,6 +4,9 @@ import re
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# inductor compiles in this process instead of starting a pool of compile workers, each importing torch again (seconds
+# of CPU per pytest-xdist worker on two cores, for the few small graphs the suite compiles); the same generated code
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 

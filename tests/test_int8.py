@@ -32,7 +32,9 @@ def _fmnist_small():
 
 
 def _repmlpnet_small():  # stage sizes 16, 8, 4, 2: one shared FC3 per-set linear (S = 1), the others batched
-    return _deploy(timm.create_model("repmlpnet_t224", img_size=64, partitions=(16, 8, 4, 2), num_classes=10))
+    # the preset's channels and sharesets, one block per stage but two in the third (blocks of one kind repeat)
+    kwargs = dict(img_size=64, partitions=(16, 8, 4, 2), depths=(1, 1, 2, 1), num_classes=10)
+    return _deploy(timm.create_model("repmlpnet_t224", **kwargs))
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])

@@ -4,7 +4,7 @@ family; weights are stored contiguous and each part runs in its input's layout; 
 import pytest
 import timm
 import torch
-from conftest import rel_err
+from conftest import SMALL, rel_err
 from test_repmlpnet import TINY
 
 from repmlp import convert_to_deploy, load_checkpoint, save_checkpoint
@@ -15,7 +15,7 @@ from repmlp.verify import TOLERANCES, randomize_bn_stats
 
 # small members of each family (the suite's sizes); RepMLPNet runs NCHW inside, the others NHWC
 FAMILIES = {
-    "repmlp_res50_light_224": dict(img_size=64, partition=4),
+    "repmlp_res50_light_224": SMALL["repmlp_res50"],  # 64x64, 4x4 partitions, a quarter of the preset's widths
     "repmlpnet_t224": TINY,
     "repmlp_fmnist_mlp": {},
 }

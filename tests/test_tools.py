@@ -1,9 +1,7 @@
-"""Command-line tools run end to end."""
+"""Command-line tools run end to end (their ``main(argv)`` in this process; tools/train.py as a process:
+tests/test_train.py, tests/test_distributed.py)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,14 +10,16 @@ from conftest import load_tool
 import repmlp
 from repmlp.checkpoint import read_metadata
 
-ROOT = Path(__file__).resolve().parents[1]
+
+def _convert_deploy(capsys, *args) -> tuple[int, str, str]:
+    """tools/convert_deploy.py's exit code, standard output and standard error."""
+    capsys.readouterr()
+    code = load_tool("convert_deploy").main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def _run(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
-def test_convert_deploy_from_a_train_checkpoint(tmp_path):
+def test_convert_deploy_from_a_train_checkpoint(tmp_path, capsys):
     import timm
 
     from repmlp.verify import randomize_bn_stats
@@ -27,10 +27,10 @@ def test_convert_deploy_from_a_train_checkpoint(tmp_path):
     model = randomize_bn_stats(timm.create_model("repmlp_fmnist_mlp"), seed=5)
     weights, out = tmp_path / "train.safetensors", tmp_path / "deploy.safetensors"
     repmlp.save_checkpoint(model, weights)
-    res = _run("tools/convert_deploy.py", "--weights", str(weights), "--output", str(out), "--batch-size", "3")
-    assert res.returncode == 0, res.stderr
-    assert "PASS (float32)" in res.stdout and "PASS (float64)" in res.stdout
-    assert "params" in res.stdout and "MACs" in res.stdout
+    code, stdout, stderr = _convert_deploy(capsys, "--weights", str(weights), "--output", str(out), "--batch-size", "3")
+    assert code == 0, stderr
+    assert "PASS (float32)" in stdout and "PASS (float64)" in stdout
+    assert "params" in stdout and "MACs" in stdout
     meta = read_metadata(out)
     assert json.loads(meta.pop("model_kwargs"))["widths"] == [24, 48]  # the constructor arguments, recorded
     inputs = {key: meta.pop(key) for key in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")}
@@ -49,13 +49,15 @@ def test_convert_deploy_from_a_train_checkpoint(tmp_path):
     assert repmlp.verify_equivalence(model.eval(), deploy.eval(), batch_size=4).passed
 
 
-def test_convert_deploy_default_is_the_shipped_model(tmp_path):
-    res = _run("tools/convert_deploy.py", "--output", str(tmp_path / "d.safetensors"), "--no-float64", "--ranges")
-    assert res.returncode == 0, res.stderr
-    assert "registered weights repmlp_fmnist_mlp.fmnist" in res.stdout and "PASS (float32)" in res.stdout
+def test_convert_deploy_default_is_the_shipped_model(tmp_path, capsys):
+    code, stdout, stderr = _convert_deploy(
+        capsys, "--output", str(tmp_path / "d.safetensors"), "--no-float64", "--ranges"
+    )
+    assert code == 0, stderr
+    assert "registered weights repmlp_fmnist_mlp.fmnist" in stdout and "PASS (float32)" in stdout
     # the range report: one row per deploy-form weight matrix, the FC3s among them
-    rows = [line for line in res.stdout.splitlines() if line.startswith(("stem.", "stages.", "head."))]
-    assert len(rows) == 15 and sum("partition_perceptron.fc3" in row for row in rows) == 4 and "SQNR" in res.stdout
+    rows = [line for line in stdout.splitlines() if line.startswith(("stem.", "stages.", "head."))]
+    assert len(rows) == 15 and sum("partition_perceptron.fc3" in row for row in rows) == 4 and "SQNR" in stdout
 
 
 def test_convert_deploy_bad_arguments(tmp_path, capsys):
