@@ -110,27 +110,27 @@ def judged_record(metadata: dict[str, str], path: str | Path) -> dict[str, str]:
     """A file's metadata as far as it may be used (:mod:`repmlp.records`): its model a registered name, its
     ``num_classes`` a count, its ``model_kwargs`` the family's constructor arguments; a dataset (its own, or its
     training ``config``'s) only where it is known and on a local path, else dropped."""
-    record, field = dict(metadata), f"{path}: field"
+    record, where = dict(metadata), f"{path}: field"
     if "model" in record:
         record["model"] = name = records.model_name(record["model"], str(path))
-        kwargs = records.parse_json(record.get("model_kwargs", "{}"), f"{field} 'model_kwargs'")
-        record["model_kwargs"] = json.dumps(records.model_args(family(name), kwargs, f"{field} 'model_kwargs'"))
-    if not re.fullmatch(r"\d{1,7}", record.get("num_classes", "0")):
+        kwargs = records.parse_json(record.get("model_kwargs", "{}"), f"{where} 'model_kwargs'")
+        record["model_kwargs"] = json.dumps(records.model_args(family(name), kwargs, f"{where} 'model_kwargs'"))
+    if not re.fullmatch(r"\d{1,7}", str(record.get("num_classes", "0"))):
         raise ValueError(
-            f"{field} 'num_classes' is {record['num_classes']!r}, not a count of classes; fix the file or give "
+            f"{where} 'num_classes' is {record['num_classes']!r}, not a count of classes; fix the file or give "
             "--model-kwargs '{\"num_classes\": N}'"
         )
     if "config" in record:
-        config = records.parse_json(record["config"], f"{field} 'config'")
+        config = records.parse_json(record["config"], f"{where} 'config'")
         data = config.get("data", {}) if isinstance(config, dict) else None
         if not isinstance(data, dict):
-            raise ValueError(f"{field} 'config' must be a JSON object with a 'data' object, got {config!r:.100}")
+            raise ValueError(f"{where} 'config' must be a JSON object with a 'data' object, got {config!r:.100}")
         recorded = data.get("dataset")
-        data["dataset"], data["root"] = records.dataset(recorded, data.get("root"), f"{field} 'config'")
+        data["dataset"], data["root"] = records.dataset(recorded, data.get("root"), f"{where} 'config'")
         record["config"] = json.dumps({**config, "data": {k: v for k, v in data.items() if v is not None}})
         if recorded is not None and data["dataset"] is None:
             record.pop("dataset", None)
-    if "dataset" in record and records.dataset(record["dataset"], None, f"{field} 'dataset'")[0] is None:
+    if "dataset" in record and records.dataset(record["dataset"], None, f"{where} 'dataset'")[0] is None:
         del record["dataset"]
     return record
 
