@@ -25,6 +25,7 @@ from repmlp.quantize import (
 from repmlp.shipped import shipped_weights
 from repmlp.sources import ModelSource, model_source
 
+from .speed_page import int8_speedups
 from .timing import format_machine, machine_description, machine_state, timed_round
 
 INT8_FORMS = (
@@ -158,17 +159,13 @@ def run_int8_benchmark(cfg: Int8BenchmarkConfig, workdir: str | Path, log=print)
 def format_int8_table(report: dict) -> str:
     """The results with speed-ups over onnxruntime float32 and PyTorch (eager) float32 of the same model and batch."""
     rows = report["results"]
-    ref = {(r["model"], r["batch_size"], r["form"]): r["ms"] for r in rows}
     head = (
         f"{'model':26} {'batch':>5} {'form':26} {'ms':>9} {'img/s':>8} {'vs ort fp32':>11} {'vs pt fp32':>10} "
         f"{'max rel err':>11} {'argmax agr':>10}"
     )
     lines = [head, "-" * len(head)]
-    for r in rows:
-        speedups = []
-        for form in ("onnxruntime fp32", "pytorch fp32"):
-            base = ref.get((r["model"], r["batch_size"], form))
-            speedups.append("-" if base is None else f"x{base / r['ms']:.2f}")
+    for r, ratios in zip(rows, int8_speedups(rows)):
+        speedups = ["-" if s is None else f"x{s:.2f}" for s in ratios]
         lines.append(
             f"{r['model'][:26]:26} {r['batch_size']:>5} {r['form']:26} {r['ms']:>9.2f} {r['images_per_s']:>8.1f} "
             f"{speedups[0]:>11} {speedups[1]:>10} {r['max_rel_err']:>11.1e} {r['argmax_agreement']:>10.2%}"

@@ -148,6 +148,14 @@ def _forms_section(name: str, report: dict) -> list[str]:
     return lines
 
 
+def int8_speedups(rows: list[dict]) -> list[tuple[float | None, float | None]]:
+    """Each int8 race row's speed-up against onnxruntime fp32 and PyTorch fp32 at its model and batch (None: no such
+    row)."""
+    ref = {(r["model"], r["batch_size"], r["form"]): r["ms"] for r in rows}
+    bases = [[ref.get((r["model"], r["batch_size"], f)) for f in ("onnxruntime fp32", "pytorch fp32")] for r in rows]
+    return [tuple(None if base is None else base / r["ms"] for base in pair) for r, pair in zip(rows, bases)]
+
+
 def _int8_section(name: str, report: dict) -> list[str]:
     lines = [f"## {name}: int8 against float32", "", *_machine(report), *_command(report)]
     lines += [
@@ -155,12 +163,8 @@ def _int8_section(name: str, report: dict) -> list[str]:
         "argmax agreement |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    ref = {(r["model"], r["batch_size"], r["form"]): r["ms"] for r in report["results"]}
-    for r in report["results"]:
-        vs = []
-        for form in ("onnxruntime fp32", "pytorch fp32"):
-            base = ref.get((r["model"], r["batch_size"], form))
-            vs.append("-" if base is None else f"{base / r['ms']:.2f}x")
+    for r, speedups in zip(report["results"], int8_speedups(report["results"])):
+        vs = ["-" if s is None else f"{s:.2f}x" for s in speedups]
         lines.append(
             f"| {r['model']} | {r['batch_size']} | {r['form']} | {r['ms']:.2f} | {r['images_per_s']:.1f} | "
             f"{vs[0]} | {vs[1]} | {r['max_rel_err']:.1e} | {r['argmax_agreement']:.2%} |"
