@@ -200,11 +200,11 @@ def _no_layout_matches(state: dict, model: nn.Module, factory: Factory | None, s
                 forms.append(factory())
             _reparameterize_where_missing(forms[-1], set(renamed), most=True)
         for form in forms:
-            found = _mismatches(_shapes(form), renamed)
-            if closest is None or sum(map(len, found)) < sum(map(len, closest[1])):
+            found = _mismatches(_shapes(form), renamed, source)
+            if closest is None or found[0] < closest[1][0]:
                 closest = layout.name, found
     tried = ", ".join(layout.name for layout in model.key_layouts)
-    return _mismatch_text(source, *closest[1]) + (
+    return closest[1][1] + (
         f" (keys in our names; the file read as {closest[0]}, the closest of the layouts tried: {tried})"
     )
 
@@ -213,13 +213,13 @@ def _check_dtypes(state: dict, expected: dict, source: str) -> None:
     """Refuse complex or integer tensors for float parameters; note lower-precision floats (any float file loads
     into a model of any float dtype)."""
     floats = {k: v for k, v in state.items() if k in expected and expected[k].is_floating_point()}
-    for kind, wrong in (("complex", torch.Tensor.is_complex), ("integer", lambda v: not v.is_floating_point())):
-        keys = [k for k, v in floats.items() if wrong(v)]
-        if keys:
-            raise ValueError(
-                f"{source}: {kind} tensors for float parameters (the file was saved with the wrong dtype): "
-                f"{_show(keys)}, e.g. {state[keys[0]].dtype}"
-            )
+    wrong = [k for k, v in floats.items() if not v.is_floating_point()]
+    if wrong:
+        kind = "complex" if floats[wrong[0]].is_complex() else "integer"
+        raise ValueError(
+            f"{source}: {kind} tensors for float parameters (the file was saved with the wrong dtype): "
+            f"{_show(wrong)}, e.g. {floats[wrong[0]].dtype}"
+        )
     lower = [k for k, v in floats.items() if torch.finfo(v.dtype).bits < torch.finfo(expected[k].dtype).bits]
     if lower:
         e = lower[0], state[lower[0]].dtype, expected[lower[0]].dtype
@@ -319,21 +319,20 @@ def _show(keys: list[str]) -> str:
     return "[" + ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "") + "]"
 
 
-def _mismatches(expected: dict[str, torch.Size], state: dict[str, torch.Tensor]) -> tuple[list, list, list]:
-    """Keys ``state`` lacks, keys it has in excess, and 'key: file (shape) vs model (shape)' for the others."""
+def _mismatches(expected: dict[str, torch.Size], state: dict[str, torch.Tensor], source: str) -> tuple[int, str]:
+    """How many keys ``state`` lacks, has in excess or holds in another shape than ``expected``, and the error
+    naming them."""
     shapes = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(v)}"
         for k, v in expected.items()
         if k in state and state[k].shape != v
     ]
-    return sorted(set(expected) - set(state)), sorted(set(state) - set(expected)), shapes
-
-
-def _mismatch_text(source: str, missing: list, unexpected: list, shapes: list) -> str:
-    return (
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    text = (
         f"{source} does not match the model: missing keys {_show(missing)}, unexpected keys {_show(unexpected)}, "
         f"shape mismatches {_show(shapes)}"
     )
+    return len(missing) + len(unexpected) + len(shapes), text
 
 
 def _refuse_mismatches(
@@ -342,9 +341,9 @@ def _refuse_mismatches(
     """A ValueError naming every missing and unexpected key and every shape that differs (``closest``: the error
     naming the family's closest layout instead); then, unless ``allow_nonfinite``, every tensor with NaN or Inf
     (read only once keys and shapes are known to fit)."""
-    found = _mismatches(_shapes(expected), state)
-    if any(found):
-        raise ValueError(closest() if closest else _mismatch_text(source, *found))
+    count, text = _mismatches(_shapes(expected), state, source)
+    if count:
+        raise ValueError(closest() if closest else text)
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad and not allow_nonfinite:
         raise ValueError(

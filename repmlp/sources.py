@@ -34,7 +34,7 @@ from .models import MLPCifarNet, RepMLPNet, RepMLPResNet, load_model
 from .publish import deploy_record  # noqa: F401 - its home before 0.2
 from .shipped import resolve_weights, shipped_weights
 from .verify import randomize_bn_stats
-from .weights_file import PLAIN_STATE_DICT, WeightsFile, read_header_metadata
+from .weights_file import PLAIN_STATE_DICT, WeightsFile
 
 
 @dataclass
@@ -102,8 +102,9 @@ def model_source(
 
 
 def read_record(path: str | Path) -> dict[str, str]:
-    """What a shipped safetensors file records of its model and data (its header only, judged); {} for none."""
-    return judged_record(read_header_metadata(path), Path(path))
+    """What a weights file records of its model and data, judged (:func:`judged_record`)."""
+    file = WeightsFile.open(path)
+    return judged_record(file.metadata, file.path)
 
 
 def judged_record(metadata: dict[str, str], path: str | Path) -> dict[str, str]:

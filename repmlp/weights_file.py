@@ -4,7 +4,7 @@ Nothing read here is run, imported or trusted: :mod:`repmlp.records` judges what
 
 from __future__ import annotations
 
-__all__ = ["PLAIN_STATE_DICT", "WeightsFile", "listed_sha256", "read_header_metadata", "resolve"]
+__all__ = ["PLAIN_STATE_DICT", "WeightsFile", "listed_sha256", "resolve"]
 
 import argparse
 import hashlib
@@ -52,21 +52,6 @@ def resolve(path: str | os.PathLike) -> Path:
     (:func:`repmlp.locations.folder_weights`)."""
     path = Path(path)
     return (folder_weights(path) or path) if path.is_dir() else path
-
-
-def read_header_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata of a safetensors file (or model folder) from its header alone, bounded; {} for another file or
-    none (whatever is wrong with it is said when it is loaded)."""
-    path = resolve(path)
-    if not path.is_file():
-        return {}
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        header = f.read(length) if length <= min(_MAX_HEADER_BYTES, os.fstat(f.fileno()).st_size - 8) else b""
-    try:
-        return _header(header, "")[0]
-    except ValueError:
-        return {}
 
 
 def listed_sha256(path: Path) -> str | None:

@@ -18,12 +18,10 @@ from pathlib import Path
 import timm
 
 import repmlp
-from repmlp.checkpoint import (
-    read_metadata,
-    write_folder,
-)
+from repmlp.checkpoint import write_folder
 from repmlp.guards import add_overwrite_argument, check_outputs
-from repmlp.shipped import WEIGHTS_NAME, weights_dir, weights_file
+from repmlp.shipped import WEIGHTS_NAME, weights_dir
+from repmlp.weights_file import WeightsFile
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,15 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     output = Path(args.output or weights_dir() / args.model)
     try:
-        checkpoint = weights_file(args.checkpoint)  # a model folder names its weights file
+        checkpoint = WeightsFile.open(args.checkpoint)  # read once; a model folder names its weights file
         files = {f"--output {name}": output / name for name in (WEIGHTS_NAME, "config.json")}
-        check_outputs(files, [args.checkpoint, checkpoint], args.overwrite)  # before any work: never over the input
+        check_outputs(files, [args.checkpoint, checkpoint.path], args.overwrite)  # before any work: never over it
         model = repmlp.load_checkpoint(timm.create_model(args.model), checkpoint)
-        keep = {
-            k: v
-            for k, v in read_metadata(checkpoint).items()
-            if k not in ("model", "form", "format", "num_classes", "model_kwargs")
-        }
+        drop = ("model", "form", "format", "num_classes", "model_kwargs")
+        keep = {k: v for k, v in checkpoint.metadata.items() if k not in drop}
         folder = write_folder(model, output, metadata=keep)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
