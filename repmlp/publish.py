@@ -51,6 +51,7 @@ def save_checkpoint(
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     recorded = {**_constructor_metadata(model), **input_metadata(model), **(metadata or {})}
     meta = {"model": model_name, "form": form, "format": "pt", **recorded}
+    meta = {k: v.encode("utf-8", "backslashreplace").decode() for k, v in meta.items()}  # e.g. a non-UTF-8 file name
     atomic_write(path, lambda tmp: safetensors.torch.save_file(state, tmp, metadata=meta))
 
 

@@ -9,6 +9,7 @@ __all__ = ["dataset", "model_args", "model_name", "parse_json"]
 import inspect
 import json
 import logging
+import math
 import re
 
 _logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def parse_json(text: object, where: str) -> object:
     """A JSON field of a file's metadata, parsed; a ValueError naming it otherwise."""
     try:
         return json.loads(text) if isinstance(text, str) else text
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: nested deeper than the parser goes
         raise ValueError(f"{where} is not JSON ({err}): {text!r:.100}") from None
 
 
@@ -111,7 +112,7 @@ def _fits(value: object, annotation: str) -> bool:
         if kind == "str" and isinstance(value, str):
             return True
         if kind in ("int", "float") and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return kind == "float" or isinstance(value, int)
+            return isinstance(value, int) or (kind == "float" and math.isfinite(value))  # JSON takes NaN
         if kind.split("[")[0] in ("Sequence", "tuple", "list", "_Size") and isinstance(value, list):
             if all(_fits(v, inner.split(",")[0].strip()) for v in value):
                 return True

@@ -45,6 +45,7 @@ _NOT_CHECKPOINTS = (
     (b"\x1f\x8b", "a gzip archive", "unpack it first"),
     (b"{", "a JSON or text file", "give the weights file it describes"),
 )
+_ONNX_FIELDS = (b"\x12", b"\x1a", b"\x22", b"\x3a")  # ModelProto: ir_version (field 1), then producer, domain, graph
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -58,7 +59,9 @@ def listed_sha256(path: Path) -> str | None:
     """The sha256 the ``config.json`` beside ``path`` lists for it (a shipped file), or None."""
     config = path.parent / "config.json"
     files = read_json(config).get("files", {})
-    entry = files.get(path.name) if isinstance(files, dict) else None
+    if not isinstance(files, dict):
+        raise ValueError(f"{config}: field 'files' must be an object {{name: {{sha256, form}}}}, got {files!r:.100}")
+    entry = files.get(path.name)
     if entry is None:
         return None
     if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
@@ -215,8 +218,11 @@ def _refuse_other_formats(metadata: dict[str, str], path: Path) -> None:
 def _read_torch(buffer: mmap.mmap, path: Path) -> object:
     """A torch file's content, unpickled with ``weights_only=True``; any other file is named for what it is."""
     head = bytes(buffer[:16])
-    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and b"onnx" in bytes(buffer[:4096]).lower()):
-        raise ValueError(f"cannot read weights file {path}: not a checkpoint: this is an ONNX file (use --onnx)")
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and head[2:3] in _ONNX_FIELDS):
+        raise ValueError(
+            f"cannot read weights file {path}: not a checkpoint: this is an ONNX file (use --onnx where a tool "
+            "takes it; repmlp-predict --weights runs it; to convert or export, give the file it was exported from)"
+        )
     for magic, what, fix in _NOT_CHECKPOINTS:
         if head.startswith(magic):
             raise ValueError(f"cannot read weights file {path}: not a checkpoint: this is {what}; {fix}")

@@ -113,6 +113,10 @@ def test_an_onnx_files_metadata_names_no_code_and_no_command(tmp_path, capsys):
         ("model_kwargs", '{"widths": "abc"}', "field 'widths' is 'abc'"),
         ("model_kwargs", '{"in_chans": 0}', "field 'in_chans' is 0"),
         ("config", "[]", "field 'config' must be a JSON object"),
+        ("config", "[" * 100_000 + "]" * 100_000, "field 'config' is not JSON (maximum recursion depth"),
+        ("model_kwargs", '{"drop_rate": NaN}', "field 'drop_rate' is nan"),
+        ("model_kwargs", '{"global_pool": "evil"}', "cannot build repmlp_cifar_mlp with"),  # the constructor's
+        ("num_classes", "9999999", "has 5,130,032,195 parameters"),  # 20 GB, refused before it is allocated
     ],
 )
 def test_metadata_mistakes_name_file_and_field(tmp_path, field, value, says):
@@ -177,6 +181,9 @@ def test_a_folders_config_json_is_read_only_as_a_regular_file_of_sane_size(tmp_p
         f.truncate(1 << 30)  # sparse: 1 GB of nothing
     with pytest.raises(ValueError, match=r"config.json is 1073741824 bytes"):
         model_source(weights=folder)
+    (folder / "config.json").write_text(json.dumps({"files": ["model.safetensors"]}))  # no skipping its sha256
+    with pytest.raises(ValueError, match=r"config.json: field 'files' must be an object"):
+        model_source(weights=folder)
 
 
 # ------------------------------------------------------------------------------ strict about trained heads
@@ -224,7 +231,8 @@ def test_a_header_that_declares_more_than_the_file_holds_is_refused_before_readi
 @pytest.mark.parametrize(
     "name, content, says",
     [
-        ("m.onnx", b"\x08\x08\x12\x07pytorch", "this is an ONNX file (use --onnx)"),
+        ("m.onnx", b"\x08\x08\x12\x07pytorch", "this is an ONNX file (use --onnx"),
+        ("m.pth", b"\x08\x08\x12\x07pytorch\x1a\x032.9", "this is an ONNX file (use --onnx"),  # by its bytes
         ("w.pth", b"\x89PNG\r\n\x1a\n" + bytes(32), "this is a PNG image"),
         ("w.pth", b'{"a": 1}', "a JSON or text file"),
         ("w.safetensors", (64).to_bytes(8, "little") + b'{"a": ', "not valid safetensors (truncated at byte 14)"),
@@ -245,6 +253,8 @@ def test_a_fifo_is_no_missing_file_and_an_odd_name_no_corrupt_file(tmp_path):
     odd = tmp_path / os.fsdecode(b"w\xff.safetensors")  # not UTF-8
     shutil.copy(TRAIN, odd)
     assert model_source(weights=odd).model.num_classes == 3
+    assert _tool("convert_deploy", "--weights", odd, "--output", tmp_path / "d.safetensors", "--no-float64") == 0
+    assert "w\\udcff.safetensors" in WeightsFile.open(tmp_path / "d.safetensors").metadata["source"]  # escaped
 
 
 @SETTINGS
