@@ -29,7 +29,7 @@ def folder_weights(folder: str | os.PathLike) -> Path | None:
     of those extensions and a config.json of its own; none of them is picked.)"""
     folder = Path(folder)
     for name in WEIGHT_NAMES:
-        if (folder / name).is_file():
+        if (folder / name).exists():  # as timm's: a FIFO or device under the name is then refused as not a file
             return folder / name
     if not _is_timm_config(folder / "config.json"):
         return None

@@ -250,6 +250,9 @@ def test_a_fifo_is_no_missing_file_and_an_odd_name_no_corrupt_file(tmp_path):
     os.mkfifo(tmp_path / "w.safetensors")  # opening it would wait for a writer
     with pytest.raises(ValueError, match=r"w.safetensors is not a regular file"):
         WeightsFile.open(tmp_path / "w.safetensors")
+    os.mkfifo(tmp_path / "model.safetensors")  # a model folder's: named, not taken for a folder without weights
+    with pytest.raises(ValueError, match=r"model.safetensors is not a regular file"):
+        WeightsFile.open(tmp_path)
     odd = tmp_path / os.fsdecode(b"w\xff.safetensors")  # not UTF-8
     shutil.copy(TRAIN, odd)
     assert model_source(weights=odd).model.num_classes == 3
