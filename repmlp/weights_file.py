@@ -45,6 +45,7 @@ _NOT_CHECKPOINTS = (
     (b"\x1f\x8b", "a gzip archive", "unpack it first"),
     (b"{", "a JSON or text file", "give the weights file it describes"),
 )
+_COMMAND_MODULES = ("os.", "posix.", "nt.", "subprocess.", "builtins.", "pty.", "runpy.", "shutil.", "webbrowser.")
 _ONNX_FIELDS = (b"\x12", b"\x1a", b"\x22", b"\x3a")  # ModelProto: ir_version (field 1), then producer, domain, graph
 
 
@@ -245,15 +246,20 @@ def _read_torch(buffer: mmap.mmap, path: Path) -> object:
 
 
 def _needs_unpickling(path: Path, err: Exception) -> str:
-    """What a torch file holds that ``weights_only=True`` (with timm's allowance) does not read, and what to do."""
+    """What a torch file holds that ``weights_only=True`` (with timm's allowance) does not read, and what to do: a
+    recipe for one's own trusted file, none for a file that names a function of the modules that run commands."""
     allowed = {f"{g.__module__}.{g.__qualname__}" for g in _SAFE_GLOBALS}
     found = [g for g in re.findall(r"GLOBAL (\S+)", str(err)) if g not in allowed]
     what = f"a {found[0]} object" if len(found) == 1 else f"{', '.join(found)} objects" if found else "Python objects"
-    return (
+    said = (
         f"cannot read weights file {path}: it holds {what} besides tensors and plain containers, and is not "
-        f"unpickled (that can run code; only {', '.join(sorted(allowed))} is, as timm's loader allows). If you trust "
-        "it, save its state dict alone and load that: torch.save(torch.load(path, weights_only=False)['state_dict'], "
-        "'weights.pth') (or the key that holds the tensors)"
+        f"unpickled (that can run code; only {', '.join(sorted(allowed))} is, as timm's loader allows)"
+    )
+    if any(g.startswith(_COMMAND_MODULES) for g in found):
+        return f"{said}. Those run commands: do not unpickle this file; ask its sender for a .safetensors file"
+    return (
+        f"{said}. If you trust it, save its state dict alone and load that: torch.save(torch.load(path, "
+        "weights_only=False)['state_dict'], 'weights.pth') (or the key that holds the tensors)"
     )
 
 

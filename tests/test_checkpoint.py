@@ -6,6 +6,7 @@ import argparse
 import itertools
 import json
 import os
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -383,7 +384,11 @@ def test_a_namespace_is_all_that_is_unpickled_beyond_tensors(tmp_path):
     torch.save({"state_dict": _block().state_dict(), "args": argparse.Namespace(model="x", hook=Evil())}, path)
     with pytest.raises(
         ValueError, match="holds a posix.system object .* is not unpickled .*only argparse.Namespace is"
-    ):
+    ) as err:
+        read_state_dict(path)
+    assert "do not unpickle this file" in str(err.value) and "weights_only=False" not in str(err.value)
+    torch.save({"state_dict": _block().state_dict(), "run": Path("runs/x")}, path)  # a harmless object of one's own
+    with pytest.raises(ValueError, match=r"holds a pathlib\.\w*Path object .* If you trust it, .*weights_only=False"):
         read_state_dict(path)
 
 
