@@ -4,13 +4,16 @@ refusal names the file, the field, the value and what would work. A leaf module:
 
 from __future__ import annotations
 
-__all__ = ["dataset", "model_args", "model_name", "parse_json"]
+__all__ = ["check_buildable", "dataset", "model_args", "model_name", "parse_json"]
 
 import inspect
 import json
 import logging
 import math
 import re
+from collections.abc import Callable
+
+import torch
 
 _logger = logging.getLogger(__name__)
 
@@ -22,6 +25,7 @@ LOCATION_FIELDS = frozenset(
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # pipe:, http:, s3:, ... (a Windows drive is no concern here)
 _LOCAL_DATASETS = ("imagefolder", "cifar10", "cifar100", "fashion_mnist", "synthetic")
 _TIMM_PREFIXES = ("tar", "wds/", "torch/", "hfds/")
+MAX_ELEMENTS = 1 << 30  # parameters and buffers a file's arguments may build: 4 GiB of float32, 9x the zoo's largest
 
 
 def model_name(value: object, where: str) -> str:
@@ -61,6 +65,23 @@ def model_args(family: type | None, args: object, where: str, form: bool = False
                 f"--model-kwargs '{{\"{key}\": ...}}'"
             )
     return dict(args)
+
+
+def check_buildable(build: Callable[[], torch.nn.Module], where: str) -> None:
+    """Build the model a file's arguments describe on the meta device, where nothing is allocated, and refuse what
+    its constructor raises or a model of over :data:`MAX_ELEMENTS` (a recorded ``num_classes`` of 10**7 would
+    allocate 20 GB before any check of the file's tensors)."""
+    try:
+        with torch.device("meta"):
+            numel = sum(t.numel() for t in build().state_dict().values())
+    except Exception as err:  # noqa: BLE001 - whatever a constructor raises, the file's arguments are at fault
+        raise ValueError(f"{where}: cannot build the model: {type(err).__name__}: {err}") from None
+    if numel > MAX_ELEMENTS:
+        raise ValueError(
+            f"{where}: the model would have {numel:,} parameters and buffers, over the {MAX_ELEMENTS:,} a file's "
+            "arguments may ask for; check them (a model that large, if you mean it, loads with "
+            "repmlp.load_checkpoint(model, file))"
+        )
 
 
 def parse_json(text: object, where: str) -> object:

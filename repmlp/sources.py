@@ -36,10 +36,6 @@ from .shipped import resolve_weights, shipped_weights
 from .verify import randomize_bn_stats
 from .weights_file import PLAIN_STATE_DICT, WeightsFile
 
-#: How many times the size of its file a model built from a file's record may be (fresh global perceptrons at a larger
-#: input size grow with the square of the number of partitions); over that, and over 1 GiB, it is refused.
-MAX_GROWTH = 16
-
 
 @dataclass
 class ModelSource:
@@ -203,7 +199,7 @@ def model_from_checkpoint(
         raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
     asked = set(model_kwargs or {})  # the caller's own arguments: only these may give the file a fresh head
     if ":" not in name:  # a registered model (a factory is the caller's own code): built on meta first
-        _refuse_unbuildable(file, name, kwargs)
+        records.check_buildable(lambda: load_model(name, **kwargs), f"{file.path}: {name} with {kwargs}")
     try:
         train = load_model(name, **kwargs)
     except (TypeError, ValueError) as err:
@@ -213,21 +209,3 @@ def model_from_checkpoint(
         return load_checkpoint(train, file, asked=asked)
     model = load_model(name, **kwargs, deploy=True)
     return load_checkpoint(model, file, train_model_factory=lambda: train, asked=asked)  # the twin, built once
-
-
-def _refuse_unbuildable(file: WeightsFile, name: str, kwargs: dict) -> None:
-    """Build the model on the meta device (no memory) and refuse, naming the file and the arguments, what its
-    constructor raises or a model over :data:`MAX_GROWTH` times the file's size and 1 GiB of float32 (a recorded
-    ``num_classes`` of 10**7 would allocate 20 GB before any check of the file's tensors)."""
-    try:
-        with torch.device("meta"):
-            numel = sum(t.numel() for t in load_model(name, **kwargs).state_dict().values())
-    except Exception as err:  # noqa: BLE001 - whatever a constructor raises, its arguments are at fault
-        raise ValueError(f"{file.path}: cannot build {name} with {kwargs}: {type(err).__name__}: {err}") from None
-    held = sum(t.numel() for t in file.state.values())
-    if numel > max(MAX_GROWTH * held, 1 << 28):
-        raise ValueError(
-            f"{file.path}: {name} with {kwargs} has {numel:,} parameters and buffers, {numel // max(held, 1):,} "
-            f"times the file's {held:,}: check the file's 'num_classes' and 'model_kwargs' and your own; a model that "
-            "large, if you mean it, loads with repmlp.load_checkpoint(model, file)"
-        )

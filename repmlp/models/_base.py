@@ -4,6 +4,7 @@ No ``from __future__ import annotations`` here: FX copies ``forward``'s annotati
 and TorchScript can only script those graphs when the annotations are real types, not strings.
 """
 
+import inspect
 import os
 from collections.abc import Sequence
 from contextvars import ContextVar
@@ -342,6 +343,8 @@ def build(cls: type, variant: str, pretrained: bool, feature_cfg: dict, **kwargs
     if recorded:  # timm read them from a folder's config.json: data, never a location
         where = f"{cfg.get('file') or cfg.get('hf_hub_id') or variant}/config.json: field 'model_args'"
         records.model_args(cls, recorded, where, form=True)
+        params = inspect.signature(cls).parameters
+        records.check_buildable(lambda: cls(**{k: v for k, v in kwargs.items() if k in params}), where)
     asked = {k for k in ("num_classes", "in_chans") if k in kwargs and (recorded or {}).get(k, object()) != kwargs[k]}
     if pretrained:
         _route_pretrained(variant, cfg, kwargs.get("cache_dir"), given)
