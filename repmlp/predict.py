@@ -103,22 +103,23 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
 
     Raises:
         ValueError: a file that is missing, is no regular file, is not of its kind (ONNX, OpenVINO IR, weights),
-            or records too little to run alone; the message names the file and says what to do.
+            records too little to run alone or records a transform out of bounds; the message names the file and
+            says what to do.
     """
     path = Path(path)
     if not path.exists():
         raise ValueError(f"model file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        settings = parse_input_metadata(onnx_metadata(path))
+        settings = parse_input_metadata(onnx_metadata(path), str(path))  # checked before a session is built
         run = FixedBatch(onnx_predictor(path), onnx_batch_size(path))  # batch None: any batch
         return Predictor(run, settings, str(path))
     if suffix == ".xml":
         return _openvino_predictor(path)
     weights = WeightsFile.open(path)  # read once: the model and what the file records
     model = model_from_checkpoint(weights).eval()
-    recorded = parse_input_metadata(judged_record(weights.metadata, weights.path))
-    return Predictor(model, {**parse_input_metadata(input_metadata(model)), **recorded}, str(path))
+    recorded = {**input_metadata(model), **judged_record(weights.metadata, weights.path)}  # the file's over the model's
+    return Predictor(model, parse_input_metadata(recorded, str(weights.path)), str(path))
 
 
 def _openvino_predictor(path: Path) -> Predictor:
@@ -137,7 +138,7 @@ def _openvino_predictor(path: Path) -> Predictor:
     meta = {}
     if model.has_rt_info([OPENVINO_SECTION]):
         meta = {key: value.astype(str) for key, value in model.get_rt_info([OPENVINO_SECTION]).astype(dict).items()}
-    settings = parse_input_metadata(meta)
+    settings = parse_input_metadata(meta, str(path))
     compiled = core.compile_model(model, "CPU")
     return Predictor(lambda x: torch.from_numpy(compiled(x.numpy())[0]), settings, str(path))
 

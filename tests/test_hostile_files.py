@@ -418,6 +418,74 @@ def test_any_bytes_named_onnx_are_a_value_error_naming_the_file(tmp_path, data):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("input_size", "5"),
+        ("input_size", "[3, 8"),
+        ("input_size", "[3, 200000, 200000]"),
+        ("input_size", "[3, 8]"),
+        ("input_size", "[2, 8, 8]"),
+        ("input_size", "[3, 0, 8]"),
+        ("input_size", "[3, 8.5, 8]"),
+        ("input_size", "[true, 8, 8]"),
+        ("input_size", '{"a": 1}'),
+        ("mean", '["a", 0, 0]'),
+        ("mean", "[NaN, 0, 0]"),
+        ("mean", "0.5"),
+        ("mean", "[0.5]"),
+        ("std", "[0.5, 0, 0.5]"),
+        ("std", "[0.5, -1, 0.5]"),
+        ("std", "[Infinity, 1, 1]"),
+        ("crop_pct", "0"),
+        ("crop_pct", "nan"),
+        ("crop_pct", "3"),
+        ("crop_pct", "0.0001"),
+        ("crop_pct", "x"),
+        ("interpolation", "random"),
+        ("crop_mode", "rrc"),
+        ("label_names", '["a", 1]'),
+        ("label_names", '"abc"'),
+        ("label_names", "[" * 100_000),
+    ],
+)
+def test_recorded_transform_values_are_checked_naming_file_field_and_value(field, value):
+    from repmlp.preprocess import parse_input_metadata
+
+    good = {"input_size": "[3, 8, 8]", "mean": "[0.5, 0.5, 0.5]", "std": "[0.5, 0.5, 0.5]", "crop_pct": "0.875"}
+    assert parse_input_metadata(good, "m.onnx")["input_size"] == [3, 8, 8]
+    with pytest.raises(ValueError) as err:
+        parse_input_metadata({**good, field: value}, "m.onnx")
+    assert f"m.onnx: field '{field}' is {value!r:.100}" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        ("5", "field 'input_size' is '5'"),
+        ("[3, 200000, 200000]", "field 'input_size' is '[3, 200000, 200000]'"),  # once an allocation for ever
+        ("[3, 8", "field 'input_size' is '[3, 8'"),
+    ],
+)
+def test_an_onnx_files_transform_is_checked_before_use_by_predict_and_eval(
+    good_onnx, tmp_path, capsys, monkeypatch, value, says
+):
+    from repmlp.onnx_io import set_onnx_metadata
+    from repmlp.predict import Predictor
+
+    def unchecked(*_):  # preparing an image at the file's size would allocate without limit
+        raise AssertionError("an image was prepared for a transform nobody checked")
+
+    monkeypatch.setattr(Predictor, "image", unchecked)
+    path = tmp_path / "m.onnx"
+    shutil.copy(good_onnx, path)
+    set_onnx_metadata(path, {"input_size": value})
+    assert _tool("predict", "--weights", path, _image(tmp_path)) == 2
+    assert _tool("eval", "--onnx", path) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"error: {path}: {says}") == 2 and "Traceback" not in err
+
+
 def test_a_missing_or_unreadable_openvino_file_is_an_error_line(tmp_path, capsys):
     image, path = _image(tmp_path), tmp_path / "m.xml"
     assert _tool("predict", "--weights", path, image) == 2

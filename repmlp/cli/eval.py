@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides += ["data.skip_bad_images=true"] if args.skip_bad_images else []
         name = args.checkpoint or args.model
         cfg = eval_data_config(meta, name, args.config, args.dataset, args.data_root, overrides)
-        recorded = parse_input_metadata(meta) if args.onnx else {}  # as trained: over the model's pretrained_cfg
+        recorded = parse_input_metadata(meta, args.onnx) if args.onnx else {}  # as trained: over the pretrained_cfg
         cfg["data"].update({k: v for k, v in recorded.items() if k in TRANSFORM and cfg["data"][k] is None})
         loader = build_eval_data(cfg, model, args.split)
         if args.onnx:  # a file onnxruntime cannot load is an error line too
