@@ -486,6 +486,13 @@ def test_an_onnx_files_transform_is_checked_before_use_by_predict_and_eval(
     assert err.count(f"error: {path}: {says}") == 2 and "Traceback" not in err
 
 
+def test_eval_of_an_onnx_file_names_it_where_an_argument_contradicts_it(good_onnx, tmp_path, capsys):
+    assert _tool("predict", "--weights", good_onnx, _image(tmp_path)) == 0  # a file the tool wrote runs
+    assert _tool("eval", "--onnx", good_onnx, "--dataset", "synthetic") == 2
+    err = capsys.readouterr().err
+    assert f"dataset 'synthetic' contradicts {good_onnx}, which records dataset 'cifar10'" in err, err
+
+
 def test_a_missing_or_unreadable_openvino_file_is_an_error_line(tmp_path, capsys):
     image, path = _image(tmp_path), tmp_path / "m.xml"
     assert _tool("predict", "--weights", path, image) == 2

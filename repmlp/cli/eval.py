@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"model   {source.name} ({source.weights})", file=sys.stderr)
         overrides = [f"train.eval_batch_size={args.batch_size}", f"data.num_workers={args.workers}"]
         overrides += ["data.skip_bad_images=true"] if args.skip_bad_images else []
-        name = args.checkpoint or args.model
+        name = args.onnx or args.checkpoint or args.model
         cfg = eval_data_config(meta, name, args.config, args.dataset, args.data_root, overrides)
         recorded = parse_input_metadata(meta, args.onnx) if args.onnx else {}  # as trained: over the pretrained_cfg
         cfg["data"].update({k: v for k, v in recorded.items() if k in TRANSFORM and cfg["data"][k] is None})
