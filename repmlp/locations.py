@@ -4,7 +4,7 @@ too; and a folder's ``config.json``, read bounded (:func:`read_json`)."""
 
 from __future__ import annotations
 
-__all__ = ["WEIGHT_NAMES", "folder_weights", "hub_weights"]
+__all__ = ["WEIGHT_NAMES", "folder_weights", "hub_weights", "read_json", "regular_file"]
 
 import json
 import logging
@@ -49,20 +49,52 @@ def _is_timm_config(path: Path) -> bool:
         return False
 
 
+def regular_file(path: str | os.PathLike, what: str, fix: str) -> int:
+    """The size of ``path`` (symlinks followed) if it is a regular file, checked before anything opens it: a FIFO
+    waits for a writer for ever, a device such as ``/dev/zero`` never ends.
+
+    Args:
+        path: the file.
+        what: what it should be, for messages (``"weights file"``, ``"ONNX file"``).
+        fix: what would work, ending the message (``"give the file"``).
+
+    Raises:
+        FileNotFoundError: no such file (or a dangling symlink), naming it.
+        ValueError: not a regular file (naming what it is), or a file that cannot be looked at.
+    """
+    path = Path(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except OSError as err:
+        raise ValueError(f"{what} {path}: cannot be read ({err.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{what} {path} is not a regular file but {_kind(info.st_mode)}; {fix}")
+    return info.st_size
+
+
+def _kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for is_kind, name in kinds if is_kind(mode)), "no file to read")
+
+
 def read_json(path: str | os.PathLike, what: str = "config") -> dict:
     """A JSON object from ``path`` if it is a regular file of at most :data:`MAX_JSON_BYTES` ({} when there is no
     file): a FIFO, a device, a huge or non-JSON file is a ValueError naming it, never a hang or a flood."""
     path = Path(path)
     try:
-        info = path.stat()
+        size = regular_file(path, what, "replace it with a file")
     except FileNotFoundError:
         return {}
-    except OSError as err:
-        raise ValueError(f"{what} {path}: cannot be read ({err.strerror})") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ValueError(f"{what} {path} is not a regular file (a FIFO, device or socket); replace it with a file")
-    if info.st_size > MAX_JSON_BYTES:
-        raise ValueError(f"{what} {path} is {info.st_size} bytes, more than a config's {MAX_JSON_BYTES}; not read")
+    if size > MAX_JSON_BYTES:
+        raise ValueError(f"{what} {path} is {size} bytes, more than a config's {MAX_JSON_BYTES}; not read")
     with open(path, "rb") as f:
         text = f.read(MAX_JSON_BYTES + 1)
     try:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["onnx_predictor", "ort_session", "write_onnx"]
+__all__ = [
+    "load_onnx",
+    "onnx_batch_size",
+    "onnx_metadata",
+    "onnx_predictor",
+    "ort_session",
+    "set_onnx_metadata",
+    "write_onnx",
+]
 
 import io
 import os
@@ -11,6 +19,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from .locations import regular_file
+
+_GIVE = "give a .onnx file tools/export_onnx.py wrote"
 
 
 @torch.no_grad()
@@ -50,8 +62,20 @@ def ort_session(model: str | os.PathLike | bytes, threads: int | None = None, pr
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
         options.enable_profiling, options.profile_file_prefix = True, profile_prefix
-    source = model if isinstance(model, bytes) else str(model)
-    return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    if isinstance(model, bytes):
+        return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    regular_file(model, "ONNX file", _GIVE)
+    try:
+        return onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    except _ort_errors() as err:
+        raise ValueError(f"{model} is not an ONNX file onnxruntime can run ({err}); {_GIVE}") from None
+
+
+def _ort_errors() -> tuple[type[Exception], ...]:
+    """onnxruntime's exceptions for a file it cannot load (they derive from Exception only)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort
+
+    return ort.Fail, ort.InvalidArgument, ort.InvalidGraph, ort.InvalidProtobuf, ort.NoSuchFile, ort.NotImplemented
 
 
 def onnx_predictor(
@@ -62,11 +86,36 @@ def onnx_predictor(
     return lambda x: torch.from_numpy(session.run(None, {"input": x.detach().contiguous().numpy()})[0])
 
 
+def load_onnx(path: str | os.PathLike, external_data: bool = False):
+    """An ONNX file's ``onnx.ModelProto`` (its external data unread unless ``external_data``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a regular file (a FIFO or device is never read), or no ONNX model (bytes that do not decode,
+            or decode to no graph with an input), naming the file.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    regular_file(path, "ONNX file", _GIVE)
+    try:
+        proto = onnx.load(str(path), load_external_data=external_data)
+    except DecodeError as err:
+        raise ValueError(f"{path} is not a valid ONNX file ({err}); {_GIVE}") from None
+    if not proto.graph.input:  # protobuf decodes an empty file, and some other bytes, to an empty model
+        raise ValueError(f"{path} is not a valid ONNX file (it decodes to no graph with an input); {_GIVE}")
+    return proto
+
+
 def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
     """An ONNX file's ``metadata_props`` (the graph's weights are not read)."""
-    import onnx
+    return {prop.key: prop.value for prop in load_onnx(path).metadata_props}
 
-    return {prop.key: prop.value for prop in onnx.load(str(path), load_external_data=False).metadata_props}
+
+def onnx_batch_size(path: str | os.PathLike) -> int | None:
+    """The static batch of an ONNX file's input; None for a dynamic batch."""
+    dim = load_onnx(path).graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.dim_value if dim.HasField("dim_value") else None
 
 
 def set_onnx_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> None:
@@ -75,7 +124,7 @@ def set_onnx_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> None
 
     from .guards import atomic_write
 
-    proto = onnx.load(str(path))
+    proto = load_onnx(path, external_data=True)
     kept = {prop.key: prop.value for prop in proto.metadata_props if prop.key not in metadata}
     del proto.metadata_props[:]
     for key, value in {**kept, **metadata}.items():

@@ -19,9 +19,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .data import build_transform
-from .onnx_io import onnx_metadata, onnx_predictor
+from .locations import regular_file
+from .onnx_io import onnx_batch_size, onnx_metadata, onnx_predictor
 from .preprocess import LABEL_KEY, OPENVINO_SECTION, input_metadata, parse_input_metadata
-from .quantize import FixedBatch, onnx_batch_size
+from .quantize import FixedBatch
 from .sources import judged_record, model_from_checkpoint
 from .weights_file import WeightsFile
 
@@ -101,37 +102,45 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
     (OpenVINO IR, needs ``openvino``), else weights our loader reads (safetensors, a model folder, a torch file).
 
     Raises:
-        ValueError: a file that is missing or records too little to run alone (the message says what to do).
+        ValueError: a file that is missing, is no regular file, is not of its kind (ONNX, OpenVINO IR, weights),
+            records too little to run alone or records a transform out of bounds; the message names the file and
+            says what to do.
     """
     path = Path(path)
     if not path.exists():
         raise ValueError(f"model file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        meta = onnx_metadata(path)
-        batch = onnx_batch_size(path)
-        run = onnx_predictor(path)
-        return Predictor(FixedBatch(run, batch), parse_input_metadata(meta), str(path))  # batch None: any batch
+        settings = parse_input_metadata(onnx_metadata(path), str(path))  # checked before a session is built
+        run = FixedBatch(onnx_predictor(path), onnx_batch_size(path))  # batch None: any batch
+        return Predictor(run, settings, str(path))
     if suffix == ".xml":
         return _openvino_predictor(path)
     weights = WeightsFile.open(path)  # read once: the model and what the file records
     model = model_from_checkpoint(weights).eval()
-    recorded = parse_input_metadata(judged_record(weights.metadata, weights.path))
-    return Predictor(model, {**parse_input_metadata(input_metadata(model)), **recorded}, str(path))
+    recorded = {**input_metadata(model), **judged_record(weights.metadata, weights.path)}  # the file's over the model's
+    return Predictor(model, parse_input_metadata(recorded, str(weights.path)), str(path))
 
 
 def _openvino_predictor(path: Path) -> Predictor:
+    weights = path.with_suffix(".bin")  # read beside the .xml: checked too where it is there
+    for file in (path, weights) if weights.exists() else (path,):
+        regular_file(file, "OpenVINO IR file", "give the .xml (and its .bin) that repmlp-export wrote")
     try:
         import openvino
     except ImportError as err:
         raise ValueError(f"{path} is an OpenVINO IR file: install openvino to run it ({err})") from err
     core = openvino.Core()
-    model = core.read_model(str(path))
+    try:
+        model = core.read_model(str(path))
+    except RuntimeError as err:
+        raise ValueError(f"{path} is not an OpenVINO IR file openvino can read ({err})") from None
     meta = {}
     if model.has_rt_info([OPENVINO_SECTION]):
         meta = {key: value.astype(str) for key, value in model.get_rt_info([OPENVINO_SECTION]).astype(dict).items()}
+    settings = parse_input_metadata(meta, str(path))
     compiled = core.compile_model(model, "CPU")
-    return Predictor(lambda x: torch.from_numpy(compiled(x.numpy())[0]), parse_input_metadata(meta), str(path))
+    return Predictor(lambda x: torch.from_numpy(compiled(x.numpy())[0]), settings, str(path))
 
 
 def image_files(items: Iterable[str | os.PathLike]) -> list[Path]:

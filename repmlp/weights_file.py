@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from timm.models import clean_state_dict
 
-from .locations import WEIGHT_NAMES, folder_weights, read_json
+from .locations import WEIGHT_NAMES, folder_weights, read_json, regular_file
 
 _logger = logging.getLogger(__name__)
 _MAX_HEADER_BYTES = 100 << 20  # the limit of the safetensors library itself
@@ -107,10 +107,7 @@ class WeightsFile:
                 f".pth) or a folder holding one of timm's weight files ({', '.join(WEIGHT_NAMES)}; beside timm's "
                 "config.json, any *.safetensors, *.pth, *.bin)"
             )
-        if not path.exists():
-            raise FileNotFoundError(f"weights file not found: {path}")
-        if not path.is_file():
-            raise ValueError(f"weights file {path} is not a regular file (a FIFO, device or socket); give the file")
+        regular_file(path, "weights file", "give the file")
         listed = listed_sha256(path)
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size

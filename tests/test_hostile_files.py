@@ -4,9 +4,11 @@ called or spawned; what it says wrong is a ValueError (tools: an ``error:`` line
 input hangs or is read past its checked size; one load reads the file once."""
 
 import builtins
+import contextlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import torch
 from conftest import load_tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 import repmlp
 from repmlp.sources import model_source
@@ -327,3 +330,190 @@ def test_json_a_run_or_dataset_keeps_beside_it_is_read_bounded(tmp_path):
         f.truncate(64 << 20)  # sparse: 64 MiB of zeros
     with pytest.raises(ValueError, match="is damaged .*more than a config's"):
         run_files(run)
+
+
+# ------------------------------------------------------------------------------ ONNX and OpenVINO files
+
+
+@pytest.fixture(scope="module")
+def good_onnx(tmp_path_factory) -> Path:
+    """An ONNX file tools/export_onnx.py wrote of the fixture's weights: it records dataset cifar10 and an 8x8
+    transform."""
+    pytest.importorskip("onnxruntime")
+    path = tmp_path_factory.mktemp("onnx") / "good.onnx"
+    assert _tool("export_onnx", "--weights", TRAIN, "--output", path) == 0
+    return path
+
+
+@contextlib.contextmanager
+def _unblocked(fifo: Path, every: float = 2.0):
+    """A reader that opens ``fifo`` (the bug this guards against) gets end-of-file within ``every`` seconds instead
+    of waiting for a writer for ever: the test then fails instead of stopping the suite."""
+    done = threading.Event()
+
+    def unblock():
+        while not done.wait(every):
+            with contextlib.suppress(OSError):  # no reader waiting (ENXIO), or no FIFO
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    thread = threading.Thread(target=unblock, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _image(tmp_path: Path) -> Path:
+    Image.new("RGB", (8, 8), (200, 40, 40)).save(tmp_path / "a.png")
+    return tmp_path / "a.png"
+
+
+@pytest.mark.parametrize(
+    "make, says",
+    [
+        (os.mkfifo, "a FIFO"),
+        (lambda p: p.symlink_to("/dev/null"), "a character device"),  # as /dev/zero, which would never end
+        (os.mkdir, "a directory"),
+    ],
+    ids=["fifo", "device", "directory"],
+)
+def test_an_onnx_or_openvino_path_that_is_no_regular_file_is_refused_before_opening(tmp_path, capsys, make, says):
+    pytest.importorskip("onnxruntime")
+    from repmlp.int8 import onnx_batch_size
+    from repmlp.onnx_io import onnx_metadata, ort_session
+
+    image = _image(tmp_path)
+    for name in ("m.onnx", "m.xml"):
+        path = tmp_path / name
+        make(path)
+        with _unblocked(path):
+            assert _tool("predict", "--weights", path, image) == 2
+            if name == "m.onnx":
+                assert _tool("eval", "--onnx", path, "--dataset", "synthetic") == 2
+                for read in (onnx_metadata, onnx_batch_size, ort_session):
+                    with pytest.raises(ValueError, match=rf"{name} is not a regular file but {says}"):
+                        read(path)
+        errors = capsys.readouterr().err.splitlines()
+        assert errors and all(f"{name} is not a regular file but {says}" in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\xff" * 64, (2).to_bytes(8, "little") + b"{}", TRAIN.read_bytes()],
+    ids=["empty", "bytes", "tiny_safetensors", "safetensors"],
+)
+def test_a_file_named_onnx_that_is_no_onnx_model_is_an_error_naming_it(tmp_path, capsys, content):
+    pytest.importorskip("onnxruntime")
+    from repmlp.int8 import onnx_batch_size
+    from repmlp.onnx_io import ort_session
+    from repmlp.predict import load_predictor
+
+    path = tmp_path / "x.onnx"
+    path.write_bytes(content)
+    for read in (load_predictor, onnx_batch_size, ort_session):
+        with pytest.raises(ValueError, match=r"x.onnx is not (a valid ONNX file|an ONNX file onnxruntime can run)"):
+            read(path)
+    assert _tool("eval", "--onnx", path, "--dataset", "synthetic") == 2
+    assert _tool("predict", "--weights", path, _image(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"error: {path} is not a valid ONNX file") == 2 and "Traceback" not in err
+
+
+@SETTINGS
+@given(data=st.binary(max_size=64))
+def test_any_bytes_named_onnx_are_a_value_error_naming_the_file(tmp_path, data):
+    pytest.importorskip("onnxruntime")
+    from repmlp.predict import load_predictor
+
+    path = tmp_path / "x.onnx"
+    path.write_bytes(data)
+    with pytest.raises(ValueError) as err:
+        load_predictor(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("input_size", "5"),
+        ("input_size", "[3, 8"),
+        ("input_size", "[3, 200000, 200000]"),
+        ("input_size", "[3, 8]"),
+        ("input_size", "[2, 8, 8]"),
+        ("input_size", "[3, 0, 8]"),
+        ("input_size", "[3, 8.5, 8]"),
+        ("input_size", "[true, 8, 8]"),
+        ("input_size", '{"a": 1}'),
+        ("mean", '["a", 0, 0]'),
+        ("mean", "[NaN, 0, 0]"),
+        ("mean", "0.5"),
+        ("mean", "[0.5]"),
+        ("std", "[0.5, 0, 0.5]"),
+        ("std", "[0.5, -1, 0.5]"),
+        ("std", "[Infinity, 1, 1]"),
+        ("crop_pct", "0"),
+        ("crop_pct", "nan"),
+        ("crop_pct", "3"),
+        ("crop_pct", "0.0001"),
+        ("crop_pct", "x"),
+        ("interpolation", "random"),
+        ("crop_mode", "rrc"),
+        ("label_names", '["a", 1]'),
+        ("label_names", '"abc"'),
+        ("label_names", "[" * 100_000),
+    ],
+)
+def test_recorded_transform_values_are_checked_naming_file_field_and_value(field, value):
+    from repmlp.preprocess import parse_input_metadata
+
+    good = {"input_size": "[3, 8, 8]", "mean": "[0.5, 0.5, 0.5]", "std": "[0.5, 0.5, 0.5]", "crop_pct": "0.875"}
+    assert parse_input_metadata(good, "m.onnx")["input_size"] == [3, 8, 8]
+    with pytest.raises(ValueError) as err:
+        parse_input_metadata({**good, field: value}, "m.onnx")
+    assert f"m.onnx: field '{field}' is {value!r:.100}" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        ("5", "field 'input_size' is '5'"),
+        ("[3, 200000, 200000]", "field 'input_size' is '[3, 200000, 200000]'"),  # once an allocation for ever
+        ("[3, 8", "field 'input_size' is '[3, 8'"),
+    ],
+)
+def test_an_onnx_files_transform_is_checked_before_use_by_predict_and_eval(
+    good_onnx, tmp_path, capsys, monkeypatch, value, says
+):
+    from repmlp.onnx_io import set_onnx_metadata
+    from repmlp.predict import Predictor
+
+    def unchecked(*_):  # preparing an image at the file's size would allocate without limit
+        raise AssertionError("an image was prepared for a transform nobody checked")
+
+    monkeypatch.setattr(Predictor, "image", unchecked)
+    path = tmp_path / "m.onnx"
+    shutil.copy(good_onnx, path)
+    set_onnx_metadata(path, {"input_size": value})
+    assert _tool("predict", "--weights", path, _image(tmp_path)) == 2
+    assert _tool("eval", "--onnx", path) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"error: {path}: {says}") == 2 and "Traceback" not in err
+
+
+def test_eval_of_an_onnx_file_names_it_where_an_argument_contradicts_it(good_onnx, tmp_path, capsys):
+    assert _tool("predict", "--weights", good_onnx, _image(tmp_path)) == 0  # a file the tool wrote runs
+    assert _tool("eval", "--onnx", good_onnx, "--dataset", "synthetic") == 2
+    err = capsys.readouterr().err
+    assert f"dataset 'synthetic' contradicts {good_onnx}, which records dataset 'cifar10'" in err, err
+
+
+def test_a_missing_or_unreadable_openvino_file_is_an_error_line(tmp_path, capsys):
+    image, path = _image(tmp_path), tmp_path / "m.xml"
+    assert _tool("predict", "--weights", path, image) == 2
+    assert "m.xml does not exist" in capsys.readouterr().err
+    path.write_text("<net>not an IR</net>")
+    (tmp_path / "m.bin").symlink_to("/dev/null")
+    assert _tool("predict", "--weights", path, image) == 2
+    assert "m.bin is not a regular file but a character device" in capsys.readouterr().err

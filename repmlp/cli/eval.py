@@ -29,9 +29,9 @@ from repmlp.convert import is_deploy_form
 from repmlp.data import DATASETS, TIMM_SPECS, worker_error
 from repmlp.guards import integer
 from repmlp.models import model_input_size
-from repmlp.onnx_io import onnx_metadata, onnx_predictor
+from repmlp.onnx_io import onnx_batch_size, onnx_metadata, onnx_predictor
 from repmlp.preprocess import parse_input_metadata
-from repmlp.quantize import FixedBatch, data_batches, onnx_batch_size, quantize_pytorch
+from repmlp.quantize import FixedBatch, data_batches, quantize_pytorch
 from repmlp.runtime import in_runtime
 from repmlp.shipped import shipped_weights
 from repmlp.sources import judged_record, model_source, read_record
@@ -131,22 +131,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"model   {source.name} ({source.weights})", file=sys.stderr)
         overrides = [f"train.eval_batch_size={args.batch_size}", f"data.num_workers={args.workers}"]
         overrides += ["data.skip_bad_images=true"] if args.skip_bad_images else []
-        name = args.checkpoint or args.model
+        name = args.onnx or args.checkpoint or args.model
         cfg = eval_data_config(meta, name, args.config, args.dataset, args.data_root, overrides)
-        recorded = parse_input_metadata(meta) if args.onnx else {}  # as trained: over the model's pretrained_cfg
+        recorded = parse_input_metadata(meta, args.onnx) if args.onnx else {}  # as trained: over the pretrained_cfg
         cfg["data"].update({k: v for k, v in recorded.items() if k in TRANSFORM and cfg["data"][k] is None})
         loader = build_eval_data(cfg, model, args.split)
+        if args.onnx:  # a file onnxruntime cannot load is an error line too
+            runner, form = FixedBatch(onnx_predictor(args.onnx), onnx_batch_size(args.onnx)), "onnx"
     except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.onnx:
-        runner, form = FixedBatch(onnx_predictor(args.onnx), onnx_batch_size(args.onnx)), "onnx"
-    elif args.int8:
+    if args.int8:
         data = args.calibration or ":".join(filter(None, (cfg["data"]["dataset"], cfg["data"]["root"])))
         batches = data_batches(data, model, args.int8_batch_size, args.calibration_samples, "train")
         runner = FixedBatch(quantize_pytorch(model, batches[0], args.int8, batches), args.int8_batch_size)
         form = f"deploy, PyTorch int8 {args.int8}" + (f" (calibrated on {data})" if args.int8 == "static" else "")
-    else:
+    elif not args.onnx:
         runner, form = model, "deploy" if is_deploy_form(model) else "train"
         if (args.dtype or meta.get("dtype", "fp32")) != "fp32":  # checked against float32 with the dtype's tolerance
             dtype = args.dtype or meta["dtype"]

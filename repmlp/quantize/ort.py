@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..onnx_io import onnx_predictor, ort_session
+from ..onnx_io import onnx_batch_size, onnx_predictor, ort_session
 from ..verify import Agreement, compare_predictors
 from .scheme import resolve_reduce_range
 
@@ -133,14 +133,6 @@ def profile_onnx(path: str | Path, x: torch.Tensor, runs: int = 5, threads: int 
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= counted_from:
             totals[e["args"]["op_name"]] = totals.get(e["args"]["op_name"], 0.0) + e["dur"] / 1e3 / runs
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
-
-
-def onnx_batch_size(path: str | Path) -> int | None:
-    """The static batch of an ONNX file's input; None for a dynamic batch."""
-    import onnx  # the onnx extra: imported when used
-
-    dim = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
-    return dim.dim_value if dim.HasField("dim_value") else None
 
 
 def quantize_checked(
