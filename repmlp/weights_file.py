@@ -218,8 +218,8 @@ def _read_torch(buffer: mmap.mmap, path: Path) -> object:
     head = bytes(buffer[:16])
     if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and head[2:3] in _ONNX_FIELDS):
         raise ValueError(
-            f"cannot read weights file {path}: not a checkpoint: this is an ONNX file (use --onnx where a tool "
-            "takes it; repmlp-predict --weights runs it; to convert or export, give the file it was exported from)"
+            f"cannot read weights file {path}: not a checkpoint: this is an ONNX file (repmlp-eval --onnx "
+            "runs it, and repmlp-predict once it is named *.onnx; to convert or export, give the file it came from)"
         )
     for magic, what, fix in _NOT_CHECKPOINTS:
         if head.startswith(magic):

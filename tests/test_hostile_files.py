@@ -237,8 +237,8 @@ def test_a_header_that_declares_more_than_the_file_holds_is_refused_before_readi
 @pytest.mark.parametrize(
     "name, content, says",
     [
-        ("m.onnx", b"\x08\x08\x12\x07pytorch", "this is an ONNX file (use --onnx"),
-        ("m.pth", b"\x08\x08\x12\x07pytorch\x1a\x032.9", "this is an ONNX file (use --onnx"),  # by its bytes
+        ("m.onnx", b"\x08\x08\x12\x07pytorch", "this is an ONNX file (repmlp-eval --onnx runs it"),
+        ("m.pth", b"\x08\x08\x12\x07pytorch\x1a\x032.9", "this is an ONNX file (repmlp-eval --onnx runs it"),
         ("w.pth", b"\x89PNG\r\n\x1a\n" + bytes(32), "this is a PNG image"),
         ("w.pth", b'{"a": 1}', "a JSON or text file"),
         ("w.safetensors", (64).to_bytes(8, "little") + b'{"a": ', "not valid safetensors (truncated at byte 14)"),
