@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "load_onnx",
     "onnx_batch_size",
+    "onnx_input_settings",
     "onnx_metadata",
     "onnx_predictor",
     "ort_session",
@@ -114,8 +115,28 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def onnx_batch_size(path: str | os.PathLike) -> int | None:
     """The static batch of an ONNX file's input; None for a dynamic batch."""
-    dim = load_onnx(path).graph.input[0].type.tensor_type.shape.dim[0]
-    return dim.dim_value if dim.HasField("dim_value") else None
+    return _input_shape(load_onnx(path))[0]
+
+
+def onnx_input_settings(path: str | os.PathLike) -> dict:
+    """The transform an ONNX file records (:func:`repmlp.preprocess.parse_input_metadata`), its ``input_size``
+    checked against the graph's input: a file may record another size than its graph takes."""
+    from .preprocess import parse_input_metadata
+
+    proto = load_onnx(path)
+    settings = parse_input_metadata({p.key: p.value for p in proto.metadata_props}, str(path))
+    size, takes = settings.get("input_size"), _input_shape(proto)[1:]
+    if size and (len(takes) != 3 or any(d not in (None, s) for d, s in zip(takes, size))):
+        raise ValueError(
+            f"{path}: field 'input_size' is {size}, but its graph takes inputs of {takes} (None: any); write the "
+            "file again with repmlp-export"
+        )
+    return settings
+
+
+def _input_shape(proto) -> list[int | None]:
+    """The shape of an ONNX model's input, None for a dynamic dimension."""
+    return [d.dim_value if d.HasField("dim_value") else None for d in proto.graph.input[0].type.tensor_type.shape.dim]
 
 
 def set_onnx_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> None:

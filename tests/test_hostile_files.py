@@ -481,6 +481,7 @@ def test_recorded_transform_values_are_checked_naming_file_field_and_value(field
         ("5", "field 'input_size' is '5'"),
         ("[3, 200000, 200000]", "field 'input_size' is '[3, 200000, 200000]'"),  # once an allocation for ever
         ("[3, 8", "field 'input_size' is '[3, 8'"),
+        ("[3, 16, 16]", "field 'input_size' is [3, 16, 16], but its graph takes inputs of [3, 8, 8]"),
     ],
 )
 def test_an_onnx_files_transform_is_checked_before_use_by_predict_and_eval(
