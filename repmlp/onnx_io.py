@@ -17,6 +17,7 @@ import io
 import os
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -66,8 +67,11 @@ def ort_session(model: str | os.PathLike | bytes, threads: int | None = None, pr
     if isinstance(model, bytes):
         return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     regular_file(model, "ONNX file", _GIVE)
+    source: str | bytes = str(model)
+    if source != source.encode("utf-8", "replace").decode():  # a name that is not UTF-8, which onnxruntime refuses:
+        source = Path(model).read_bytes()  # the file's bytes (external data beside it is then not found)
     try:
-        return onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except _ort_errors() as err:
         raise ValueError(f"{model} is not an ONNX file onnxruntime can run ({err}); {_GIVE}") from None
 

@@ -51,7 +51,7 @@ class Predictor:
         if missing:
             raise ValueError(
                 f"{source} records no {', '.join(missing)}: it cannot say how to prepare images. Write it with "
-                "repmlp-convert or repmlp-export (or tools/train.py), which record them"
+                "repmlp-convert, repmlp-export (--format openvino for an IR) or tools/train.py, which record them"
             )
         self.run, self.settings, self.source = run, settings, source
         self.input_size = tuple(settings["input_size"])

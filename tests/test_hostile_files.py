@@ -505,6 +505,9 @@ def test_an_onnx_files_transform_is_checked_before_use_by_predict_and_eval(
 
 def test_eval_of_an_onnx_file_names_it_where_an_argument_contradicts_it(good_onnx, tmp_path, capsys):
     assert _tool("predict", "--weights", good_onnx, _image(tmp_path)) == 0  # a file the tool wrote runs
+    odd = tmp_path / os.fsdecode(b"m\xff.onnx")  # also under a name that is not UTF-8, which onnxruntime refuses
+    shutil.copy(good_onnx, odd)
+    assert _tool("predict", "--weights", odd, _image(tmp_path)) == 0
     assert _tool("eval", "--onnx", good_onnx, "--dataset", "synthetic") == 2
     err = capsys.readouterr().err
     assert f"dataset 'synthetic' contradicts {good_onnx}, which records dataset 'cifar10'" in err, err
