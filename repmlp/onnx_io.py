@@ -5,7 +5,7 @@ from __future__ import annotations
 __all__ = [
     "load_onnx",
     "onnx_batch_size",
-    "onnx_input_settings",
+    "onnx_input",
     "onnx_metadata",
     "onnx_predictor",
     "ort_session",
@@ -122,9 +122,10 @@ def onnx_batch_size(path: str | os.PathLike) -> int | None:
     return _input_shape(load_onnx(path))[0]
 
 
-def onnx_input_settings(path: str | os.PathLike) -> dict:
+def onnx_input(path: str | os.PathLike) -> tuple[dict, int | None]:
     """The transform an ONNX file records (:func:`repmlp.preprocess.parse_input_metadata`), its ``input_size``
-    checked against the graph's input: a file may record another size than its graph takes."""
+    checked against the graph's input (a file may record another size than its graph takes), and the graph's static
+    batch (None: any), from one read of the file."""
     from .preprocess import parse_input_metadata
 
     proto = load_onnx(path)
@@ -135,7 +136,7 @@ def onnx_input_settings(path: str | os.PathLike) -> dict:
             f"{path}: field 'input_size' is {size}, but its graph takes inputs of {takes} (None: any); write the "
             "file again with repmlp-export"
         )
-    return settings
+    return settings, _input_shape(proto)[0]
 
 
 def _input_shape(proto) -> list[int | None]:

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .data import build_transform
 from .locations import regular_file
-from .onnx_io import onnx_batch_size, onnx_input_settings, onnx_predictor
+from .onnx_io import onnx_input, onnx_predictor
 from .preprocess import LABEL_KEY, OPENVINO_SECTION, input_metadata, parse_input_metadata
 from .quantize import FixedBatch
 from .sources import judged_record, model_from_checkpoint
@@ -111,8 +111,8 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
         raise ValueError(f"model file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        settings = onnx_input_settings(path)  # checked before a session is built
-        run = FixedBatch(onnx_predictor(path), onnx_batch_size(path))  # batch None: any batch
+        settings, batch = onnx_input(path)  # checked before a session is built
+        run = FixedBatch(onnx_predictor(path), batch)  # batch None: any batch
         return Predictor(run, settings, str(path))
     if suffix == ".xml":
         return _openvino_predictor(path)

@@ -29,7 +29,7 @@ from repmlp.convert import is_deploy_form
 from repmlp.data import DATASETS, TIMM_SPECS, worker_error
 from repmlp.guards import integer
 from repmlp.models import model_input_size
-from repmlp.onnx_io import onnx_batch_size, onnx_input_settings, onnx_metadata, onnx_predictor
+from repmlp.onnx_io import onnx_input, onnx_metadata, onnx_predictor
 from repmlp.quantize import FixedBatch, data_batches, quantize_pytorch
 from repmlp.runtime import in_runtime
 from repmlp.shipped import shipped_weights
@@ -132,11 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides += ["data.skip_bad_images=true"] if args.skip_bad_images else []
         name = args.onnx or args.checkpoint or args.model
         cfg = eval_data_config(meta, name, args.config, args.dataset, args.data_root, overrides)
-        recorded = onnx_input_settings(args.onnx) if args.onnx else {}  # as trained: over the pretrained_cfg
+        recorded, batch = onnx_input(args.onnx) if args.onnx else ({}, None)  # as trained: over the pretrained_cfg
         cfg["data"].update({k: v for k, v in recorded.items() if k in TRANSFORM and cfg["data"][k] is None})
         loader = build_eval_data(cfg, model, args.split)
         if args.onnx:  # a file onnxruntime cannot load is an error line too
-            runner, form = FixedBatch(onnx_predictor(args.onnx), onnx_batch_size(args.onnx)), "onnx"
+            runner, form = FixedBatch(onnx_predictor(args.onnx), batch), "onnx"
     except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
